@@ -1,0 +1,126 @@
+"""Building blocks shared by the Llama and T5 modules.
+
+Parameters are stored in PyTorch layout under Hugging Face attribute names (a linear layer's
+``weight`` is ``[out_features, in_features]``), so a module path such as
+``model.layers.0.self_attn.q_proj.weight`` *is* the safetensors key: loading, PEFT export and
+partition rules all work on one naming. XLA folds the transposes into the matmuls.
+
+``Linear`` optionally carries a LoRA adapter (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``,
+both ``nnx.LoRAParam``), added by model surgery in :mod:`jaxgrad.models.lora`. LoRA dropout is
+driven by an explicit ``dropout_rng`` argument rather than a stateful RNG stream, so the model
+stays a pure function of (parameters, inputs, key) under ``jit``, ``grad`` and ``vmap``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = INIT_STD) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x Wᵀ + b`` with an optional LoRA branch ``scaling · dropout(x) Aᵀ Bᵀ``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), param_dtype))
+        self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
+        # LoRA state; filled in by `add_lora`.
+        self.lora_A = nnx.data(None)
+        self.lora_B = nnx.data(None)
+        self.lora_scaling = 0.0
+        self.lora_dropout = 0.0
+
+    def add_lora(self, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs, dtype=jnp.float32):
+        """Attach a LoRA adapter: A ~ Kaiming-uniform (as PEFT), B = 0 so the output is unchanged."""
+        bound = 1.0 / jnp.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)) bound for fan_in
+        a = jax.random.uniform(rngs.params(), (rank, self.in_features), jnp.float32, -bound, bound)
+        self.lora_A = nnx.LoRAParam(a.astype(dtype))
+        self.lora_B = nnx.LoRAParam(jnp.zeros((self.out_features, rank), dtype))
+        self.lora_scaling = float(alpha) / float(rank)
+        self.lora_dropout = float(dropout)
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_A is not None:
+            h = x
+            if self.lora_dropout > 0.0 and dropout_rng is not None:
+                keep = 1.0 - self.lora_dropout
+                mask = jax.random.bernoulli(dropout_rng, keep, h.shape)
+                h = jnp.where(mask, h / keep, 0).astype(h.dtype)
+            a = self.lora_A[...].astype(self.dtype)
+            b = self.lora_B[...].astype(self.dtype)
+            lora = jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", h, a), b)
+            y = y + (self.lora_scaling * lora).astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``weight [vocab, hidden]``; ``attend`` gives tied output logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs, std: float = INIT_STD):
+        self.dtype = dtype
+        self.weight = nnx.Param(_normal(rngs, (num_embeddings, features), param_dtype, std))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...h,vh->...v", x, self.weight[...].astype(x.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation (Llama's RMSNorm and T5's LayerNorm: no mean, no bias), in float32."""
+
+    def __init__(self, features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.eps = float(eps)
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * normed
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent keys from ``rng``, or ``n`` Nones when dropout is off."""
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
+
+
+def mask_value(dtype) -> float:
+    """A large negative logit used for masked attention entries (finite: no NaN on empty rows)."""
+    return float(jnp.finfo(dtype).min) / 2
+
+
+def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Map from Hugging Face style dotted name (``a.b.0.weight``) to each Variable of ``model``."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable):
+            out[".".join(str(p) for p in path)] = node
+    return out
