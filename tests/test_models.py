@@ -272,3 +272,15 @@ def test_import_jaxgrad_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, f"`import jaxgrad` imported heavy modules: {proc.stdout} {proc.stderr[-500:]}"
+
+
+def test_save_pretrained_roundtrip(tmp_path):
+    from jaxgrad.models import save_pretrained
+
+    model, _ = load_pretrained(fixture("tiny-qwen2"), lora=LoraConfig(rank=2))
+    hf = json.loads(open(os.path.join(fixture("tiny-qwen2"), "config.json")).read())
+    save_pretrained(model, tmp_path / "out", hf)
+    again, _ = load_pretrained(str(tmp_path / "out"))
+    ref = reference("tiny-qwen2")
+    a, mask = run(again, ref)
+    assert max_err(a, ref["logits"], mask) < ATOL

@@ -197,3 +197,23 @@ def load_pretrained(name_or_path: str, *, dtype: Any = jnp.float32, param_dtype:
         apply_lora(model, lora)
     tokenizer = load_tokenizer(directory) if with_tokenizer else None
     return model, tokenizer
+
+
+def save_pretrained(model: nnx.Module, directory: str | os.PathLike, hf_config: dict,
+                    tokenizer=None) -> None:
+    """Write ``model``'s base weights as a Hugging Face checkpoint (config.json + safetensors).
+
+    ``hf_config`` is the Hugging Face config dictionary the model was built from (the inverse of
+    :func:`config_from_hf`); LoRA adapters are not included (see ``save_peft_adapter``). The
+    result loads with :func:`load_pretrained` and with ``transformers`` in torch.
+    """
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: np.asarray(v.value, np.float32) for k, v in named_variables(model).items()
+               if not isinstance(v, nnx.LoRAParam)}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

@@ -1,0 +1,66 @@
+"""Per-sample output functions f_i(θ) whose gradients GradEx projects.
+
+Both take the model's logits and a batch's ``targets`` / ``target_mask`` (see
+:mod:`jaxgrad.data.batching`: ``targets[t]`` is the token that position ``t`` predicts, the mask
+is 1 on completion tokens) and return one number per example:
+
+- ``logit_odds`` (the paper's): the mean over target tokens of ``log(p / (1 - p))``, ``p`` the
+  softmax probability of the gold token clipped to ``[eps, 1 - eps]``. Its sign says whether the
+  model puts more than half its mass on the gold token, which is what the logistic surrogate
+  models; a clipped token contributes no gradient.
+- ``token_ce``: the mean token cross-entropy (lower is better).
+
+Examples with no target token (padding rows) get 0 and, through the mask, zero gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OutputFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+OUTPUT_FUNCTIONS = ("logit_odds", "token_ce")
+
+
+def _gold_logprob(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets_BxL[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _masked_mean(values_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    mask = mask_BxL.astype(jnp.float32)
+    return jnp.sum(values_BxL * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def logit_odds(logits_BxLxV: jax.Array, targets_BxL: jax.Array, target_mask_BxL: jax.Array,
+               eps: float = 1e-6) -> jax.Array:
+    """Mean over target tokens of log(p / (1 - p)) per example, ``[B]``.
+
+    Computed as ``z_gold - logsumexp(z_other)`` (exactly log(p / (1 - p)) without forming 1 - p,
+    which float32 cannot resolve when p is near 1), then clipped to ``±log((1 - eps) / eps)``:
+    the same as clipping p to [eps, 1 - eps], including the zero gradient of a clipped token.
+    """
+    z = logits_BxLxV.astype(jnp.float32)
+    targets = targets_BxL.astype(jnp.int32)
+    gold = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    is_gold = jnp.arange(z.shape[-1]) == targets[..., None]
+    others = jax.nn.logsumexp(jnp.where(is_gold, -jnp.inf, z), axis=-1)
+    bound = float(np.log((1.0 - eps) / eps))
+    return _masked_mean(jnp.clip(gold - others, -bound, bound), target_mask_BxL)
+
+
+def token_ce(logits_BxLxV: jax.Array, targets_BxL: jax.Array, target_mask_BxL: jax.Array) -> jax.Array:
+    """Mean token cross-entropy per example, ``[B]``."""
+    return _masked_mean(-_gold_logprob(logits_BxLxV, targets_BxL), target_mask_BxL)
+
+
+def get_output_fn(name: str, eps: float = 1e-6) -> OutputFn:
+    """The output function called ``name`` (``logit_odds`` or ``token_ce``)."""
+    if name == "logit_odds":
+        return lambda logits, targets, mask: logit_odds(logits, targets, mask, eps)
+    if name == "token_ce":
+        return token_ce
+    raise ValueError(f"unknown output function {name!r}; expected one of {OUTPUT_FUNCTIONS}")
