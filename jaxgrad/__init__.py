@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "fit_subsets": "jaxgrad.surrogate",
     "estimate_subsets": "jaxgrad.surrogate",
     "ensemble_scores": "jaxgrad.selection",
+    "GradientStore": "jaxgrad.store",
 }
 
 
