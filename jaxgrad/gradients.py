@@ -1,0 +1,86 @@
+"""Stage 2: projected per-sample gradients of a dataset into a resumable gradient store.
+
+``compute_gradient_store`` walks the store's missing shards (a killed run continues at the first
+one), batches each shard's examples with fixed bucketed shapes, computes ``x_i = Pᵀ ∇f_i(θ*)``
+and ``f_i(θ*)`` with :func:`jaxgrad.per_sample.per_sample_projected_grads` and writes the shard
+atomically. The store's manifest pins the model, a fingerprint of θ* (the trainable weights), the
+output function and the projector, so later stages cannot mix gradients of different runs.
+
+With several processes (``jax.distributed``), process p computes the shards i with
+``i % process_count == p`` on its local devices; process 0 merges once all are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxgrad.data.batching import collate, encode_examples
+from jaxgrad.per_sample import per_sample_projected_grads, trainable_filter
+from jaxgrad.store import GradientStore
+
+
+def params_fingerprint(state: Any) -> str:
+    """sha256 over the paths, shapes, dtypes and bytes of a parameter tree (θ* identity)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(arr.shape).encode() + str(arr.dtype).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def projector_identity(projector) -> dict:
+    return {"seed": int(projector.seed), "kind": str(projector.kind), "dim": int(projector.dim),
+            "k": int(projector.k)}
+
+
+def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenizer, projector, path: str,
+                           *, split: str, sources: Sequence[str] | None = None,
+                           output_fn: str = "logit_odds", eps: float = 1e-6, batch_size: int = 32,
+                           chunk_size: int = 8, max_length: int = 128, shard_size: int = 256,
+                           dtype: str = "float32", model_id: str | None = None,
+                           full_finetune: bool = False, mesh=None, process_index: int = 0,
+                           process_count: int = 1, progress: bool = False) -> GradientStore:
+    """Compute (or finish computing) the gradient store of ``examples`` at ``path``.
+
+    Returns the store; it is complete when this process is the only one, otherwise after
+    ``GradientStore.merge(path)`` by process 0.
+    """
+    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
+    trainable = nnx.state(model, trainable_filter(model, full_finetune))
+    store = GradientStore.create_or_resume(
+        path, example_ids=[e["example_id"] for e in examples], source_ids=[e["source"] for e in examples],
+        k=projector.k, projector=projector_identity(projector),
+        checkpoint={"fingerprint": params_fingerprint(trainable)},
+        output_fn={"name": output_fn, "eps": float(eps)}, split=split, dtype=dtype,
+        shard_size=shard_size, model=model_id, process_index=process_index,
+        process_count=process_count)
+    missing = store.missing_shards()
+    if not missing:
+        return store
+    encoded = encode_examples(examples, tokenizer, sources=sources)
+    shards = missing
+    if progress:
+        from tqdm.auto import tqdm
+
+        shards = tqdm(missing, desc=f"gradients[{split}]", unit="shard")
+    for i in shards:
+        start, stop = store.shard_rows(i)
+        feats, fs = [], []
+        for b0 in range(start, stop, batch_size):
+            rows = list(range(b0, min(b0 + batch_size, stop)))
+            batch = collate(encoded, rows, max_length=max_length, arch=arch, batch_size=batch_size)
+            res = per_sample_projected_grads(model, batch, projector, output_fn, eps=eps,
+                                             chunk_size=chunk_size, full_finetune=full_finetune,
+                                             mesh=mesh)
+            n = len(rows)
+            feats.append(np.asarray(res.feats)[:n])
+            fs.append(np.asarray(res.f)[:n])
+        store.write_shard(i, np.concatenate(feats), np.concatenate(fs))
+    return store
