@@ -1,0 +1,134 @@
+r"""Demo: GradEx on the embedded synthetic tasks with a tiny from-scratch Llama, on CPU.
+
+Ten synthetic sources (six character-level tasks with target ``add``, label-noise copies of
+``add`` and ``sort``, two unrelated random-string sources; see jaxgrad/data/synthetic.py) and a
+two-layer Llama (hidden 64, vocabulary 103 over jaxgrad's character tokenizer) with LoRA adapters
+on every linear layer.
+
+Commands (from the repository root):
+
+  python scripts/meta_train.py --config=configs/demo.py --workdir=checkpoints/demo
+  python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
+      --config.finetune.sources=add,successor,sub
+
+Variants: ``configs/demo.py:tiny`` (2 sources, a few steps: what the tests and CI run).
+
+Expected runtime (measured on 2 AMD EPYC cores, jax 0.10.2, 2026-11): meta_train 50 s (315 steps:
+5 epochs of 63 batches of 32, validation loss and 32-token generations on all 10 sources at each
+epoch end; val_loss falls from 4.6 to 1.9); finetune on three sources 21 s; the ``tiny`` variant
+about 20 s, nearly all of it start-up and compilation.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The demo config; ``arg`` picks a variant: None / "default", or "tiny"."""
+    variant = arg or "default"
+    if variant not in ("default", "tiny"):
+        raise ValueError(f"configs/demo.py: unknown variant {variant!r}; expected 'default' or "
+                         "'tiny'")
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = ""  # Hugging Face dir / Hub name; "" = from scratch (model.scratch)
+    c.model.family = "llama"  # from-scratch family: "llama" or "t5"
+    c.model.scratch = dict(  # LlamaConfig fields of the from-scratch model
+        vocab_size=103,  # jaxgrad's character tokenizer: 4 specials + 99 characters
+        hidden_size=64,  # model width
+        intermediate_size=128,  # MLP width
+        num_hidden_layers=2,  # decoder layers
+        num_attention_heads=4,  # query heads
+        num_key_value_heads=2,  # key/value heads (grouped-query attention)
+        head_dim=16,  # per-head width
+    )
+    c.model.tokenizer = "char"  # "" = the model directory's; "char" = jaxgrad's char tokenizer
+    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
+    c.model.param_dtype = "float32"  # storage dtype of the frozen base weights
+    c.model.seed = 0  # initialisation seed of the from-scratch model
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 8  # adapter rank r (0 = no adapters: set train.full_finetune)
+    c.lora.alpha = 16.0  # scaling numerator: update = (alpha / r) B A
+    c.lora.dropout = 0.0  # dropout on the adapter input while training
+    # Adapted layers; with a random base the LM head needs an adapter to move the outputs.
+    c.lora.target_modules = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
+    c.lora.seed = 0  # seed of the lora_A initialisation
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "synthetic"  # "synthetic" (embedded tasks) or "files" (data.files)
+    c.data.synthetic = dict(  # SyntheticSpec fields (jaxgrad/data/synthetic.py)
+        tasks=("add", "sub", "successor", "copy", "reverse", "sort"),  # task sources
+        target="add",  # target task: its validation split scores subsets
+        noisy=("add", "sort"),  # tasks that get a label-noise copy noisy_<task>
+        unrelated=2,  # random-string sources unrelated_<i>
+        n_train=200,  # train examples per source
+        n_validation=50,  # validation examples per source
+        n_test=50,  # test examples per source (final report only)
+        max_digits=3,  # operand digits of add / sub / successor
+        max_chars=8,  # string length of copy / reverse / sort / parity / unrelated
+        seed=0,  # generator seed
+    )
+
+    c.train = ml_collections.ConfigDict()
+    c.train.learning_rate = 1e-2  # peak learning rate
+    c.train.schedule = "cosine"  # "cosine" | "linear" | "constant" after warmup
+    c.train.warmup_steps = 20  # linear warmup steps
+    c.train.end_lr_ratio = 0.1  # final lr / peak lr
+    c.train.weight_decay = 0.0  # AdamW weight decay (matrices only)
+    c.train.adam_b1 = 0.9  # AdamW beta1
+    c.train.adam_b2 = 0.999  # AdamW beta2
+    c.train.adam_eps = 1e-8  # AdamW epsilon
+    c.train.max_grad_norm = 1.0  # global-norm gradient clipping (0 = off)
+    c.train.batch_size = 32  # global batch size
+    c.train.grad_accum_steps = 1  # micro-batches per step
+    c.train.max_length = 48  # tokens per sequence; the synthetic tasks need at most 41
+    c.train.epochs = 5  # passes over the training data
+    c.train.num_steps = 0  # > 0 overrides epochs
+    c.train.seed = 0  # data order and dropout seed
+    c.train.full_finetune = False  # False: LoRA adapters only
+    c.train.eval_every = 0  # 0 = every epoch end
+    c.train.eval_batch_size = 0  # 0 = batch_size
+    c.train.max_new_tokens = 32  # greedy generation length for answer accuracy (0 = off)
+    c.train.log_every = 10  # steps between train-loss rows in metrics.jsonl
+    c.train.save_every = 0  # 0 = every epoch end
+    c.train.keep_checkpoints = 2  # latest checkpoints kept (plus the best)
+    c.train.best_metric = "val_loss"  # metric choosing the best checkpoint
+    c.train.best_mode = "min"  # "min" | "max"
+    c.train.async_checkpoint = True  # write checkpoints in the background
+    c.train.stop_after_steps = 0  # > 0: save and stop at this step (resume continues)
+    c.train.progress = True  # tqdm progress bar
+    c.train.distributed = False  # jax.distributed.initialize() (multi-host)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis (-1 = all devices left after `model`)
+    c.mesh.model = 1  # tensor-parallel axis
+    c.mesh.fsdp = False  # shard parameters over "data" as well
+    c.mesh.rules = None  # [(regex, axes), ...]; None = jaxgrad.sharding.DEFAULT_RULES
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.sources = ""  # comma-separated sources to fine-tune the base model on
+    c.finetune.selection_file = ""  # or a file naming them (JSON list / {"sources": [...]} / lines)
+    c.finetune.name = ""  # run name under finetune/ ("" = the sources joined by "+")
+
+    if variant == "tiny":
+        c.model.scratch.hidden_size = 32
+        c.model.scratch.intermediate_size = 64
+        c.model.scratch.head_dim = 8
+        c.data.synthetic.tasks = ("add", "copy")
+        c.data.synthetic.noisy = ()
+        c.data.synthetic.unrelated = 0
+        c.data.synthetic.n_train = 32
+        c.data.synthetic.n_validation = 8
+        c.data.synthetic.n_test = 8
+        c.data.synthetic.max_digits = 2
+        c.data.synthetic.max_chars = 4
+        c.train.batch_size = 8
+        c.train.max_length = 32
+        c.train.epochs = 1
+        c.train.num_steps = 4
+        c.train.warmup_steps = 0
+        c.train.max_new_tokens = 8
+        c.train.log_every = 2
+        c.train.progress = False
+    return c

@@ -1,0 +1,163 @@
+"""Orbax checkpoints of a training run: what is saved, what is kept, how it is restored.
+
+One checkpoint per saved step, ``<ckpt_dir>/<step>/`` with four items:
+
+- ``params``: the trainable state (the LoRA adapters, or every parameter in full fine-tuning), an
+  ``nnx.State`` saved with ``StandardSave`` (sharded arrays are written shard by shard and
+  restored straight into the target sharding);
+- ``opt_state``: the optax state (same layout as the params plus counters);
+- ``train_state``: ``step`` and the base ``rng`` key data (per-step keys are ``fold_in(rng,
+  step)``, so the base key is all a resumed run needs);
+- ``meta`` (JSON): the data position (``epoch``, ``step_in_epoch``), the metrics of the step, the
+  trainable filter (``lora`` or ``full``) and the training config.
+
+Orbax also records the step's metrics (``mngr.save(metrics=...)``). Retention keeps the latest
+``keep`` steps (resume always finds the latest) *and* the best step by ``best_metric``
+(``AnyPreservationPolicy(LatestN, BestN)``; orbax's ``best_fn`` + ``max_to_keep`` alone would
+delete the latest step when it is not among the best).
+
+:func:`restore_params` loads the trained parameters of a checkpoint into a model in a fresh
+process, without optimizer state: what evaluation and the gradient stage need.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers as ocm
+
+ITEMS = ("params", "opt_state", "train_state", "meta")
+TRAINABLE_FILTERS = {"lora": nnx.LoRAParam, "full": nnx.Param}
+
+
+def make_manager(directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = None,
+                 best_mode: str = "min", async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping the latest ``keep`` steps plus the best by ``best_metric``.
+
+    Raises:
+      ValueError: ``keep`` < 1 or ``best_mode`` not ``"min"``/``"max"``.
+    """
+    if int(keep) < 1:
+        raise ValueError(f"keep (keep_checkpoints) must be >= 1, got {keep!r}")
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    policies: list[Any] = [ocm.LatestN(n=int(keep))]
+    best_fn = None
+    if best_metric:
+        best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
+        policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode=best_mode,
+        preservation_policy=ocm.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), item_names=ITEMS,
+                                 options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
+         train_state: Mapping[str, Any], meta: Mapping[str, Any],
+         metrics: Mapping[str, float] | None = None) -> bool:
+    """Save one step (asynchronously when the manager is async); True when a save started."""
+    return mngr.save(
+        int(step),
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            train_state=ocp.args.StandardSave(dict(train_state)),
+            meta=ocp.args.JsonSave(jsonable(meta))),
+        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+        force=True)
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs for ``tree`` carrying ``shardings`` (a matching tree, or None)."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                           sharding=getattr(x, "sharding", None)),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
+            train_state: Any) -> dict[str, Any]:
+    """Restore every item of ``step`` into the given abstract trees (``abstract_like``)."""
+    return mngr.restore(int(step), args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params),
+        opt_state=ocp.args.StandardRestore(opt_state),
+        train_state=ocp.args.StandardRestore(train_state),
+        meta=ocp.args.JsonRestore()))
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON ``meta`` item of ``step``."""
+    out = mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+
+def resolve_step(mngr: ocp.CheckpointManager, step: int | str | None) -> int:
+    """``None``/``"latest"`` -> latest step, ``"best"`` -> best step, an int -> itself (checked)."""
+    steps = list(mngr.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {mngr.directory}")
+    if step is None or step == "latest":
+        return int(mngr.latest_step())
+    if step == "best":
+        return int(mngr.best_step())
+    if isinstance(step, str) and step.isdigit():
+        step = int(step)
+    if not isinstance(step, (int, np.integer)) or int(step) not in steps:
+        raise ValueError(f"checkpoint step {step!r} is not available in {mngr.directory}; "
+                         f"steps: {sorted(steps)} (or 'latest' / 'best')")
+    return int(step)
+
+
+def restore_params(model: nnx.Module, directory: str | os.PathLike,
+                   step: int | str | None = None) -> tuple[nnx.Module, dict]:
+    """Load the trained parameters of a checkpoint into ``model`` (in place); returns (model, meta).
+
+    ``model`` must have the structure the run trained (same architecture; the same LoRA adapters
+    in LoRA mode). Arrays are restored with the shardings of the model's current arrays.
+
+    Args:
+      model: the model to fill.
+      directory: the checkpoint directory (``<run>/meta_train/ckpt``).
+      step: a step number, ``"latest"`` (default) or ``"best"``.
+    """
+    mngr = make_manager(directory, read_only=True, async_save=False)
+    try:
+        step = resolve_step(mngr, step)
+        meta = read_meta(mngr, step)
+        trainable = meta.get("trainable", "lora")
+        if trainable not in TRAINABLE_FILTERS:
+            raise ValueError(f"{directory}/{step}: unknown trainable filter {trainable!r}")
+        target = nnx.state(model, TRAINABLE_FILTERS[trainable])
+        if not jax.tree.leaves(target):
+            raise ValueError(f"restore_params: the model has no {trainable!r} parameters; the "
+                             "checkpoint holds LoRA adapters: apply_lora with the run's "
+                             "LoraConfig first")
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_like(target))))["params"]
+    finally:
+        mngr.close()
+    nnx.update(model, restored)
+    return model, meta
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy/jax scalars and arrays as Python numbers and lists (for JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.generic, jax.Array)):
+        return np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

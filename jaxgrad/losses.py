@@ -1,0 +1,108 @@
+"""Token cross-entropy on a batch, and the one place that knows how to call a model on a batch.
+
+A batch (see :mod:`jaxgrad.data.batching`) holds ``targets [B, L]`` (the token each position
+predicts), ``target_mask [B, L]`` (1 on completion tokens, eos included) and ``valid [B]`` (0 on
+padding rows). For an encoder–decoder the targets are aligned with the decoder positions.
+
+The training loss is the token-weighted mean over the batch,
+
+    loss = Σ_b Σ_t valid_b · mask_bt · CE_bt  /  Σ_b Σ_t valid_b · mask_bt,
+
+so every completion token counts once, whatever example it belongs to. :func:`token_ce_sums`
+returns the numerator and denominator per example; gradient accumulation
+(:func:`jaxgrad.train.train_step`) divides every micro-batch's numerator by the *whole* batch's
+denominator, which makes k micro-batches add up to exactly one big-batch step.
+
+:func:`model_logits` is the single adapter between a batch dict and a model's call signature
+(decoder or encoder–decoder, chosen by ``model.is_encoder_decoder``). Training, evaluation,
+per-sample gradients and exact subset evaluation all go through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = Mapping[str, jax.typing.ArrayLike]
+
+DECODER_FIELDS = ("input_ids", "attention_mask")
+ENCODER_DECODER_FIELDS = DECODER_FIELDS + ("decoder_input_ids", "decoder_attention_mask")
+
+
+def model_logits(model: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Logits ``[B, L, V]`` (float32) of ``model`` on ``batch``.
+
+    Decoders get ``input_ids, attention_mask``; encoder–decoders (``model.is_encoder_decoder``)
+    also get ``decoder_input_ids, decoder_attention_mask``. ``dropout_rng`` turns on LoRA dropout.
+
+    Raises:
+      ValueError: the batch lacks a field the model needs.
+    """
+    enc_dec = getattr(model, "is_encoder_decoder", False)
+    fields = ENCODER_DECODER_FIELDS if enc_dec else DECODER_FIELDS
+    missing = [f for f in fields if f not in batch]
+    if missing:
+        kind = "encoder-decoder" if len(fields) == 4 else "decoder"
+        raise ValueError(f"model_logits: batch lacks {missing} needed by a {kind} model; "
+                         f"batch has {sorted(batch)}")
+    return model(*(batch[f] for f in fields), dropout_rng=dropout_rng)
+
+
+def token_cross_entropy(logits_BxLxV: jax.typing.ArrayLike, targets_BxL: jax.typing.ArrayLike,
+                        target_mask_BxL: jax.typing.ArrayLike) -> jax.Array:
+    """Mean cross-entropy over each example's target tokens, ``[B]`` (0 where none).
+
+    Example:
+      >>> logits = jnp.zeros((1, 2, 4))  # uniform over 4 tokens
+      >>> token_cross_entropy(logits, jnp.array([[1, 2]]), jnp.array([[1.0, 1.0]]))
+      Array([1.3862944], dtype=float32)
+    """
+    sums, counts = token_ce_sums(logits_BxLxV, targets_BxL, target_mask_BxL)
+    return sums / jnp.maximum(counts, 1.0)
+
+
+def token_ce_sums(logits_BxLxV: jax.typing.ArrayLike, targets_BxL: jax.typing.ArrayLike,
+                  target_mask_BxL: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """Per example: the summed cross-entropy over target tokens and their number, both ``[B]``."""
+    logits = jnp.asarray(logits_BxLxV, jnp.float32)
+    targets = jnp.asarray(targets_BxL, jnp.int32)
+    mask = jnp.asarray(target_mask_BxL, jnp.float32)
+    if logits.ndim != 3 or targets.shape != logits.shape[:2] or mask.shape != targets.shape:
+        raise ValueError(f"token_ce_sums: expected logits [B, L, V], targets and target_mask "
+                         f"[B, L]; got {logits.shape}, {targets.shape}, {mask.shape}")
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(ce_BxL * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def batch_token_count(batch: Batch) -> jax.Array:
+    """``Σ valid · target_mask``: the loss denominator of a batch (at least 1)."""
+    mask = jnp.asarray(batch["target_mask"], jnp.float32)
+    valid = jnp.asarray(batch["valid"], jnp.float32)
+    return jnp.maximum(jnp.sum(mask * valid[:, None]), 1.0)
+
+
+def batch_loss(model_or_fn: Any | Callable[[Batch], jax.Array], batch: Batch, *,
+               dropout_rng: jax.Array | None = None,
+               normalizer: jax.typing.ArrayLike | None = None) -> jax.Array:
+    """Token-weighted mean cross-entropy of a batch (padding rows excluded), a scalar.
+
+    Args:
+      model_or_fn: a model (called through :func:`model_logits`) or any ``fn(batch) -> logits``.
+      batch: a batch with ``targets``, ``target_mask``, ``valid`` and the model's inputs.
+      dropout_rng: LoRA dropout key (models only; None = no dropout).
+      normalizer: divide the summed cross-entropy by this instead of the batch's own token count
+        (gradient accumulation passes the token count of the whole batch).
+    """
+    if hasattr(model_or_fn, "is_encoder_decoder"):
+        logits = model_logits(model_or_fn, batch, dropout_rng)
+    elif callable(model_or_fn):
+        logits = model_or_fn(batch)
+    else:
+        raise TypeError(f"batch_loss: expected a model or a callable batch -> logits, got "
+                        f"{type(model_or_fn).__name__}")
+    sums, _ = token_ce_sums(logits, batch["targets"], batch["target_mask"])
+    total = jnp.sum(sums * jnp.asarray(batch["valid"], jnp.float32))
+    return total / (batch_token_count(batch) if normalizer is None else normalizer)

@@ -1,0 +1,36 @@
+r"""Final GradEx stage: fine-tune the *base* model (fresh LoRA adapters) on selected sources.
+
+  python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
+      --config.finetune.sources=add,successor,sub
+  python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
+      --config.finetune.selection_file=checkpoints/demo/selection/selected.json
+
+Validates on the target's validation split, reports the target's test split at the end, and
+writes ``<workdir>/finetune/<name>/{ckpt/, metrics.jsonl, adapter/, sources.json, config.json}``.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, e.g. checkpoints/demo.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    from jaxgrad import train
+
+    train.initialize_distributed(_CONFIG.value.train.distributed)
+    logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices())
+    result = train.finetune(_CONFIG.value, _WORKDIR.value)
+    logging.info("fine-tuning done at step %d: %s", result.step, result.metrics)
+
+
+if __name__ == "__main__":
+    app.run(main)
