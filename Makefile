@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/run_pipeline.py --config=configs/demo.py --workdir=checkpoints/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

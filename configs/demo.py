@@ -111,12 +111,51 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.selection_file = ""  # or a file naming them (JSON list / {"sources": [...]} / lines)
     c.finetune.name = ""  # run name under finetune/ ("" = the sources joined by "+")
 
+
+    c.base = ml_collections.ConfigDict()
+    c.base.pretrain = True  # build a tiny base from scratch on generic text (no downloads)
+    c.base.steps = 400  # full-parameter pretraining steps
+    c.base.learning_rate = 3e-3  # pretraining peak learning rate
+    c.base.num_texts = 4000  # generic_text lines (belong to none of the sources)
+    c.base.seed = 0  # initialisation and text seed
+
+    c.gradients = ml_collections.ConfigDict()
+    c.gradients.projection_dim = 256  # k: numbers stored per sample
+    c.gradients.projection_kind = "rademacher"  # "rademacher" (±1/sqrt(k)) | "gaussian"
+    c.gradients.projection_seed = 0  # seed of P (same P on every device and chunking)
+    c.gradients.output_fn = "logit_odds"  # f_i: "logit_odds" (paper) | "token_ce"
+    c.gradients.eps = 1e-6  # probability clipping of logit_odds
+    c.gradients.batch_size = 64  # examples per jitted call
+    c.gradients.chunk_size = 16  # examples per vmap chunk (memory: chunk x D gradients)
+    c.gradients.shard_size = 512  # rows per store shard (the unit of resume)
+    c.gradients.dtype = "float32"  # storage: "float32" | "float16" | "bfloat16"
+
+    c.surrogate = ml_collections.ConfigDict()
+    c.surrogate.objective = "gradex"  # "gradex" (paper) | "one_class" | "taylor"
+    c.surrogate.C = 1e-4  # inverse L2 strength (scikit-learn's C)
+    c.surrogate.scale = 0.1  # ||Delta|| / ||theta*_LoRA||; <= 0: unscaled
+    c.surrogate.mode = "linearized"  # "linearized" (no forward pass) | "exact" (forward per subset)
+    c.surrogate.num_subsets = 400  # m random subsets
+    c.surrogate.subset_size = 0.5  # fraction (or count) of sources per subset
+    c.surrogate.seed = 0  # subset sampling and gradex labels
+    c.surrogate.chunk_subsets = 200  # subsets per fit call / table flush
+    c.surrogate.exact_chunk = 8  # subsets per vmapped forward in exact mode
+
+    c.selection = ml_collections.ConfigDict()
+    c.selection.metric = "loss"  # estimate column scored: "loss" | "accuracy" | "mean_output"
+    c.selection.top = 0.5  # keep this fraction (or count) of sources
+    c.selection.n_boot = 1000  # bootstrap replicates for the score intervals
+    c.selection.seed = 0  # bootstrap and random-baseline seed
+
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim")  # final fine-tunes
+
     if variant == "tiny":
         c.model.scratch.hidden_size = 32
         c.model.scratch.intermediate_size = 64
         c.model.scratch.head_dim = 8
         c.data.synthetic.tasks = ("add", "copy")
-        c.data.synthetic.noisy = ()
+        c.data.synthetic.noisy = ("add",)
         c.data.synthetic.unrelated = 0
         c.data.synthetic.n_train = 32
         c.data.synthetic.n_validation = 8
@@ -131,4 +170,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.max_new_tokens = 8
         c.train.log_every = 2
         c.train.progress = False
+        c.base.steps = 20
+        c.base.num_texts = 200
+        c.gradients.projection_dim = 32
+        c.surrogate.num_subsets = 6
+        c.surrogate.subset_size = 0.34  # one source of three
+        c.selection.top = 0.34
+        c.selection.n_boot = 50
     return c

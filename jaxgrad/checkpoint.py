@@ -156,7 +156,7 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, (np.generic, jax.Array)):
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value

@@ -107,6 +107,28 @@ class LlamaConfig:
         )
 
 
+def to_hf_config(cfg: LlamaConfig) -> dict:
+    """The Hugging Face ``config.json`` dictionary of ``cfg`` (inverse of ``from_hf``)."""
+    if cfg.rope_type != "default":
+        rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+                "low_freq_factor": cfg.rope_low_freq_factor,
+                "high_freq_factor": cfg.rope_high_freq_factor,
+                "original_max_position_embeddings": cfg.rope_original_max_position}
+    else:
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {
+        "architectures": ["Qwen2ForCausalLM" if cfg.model_type == "qwen2" else "LlamaForCausalLM"],
+        "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta, "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": cfg.hidden_act, "max_position_embeddings": 2048, "dtype": "float32",
+    }
+
+
 def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
     """Inverse frequencies ``[head_dim // 2]`` after the configured scaling."""
     dim = cfg.head_dim

@@ -1,0 +1,439 @@
+"""The GradEx method end to end, one resumable stage at a time.
+
+    base ─► meta_train ─► gradients ─► estimates ─► selection ─► finetune ─► report
+
+Each stage reads the previous stages' artefacts from the run directory and writes its own; a
+stage whose artefact exists is skipped, so a run that was interrupted continues where it stopped
+and any stage can be rerun alone by deleting its folder. Layout (see checkpoints/README.md):
+
+    <workdir>/base/                  tiny base pretrained from scratch (only if config.base.pretrain)
+    <workdir>/meta_train/            θ*: LoRA meta-training on all sources (jaxgrad.train)
+    <workdir>/gradients/{train,target}/  projected per-sample gradients (jaxgrad.store)
+    <workdir>/estimates/estimates.csv    one row per sampled subset: sources, estimates, solver status
+    <workdir>/selection/selection.json   ensemble scores, intervals, the chosen sources, baselines
+    <workdir>/finetune/<name>/       the base model fine-tuned on: selection, all, random, grad_sim
+    <workdir>/report.md, *.png       what ran, the selection and the target metrics side by side
+
+Library functions receive the ml_collections config (the stage boundary) and turn its sections
+into typed values before calling the jitted core.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+log = logging.getLogger("jaxgrad.pipeline")
+
+STAGES = ("base", "meta_train", "gradients", "estimates", "selection", "finetune", "report")
+BAD_KINDS = ("noisy", "unrelated")
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _section(config, name):
+    sec = getattr(config, name)
+    return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    from jaxgrad.checkpoint import jsonable
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(jsonable(obj), f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolved_config(config, workdir: str):
+    """The config with ``model.name_or_path`` pointing at the pretrained base when one is built."""
+    if config.get("base") is not None and config.base.pretrain:
+        config = copy.deepcopy(config)
+        with config.unlocked() if hasattr(config, "unlocked") else _null():
+            config.model.name_or_path = os.path.join(workdir, "base")
+            config.model.tokenizer = ""
+    return config
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _load_theta_star(config, workdir: str):
+    """The meta-trained model θ* (base + LoRA restored from the meta_train checkpoint)."""
+    from jaxgrad.checkpoint import restore_params
+    from jaxgrad.train import ModelSpec, load_model, lora_from_config
+
+    model, tokenizer = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
+    restore_params(model, os.path.join(workdir, "meta_train", "ckpt"), "latest")
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_base(config, workdir: str) -> str | None:
+    """Pretrain a tiny base model from scratch on generic synthetic text (demo; no downloads).
+
+    The text (``jaxgrad.data.synthetic.generic_text``) belongs to none of the sources, so the
+    base knows characters and simple structure but none of the tasks, as a pretrained LM would.
+    Saved in Hugging Face format: from here every stage runs exactly as on a real checkpoint.
+    """
+    if config.get("base") is None or not config.base.pretrain:
+        return None
+    out = os.path.join(workdir, "base")
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    from jaxgrad.data import build_char_tokenizer
+    from jaxgrad.data.sources import make_examples
+    from jaxgrad.data.synthetic import generic_text
+    from jaxgrad.models import LlamaConfig, build_model, save_pretrained
+    from jaxgrad.models.llama import to_hf_config
+    from jaxgrad.train import TrainConfig, fit
+
+    b = _section(config, "base")
+    tokenizer = build_char_tokenizer()
+    scratch = dict(config.model.scratch)
+    scratch["vocab_size"] = len(tokenizer)
+    cfg = LlamaConfig(**scratch)
+    model = build_model(cfg, seed=int(b["seed"]))
+    texts = generic_text(int(b["num_texts"]), seed=int(b["seed"]))
+    examples = make_examples(("generic", "", t, None) for t in texts)
+    tc = TrainConfig(learning_rate=float(b["learning_rate"]), warmup_steps=20, end_lr_ratio=0.1,
+                     batch_size=int(config.train.batch_size), max_length=int(config.train.max_length),
+                     num_steps=int(b["steps"]), full_finetune=True, seed=int(b["seed"]),
+                     progress=bool(config.train.progress), log_every=50, async_checkpoint=False,
+                     keep_checkpoints=1, best_metric="train_loss")
+    result = fit(model, tokenizer, examples, tc, os.path.join(workdir, "base_run"))
+    save_pretrained(result.model, out, to_hf_config(cfg), tokenizer)
+    _write_json(os.path.join(out, "pretrain.json"), {"steps": tc.num_steps, **result.metrics})
+    return out
+
+
+def stage_meta_train(config, workdir: str) -> dict:
+    """Step 1: LoRA meta-training on the union of all sources (θ*)."""
+    done = os.path.join(workdir, "meta_train", "done.json")
+    if os.path.isfile(done):
+        return _read_json(done)
+    from jaxgrad.train import meta_train
+
+    result = meta_train(config, workdir)
+    summary = {"step": result.step, "metrics": result.metrics}
+    _write_json(done, summary)
+    return summary
+
+
+def _projector(config, dim: int):
+    from jaxgrad.projection import Projector
+
+    g = config.gradients
+    return Projector(seed=int(g.projection_seed), dim=dim, k=int(g.projection_dim), kind=str(g.projection_kind))
+
+
+def stage_gradients(config, workdir: str) -> dict:
+    """Step 2: projected per-sample gradients of all train splits and the target's validation."""
+    from jaxgrad.gradients import compute_gradient_store
+    from jaxgrad.per_sample import num_trainable
+    from jaxgrad.store import GradientStore
+    from jaxgrad.train import load_data
+
+    g = _section(config, "gradients")
+    data = load_data(config.data)
+    if not data.target:
+        raise ValueError("config.data: the pipeline needs a target source (data.synthetic.target "
+                         "or data.files.target)")
+    paths = {"train": os.path.join(workdir, "gradients", "train"),
+             "target": os.path.join(workdir, "gradients", "target")}
+    if all(_store_complete(p) for p in paths.values()):
+        return {k: GradientStore.open(p).num_examples for k, p in paths.items()}
+    model, tokenizer = _load_theta_star(config, workdir)
+    projector = _projector(config, num_trainable(model))
+    kw = dict(sources=data.sources, output_fn=g["output_fn"], eps=float(g["eps"]),
+              batch_size=int(g["batch_size"]), chunk_size=int(g["chunk_size"]),
+              max_length=int(config.train.max_length), shard_size=int(g["shard_size"]),
+              dtype=g["dtype"], model_id=config.model.name_or_path or "scratch",
+              progress=bool(config.train.progress), process_index=jax.process_index(),
+              process_count=jax.process_count())
+    counts = {}
+    for name, split, sources in (("train", "train", None), ("target", "validation", [data.target])):
+        examples = data.examples(split, sources)
+        store = compute_gradient_store(model, examples, tokenizer, projector, paths[name], split=split, **kw)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"gradients/{name}")
+            if jax.process_index() == 0:
+                store = GradientStore.merge(paths[name])
+        counts[name] = store.num_examples
+    return counts
+
+
+def _store_complete(path: str) -> bool:
+    from jaxgrad.store import GradientStore
+
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        return False
+    try:
+        return GradientStore.open(path).complete
+    except ValueError:
+        return False
+
+
+ESTIMATE_FIELDS = ("subset", "sources", "n_samples", "converged", "n_iter", "loss", "accuracy",
+                   "mean_output", "exact_loss")
+
+
+def _theta_norm_and_state(model):
+    from flax import nnx
+
+    from jaxgrad.flat import tree_norm
+    from jaxgrad.per_sample import trainable_filter
+
+    state = nnx.state(model, trainable_filter(model))
+    return float(tree_norm(state)), state
+
+
+def stage_estimates(config, workdir: str) -> str:
+    """Steps 3–4: surrogate fits for m random subsets and their estimated target metrics.
+
+    Rows already in ``estimates.csv`` (same subsets, same settings) are not recomputed.
+    """
+    from jaxgrad.selection import masks_from_sources, sample_subsets
+    from jaxgrad.store import GradientStore
+    from jaxgrad.surrogate import estimate_subsets, fit_subsets, rescale_factors
+
+    s = _section(config, "surrogate")
+    out_dir = os.path.join(workdir, "estimates")
+    os.makedirs(out_dir, exist_ok=True)
+    table = os.path.join(out_dir, "estimates.csv")
+    train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
+    target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
+    sources = list(dict.fromkeys(_data_sources(config)))
+    subsets = sample_subsets(len(sources), int(s["num_subsets"]), s["subset_size"], int(s["seed"]))
+    settings = {k: s[k] for k in sorted(s)}
+    settings_path = os.path.join(out_dir, "settings.json")
+    done_rows = _read_estimates(table) if os.path.isfile(table) else []
+    if done_rows and (not os.path.isfile(settings_path) or _read_json(settings_path) != settings):
+        raise ValueError(f"{table} was computed with other surrogate settings than config.surrogate "
+                         f"now holds; delete {out_dir} to recompute")
+    _write_json(settings_path, settings)
+    todo = [i for i in range(len(subsets)) if i >= len(done_rows)]
+    if not todo:
+        return table
+    output_fn = str(config.gradients.output_fn)
+    feats = train.feats()
+    if output_fn == "token_ce":  # fit on -∇CE so that Δ lowers the loss
+        feats = -feats
+    src_index = {name: i for i, name in enumerate(sources)}
+    ids = np.array([src_index[x] for x in train.source_ids])
+    model, _ = _load_theta_star(config, workdir)
+    theta_norm, theta = _theta_norm_and_state(model)
+    projector = _projector(config, sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(theta)))
+    gram = projector.gram()
+    t_feats, t_f = target.feats(), target.f()
+    chunk = int(s["chunk_subsets"])
+    exact_fn = _exact_loss_fn(config, workdir, model) if s["mode"] == "exact" else None
+    new_file = not done_rows
+    with open(table, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=ESTIMATE_FIELDS)
+        if new_file:
+            writer.writeheader()
+        for c0 in range(todo[0], len(subsets), chunk):
+            rows = subsets[c0 : c0 + chunk]
+            masks = masks_from_sources(ids, rows, n_sources=len(sources))
+            fits = fit_subsets(feats, masks, objective=s["objective"], C=float(s["C"]), seed=int(s["seed"]),
+                               offsets=train.f() if s["objective"] == "taylor" else None)
+            scale = None if float(s["scale"]) <= 0 else float(s["scale"])
+            c = rescale_factors(fits.coef, gram, theta_norm, scale=scale)
+            est = estimate_subsets(fits.coef, c, t_feats, t_f, output=output_fn)
+            exact = exact_fn(fits.coef, c, projector) if exact_fn else None
+            for r in range(rows.shape[0]):
+                writer.writerow({
+                    "subset": c0 + r,
+                    "sources": "+".join(sources[j] for j in np.flatnonzero(rows[r])),
+                    "n_samples": int(np.asarray(masks[r]).sum()),
+                    "converged": bool(fits.converged[r]), "n_iter": int(fits.n_iter[r]),
+                    "loss": float(est["loss"][r]),
+                    "accuracy": float(est["accuracy"][r]) if "accuracy" in est else "",
+                    "mean_output": float(est["mean_output"][r]) if "mean_output" in est else "",
+                    "exact_loss": float(exact[r]) if exact is not None else "",
+                })
+            fh.flush()
+    return table
+
+
+def _exact_loss_fn(config, workdir, model):
+    """exact mode: target validation cross-entropy of θ* + Δ_S, one forward pass per subset."""
+    from flax import nnx
+
+    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.losses import batch_loss
+    from jaxgrad.per_sample import trainable_filter
+    from jaxgrad.surrogate import exact_estimates
+    from jaxgrad.train import load_data
+
+    data = load_data(config.data)
+    examples = data.examples("validation", [data.target])
+    _, tokenizer = _load_theta_star(config, workdir)
+    enc = encode_examples(examples, tokenizer, sources=data.sources)
+    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
+    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
+    batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    graphdef, theta, rest = nnx.split(model, trainable_filter(model), ...)
+
+    def loss_fn(params):
+        return batch_loss(nnx.merge(graphdef, params, rest), batch)
+
+    def run(coef, c, projector):
+        return np.asarray(exact_estimates(loss_fn, theta, coef, c, projector,
+                                          chunk_size=int(config.surrogate.exact_chunk)))
+    return run
+
+
+def _read_estimates(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _data_sources(config) -> list[str]:
+    from jaxgrad.train import load_data
+
+    return load_data(config.data).sources
+
+
+def stage_selection(config, workdir: str) -> dict:
+    """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
+    from jaxgrad.selection import ensemble_scores, gradient_similarity_scores, select_top
+    from jaxgrad.store import GradientStore
+    from jaxgrad.train import load_data
+
+    out = os.path.join(workdir, "selection", "selection.json")
+    if os.path.isfile(out):
+        return _read_json(out)
+    sel = _section(config, "selection")
+    data = load_data(config.data)
+    sources = data.sources
+    rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
+    metric = sel["metric"]
+    est = np.array([float(r[metric]) for r in rows])
+    higher_is_better = metric in ("accuracy", "mean_output")
+    subsets = np.array([[s in r["sources"].split("+") for s in sources] for r in rows])
+    ens = ensemble_scores(subsets, est if higher_is_better else -est, n_boot=int(sel["n_boot"]),
+                          seed=int(sel["seed"]))
+    scores = np.asarray(ens.scores)
+    chosen_mask = select_top(scores, sel["top"])
+    chosen = [s for s, keep in zip(sources, np.asarray(chosen_mask)) if keep]
+    train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
+    target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
+    src_index = {name: i for i, name in enumerate(sources)}
+    ids = np.array([src_index[x] for x in train.source_ids])
+    sim = np.asarray(gradient_similarity_scores(train.feats(), ids, target.feats(), n_sources=len(sources)))
+    k = len(chosen)
+    rng = np.random.default_rng(int(sel["seed"]))
+    baselines = {
+        "all": list(sources),
+        "random": sorted(rng.choice(sources, size=k, replace=False).tolist(), key=sources.index),
+        "grad_sim": [sources[i] for i in sorted(np.argsort(-sim)[:k])],
+    }
+    ranking = [sources[i] for i in np.argsort(-scores)]
+    result = {
+        "metric": metric, "higher_is_better": higher_is_better, "sources": sources,
+        "scores": scores, "ci_low": np.asarray(ens.ci_low), "ci_high": np.asarray(ens.ci_high),
+        "counts": np.asarray(ens.counts), "ranking": ranking, "selected": chosen,
+        "grad_sim_scores": sim, "baselines": baselines, "kinds": dict(data.kinds or {}),
+        "ranking_auc": ranking_auc(ranking, data.kinds or {}),
+    }
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _write_json(out, result)
+    return _read_json(out)
+
+
+def ranking_auc(ranking: Sequence[str], kinds: dict) -> float | None:
+    """P(a random good source ranks above a random bad one) (1 = every bad source at the bottom).
+
+    Good = target/related, bad = noisy/unrelated; None when kinds are unknown or one side is empty.
+    """
+    good = [i for i, s in enumerate(ranking) if kinds.get(s) in ("target", "related")]
+    bad = [i for i, s in enumerate(ranking) if kinds.get(s) in BAD_KINDS]
+    if not good or not bad:
+        return None
+    return float(np.mean([[g < b for b in bad] for g in good]))
+
+
+def stage_finetune(config, workdir: str) -> dict:
+    """Final step: fine-tune the base model on the selection and on each baseline; test metrics."""
+    from jaxgrad.train import finetune
+
+    selection = _read_json(os.path.join(workdir, "selection", "selection.json"))
+    runs = {"selection": selection["selected"], **selection["baselines"]}
+    wanted = list(config.pipeline.finetune_runs)
+    results = {}
+    for name in wanted:
+        run_dir = os.path.join(workdir, "finetune", name)
+        done = os.path.join(run_dir, "sources.json")
+        if not os.path.isfile(done):
+            cfg = copy.deepcopy(config)
+            cfg.finetune.sources = ",".join(runs[name])
+            cfg.finetune.selection_file = ""
+            cfg.finetune.name = name
+            finetune(cfg, workdir)
+        results[name] = _read_json(done)
+    return results
+
+
+def stage_report(config, workdir: str) -> str:
+    """``report.md`` and plots from the artefacts of the earlier stages (nothing recomputed)."""
+    from jaxgrad.report import write_report
+
+    return write_report(config, workdir)
+
+
+def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None) -> dict:
+    """Run the stages in order (all by default), skipping those whose artefacts exist."""
+    stages = list(stages or STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown pipeline stages {unknown}; expected some of {list(STAGES)}")
+    os.makedirs(workdir, exist_ok=True)
+    timings = {}
+    fns = {"base": stage_base, "meta_train": stage_meta_train, "gradients": stage_gradients,
+           "estimates": stage_estimates, "selection": stage_selection, "finetune": stage_finetune,
+           "report": stage_report}
+    out = {}
+    for name in STAGES:
+        if name not in stages:
+            continue
+        cfg = config if name == "base" else resolved_config(config, workdir)
+        t0 = time.time()
+        print(f"[jaxgrad] stage {name} ...", flush=True)
+        out[name] = fns[name](cfg, workdir)
+        timings[name] = time.time() - t0
+        print(f"[jaxgrad] stage {name} done in {timings[name]:.1f}s", flush=True)
+        _append_timing(workdir, name, timings[name])
+    out["timings"] = timings
+    return out
+
+
+def _append_timing(workdir: str, stage: str, seconds: float) -> None:
+    with open(os.path.join(workdir, "timings.jsonl"), "a") as f:
+        f.write(json.dumps({"stage": stage, "seconds": round(seconds, 2), "time": time.time()}) + "\n")

@@ -1,0 +1,169 @@
+"""The run report: ``report.md`` and PNG plots, built only from a run directory's artefacts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+KIND_COLORS = {"target": "#1f77b4", "related": "#2ca02c", "noisy": "#d62728", "unrelated": "#ff7f0e"}
+RUN_ORDER = ("selection", "all", "random", "grad_sim")
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None or x == "" or (isinstance(x, float) and not np.isfinite(x)):
+        return "–"
+    if isinstance(x, (int, np.integer)):
+        return str(x)
+    return f"{float(x):.{digits}f}"
+
+
+def plot_scores(selection: dict, path: str) -> None:
+    """Per-source ensemble scores with bootstrap intervals, coloured by planted kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = selection["ranking"]
+    idx = [selection["sources"].index(s) for s in sources]
+    scores = np.array(selection["scores"])[idx]
+    lo = np.array(selection["ci_low"])[idx]
+    hi = np.array(selection["ci_high"])[idx]
+    kinds = selection.get("kinds", {})
+    colors = [KIND_COLORS.get(kinds.get(s), "#7f7f7f") for s in sources]
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(sources) + 2), 3.6))
+    ax.bar(range(len(sources)), scores - scores.min() + 1e-12, bottom=scores.min(), color=colors)
+    ax.errorbar(range(len(sources)), scores, yerr=[scores - lo, hi - scores], fmt="none", ecolor="k",
+                capsize=3, lw=1)
+    ax.set_xticks(range(len(sources)))
+    ax.set_xticklabels(sources, rotation=45, ha="right")
+    sign = "" if selection["higher_is_better"] else "−"
+    ax.set_ylabel(f"ensemble score ({sign}{selection['metric']})")
+    ax.set_title("Estimated value of each source for the target (95% bootstrap CI)")
+    for kind, c in KIND_COLORS.items():
+        if kind in kinds.values():
+            ax.bar([0], [0], color=c, label=kind)
+    if kinds:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fidelity(fidelity: dict, path: str) -> None:
+    """Estimated vs true target loss of the fidelity subsets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    true = np.array([r["true_loss"] for r in fidelity["rows"]])
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for key, marker in (("linearized_loss", "o"), ("exact_loss", "s")):
+        if key in fidelity["rows"][0]:
+            est = np.array([r[key] for r in fidelity["rows"]])
+            ax.scatter(true, est, marker=marker, label=key.replace("_loss", ""))
+    lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+    ax.plot(lims, lims, "k--", lw=0.8)
+    ax.set_xlabel("true target loss (fine-tuned from θ*)")
+    ax.set_ylabel("estimated target loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finetune_rows(workdir: str) -> dict[str, dict]:
+    out = {}
+    for name in RUN_ORDER:
+        path = os.path.join(workdir, "finetune", name, "sources.json")
+        if os.path.isfile(path):
+            out[name] = _read_json(path)
+    return out
+
+
+def target_metrics(run: dict, target: str | None) -> dict[str, float | None]:
+    m = run.get("metrics", {})
+    loss = m.get(f"test_loss/{target}", m.get("test_loss"))
+    acc = m.get(f"test_acc/{target}", m.get("test_acc"))
+    return {"test_loss": loss, "test_acc": acc}
+
+
+def write_report(config, workdir: str) -> str:
+    """Write ``<workdir>/report.md`` (+ ``scores.png``, ``fidelity.png`` when fidelity ran)."""
+    sel_path = os.path.join(workdir, "selection", "selection.json")
+    selection = _read_json(sel_path)
+    est_rows = list(csv.DictReader(open(os.path.join(workdir, "estimates", "estimates.csv"))))
+    runs = _finetune_rows(workdir)
+    kinds = selection.get("kinds", {})
+    target = next((s for s, k in kinds.items() if k == "target"), None) or config.data.get(
+        "synthetic", {}).get("target")
+    plot_scores(selection, os.path.join(workdir, "scores.png"))
+    lines = ["# jaxgrad run report", ""]
+    lines += [f"Run directory: `{workdir}`. Target: **{target}**. Sources: {len(selection['sources'])}.", ""]
+    timings = os.path.join(workdir, "timings.jsonl")
+    if os.path.isfile(timings):
+        rows = [json.loads(l) for l in open(timings)]
+        last = {}
+        for r in rows:
+            last[r["stage"]] = r["seconds"]
+        lines += ["## Stages", "", "| stage | seconds (last run) |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in last.items()] + [""]
+    conv = np.mean([r["converged"] == "True" for r in est_rows]) if est_rows else float("nan")
+    lines += ["## Estimates", "",
+              f"{len(est_rows)} random subsets scored by the surrogate "
+              f"(objective `{config.surrogate.objective}`, C={config.surrogate.C}, "
+              f"scale={config.surrogate.scale}, mode `{config.surrogate.mode}`, projection "
+              f"k={config.gradients.projection_dim}, output `{config.gradients.output_fn}`); "
+              f"solver converged on {100 * conv:.0f}% of them. Table: `estimates/estimates.csv`.", ""]
+    lines += ["## Selection", "",
+              f"Score = mean estimated target {selection['metric']} over the subsets containing the "
+              f"source ({'higher' if selection['higher_is_better'] else 'lower'} is better; shown "
+              f"{'as is' if selection['higher_is_better'] else 'negated'} so higher is better), "
+              "95% bootstrap interval over subsets.", "",
+              "| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | selected |",
+              "|---|---|---|---|---|---|---|---|"]
+    for rank, s in enumerate(selection["ranking"], 1):
+        i = selection["sources"].index(s)
+        lines.append(f"| {rank} | {s} | {kinds.get(s, '')} | {_fmt(selection['scores'][i])} | "
+                     f"[{_fmt(selection['ci_low'][i])}, {_fmt(selection['ci_high'][i])}] | "
+                     f"{selection['counts'][i]} | {_fmt(selection['grad_sim_scores'][i], 3)} | "
+                     f"{'✓' if s in selection['selected'] else ''} |")
+    if selection.get("ranking_auc") is not None:
+        lines += ["", f"Ranking AUC (a target/related source ranks above a noisy/unrelated one): "
+                      f"**{selection['ranking_auc']:.3f}**"]
+    lines += ["", "![scores](scores.png)", ""]
+    if runs:
+        lines += ["## Fine-tuning the base model on each choice of sources", "",
+                  f"Target **{target}**, test split (never used for selection).", "",
+                  "| run | sources | test loss | test accuracy |", "|---|---|---|---|"]
+        for name, run in runs.items():
+            m = target_metrics(run, target)
+            lines.append(f"| {name} | {', '.join(run['sources'])} | {_fmt(m['test_loss'])} | "
+                         f"{_fmt(m['test_acc'], 3)} |")
+        lines.append("")
+    fid_path = os.path.join(workdir, "fidelity", "fidelity.json")
+    if os.path.isfile(fid_path):
+        fid = _read_json(fid_path)
+        plot_fidelity(fid, os.path.join(workdir, "fidelity.png"))
+        lines += ["## Fidelity: estimates against real fine-tuning from θ*", "",
+                  "| estimate | mean relative error | Spearman |", "|---|---|---|"]
+        for key, v in fid["summary"].items():
+            lines.append(f"| {key} | {_fmt(v.get('relative_error'))} | {_fmt(v.get('spearman'), 3)} |")
+        if "first_order_error" in fid:
+            lines.append(f"\nFirst-order error (mean squared relative error of f(θ*)+gᵀΔ vs f(θ*+Δ)): "
+                         f"{_fmt(fid['first_order_error'], 6)}")
+        lines += ["", "![fidelity](fidelity.png)", ""]
+    path = os.path.join(workdir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
