@@ -1,0 +1,330 @@
+"""Tests for jaxgrad.surrogate: batched fits against scikit-learn / scipy, lift, estimates.
+
+References are independent: scikit-learn's liblinear for gradex, scipy L-BFGS-B on the
+objective written out in NumPy float64 for one_class/taylor, dense projection matrices and hand
+loops for the lift and the estimates. Data are small (N = 240 samples in 6 sources, k = 12) and
+share shapes across tests so the jitted solver compiles a few times only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+from sklearn.linear_model import LogisticRegression
+
+from jaxgrad import flat
+from jaxgrad.projection import Projector
+from jaxgrad.surrogate import (HIGHER_IS_BETTER, SubsetFits, estimate_subsets, exact_estimates,
+                               fit_subsets, gradex_labels, lift_updates, rescale_factors)
+
+N, K, N_SOURCES = 240, 12, 6
+
+
+def _data(seed=0, scale=1.0):
+    """Projected-gradient-like features: a shared direction, a per-source direction, noise,
+    and per-sample norms spread over two decades (times ``scale``)."""
+    rng = np.random.default_rng(seed)
+    src = np.repeat(np.arange(N_SOURCES), N // N_SOURCES)
+    common = rng.normal(size=K)
+    per_source = rng.normal(size=(N_SOURCES, K))
+    x = 0.6 * common + 0.6 * per_source[src] + rng.normal(size=(N, K))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x *= np.exp(rng.uniform(-1.5, 1.5, size=N))[:, None] * scale
+    labels = (rng.random(N) < 0.7).astype(np.int64)
+    # Four subsets of sources (unions of sources, as in GradEx).
+    subsets = np.array([[1, 1, 1, 0, 0, 0], [0, 1, 0, 1, 0, 1], [1, 0, 0, 1, 1, 1],
+                        [1, 1, 1, 1, 1, 1]], bool)
+    return x.astype(np.float32), labels, subsets[:, src]
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def _liblinear(x, y, mask, C, tight=True):
+    kw = dict(tol=1e-12, max_iter=100_000) if tight else {}
+    xs = (2 * y[mask] - 1)[:, None] * x[mask].astype(np.float64)
+    clf = LogisticRegression(C=C, solver="liblinear", **kw).fit(xs, y[mask])
+    return clf.coef_[0], clf.intercept_[0]
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1e2])
+@pytest.mark.parametrize("C", [1e-4, 1e-2, 1.0])
+def test_gradex_matches_liblinear(C, scale):
+    x, y, masks = _data(scale=scale)
+    fits = fit_subsets(x, masks, objective="gradex", C=C, labels=y)
+    v_norm = jnp.sqrt(jnp.sum(fits.coef**2, axis=1) + fits.intercept**2)
+    # ‖v - v*‖ ≤ grad_norm (1-strong convexity): every fit is certified to 1e-3 relative. At
+    # C·|x|² ~ 1e4 float32 rounding in the computed gradient (~5e-4 relative here) keeps the
+    # 1e-5 default tolerance out of reach (converged=False), although the coefficients are far
+    # more accurate than that (~1e-6 from liblinear); test_float64_fits_reach_tight_tolerance
+    # certifies that regime in float64.
+    assert bool(jnp.all(fits.grad_norm <= 1e-3 * v_norm)), (
+        f"uncertified fits: grad_norm {fits.grad_norm} vs |v| {v_norm}")
+    if C < 1.0 or scale < 1.0:
+        assert bool(jnp.all(fits.converged)), f"not converged: grad_norm {fits.grad_norm}"
+    for s in range(masks.shape[0]):
+        coef, b = _liblinear(x, y, masks[s], C)
+        assert _rel(fits.coef[s], coef) < 1e-3, (
+            f"subset {s}, C={C}, |x|~{scale}: coef differs from liblinear by "
+            f"{_rel(fits.coef[s], coef):.2e} relative")
+        b_tol = 1e-3 * max(abs(b), 1e-3 * np.linalg.norm(coef))
+        assert abs(float(fits.intercept[s]) - b) < b_tol, (
+            f"subset {s}, C={C}: intercept {float(fits.intercept[s])} vs liblinear {b}")
+
+
+def test_gradex_matches_liblinear_default_settings():
+    """The seed's exact call, LogisticRegression(penalty='l2', C=1e-4, solver='liblinear') with
+    default tolerance, at projected-gradient scale ~1."""
+    x, y, masks = _data(seed=1)
+    fits = fit_subsets(x, masks, C=1e-4, labels=y)
+    for s in range(masks.shape[0]):
+        coef, b = _liblinear(x, y, masks[s], 1e-4, tight=False)
+        assert _rel(fits.coef[s], coef) < 1e-3
+        assert abs(float(fits.intercept[s]) - b) < 1e-3 * abs(b)
+
+
+def test_gradex_seed_labels_are_reproducible_and_match_liblinear():
+    x, _, masks = _data(seed=2)
+    a = fit_subsets(x, masks, C=1e-2, seed=7)
+    b = fit_subsets(x, masks, C=1e-2, seed=7)
+    np.testing.assert_array_equal(np.asarray(a.coef), np.asarray(b.coef),
+                                  err_msg="same seed gave different fits")
+    y = np.asarray(gradex_labels(N, seed=7))
+    assert set(np.unique(y)) == {0, 1} and 0.55 < y.mean() < 0.85, f"labels mean {y.mean()}"
+    np.testing.assert_array_equal(y, np.asarray(gradex_labels(N, seed=7)))
+    coef, _ = _liblinear(x, y, masks[0], 1e-2)
+    assert _rel(a.coef[0], coef) < 1e-3, "seed-drawn labels are not gradex_labels(N, seed)"
+    other = fit_subsets(x, masks, C=1e-2, seed=8)
+    assert not np.allclose(np.asarray(other.intercept), np.asarray(a.intercept)), (
+        "a different seed should draw different labels")
+
+
+def _lbfgs(x, mask, C, offsets=None):
+    """argmin_w Σ_{i∈S} log(1+exp(-(o_i + x_iᵀw))) + ‖w‖²/(2C), in float64."""
+    xs = x[mask].astype(np.float64)
+    o = np.zeros(len(xs)) if offsets is None else offsets[mask].astype(np.float64)
+
+    def fun(w):
+        z = o + xs @ w
+        loss = np.sum(np.logaddexp(0.0, -z)) + w @ w / (2 * C)
+        grad = -xs.T @ scipy.special.expit(-z) + w / C
+        return loss, grad
+
+    res = scipy.optimize.minimize(fun, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B",
+                                  options=dict(gtol=1e-12, ftol=1e-15, maxiter=20_000))
+    return res.x
+
+
+@pytest.mark.parametrize("C", [1e-2, 1.0])
+def test_one_class_matches_scipy(C):
+    x, _, masks = _data(seed=3)
+    fits = fit_subsets(x, masks, objective="one_class", C=C)
+    assert bool(jnp.all(fits.converged))
+    np.testing.assert_array_equal(np.asarray(fits.intercept), 0.0)
+    for s in range(masks.shape[0]):
+        ref = _lbfgs(x, masks[s], C)
+        assert _rel(fits.coef[s], ref) < 1e-4, f"subset {s}: {_rel(fits.coef[s], ref):.2e}"
+
+
+@pytest.mark.parametrize("C", [1e-2, 1.0])
+def test_taylor_matches_scipy(C):
+    x, _, masks = _data(seed=4)
+    offsets = np.random.default_rng(4).normal(scale=2.0, size=N).astype(np.float32)
+    fits = fit_subsets(x, masks, objective="taylor", C=C, offsets=offsets)
+    assert bool(jnp.all(fits.converged))
+    for s in range(masks.shape[0]):
+        ref = _lbfgs(x, masks[s], C, offsets)
+        assert _rel(fits.coef[s], ref) < 1e-4, f"subset {s}: {_rel(fits.coef[s], ref):.2e}"
+
+
+def test_float64_fits_reach_tight_tolerance():
+    x, y, masks = _data(seed=5, scale=10.0)
+    with jax.enable_x64(True):
+        fits = fit_subsets(x.astype(np.float64), masks, C=1.0, labels=y, tol=1e-10)
+        assert fits.coef.dtype == jnp.float64
+        assert bool(jnp.all(fits.converged))
+        for s in range(masks.shape[0]):
+            coef, b = _liblinear(x, y, masks[s], 1.0)
+            assert _rel(fits.coef[s], coef) < 1e-7, f"subset {s}: {_rel(fits.coef[s], coef):.2e}"
+
+
+def test_sample_weights_match_liblinear():
+    x, y, masks = _data(seed=6)
+    weights = masks[:2] * np.random.default_rng(6).integers(1, 4, size=N)
+    fits = fit_subsets(x, weights.astype(np.float32), C=1e-2, labels=y)
+    for s in range(2):
+        xs = (2 * y - 1)[:, None] * x.astype(np.float64)
+        keep = weights[s] > 0
+        clf = LogisticRegression(C=1e-2, solver="liblinear", tol=1e-12, max_iter=100_000)
+        clf.fit(xs[keep], y[keep], sample_weight=weights[s][keep])
+        assert _rel(fits.coef[s], clf.coef_[0]) < 1e-3
+
+
+def test_batched_equals_one_at_a_time_and_chunked_equals_unchunked():
+    x, y, masks = _data(seed=7)
+    batched = fit_subsets(x, masks, C=1.0, labels=y)
+    chunked = fit_subsets(x, masks, C=1.0, labels=y, chunk_size=3)
+    # Each fit is certified within tol/(1-tol) ≈ 1e-5 of the optimum: two fits within ~2e-5.
+    for s in range(masks.shape[0]):
+        alone = fit_subsets(x, masks[s:s + 1], C=1.0, labels=y)
+        ref = np.concatenate([np.asarray(alone.coef[0]), [float(alone.intercept[0])]])
+        for name, fits in (("batched", batched), ("chunked", chunked)):
+            got = np.concatenate([np.asarray(fits.coef[s]), [float(fits.intercept[s])]])
+            assert _rel(got, ref) < 3e-5, f"{name} fit of subset {s} differs from a lone fit"
+    assert batched.coef.shape == chunked.coef.shape == (masks.shape[0], K)
+
+
+def test_empty_and_single_sample_subsets():
+    x, y, _ = _data(seed=8)
+    masks = np.zeros((4, N), bool)
+    masks[1, 17] = True
+    masks[2, :] = True
+    for objective, kw in (("gradex", dict(labels=y)), ("one_class", {}),
+                          ("taylor", dict(offsets=np.full(N, 0.5, np.float32)))):
+        fits = fit_subsets(x, masks, objective=objective, C=1.0, **kw)
+        for field in fits:
+            assert bool(jnp.all(jnp.isfinite(jnp.asarray(field, jnp.float32)))), (
+                f"{objective}: non-finite entries in {field}")
+        for s in (0, 3):
+            assert float(jnp.abs(fits.coef[s]).max()) == 0.0 and float(fits.intercept[s]) == 0.0
+            assert bool(fits.converged[s]) and int(fits.n_iter[s]) == 0
+        assert bool(fits.converged[1])
+    fits = fit_subsets(x, masks, objective="one_class", C=1.0)
+    ref = _lbfgs(x, masks[1], 1.0)
+    assert _rel(fits.coef[1], ref) < 1e-4, "the one-sample fit is not the optimum"
+
+
+def test_warm_start_from_solution_stops_at_once():
+    x, y, masks = _data(seed=9)
+    fits = fit_subsets(x, masks, C=1e-2, labels=y)
+    again = fit_subsets(x, masks, C=1e-2, labels=y, init=fits)
+    assert int(jnp.max(again.n_iter)) <= 1, f"warm start took {again.n_iter} iterations"
+    for s in range(masks.shape[0]):
+        assert _rel(again.coef[s], np.asarray(fits.coef[s])) < 3e-5
+
+
+def test_preconditioners_agree():
+    x, y, masks = _data(seed=10)
+    a = fit_subsets(x, masks, C=1.0, labels=y, precondition="eig")
+    b = fit_subsets(x, masks, C=1.0, labels=y, precondition="diag")
+    for s in range(masks.shape[0]):
+        assert _rel(a.coef[s], np.asarray(b.coef[s])) < 3e-5
+
+
+def test_fit_subsets_rejects_bad_input():
+    x, y, masks = _data()
+    bad = x.copy()
+    bad[3, 1], bad[10, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"NaN or inf in 2 of 240 rows \(first: row 3\)"):
+        fit_subsets(bad, masks)
+    with pytest.raises(ValueError, match=r"\(4, 239\).*N = 240"):
+        fit_subsets(x, masks[:, 1:])
+    with pytest.raises(ValueError, match="must be 2-D"):
+        fit_subsets(x[0], masks)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fit_subsets(x, masks, objective="svm")
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\)"):
+        fit_subsets(x, masks, labels=y[:5])
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        fit_subsets(x, masks, labels=2 * y - 1)
+    with pytest.raises(ValueError, match="needs offsets"):
+        fit_subsets(x, masks, objective="taylor")
+    with pytest.raises(ValueError, match="only used by objective='taylor'"):
+        fit_subsets(x, masks, offsets=np.zeros(N))
+    with pytest.raises(ValueError, match="C must be finite and > 0"):
+        fit_subsets(x, masks, C=0.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        fit_subsets(x, -masks.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Lift, rescale, estimates
+# ----------------------------------------------------------------------------------------------
+
+D = 300
+
+
+def test_rescale_and_lift_against_dense_projection():
+    proj = Projector(seed=3, dim=D, k=K)
+    p_DxK = np.asarray(proj.dense(), np.float64)
+    coef = np.random.default_rng(0).normal(size=(5, K)).astype(np.float32)
+    coef[2] = 0.0
+    c = rescale_factors(coef, proj, theta_norm=4.0, scale=0.25)
+    delta = np.asarray(lift_updates(coef, c, proj), np.float64)
+    norms = np.linalg.norm(delta, axis=1)
+    np.testing.assert_allclose(norms[[0, 1, 3, 4]], 0.25 * 4.0, rtol=1e-5,
+                               err_msg="‖Δ‖ must equal scale·‖θ*‖")
+    assert float(c[2]) == 0.0 and norms[2] == 0.0, "w = 0 must give c = 0 and Δ = 0"
+    np.testing.assert_allclose(delta, np.asarray(c, np.float64)[:, None] * (coef @ p_DxK.T),
+                               rtol=1e-5, atol=1e-6, err_msg="Δ is not c·P w")
+    # A precomputed Gram matrix gives the same factors; scale=None means unscaled.
+    np.testing.assert_allclose(np.asarray(rescale_factors(coef, proj.gram(), 4.0, scale=0.25)),
+                               np.asarray(c), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(rescale_factors(coef, proj, None, scale=None)), 1.0)
+    with pytest.raises(ValueError, match="theta_norm must be finite and > 0"):
+        rescale_factors(coef, proj, 0.0, scale=0.1)
+    with pytest.raises(ValueError, match="k = 12 columns but the projector has k = 7"):
+        lift_updates(coef, c, Projector(seed=3, dim=D, k=7))
+
+
+def test_linearized_estimates_equal_hand_computation_and_unprojected_identity():
+    rng = np.random.default_rng(1)
+    proj = Projector(seed=5, dim=D, k=K)
+    g_JxD = rng.normal(size=(9, D)).astype(np.float32)
+    x_JxK = np.asarray(proj.project(g_JxD))
+    f_J = rng.normal(size=9).astype(np.float32)
+    coef = rng.normal(size=(4, K)).astype(np.float32)
+    fits = SubsetFits(jnp.asarray(coef), jnp.zeros(4), jnp.ones(4, bool), jnp.zeros(4, jnp.int32),
+                      jnp.zeros(4))
+    c = rescale_factors(coef, proj, theta_norm=3.0, scale=0.1)
+    est = estimate_subsets(fits, c, x_JxK, f_J)
+    f_hat = f_J[None, :] + np.asarray(c, np.float64)[:, None] * (coef.astype(np.float64) @ x_JxK.T)
+    np.testing.assert_allclose(np.asarray(est["loss"]), np.logaddexp(0, -f_hat).mean(1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(est["accuracy"]), (f_hat > 0).mean(1))
+    np.testing.assert_allclose(np.asarray(est["mean_output"]), f_hat.mean(1), rtol=1e-5, atol=1e-6)
+    # ⟨Pᵀg, w⟩ = ⟨g, P w⟩: the same estimate from the unprojected gradients and Δ = c·P w.
+    delta_SxD = np.asarray(lift_updates(coef, c, proj), np.float64)
+    f_hat_full = f_J[None, :] + delta_SxD @ g_JxD.astype(np.float64).T
+    np.testing.assert_allclose(np.asarray(est["mean_output"]), f_hat_full.mean(1), rtol=1e-4,
+                               atol=1e-5)
+    ce = estimate_subsets(coef, c, x_JxK, np.abs(f_J), output="token_ce", chunk_size=3)
+    np.testing.assert_allclose(np.asarray(ce["loss"]),
+                               (np.abs(f_J)[None, :] + f_hat - f_J[None, :]).mean(1), rtol=1e-5)
+    assert set(ce) == {"loss"} and set(est) <= set(HIGHER_IS_BETTER)
+    with pytest.raises(ValueError, match="k = 5 columns but the coefficients have k = 12"):
+        estimate_subsets(coef, c, x_JxK[:, :5], f_J)
+    with pytest.raises(ValueError, match=r"target_f_J must have shape \(9,\)"):
+        estimate_subsets(coef, c, x_JxK, f_J[:4])
+    with pytest.raises(ValueError, match="output must be one of"):
+        estimate_subsets(coef, c, x_JxK, f_J, output="bleu")
+
+
+def test_exact_estimates_equal_a_hand_loop():
+    rng = np.random.default_rng(2)
+    theta = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+             "b": {"c": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}}
+    dim = flat.flat_spec(theta).size
+    proj = Projector(seed=11, dim=dim, k=K)
+    inputs = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
+
+    def loss_fn(params):
+        hidden = jnp.tanh(inputs @ params["a"].T)
+        return jnp.mean(jax.nn.softplus(-hidden.sum(1) * params["b"]["c"].sum()))
+
+    coef = rng.normal(size=(5, K)).astype(np.float32)
+    c = rescale_factors(coef, proj, float(flat.tree_norm(theta)), scale=0.2)
+    got = np.asarray(exact_estimates(loss_fn, theta, coef, c, proj, chunk_size=2))
+    p_DxK = np.asarray(proj.dense())
+    theta_flat = np.asarray(flat.flatten(theta))
+    want = []
+    for s in range(5):
+        params = flat.unflatten(jnp.asarray(theta_flat + float(c[s]) * p_DxK @ coef[s]),
+                                flat.flat_spec(theta))
+        want.append(float(loss_fn(params)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="D = 17 parameters but the projector has dim = 300"):
+        exact_estimates(loss_fn, theta, coef, c, Projector(seed=1, dim=D, k=K))
