@@ -149,6 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim")  # final fine-tunes
+    c.pipeline.finetune_steps = 300  # steps of every final fine-tune (same budget); 0 = train.epochs
 
     if variant == "tiny":
         c.model.scratch.hidden_size = 32
@@ -177,4 +178,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.surrogate.subset_size = 0.34  # one source of three
         c.selection.top = 0.34
         c.selection.n_boot = 50
+        c.pipeline.finetune_steps = 4
     return c

@@ -341,8 +341,7 @@ def stage_selection(config, workdir: str) -> dict:
     ens = ensemble_scores(subsets, est if higher_is_better else -est, n_boot=int(sel["n_boot"]),
                           seed=int(sel["seed"]))
     scores = np.asarray(ens.scores)
-    chosen_mask = select_top(scores, sel["top"])
-    chosen = [s for s, keep in zip(sources, np.asarray(chosen_mask)) if keep]
+    chosen = [sources[i] for i in sorted(int(i) for i in select_top(scores, sel["top"]))]
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
     src_index = {name: i for i, name in enumerate(sources)}
@@ -396,6 +395,9 @@ def stage_finetune(config, workdir: str) -> dict:
             cfg.finetune.sources = ",".join(runs[name])
             cfg.finetune.selection_file = ""
             cfg.finetune.name = name
+            steps = int(config.pipeline.get("finetune_steps", 0))
+            if steps > 0:  # the same optimisation budget for every choice of sources
+                cfg.train.num_steps = steps
             finetune(cfg, workdir)
         results[name] = _read_json(done)
     return results
