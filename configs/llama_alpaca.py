@@ -24,6 +24,8 @@ an hour; float32 is several times slower. On CPU this config is impractical.
 
 import ml_collections
 
+from jaxgrad.config_sections import add_method_sections
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The Alpaca config; ``arg``: None / "default", or "bf16"."""
@@ -112,4 +114,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant == "bf16":
         c.model.dtype = "bfloat16"
         c.model.param_dtype = "bfloat16"
+    add_method_sections(c)  # gradients, surrogate, selection, pipeline, fidelity
     return c

@@ -23,6 +23,8 @@ one H100, so the run is dominated by evaluation and takes on the order of an hou
 
 import ml_collections
 
+from jaxgrad.config_sections import add_method_sections
+
 COT_TASKS = ("addsub", "multiarith", "single_eq", "svamp", "gsm8k", "aqua", "date_understanding",
              "coin_flip", "last_letter_concatenation", "commonsense_qa", "strategy_qa",
              "tracking_shuffled_objects")
@@ -114,4 +116,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if variant == "bf16":
         c.model.dtype = "bfloat16"
+    add_method_sections(c)  # gradients, surrogate, selection, pipeline, fidelity
     return c
