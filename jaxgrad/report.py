@@ -40,20 +40,20 @@ def plot_scores(selection: dict, path: str) -> None:
     hi = np.array(selection["ci_high"])[idx]
     kinds = selection.get("kinds", {})
     colors = [KIND_COLORS.get(kinds.get(s), "#7f7f7f") for s in sources]
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(sources) + 2), 3.6))
-    ax.bar(range(len(sources)), scores - scores.min() + 1e-12, bottom=scores.min(), color=colors)
-    ax.errorbar(range(len(sources)), scores, yerr=[scores - lo, hi - scores], fmt="none", ecolor="k",
-                capsize=3, lw=1)
-    ax.set_xticks(range(len(sources)))
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.6 * len(sources) + 2.5), 3.8))
+    x = np.arange(len(sources))
+    ax.errorbar(x, scores, yerr=[scores - lo, hi - scores], fmt="none", ecolor="k", capsize=3, lw=1)
+    ax.scatter(x, scores, c=colors, s=60, zorder=3)
+    ax.set_xticks(x)
     ax.set_xticklabels(sources, rotation=45, ha="right")
     sign = "" if selection["higher_is_better"] else "−"
-    ax.set_ylabel(f"ensemble score ({sign}{selection['metric']})")
-    ax.set_title("Estimated value of each source for the target (95% bootstrap CI)")
-    for kind, c in KIND_COLORS.items():
-        if kind in kinds.values():
-            ax.bar([0], [0], color=c, label=kind)
-    if kinds:
-        ax.legend(fontsize=8)
+    ax.set_ylabel(f"score ({sign}estimated {selection['metric']})")
+    ax.set_title("Per-source ensemble scores, best first (95% CI)", fontsize=10)
+    present = [k for k in KIND_COLORS if k in kinds.values()]
+    if present:
+        ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in present], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
