@@ -7,10 +7,11 @@ trainable ``nnx.State`` in pytree order (sorted module paths; ``lora_A`` before 
 raveled in C order. Row ``d`` of P belongs to entry ``d`` of that vector.
 
 The batch is cut into chunks of ``chunk_size`` examples, walked by ``lax.map`` inside one jitted
-call. Per chunk, ``vmap(value_and_grad)`` gives the per-example gradient leaves and each leaf is
-projected straight away (``projector.project(leaf, offset)``) and summed, so at most one chunk's
-``chunk_size × D`` gradients exist at any time and nothing ``D × k`` ever does. The projection is
-linear, so projecting leaf by leaf equals projecting the concatenated gradient.
+call. Per chunk, ``vmap(value_and_grad)`` gives the per-example gradient leaves; consecutive leaves
+are concatenated in groups of up to 2^24 entries and each group is projected straight away
+(``projector.project(group, offset)``) and summed, so at most one chunk's ``chunk_size × D``
+gradients exist at any time (plus one group's copy) and nothing ``D × k`` ever does. The
+projection is linear, so projecting group by group equals projecting the concatenated gradient.
 
 With a mesh, the examples of each chunk are sharded over its ``data`` axis (parameters
 replicated); results are identical to one device. Across hosts (``jax.distributed``) each process
@@ -48,6 +49,27 @@ def trainable_filter(model: nnx.Module, full_finetune: bool = False):
     return nnx.LoRAParam if has_lora else nnx.Param
 
 
+GROUP_ENTRIES = 1 << 24  # leaves are projected in groups of up to this many entries per sample
+
+
+def _leaf_groups(sizes) -> list[tuple[int, int]]:
+    """Consecutive leaf ranges ``[start, stop)`` of at most GROUP_ENTRIES entries (or one leaf).
+
+    Projecting a few concatenated leaves at once is much faster than one small leaf at a time
+    (every projection call streams its own tiles of P), while the groups cap the extra copy of
+    the chunk's gradients that the concatenation costs.
+    """
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > GROUP_ENTRIES:
+            groups.append((start, i))
+            start, total = i, 0
+        total += n
+    if sizes:
+        groups.append((start, len(sizes)))
+    return groups
+
+
 def _model_batch(batch: dict) -> dict:
     return {k: jnp.asarray(batch[k]) for k in MODEL_INPUTS if k in batch}
 
@@ -70,8 +92,10 @@ def _projected_grads(graphdef, params, rest, batch, *, projector, output_fn, eps
             chunk = jax.lax.with_sharding_constraint(chunk, data_sharding)
         vals, grads = jax.vmap(jax.value_and_grad(f_single), in_axes=(None, 0))(params, chunk)
         feats = jnp.zeros((chunk_size, projector.k), jnp.float32)
-        for leaf, offset in zip(jax.tree_util.tree_leaves(grads), spec.offsets):
-            feats = feats + projector.project(leaf.reshape(chunk_size, -1), offset=offset)
+        leaves = [leaf.reshape(chunk_size, -1) for leaf in jax.tree_util.tree_leaves(grads)]
+        for start, stop in _leaf_groups(spec.sizes):
+            g = leaves[start] if stop == start + 1 else jnp.concatenate(leaves[start:stop], axis=1)
+            feats = feats + projector.project(g, offset=spec.offsets[start])
         return feats, vals
 
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
