@@ -136,3 +136,18 @@ def test_eight_fake_devices_match_one_device(tmp_path):
         assert proc.stdout.strip().endswith(str(n))
         outs[n] = np.load(out)
     np.testing.assert_allclose(outs[8], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_leaf_groups_give_same_projection(monkeypatch):
+    """Projecting leaves in several concatenated groups equals one group (projection is linear)."""
+    import jaxgrad.per_sample as ps
+
+    model = adapted("tiny-qwen2")
+    batch = fixture_batch("tiny-qwen2")
+    proj = Projector(seed=2, dim=num_trainable(model), k=K)
+    one = per_sample_projected_grads(model, batch, proj, chunk_size=3)
+    monkeypatch.setattr(ps, "GROUP_ENTRIES", 200)  # the LoRA leaves here hold 64-256 entries
+    assert len(ps._leaf_groups([64, 128, 256, 64])) == 3
+    jax.clear_caches()
+    many = per_sample_projected_grads(model, batch, proj, chunk_size=3)
+    np.testing.assert_allclose(np.asarray(many.feats), np.asarray(one.feats), rtol=1e-5, atol=1e-6)
