@@ -439,3 +439,22 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None) -> d
 def _append_timing(workdir: str, stage: str, seconds: float) -> None:
     with open(os.path.join(workdir, "timings.jsonl"), "a") as f:
         f.write(json.dumps({"stage": stage, "seconds": round(seconds, 2), "time": time.time()}) + "\n")
+
+
+def stage_script(stage: str) -> None:
+    """Entry point of the thin per-stage scripts: ``--config`` and ``--workdir`` flags, one stage."""
+    from absl import app, flags
+    from absl import logging as absl_logging
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run directory.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(argv):
+        del argv
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
+        out = run_pipeline(config_flag.value, workdir_flag.value, [stage])[stage]
+        print(out if isinstance(out, str) else json.dumps(out, indent=1, default=str)[:4000])
+
+    app.run(main)

@@ -5,24 +5,7 @@ r"""Stages 3-4: surrogate fits over the sampled subsets and their estimated targ
 Equivalent to `scripts/run_pipeline.py --stages=estimates`; skipped when its artefact exists.
 """
 
-import json
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from jaxgrad.pipeline import resolved_config, stage_estimates
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    out = stage_estimates(resolved_config(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
-    print(out if isinstance(out, str) else json.dumps(out, indent=1, default=str)[:4000])
-
+from jaxgrad.pipeline import stage_script
 
 if __name__ == "__main__":
-    app.run(main)
+    stage_script("estimates")
