@@ -36,18 +36,20 @@ against 0.67 and 0.05 on all sources.
 
 import ml_collections
 
+from jaxgrad.config_sections import default_config
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The demo config; ``arg`` picks a variant: None / "default", or "tiny"."""
+    """The demo config; ``arg`` picks a variant: None / "default", or "tiny".
+
+    Every key with its meaning is in jaxgrad/config_sections.py; only the demo's choices are here.
+    """
     variant = arg or "default"
     if variant not in ("default", "tiny"):
         raise ValueError(f"configs/demo.py: unknown variant {variant!r}; expected 'default' or "
                          "'tiny'")
-    c = ml_collections.ConfigDict()
+    c = default_config()
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name_or_path = ""  # Hugging Face dir / Hub name; "" = from scratch (model.scratch)
-    c.model.family = "llama"  # from-scratch family: "llama" or "t5"
     c.model.scratch = dict(  # LlamaConfig fields of the from-scratch model
         vocab_size=103,  # jaxgrad's character tokenizer: 4 specials + 99 characters
         hidden_size=64,  # model width
@@ -57,21 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_key_value_heads=2,  # key/value heads (grouped-query attention)
         head_dim=16,  # per-head width
     )
-    c.model.tokenizer = "char"  # "" = the model directory's; "char" = jaxgrad's char tokenizer
-    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
-    c.model.param_dtype = "float32"  # storage dtype of the frozen base weights
-    c.model.seed = 0  # initialisation seed of the from-scratch model
+    c.model.tokenizer = "char"  # jaxgrad's character tokenizer
 
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 16  # adapter rank r (0 = no adapters: set train.full_finetune)
-    c.lora.alpha = 32.0  # scaling numerator: update = (alpha / r) B A
-    c.lora.dropout = 0.0  # dropout on the adapter input while training
     # Adapted layers; with a random base the LM head needs an adapter to move the outputs.
     c.lora.target_modules = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
-    c.lora.seed = 0  # seed of the lora_A initialisation
 
-    c.data = ml_collections.ConfigDict()
-    c.data.kind = "synthetic"  # "synthetic" (embedded tasks) or "files" (data.files)
     c.data.synthetic = dict(  # SyntheticSpec fields (jaxgrad/data/synthetic.py)
         # Task sources: the target and the tasks that share its skills (column-wise digit steps).
         # copy / reverse / sort are left out on purpose: they neither help nor hurt `add`, so a
@@ -88,95 +80,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed=0,  # generator seed
     )
 
-    c.train = ml_collections.ConfigDict()
     c.train.learning_rate = 5e-3  # peak learning rate (1e-2 stalls the multi-task LoRA run)
-    c.train.schedule = "cosine"  # "cosine" | "linear" | "constant" after warmup
-    c.train.warmup_steps = 20  # linear warmup steps
-    c.train.end_lr_ratio = 0.1  # final lr / peak lr
-    c.train.weight_decay = 0.0  # AdamW weight decay (matrices only)
-    c.train.adam_b1 = 0.9  # AdamW beta1
-    c.train.adam_b2 = 0.999  # AdamW beta2
-    c.train.adam_eps = 1e-8  # AdamW epsilon
-    c.train.max_grad_norm = 1.0  # global-norm gradient clipping (0 = off)
-    c.train.batch_size = 32  # global batch size
-    c.train.grad_accum_steps = 1  # micro-batches per step
-    c.train.max_length = 48  # tokens per sequence; the synthetic tasks need at most 41
-    c.train.epochs = 1  # passes over the training data (num_steps decides here)
-    c.train.num_steps = 4000  # > 0 overrides epochs: about 30 epochs of the 7 x 600 examples
-    c.train.seed = 0  # data order and dropout seed
-    c.train.full_finetune = False  # False: LoRA adapters only
-    c.train.eval_every = 2000  # steps between evaluations (0 = every epoch end; always at the end)
-    c.train.eval_batch_size = 0  # 0 = batch_size
-    c.train.max_new_tokens = 32  # greedy generation length for answer accuracy (0 = off)
-    c.train.log_every = 10  # steps between train-loss rows in metrics.jsonl
-    c.train.save_every = 2000  # steps between checkpoints (0 = every epoch end; always at the end)
-    c.train.keep_checkpoints = 2  # latest checkpoints kept (plus the best)
-    c.train.best_metric = "val_loss"  # metric choosing the best checkpoint
-    c.train.best_mode = "min"  # "min" | "max"
-    c.train.async_checkpoint = True  # write checkpoints in the background
-    c.train.stop_after_steps = 0  # > 0: save and stop at this step (resume continues)
-    c.train.progress = True  # tqdm progress bar
-    c.train.distributed = False  # jax.distributed.initialize() (multi-host)
+    c.train.schedule = "cosine"
+    c.train.warmup_steps = 20
+    c.train.end_lr_ratio = 0.1
+    c.train.max_length = 48  # the synthetic tasks need at most 41 tokens
+    c.train.num_steps = 4000  # about 30 epochs of the 7 x 600 examples
+    c.train.eval_every = 2000
+    c.train.max_new_tokens = 32  # greedy generation length for answer accuracy
+    c.train.save_every = 2000
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel axis (-1 = all devices left after `model`)
-    c.mesh.model = 1  # tensor-parallel axis
-    c.mesh.fsdp = False  # shard parameters over "data" as well
-    c.mesh.rules = None  # [(regex, axes), ...]; None = jaxgrad.sharding.DEFAULT_RULES
-
-    c.finetune = ml_collections.ConfigDict()
-    c.finetune.sources = ""  # comma-separated sources to fine-tune the base model on
-    c.finetune.selection_file = ""  # or a file naming them (JSON list / {"sources": [...]} / lines)
-    c.finetune.name = ""  # run name under finetune/ ("" = the sources joined by "+")
-
-
-    c.base = ml_collections.ConfigDict()
     c.base.pretrain = True  # build a tiny base from scratch on generic text (no downloads)
-    c.base.steps = 1500  # full-parameter pretraining steps
-    c.base.learning_rate = 3e-3  # pretraining peak learning rate
-    c.base.num_texts = 4000  # generic_text lines (belong to none of the sources)
-    c.base.seed = 0  # initialisation and text seed
+    c.base.steps = 1500
 
-    c.gradients = ml_collections.ConfigDict()
     # k: numbers stored per sample. Inner products of projected gradients carry noise of about
     # 1/sqrt(k) of the norms: at k=256 that outweighs the small cosines that order the middle ranks.
     c.gradients.projection_dim = 2048
-    c.gradients.projection_kind = "rademacher"  # "rademacher" (±1/sqrt(k)) | "gaussian"
-    c.gradients.projection_seed = 0  # seed of P (same P on every device and chunking)
-    # f_i: "logit_odds" (paper) | "token_ce". token_ce: tokens θ* already predicts (the format)
-    # add ~nothing to g_i, so what is left is what θ* gets wrong, where clean and noisy data differ.
+    # token_ce: tokens θ* already predicts (the format) add ~nothing to g_i, so what is left is
+    # what θ* gets wrong, where clean and noisy data differ (logit_odds ranked noisy_add first).
     c.gradients.output_fn = "token_ce"
-    c.gradients.eps = 1e-6  # probability clipping of logit_odds
-    c.gradients.batch_size = 64  # examples per jitted call
-    c.gradients.chunk_size = 16  # examples per vmap chunk (memory: chunk x D gradients)
-    c.gradients.shard_size = 512  # rows per store shard (the unit of resume)
-    c.gradients.dtype = "float32"  # storage: "float32" | "float16" | "bfloat16"
+    c.gradients.batch_size = 64
+    c.gradients.chunk_size = 16
+    c.gradients.shard_size = 512
 
-    c.surrogate = ml_collections.ConfigDict()
-    c.surrogate.objective = "gradex"  # "gradex" (paper) | "one_class" | "taylor"
-    c.surrogate.C = 1e-4  # inverse L2 strength (scikit-learn's C)
-    # ||Delta|| / ||theta*_LoRA|| (<= 0: unscaled). With token_ce the ranking does not depend on
-    # it. 0.02 keeps f(θ*) + gᵀΔ near a forward pass at θ* + Δ (Spearman 0.90 over the 21 pairs,
-    # 0.99 at 0.01); at 0.1 the linearized loss of the best pairs goes negative (Spearman 0.01).
+    # ||Delta|| / ||theta*_LoRA||. With token_ce the ranking does not depend on it. 0.02 keeps
+    # f(θ*) + gᵀΔ near a forward pass at θ* + Δ (Spearman 0.90 over the 21 pairs, 0.99 at 0.01);
+    # at 0.1 the linearized loss of the best pairs goes negative (Spearman 0.01).
     c.surrogate.scale = 0.02
-    c.surrogate.mode = "linearized"  # "linearized" (no forward pass) | "exact" (forward per subset)
-    c.surrogate.num_subsets = 21  # m random subsets (21 = every pair of the 7 sources)
-    # Fraction (or count) of sources per subset: 0.3 of 7 = pairs. Small subsets let each
-    # source's own effect show; in half-subsets (0.5) the middle ranks drown in the others.
+    c.surrogate.num_subsets = 21  # 21 = every pair of the 7 sources
+    # 0.3 of 7 sources = pairs. Small subsets let each source's own effect show; in half-subsets
+    # (0.5) the middle ranks drown in the others.
     c.surrogate.subset_size = 0.3
-    c.surrogate.seed = 0  # subset sampling and gradex labels
-    c.surrogate.chunk_subsets = 200  # subsets per fit call / table flush
-    c.surrogate.exact_chunk = 8  # subsets per vmapped forward in exact mode
+    c.surrogate.chunk_subsets = 200
 
-    c.selection = ml_collections.ConfigDict()
-    c.selection.metric = "loss"  # estimate column scored: "loss" | "accuracy" | "mean_output"
-    c.selection.top = 0.5  # keep this fraction (or count) of sources
-    c.selection.n_boot = 1000  # bootstrap replicates for the score intervals
-    c.selection.seed = 0  # bootstrap and random-baseline seed
-
-    c.pipeline = ml_collections.ConfigDict()
-    c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim")  # final fine-tunes
-    c.pipeline.finetune_steps = 1250  # steps of every final fine-tune (same budget); 0 = train.epochs
+    c.pipeline.finetune_steps = 1250  # steps of every final fine-tune (same budget for each run)
 
     if variant == "tiny":
         c.model.scratch.hidden_size = 32

@@ -1,15 +1,97 @@
-"""Config sections of the GradEx method (gradients, surrogate, selection, pipeline, fidelity, base),
-shared by every configs/*.py; each calls ``add_method_sections(c)`` and overrides what differs.
+"""Every config section with its documented default; ``configs/*.py`` start from
+:func:`default_config` and override what differs (paper settings, the demo's tuning).
 
-Defaults follow the paper's code: logit-odds outputs, a Rademacher projection, the gradex
-surrogate objective with C = 1e-4, the update rescaled to ``scale`` times the LoRA norm, 1000
-random subsets of half the sources, random-ensemble scores.
+Sections: ``model``, ``lora``, ``data`` (what is trained), ``train``, ``mesh``, ``finetune`` (how),
+and the GradEx method's ``base``, ``gradients``, ``surrogate``, ``selection``, ``pipeline``,
+``fidelity``. Method defaults follow the paper's code: logit-odds outputs, a Rademacher
+projection, the gradex surrogate objective with C = 1e-4, the update rescaled to ``scale`` times
+the LoRA norm, 1000 random subsets of half the sources, random-ensemble scores.
 """
 
 import ml_collections
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """All sections with their defaults (a from-scratch tiny Llama on the synthetic tasks)."""
+    c = ml_collections.ConfigDict()
+    add_model_sections(c)
+    add_train_sections(c)
+    add_method_sections(c)
+    return c
+
+
+def add_model_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``model``, ``lora`` and ``data``."""
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = ""  # Hugging Face dir / Hub name; "" = from scratch (model.scratch)
+    c.model.family = "llama"  # from-scratch family: "llama" or "t5" (unused with name_or_path)
+    c.model.scratch = {}  # config fields of the from-scratch model (unused with name_or_path)
+    c.model.tokenizer = ""  # "" = the model directory's; "char" = jaxgrad's char tokenizer
+    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
+    c.model.param_dtype = "float32"  # storage dtype of the frozen base weights
+    c.model.seed = 0  # initialisation seed (from scratch only)
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 16  # adapter rank r (0 = no adapters: set train.full_finetune)
+    c.lora.alpha = 32.0  # scaling numerator: update = (alpha / r) B A
+    c.lora.dropout = 0.0  # dropout on the adapter input while training
+    c.lora.target_modules = ""  # comma-separated adapted layers ("" = the family's default)
+    c.lora.seed = 0  # seed of the lora_A initialisation
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "synthetic"  # "synthetic" (embedded tasks, data.synthetic) | "files" (data.files)
+    c.data.synthetic = {}  # SyntheticSpec fields (jaxgrad/data/synthetic.py); {} = its defaults
+    c.data.files = {}  # SourcesSpec fields (jaxgrad/data/sources.py) when kind = "files"
+    return c
+
+
+def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``train`` (optimizer, schedule, evaluation, checkpoints), ``mesh`` and ``finetune``."""
+    c.train = ml_collections.ConfigDict()
+    c.train.learning_rate = 1e-4  # peak learning rate
+    c.train.schedule = "linear"  # "cosine" | "linear" | "constant" after warmup
+    c.train.warmup_steps = 0  # linear warmup steps
+    c.train.end_lr_ratio = 0.0  # final lr / peak lr
+    c.train.weight_decay = 0.0  # AdamW weight decay (matrices only)
+    c.train.adam_b1 = 0.9  # AdamW beta1
+    c.train.adam_b2 = 0.999  # AdamW beta2
+    c.train.adam_eps = 1e-8  # AdamW epsilon
+    c.train.max_grad_norm = 1.0  # global-norm gradient clipping (0 = off)
+    c.train.batch_size = 32  # global batch size
+    c.train.grad_accum_steps = 1  # micro-batches per step
+    c.train.max_length = 256  # tokens per sequence (encoder and decoder each, for T5)
+    c.train.epochs = 1  # passes over the training data
+    c.train.num_steps = 0  # > 0 overrides epochs
+    c.train.seed = 0  # data order and dropout seed
+    c.train.full_finetune = False  # False: LoRA adapters only
+    c.train.eval_every = 0  # steps between evaluations (0 = every epoch end; always at the end)
+    c.train.eval_batch_size = 0  # 0 = batch_size
+    c.train.max_new_tokens = 0  # greedy generation length for answer accuracy (0 = off)
+    c.train.log_every = 10  # steps between train-loss rows in metrics.jsonl
+    c.train.save_every = 0  # steps between checkpoints (0 = every epoch end; always at the end)
+    c.train.keep_checkpoints = 2  # latest checkpoints kept (plus the best)
+    c.train.best_metric = "val_loss"  # metric choosing the best checkpoint
+    c.train.best_mode = "min"  # "min" | "max"
+    c.train.async_checkpoint = True  # write checkpoints in the background
+    c.train.stop_after_steps = 0  # > 0: save and stop at this step (resume continues)
+    c.train.progress = True  # tqdm progress bar
+    c.train.distributed = False  # jax.distributed.initialize() (multi-host)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis (-1 = all devices left after `model`)
+    c.mesh.model = 1  # tensor-parallel axis
+    c.mesh.fsdp = False  # shard parameters over "data" as well
+    c.mesh.rules = None  # [(regex, axes), ...]; None = jaxgrad.sharding.DEFAULT_RULES
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.sources = ""  # comma-separated sources to fine-tune the base model on
+    c.finetune.selection_file = ""  # or a file naming them (JSON list / {"sources": [...]} / lines)
+    c.finetune.name = ""  # run name under finetune/ ("" = the sources joined by "+")
+    return c
+
+
 def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``base``, ``gradients``, ``surrogate``, ``selection``, ``pipeline`` and ``fidelity``."""
     c.base = ml_collections.ConfigDict()
     c.base.pretrain = False  # build a tiny base from scratch on generic text (demo only)
     c.base.steps = 400  # full-parameter pretraining steps
