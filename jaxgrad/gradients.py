@@ -67,9 +67,9 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
     encoded = encode_examples(examples, tokenizer, sources=sources)
     shards = missing
     if progress:
-        from tqdm.auto import tqdm
+        from jaxgrad.progress import progress_bar
 
-        shards = tqdm(missing, desc=f"gradients[{split}]", unit="shard")
+        shards = progress_bar(missing, desc=f"gradients[{split}]", unit="shard")
     for i in shards:
         start, stop = store.shard_rows(i)
         feats, fs = [], []

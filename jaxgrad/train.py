@@ -727,10 +727,11 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
 
         bar = None
         if cfg.progress and jax.process_index() == 0:
-            from tqdm.auto import tqdm
+            from jaxgrad.progress import progress_bar
 
-            bar = tqdm(total=total, initial=step, desc=os.path.basename(os.path.normpath(workdir)),
-                       dynamic_ncols=True)
+            bar = progress_bar(total=total, initial=step,
+                               desc=os.path.basename(os.path.normpath(workdir)),
+                               dynamic_ncols=True)
         t0 = time.time()
         while step < stop_at:
             epoch, start = divmod(step, spe)
