@@ -59,7 +59,7 @@ def main():
     from jaxgrad.data.batching import collate, encode_examples
     from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.losses import model_logits
-    from jaxgrad.outputs import get_output_fn
+    from jaxgrad.outputs import get_output_fn, outputs_loss
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, resolved_config, run_pipeline
     from jaxgrad.selection import masks_from_sources, sample_subsets
@@ -102,7 +102,7 @@ def main():
         """The metric the linearized estimate predicts (estimate_subsets' ``loss``), exactly."""
         logits = model_logits(nnx.merge(graphdef, params, rest), batch)
         f = out_fn(logits, batch["targets"], batch["target_mask"])
-        return jnp.mean(f) if output == "token_ce" else jnp.mean(jax.nn.softplus(-f))
+        return outputs_loss(f, output)
 
     def linearized():
         fits = fit_subsets(feats, masks, C=C)

@@ -64,3 +64,19 @@ def get_output_fn(name: str, eps: float = 1e-6) -> OutputFn:
     if name == "token_ce":
         return token_ce
     raise ValueError(f"unknown output function {name!r}; expected one of {OUTPUT_FUNCTIONS}")
+
+
+def outputs_loss(f_J: jax.Array, output: str, axis: int = -1) -> jax.Array:
+    """The target loss GradEx estimates, from per-sample outputs f: the mean over samples of
+    ``log(1 + exp(-f))`` for ``logit_odds`` (the logistic loss of the logit-odds), of ``f``
+    itself for ``token_ce`` (the per-sample cross-entropy).
+
+    The linearized estimates (``surrogate.estimate_subsets``), the exact ones (a forward pass at
+    θ* + Δ) and the fidelity check's true fine-tunes all use this, so their numbers compare.
+    """
+    if output == "token_ce":
+        return jnp.mean(f_J, axis=axis)
+    if output == "logit_odds":
+        return jnp.mean(jax.nn.softplus(-f_J), axis=axis)
+    raise ValueError(f"unknown output function {output!r}; expected one of {OUTPUT_FUNCTIONS}")
+

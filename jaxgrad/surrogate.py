@@ -100,6 +100,7 @@ import numpy as np
 from jax import lax
 
 from jaxgrad import flat
+from jaxgrad.outputs import outputs_loss
 
 OBJECTIVES = ("gradex", "one_class", "taylor")
 OUTPUTS = ("logit_odds", "token_ce")
@@ -537,9 +538,10 @@ def estimate_subsets(fits_or_coef: SubsetFits | jax.typing.ArrayLike, c_S: jax.t
 @functools.partial(jax.jit, static_argnames=("output",))
 def _linearized(w_SxK, c_S, x_JxK, f_J, *, output):
     f_SxJ = f_J[None, :] + c_S[:, None] * jnp.matmul(w_SxK, x_JxK.T, precision=_HIGHEST)
+    loss = outputs_loss(f_SxJ, output, axis=1)
     if output == "token_ce":
-        return {"loss": jnp.mean(f_SxJ, axis=1)}
-    return {"loss": jnp.mean(jax.nn.softplus(-f_SxJ), axis=1),
+        return {"loss": loss}
+    return {"loss": loss,
             "accuracy": jnp.mean((f_SxJ > 0).astype(f_SxJ.dtype), axis=1),
             "mean_output": jnp.mean(f_SxJ, axis=1)}
 

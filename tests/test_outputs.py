@@ -37,3 +37,16 @@ def test_empty_mask_gives_zero_not_nan():
 def test_unknown_output_fn():
     with pytest.raises(ValueError, match="unknown output function 'acc'"):
         get_output_fn("acc")
+
+
+def test_outputs_loss_is_the_estimated_metric():
+    """outputs_loss: logistic loss of logit-odds, mean CE for token_ce; bad names are refused."""
+    from jaxgrad.outputs import outputs_loss
+
+    f = np.array([[-2.0, 0.0, 3.0], [1.0, 1.0, 1.0]], np.float32)
+    np.testing.assert_allclose(outputs_loss(f, "logit_odds"), np.log1p(np.exp(-f)).mean(axis=1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(outputs_loss(f, "token_ce"), f.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(outputs_loss(f, "token_ce", axis=0), f.mean(axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown output function 'ce'"):
+        outputs_loss(f, "ce")
