@@ -130,6 +130,9 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim")  # final fine-tunes
     c.pipeline.finetune_steps = 0  # steps of every final fine-tune (same budget); 0 = train.epochs
+    # A stage's artefacts in the run directory were computed under another config (stages.json):
+    # "error" (name the changed keys, delete nothing) | "rerun" (delete it and downstream, recompute)
+    c.pipeline.on_config_change = "error"
 
     c.fidelity = ml_collections.ConfigDict()
     c.fidelity.num_subsets = 8  # subsets of the estimates table really fine-tuned from theta*

@@ -4,7 +4,15 @@
 
 Each stage reads the previous stages' artefacts from the run directory and writes its own; a
 stage whose artefact exists is skipped, so a run that was interrupted continues where it stopped
-and any stage can be rerun alone by deleting its folder. Layout (see checkpoints/README.md):
+and any stage can be rerun alone by deleting its folder.
+
+Artefacts are reused only under the config they were computed with: each stage has a fingerprint
+of the config keys it reads and of the fingerprints of the stages it reads
+(:mod:`jaxgrad.fingerprint`), recorded in ``<workdir>/stages.json``. A changed fingerprint raises
+:class:`ConfigChangedError` (the stage, the run directory, the changed keys) and deletes nothing,
+unless ``pipeline.on_config_change = "rerun"`` (``--on_config_change=rerun``): then the changed
+stage's artefacts and everything downstream are deleted and recomputed. Layout (see
+checkpoints/README.md):
 
     <workdir>/base/                  tiny base pretrained from scratch (only if config.base.pretrain)
     <workdir>/meta_train/            θ*: LoRA meta-training on all sources (jaxgrad.train)
@@ -13,6 +21,7 @@ and any stage can be rerun alone by deleting its folder. Layout (see checkpoints
     <workdir>/selection/selection.json   ensemble scores, intervals, the chosen sources, baselines
     <workdir>/finetune/<name>/       the base model fine-tuned on: selection, all, random, grad_sim
     <workdir>/report.md, *.png       what ran, the selection and the target metrics side by side
+    <workdir>/stages.json            per stage: config fingerprint, the values behind it, complete
 
 Library functions receive the ml_collections config (the stage boundary) and turn its sections
 into typed values before calling the jitted core.
@@ -31,9 +40,13 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxgrad.fingerprint import (STAGE_ORDER, ConfigChangedError, artefacts_exist, make_record,
+                                 reconcile, stage_fingerprints, write_records)
+
 log = logging.getLogger("jaxgrad.pipeline")
 
 STAGES = ("base", "meta_train", "gradients", "estimates", "selection", "finetune", "report")
+assert STAGES == STAGE_ORDER  # jaxgrad.fingerprint declares each stage's inputs and config keys
 BAD_KINDS = ("noisy", "unrelated")
 
 
@@ -61,7 +74,11 @@ def _read_json(path: str) -> Any:
 
 
 def resolved_config(config, workdir: str):
-    """The config with ``model.name_or_path`` pointing at the pretrained base when one is built."""
+    """The config with ``model.name_or_path`` pointing at the pretrained base when one is built.
+
+    Stage fingerprints are taken from the config as given: these two keys are left out of them
+    when ``base.pretrain`` is on (``jaxgrad.fingerprint``), so a run directory can be moved.
+    """
     if config.get("base") is not None and config.base.pretrain:
         config = copy.deepcopy(config)
         with config.unlocked() if hasattr(config, "unlocked") else _null():
@@ -139,8 +156,23 @@ def stage_meta_train(config, workdir: str) -> dict:
 
     result = meta_train(config, workdir)
     summary = {"step": result.step, "metrics": result.metrics}
+    if _stopped_early(config, result.step, lambda data: data.examples("train")):
+        return {**summary, "stopped_early": True}  # not done: the next run resumes
     _write_json(done, summary)
     return summary
+
+
+def _stopped_early(config, step: int, train_examples) -> bool:
+    """Whether a training run stopped at ``train.stop_after_steps`` before its last step."""
+    stop = int(config.train.get("stop_after_steps", 0) or 0)
+    if stop <= 0 or step < stop:
+        return False
+    from jaxgrad.data.batching import num_batches
+    from jaxgrad.train import TrainConfig, load_data
+
+    cfg = TrainConfig.from_config(config.train, config.mesh)
+    n = len(train_examples(load_data(config.data)))
+    return step < cfg.total_steps(num_batches(n, cfg.batch_size))
 
 
 def _projector(config, dim: int):
@@ -216,7 +248,8 @@ def _theta_norm_and_state(model):
 def stage_estimates(config, workdir: str) -> str:
     """Steps 3–4: surrogate fits for m random subsets and their estimated target metrics.
 
-    Rows already in ``estimates.csv`` (same subsets, same settings) are not recomputed.
+    Rows already in ``estimates.csv`` are not recomputed (run_pipeline has checked that they were
+    computed under the same config).
     """
     from jaxgrad.selection import masks_from_sources, sample_subsets
     from jaxgrad.store import GradientStore
@@ -230,13 +263,9 @@ def stage_estimates(config, workdir: str) -> str:
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
     sources = list(dict.fromkeys(_data_sources(config)))
     subsets = sample_subsets(len(sources), int(s["num_subsets"]), s["subset_size"], int(s["seed"]))
-    settings = {k: s[k] for k in sorted(s)}
-    settings_path = os.path.join(out_dir, "settings.json")
+    # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
+    # (jaxgrad.fingerprint; it replaced estimates/settings.json, still read in old run directories).
     done_rows = _read_estimates(table) if os.path.isfile(table) else []
-    if done_rows and (not os.path.isfile(settings_path) or _read_json(settings_path) != settings):
-        raise ValueError(f"{table} was computed with other surrogate settings than config.surrogate "
-                         f"now holds; delete {out_dir} to recompute")
-    _write_json(settings_path, settings)
     todo = [i for i in range(len(subsets)) if i >= len(done_rows)]
     if not todo:
         return table
@@ -398,7 +427,11 @@ def stage_finetune(config, workdir: str) -> dict:
             steps = int(config.pipeline.get("finetune_steps", 0))
             if steps > 0:  # the same optimisation budget for every choice of sources
                 cfg.train.num_steps = steps
-            finetune(cfg, workdir)
+            result = finetune(cfg, workdir)
+            if _stopped_early(cfg, result.step, lambda data: data.examples("train", runs[name])):
+                if jax.process_index() == 0 and os.path.isfile(done):
+                    os.remove(done)  # not done: the next run resumes this fine-tune
+                return {**results, name: {"step": result.step}, "stopped_early": True}
         results[name] = _read_json(done)
     return results
 
@@ -410,13 +443,35 @@ def stage_report(config, workdir: str) -> str:
     return write_report(config, workdir)
 
 
-def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None) -> dict:
-    """Run the stages in order (all by default), skipping those whose artefacts exist."""
+def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
+                 on_config_change: str | None = None) -> dict:
+    """Run the stages in order (all by default), skipping those whose artefacts exist.
+
+    Artefacts are reused only if they were computed under the same config (their stage's
+    fingerprint, see :mod:`jaxgrad.fingerprint`); the stages before those run are checked too.
+
+    Args:
+      config: the ml_collections config (as given: ``resolved_config`` is applied here).
+      workdir: the run directory (created if missing).
+      stages: stage names to run (default all, always in pipeline order).
+      on_config_change: "error" (raise :class:`ConfigChangedError`, delete nothing) or "rerun"
+        (delete the changed stage's artefacts and everything downstream, then recompute);
+        default ``config.pipeline.on_config_change``, else "error".
+
+    Returns:
+      ``{stage: its result, "timings": {stage: seconds}}``; ``"stopped_early": stage`` when a
+      training stage stopped at ``train.stop_after_steps`` (the stages after it did not run).
+    """
     stages = list(stages or STAGES)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown pipeline stages {unknown}; expected some of {list(STAGES)}")
+    if on_config_change is None:
+        pipeline_section = config.get("pipeline") or {}
+        on_config_change = pipeline_section.get("on_config_change", "error") or "error"
     os.makedirs(workdir, exist_ok=True)
+    fingerprints = stage_fingerprints(config)
+    records = reconcile(workdir, fingerprints, stages, str(on_config_change))
     timings = {}
     fns = {"base": stage_base, "meta_train": stage_meta_train, "gradients": stage_gradients,
            "estimates": stage_estimates, "selection": stage_selection, "finetune": stage_finetune,
@@ -425,13 +480,28 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None) -> d
     for name in STAGES:
         if name not in stages:
             continue
+        fp = fingerprints[name]
+        rec = records.get(name, {})
+        if rec.get("fingerprint") != fp.fingerprint or (
+                rec.get("complete") and not artefacts_exist(workdir, name)):
+            # Before the stage writes anything: a half-done stage resumes only under this config.
+            records[name] = make_record(fp, complete=False)
+            write_records(workdir, records)
         cfg = config if name == "base" else resolved_config(config, workdir)
         t0 = time.time()
         print(f"[jaxgrad] stage {name} ...", flush=True)
         out[name] = fns[name](cfg, workdir)
         timings[name] = time.time() - t0
-        print(f"[jaxgrad] stage {name} done in {timings[name]:.1f}s", flush=True)
         _append_timing(workdir, name, timings[name])
+        if isinstance(out[name], dict) and out[name].get("stopped_early"):
+            print(f"[jaxgrad] stage {name} stopped early (train.stop_after_steps) after "
+                  f"{timings[name]:.1f}s; run again to resume", flush=True)
+            out["stopped_early"] = name
+            break
+        print(f"[jaxgrad] stage {name} done in {timings[name]:.1f}s", flush=True)
+        if records[name].get("complete") is not True:
+            records[name] = make_record(fp, complete=True, legacy=records[name].get("legacy", False))
+            write_records(workdir, records)
     out["timings"] = timings
     return out
 
@@ -449,12 +519,26 @@ def stage_script(stage: str) -> None:
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
     workdir_flag = flags.DEFINE_string("workdir", None, "Run directory.")
+    change_flag = define_on_config_change_flag()
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main(argv):
         del argv
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
-        out = run_pipeline(config_flag.value, workdir_flag.value, [stage])[stage]
+        out = run_pipeline(config_flag.value, workdir_flag.value, [stage],
+                           on_config_change=change_flag.value)[stage]
         print(out if isinstance(out, str) else json.dumps(out, indent=1, default=str)[:4000])
 
     app.run(main)
+
+
+def define_on_config_change_flag():
+    """``--on_config_change=error|rerun`` (default: ``config.pipeline.on_config_change``)."""
+    from absl import flags
+
+    return flags.DEFINE_enum(
+        "on_config_change", None, ["error", "rerun"],
+        "When a stage's artefacts in --workdir were computed under another config: 'error' "
+        "(default; names the changed keys, deletes nothing) or 'rerun' (deletes that stage's "
+        "artefacts and everything downstream, then recomputes). Default: "
+        "config.pipeline.on_config_change.")

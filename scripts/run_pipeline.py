@@ -4,24 +4,29 @@ r"""Run the whole GradEx pipeline (or some stages) from one config.
   python scripts/run_pipeline.py --config=configs/demo.py --workdir=checkpoints/demo \
       --stages=estimates,selection,report
 
-Stages whose artefacts exist in --workdir are skipped (resume after an interruption).
+Stages whose artefacts exist in --workdir are skipped (resume after an interruption), provided
+they were computed under the same config (per-stage fingerprints in <workdir>/stages.json). After
+a config change the run stops with the changed keys; --on_config_change=rerun deletes the changed
+stage's artefacts and everything downstream and recomputes them (or use a new --workdir).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgrad.pipeline import STAGES, run_pipeline
+from jaxgrad.pipeline import STAGES, define_on_config_change_flag, run_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, in order: {','.join(STAGES)}.")
+_ON_CHANGE = define_on_config_change_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    out = run_pipeline(_CONFIG.value, _WORKDIR.value, _STAGES.value)
+    out = run_pipeline(_CONFIG.value, _WORKDIR.value, _STAGES.value,
+                       on_config_change=_ON_CHANGE.value)
     if "report" in out:
         print(open(out["report"]).read())
 

@@ -1,17 +1,23 @@
-"""The whole pipeline on configs/demo.py:tiny: end to end, resume between stages, report vs table."""
+"""The whole pipeline on configs/demo.py:tiny: end to end, resume between stages, report vs table,
+per-stage config fingerprints (a changed config refuses or recomputes; excluded keys do not)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 from configs import demo
-from jaxgrad.pipeline import ranking_auc, run_pipeline
+from jaxgrad.fingerprint import stage_fingerprints
+from jaxgrad.pipeline import STAGES, ConfigChangedError, ranking_auc, run_pipeline
+
+UP_TO_SELECTION = ["base", "meta_train", "gradients", "estimates", "selection"]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,13 @@ def test_every_artefact_written(run_dir):
     for path in ["base/model.safetensors", "base/tokenizer.json", "meta_train/adapter/adapter_config.json",
                  "gradients/train/manifest.json", "estimates/estimates.csv",
                  "selection/selection.json", "finetune/selection/sources.json",
-                 "finetune/all/sources.json", "report.md", "scores.png"]:
+                 "finetune/all/sources.json", "report.md", "scores.png", "stages.json"]:
         assert os.path.isfile(os.path.join(run_dir, path)), f"missing {path}"
+    records = _records(run_dir)
+    fingerprints = stage_fingerprints(demo.get_config("tiny"))
+    assert list(records) == list(STAGES)
+    for stage, rec in records.items():
+        assert rec["fingerprint"] == fingerprints[stage].fingerprint and rec["complete"] is True
 
 
 def test_report_scores_agree_with_estimates_table(run_dir):
@@ -69,8 +80,149 @@ def test_estimates_resume_does_not_recompute(run_dir):
 def test_changed_surrogate_settings_refused(run_dir):
     config = demo.get_config("tiny")
     config.surrogate.C = 1.0
-    with pytest.raises(ValueError, match="other surrogate settings"):
+    with pytest.raises(ConfigChangedError, match=r"surrogate\.C: 0\.0001 → 1\.0") as e:
         run_pipeline(config, run_dir, stages=["estimates"])
+    assert e.value.stage == "estimates"
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "stages.json")) as f:
+        return json.load(f)["stages"]
+
+
+def _mtimes(workdir):
+    return {os.path.relpath(os.path.join(d, f), workdir): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(workdir) for f in files}
+
+
+def test_fingerprint_chain_and_exclusions():
+    base = stage_fingerprints(demo.get_config("tiny"))
+    config = demo.get_config("tiny")
+    config.selection.top = 0.67
+    changed = stage_fingerprints(config)
+    assert [s for s in STAGES if changed[s].fingerprint != base[s].fingerprint] == \
+        ["selection", "finetune", "report"]
+    config = demo.get_config("tiny")
+    config.train.log_every, config.train.progress, config.train.save_every = 1, True, 1
+    config.train.stop_after_steps, config.mesh.data = 2, 1
+    config.gradients.chunk_size, config.gradients.batch_size = 2, 4
+    config.surrogate.chunk_subsets, config.pipeline.finetune_runs = 2, ("selection",)
+    assert {s: f.fingerprint for s, f in stage_fingerprints(config).items()} == \
+        {s: f.fingerprint for s, f in base.items()}
+    config = demo.get_config("tiny")
+    config.base.pretrain = False
+    config.model.name_or_path = "/some/model"
+    no_base = stage_fingerprints(config)
+    config.base.steps = 7  # not read without pretraining
+    assert stage_fingerprints(config)["meta_train"].fingerprint == no_base["meta_train"].fingerprint
+    assert no_base["meta_train"].config["model.name_or_path"] == "/some/model"
+    assert "model.name_or_path" not in base["meta_train"].config  # <workdir>/base (resolved)
+
+
+def test_changed_meta_train_key_refused_nothing_deleted(run_dir):
+    config = demo.get_config("tiny")
+    config.train.num_steps = 5
+    before = _mtimes(run_dir)
+    with pytest.raises(ConfigChangedError) as e:
+        run_pipeline(config, run_dir)
+    assert e.value.stage == "meta_train" and e.value.workdir == run_dir
+    assert ("train.num_steps", 4, 5) in e.value.changes
+    message = str(e.value)
+    for part in ("'meta_train'", run_dir, "train.num_steps: 4 → 5", "--workdir",
+                 "--on_config_change=rerun", "Nothing was deleted"):
+        assert part in message
+    # Running a later stage alone checks the stages it reads as well.
+    with pytest.raises(ConfigChangedError, match="--stages=meta_train,gradients,estimates") as e:
+        run_pipeline(config, run_dir, stages=["estimates"], on_config_change="rerun")
+    assert e.value.stage == "meta_train"
+    assert _mtimes(run_dir) == before
+
+
+def test_excluded_keys_do_not_invalidate(run_dir):
+    config = demo.get_config("tiny")
+    config.train.log_every, config.train.progress, config.train.keep_checkpoints = 1, True, 3
+    config.gradients.chunk_size, config.surrogate.chunk_subsets = 4, 2
+    records = _records(run_dir)
+    before = {k: v for k, v in _mtimes(run_dir).items()
+              if k.split(os.sep)[0] in ("base", "meta_train", "gradients", "estimates",
+                                        "selection", "finetune")}
+    out = run_pipeline(config, run_dir)
+    assert out["finetune"]["selection"]["sources"] == out["selection"]["selected"]
+    after = _mtimes(run_dir)
+    assert {k: after.get(k) for k in before} == before, "an excluded key made a stage recompute"
+    assert {s: r["fingerprint"] for s, r in _records(run_dir).items()} == \
+        {s: r["fingerprint"] for s, r in records.items()}
+
+
+def test_rerun_recomputes_changed_stage_and_downstream(run_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    config = demo.get_config("tiny")
+    config.train.num_steps = 5
+    config.pipeline.on_config_change = "rerun"
+    before = _mtimes(workdir)
+    out = run_pipeline(config, workdir, stages=UP_TO_SELECTION)
+    after = _mtimes(workdir)
+    assert after["base/model.safetensors"] == before["base/model.safetensors"]  # upstream skipped
+    assert out["meta_train"]["step"] == 5
+    for path in ("meta_train/done.json", "gradients/train/manifest.json",
+                 "estimates/estimates.csv", "selection/selection.json"):
+        assert after[path] > before[path], f"{path} was not recomputed"
+    # downstream of the change, not among the stages run: deleted (stale), not left behind
+    assert not any(os.path.exists(os.path.join(workdir, p))
+                   for p in ("finetune", "report.md", "fidelity"))
+    records, fingerprints = _records(workdir), stage_fingerprints(config)
+    assert list(records) == UP_TO_SELECTION
+    assert all(records[s]["fingerprint"] == fingerprints[s].fingerprint and records[s]["complete"]
+               for s in UP_TO_SELECTION)
+    assert records["base"] == _records(run_dir)["base"]
+
+
+def test_legacy_workdir_accepted_and_recorded(run_dir, tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    os.remove(os.path.join(workdir, "stages.json"))
+    before = _mtimes(workdir)
+    with caplog.at_level(logging.WARNING, logger="jaxgrad.pipeline"):
+        run_pipeline(demo.get_config("tiny"), workdir, stages=UP_TO_SELECTION)
+    warned = [r.getMessage() for r in caplog.records if "no recorded config fingerprint" in
+              r.getMessage()]
+    assert len(warned) == len(UP_TO_SELECTION)
+    after = _mtimes(workdir)
+    logs = ("timings.jsonl", "stages.json")
+    assert {k: after[k] for k in before if k not in logs} == \
+        {k: v for k, v in before.items() if k not in logs}, "a legacy stage was recomputed"
+    records = _records(workdir)
+    assert all(records[s]["legacy"] and records[s]["fingerprint"] == _records(run_dir)[s][
+        "fingerprint"] for s in UP_TO_SELECTION)
+    # An old estimates/settings.json with other surrogate settings is still refused.
+    os.remove(os.path.join(workdir, "stages.json"))
+    surrogate = demo.get_config("tiny").surrogate.to_dict()
+    with open(os.path.join(workdir, "estimates", "settings.json"), "w") as f:
+        json.dump({**surrogate, "C": 1.0, "chunk_subsets": 1}, f)
+    with pytest.raises(ConfigChangedError, match=r"surrogate\.C: 1\.0 → 0\.0001") as e:
+        run_pipeline(demo.get_config("tiny"), workdir, stages=["estimates"])
+    assert [c[0] for c in e.value.changes] == ["surrogate.C"]
+
+
+def test_interrupted_stage_resumes_under_same_fingerprint(run_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    for part in ("base", "base_run"):
+        shutil.copytree(os.path.join(run_dir, part), os.path.join(workdir, part))
+    shutil.copy(os.path.join(run_dir, "stages.json"), workdir)  # later stages: no artefacts
+    config = demo.get_config("tiny")
+    config.train.stop_after_steps = 2  # "interrupted" after step 2 (excluded from fingerprints)
+    out = run_pipeline(config, workdir, stages=["meta_train", "gradients"])
+    assert out["stopped_early"] == "meta_train" and "gradients" not in out
+    assert not os.path.exists(os.path.join(workdir, "meta_train", "done.json"))
+    assert _records(workdir)["meta_train"]["complete"] is False
+    out = run_pipeline(demo.get_config("tiny"), workdir, stages=["meta_train"])
+    assert out["meta_train"]["step"] == 4
+    # resumed from the step-2 checkpoint (a fresh start would only checkpoint step 4)
+    assert sorted(os.listdir(os.path.join(workdir, "meta_train", "ckpt"))) == ["2", "4"]
+    record = _records(workdir)["meta_train"]
+    assert record["complete"] is True
+    assert record["fingerprint"] == _records(run_dir)["meta_train"]["fingerprint"]
 
 
 def test_ranking_auc():
