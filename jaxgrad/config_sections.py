@@ -48,6 +48,7 @@ def add_model_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``train`` (optimizer, schedule, evaluation, checkpoints), ``mesh`` and ``finetune``."""
     c.train = ml_collections.ConfigDict()
+    c.train.optimizer = "adamw"  # "adamw" | "sgd" (plain gradient descent)
     c.train.learning_rate = 1e-4  # peak learning rate
     c.train.schedule = "linear"  # "cosine" | "linear" | "constant" after warmup
     c.train.warmup_steps = 0  # linear warmup steps
@@ -122,7 +123,9 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.surrogate.exact_chunk = 8  # subsets per vmapped forward in exact mode
 
     c.selection = ml_collections.ConfigDict()
-    c.selection.metric = "loss"  # estimate column scored: "loss" | "accuracy" | "mean_output"
+    # Estimates column scored: "loss" | "accuracy" | "mean_output" | "exact_loss"; "loss" means
+    # exact_loss (the forward pass at θ* + Δ) when surrogate.mode = "exact".
+    c.selection.metric = "loss"
     c.selection.top = 0.5  # keep this fraction (or count) of sources
     c.selection.n_boot = 1000  # bootstrap replicates for the score intervals
     c.selection.seed = 0  # bootstrap and random-baseline seed
@@ -136,6 +139,12 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
     c.fidelity = ml_collections.ConfigDict()
     c.fidelity.num_subsets = 8  # subsets of the estimates table really fine-tuned from theta*
-    c.fidelity.steps = 60  # fine-tuning steps per subset
-    c.fidelity.learning_rate = 1e-2  # fine-tuning learning rate
+    c.fidelity.steps = 8  # fine-tuning steps per subset (short: the first-order regime)
+    c.fidelity.learning_rate = 0.0625  # constant fine-tuning learning rate
+    c.fidelity.optimizer = "sgd"  # "sgd" (gradient steps, what Delta_S approximates) | "adamw"
+    c.fidelity.batch_size = 0  # examples per step (0 = train.batch_size)
+    # Gradient clipping (< 0 = train.max_grad_norm, 0 = off). Below the gradient norms every step
+    # has length learning_rate * max_grad_norm, for every subset, like the surrogate's Delta_S.
+    c.fidelity.max_grad_norm = 0.1
+    c.fidelity.calibrate = True  # also report estimates at jaxgrad.fidelity.suggest_scale
     return c

@@ -1,22 +1,40 @@
 """Fidelity: GradEx estimates against real fine-tuning from θ* on the same subsets.
 
 For K subsets of the estimates table, the LoRA adapters are really fine-tuned from θ* on the
-subset's training data (``fidelity.steps`` steps, a fresh optimizer) and the target validation
-metric of the result is measured. Reported per subset and summarised:
+subset's training data (``fidelity.steps`` steps of ``fidelity.optimizer`` at a constant
+``fidelity.learning_rate``, a fresh optimizer) and the target validation metric of the result is
+measured. Reported per subset and summarised:
 
 - ``true_loss``: the metric the linearized estimate predicts, on the fine-tuned θ_S: mean over
   target validation samples of ``log(1 + exp(-f_j))`` for ``logit_odds``, of the cross-entropy
   ``f_j`` itself for ``token_ce``;
 - ``linearized_loss``: the estimate from the table (no forward pass);
 - ``exact_loss``: the same metric of θ* + Δ_S by a forward pass (Δ_S the surrogate's update);
-- mean relative error ``|est − true| / true`` and Spearman rank correlation across subsets;
+- per estimate (``summary``): mean relative error ``|est − true| / true`` of the loss level,
+  Spearman rank correlation across subsets, and the same for the CHANGE from θ*
+  (``est − loss(θ*)`` against ``true − loss(θ*)``): ``change_relative_error`` =
+  ``Σ|Δest − Δtrue| / Σ|Δtrue|``, ``change_pearson``, ``sign_agreement`` (helps / hurts agree).
+  The level's relative error is nearly trivial when updates are small (every estimate is close
+  to loss(θ*)); the change is what ranks subsets. Spearman is the same for levels and changes;
 - the paper's first-order error: mean over subsets and target samples of the squared relative
   error of ``f(θ*) + gᵀΔ_S`` against ``f(θ* + Δ_S)``;
-- ``update_ratio``: ``‖θ_S − θ*‖ / ‖θ*‖`` of the real fine-tunes, the scale the surrogate's
-  ``surrogate.scale`` stands in for.
+- ``update_ratio``: ``‖θ_S − θ*‖ / ‖θ*‖`` of the real fine-tunes; ``projected_update_ratio``:
+  ``‖Pᵀ(θ_S − θ*)‖ / ‖θ*‖``; ``surrogate_projected_ratio``: ``c_S‖w_S‖ / ‖θ*‖``;
+  ``direction_cosine``: cosine of ``Pᵀ(θ_S − θ*)`` and ``w_S`` in the projected space;
+  ``first_order_true_loss``: the metric of ``f(θ*) + gᵀ(θ_S − θ*)`` (through the stored projected
+  target gradients), i.e. how linear the real fine-tune itself is.
+
+Scale calibration (``suggest_scale``). The linearized estimate only sees Δ_S through ``Pᵀg_j``:
+``g_jᵀΔ_S = ⟨Pᵀg_j, c_S w_S⟩`` (⟨g, P w⟩ = ⟨Pᵀg, w⟩). A real update u has first-order effect ``gᵀu ≈ ⟨Pᵀg, Pᵀu⟩`` (Johnson–Lindenstrauss). So the
+estimates describe updates of size ``‖Pᵀu‖ ≈ ‖u‖ = c_S‖w_S‖``, while ``surrogate.scale`` sets
+``c_S‖P w_S‖``, and ``‖P w‖ ≈ √(D/k)·‖w‖`` for a k-vector lifted to D parameters. The
+``matched_scale`` of a subset is the scale at which ``c_S‖w_S‖ = ‖Pᵀu_S‖``;
+``suggest_scale`` returns their median. With ``fidelity.calibrate`` the estimates are recomputed
+at that scale (``calibrated``); nothing else uses it.
 
 Results go to ``<workdir>/fidelity/fidelity.json``; each subset's fine-tune is a resumable run
-under ``<workdir>/fidelity/subset_<i>/``.
+under ``<workdir>/fidelity/subset_<i>/`` (``fidelity/settings.json`` guards against resuming
+runs made with other fine-tuning settings).
 """
 
 from __future__ import annotations
@@ -30,19 +48,38 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclasses.dataclass(frozen=True)
 class FidelityConfig:
     num_subsets: int = 8  # subsets of the estimates table really fine-tuned from θ*
-    steps: int = 60  # fine-tuning steps per subset
-    learning_rate: float = 1e-2  # fine-tuning learning rate (constant after no warmup)
+    steps: int = 8  # fine-tuning steps per subset (short: the first-order regime)
+    learning_rate: float = 0.0625  # constant learning rate, no warmup
+    optimizer: str = "sgd"  # "sgd" (gradient steps, what Δ_S approximates) | "adamw"
+    batch_size: int = 0  # examples per step; 0 = train.batch_size
+    # Global-norm clipping of the fine-tunes' gradients: < 0 = train.max_grad_norm, 0 = off. A
+    # value below every subset's gradient norm makes each step a fixed-length (normalised)
+    # gradient step, as the surrogate's Δ_S has the same length for every subset.
+    max_grad_norm: float = 0.1
+    calibrate: bool = True  # also report the estimates at suggest_scale's scale
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"fidelity.optimizer must be one of {OPTIMIZERS}, got "
+                             f"{self.optimizer!r}")
+        for name in ("num_subsets", "steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"fidelity.{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.batch_size) < 0 or float(self.learning_rate) <= 0:
+            raise ValueError("fidelity.batch_size must be >= 0 and fidelity.learning_rate > 0")
 
 
 def _target_metric(output_fn: str):
-    """The table's ``loss`` column as a function of per-sample outputs f (see estimate_subsets)."""
-    if output_fn == "token_ce":
-        return lambda f: np.mean(f)  # f is the cross-entropy itself
-    return lambda f: np.mean(np.logaddexp(0.0, -f))  # logistic loss of the logit-odds
+    """The table's ``loss`` column as a function of per-sample outputs f (outputs.outputs_loss)."""
+    from jaxgrad.outputs import outputs_loss
+
+    return lambda f: float(outputs_loss(np.asarray(f, np.float64), output_fn))
 
 
 def _spearman(a, b) -> float:
@@ -54,10 +91,51 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _summary(est, true) -> dict:
+def _pearson(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _summary(est, true, base: float | None = None) -> dict:
+    """Level (relative error, Spearman) and, given loss(θ*) ``base``, change metrics."""
     est, true = np.asarray(est, float), np.asarray(true, float)
-    return {"relative_error": float(np.mean(np.abs(est - true) / np.abs(true))),
-            "spearman": _spearman(est, true)}
+    out = {"relative_error": float(np.mean(np.abs(est - true) / np.abs(true))),
+           "spearman": _spearman(est, true)}
+    if base is not None:
+        d_est, d_true = est - base, true - base
+        out["change_relative_error"] = float(np.sum(np.abs(d_est - d_true))
+                                             / max(np.sum(np.abs(d_true)), 1e-12))
+        out["change_pearson"] = _pearson(d_est, d_true)
+        out["sign_agreement"] = float(np.mean(np.sign(d_est) == np.sign(d_true)))
+    return out
+
+
+def suggest_scale(rows) -> float:
+    """The ``surrogate.scale`` at which the surrogate's updates have the real fine-tunes' size.
+
+    Median over the rows of ``matched_scale`` (see the module docstring): the scale at which
+    ``c_S‖w_S‖``, the size of the update the linearized estimate sees, equals ``‖Pᵀ(θ_S − θ*)‖``.
+    ``rows``: ``run_fidelity(...)["rows"]``.
+    """
+    values = [float(r["matched_scale"]) for r in rows if np.isfinite(r.get("matched_scale", np.nan))]
+    if not values:
+        raise ValueError("suggest_scale: no row has a finite matched_scale")
+    return float(np.median(values))
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+    path = os.path.join(out_dir, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            raise ValueError(f"{out_dir} holds fine-tunes made with other fidelity settings "
+                             f"({old} != {settings}); delete it to rerun")
+        return
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
 
 
 def run_fidelity(config, workdir: str) -> dict:
@@ -68,9 +146,9 @@ def run_fidelity(config, workdir: str) -> dict:
     from jaxgrad.outputs import get_output_fn
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, resolved_config
+    from jaxgrad.selection import masks_from_sources
     from jaxgrad.store import GradientStore
     from jaxgrad.surrogate import fit_subsets, rescale_factors
-    from jaxgrad.selection import masks_from_sources
     from jaxgrad.train import TrainConfig, fit, load_data
 
     config = resolved_config(config, workdir)
@@ -81,12 +159,28 @@ def run_fidelity(config, workdir: str) -> dict:
     rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))[: int(fcfg.num_subsets)]
     if not rows:
         raise ValueError(f"{workdir}/estimates/estimates.csv has no rows: run the estimates stage first")
+    tc = TrainConfig.from_config(config.train, config.mesh)
+    tc = TrainConfig(**{**tc.__dict__, "num_steps": int(fcfg.steps), "optimizer": fcfg.optimizer,
+                        "learning_rate": float(fcfg.learning_rate), "warmup_steps": 0,
+                        "schedule": "constant", "batch_size": int(fcfg.batch_size or tc.batch_size),
+                        "grad_accum_steps": 1, "max_new_tokens": 0,
+                        "max_grad_norm": (tc.max_grad_norm if float(fcfg.max_grad_norm) < 0
+                                          else float(fcfg.max_grad_norm)), "progress": False,
+                        "async_checkpoint": False, "eval_every": 0, "save_every": 0,
+                        "best_metric": "train_loss"})
+    settings = {"steps": tc.num_steps, "learning_rate": tc.learning_rate, "optimizer": tc.optimizer,
+                "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm}
+    _check_settings(out_dir, settings)
+
     out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
+    metric = _target_metric(str(config.gradients.output_fn))
     model, tokenizer = _load_theta_star(config, workdir)
     filt = trainable_filter(model)
     graphdef, theta_star, rest = nnx.split(model, filt, ...)
     theta_star = jax.tree_util.tree_map(jnp.array, theta_star)
     theta_flat = flatten(theta_star)
+    theta_np = np.asarray(theta_flat)
+    theta_norm = float(tree_norm(theta_star))
     spec = flat_spec(theta_star)
     examples = data.examples("validation", [data.target])
     arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
@@ -98,6 +192,12 @@ def run_fidelity(config, workdir: str) -> dict:
     def target_f(params):
         logits = model_logits(nnx.merge(graphdef, params, rest), batch)
         return out_fn(logits, batch["targets"], batch["target_mask"])
+
+    def f_at(delta):
+        """Per-sample outputs f at θ* + delta (a D-vector)."""
+        params = jax.tree_util.tree_map(lambda a, b: a + b, theta_star,
+                                        unflatten(jnp.asarray(delta), spec))
+        return np.asarray(target_f(params))
 
     # The surrogate's Δ_S for these subsets (refit: cheap), for exact and first-order checks.
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
@@ -111,52 +211,80 @@ def run_fidelity(config, workdir: str) -> dict:
                        objective=s.objective, C=float(s.C), seed=int(s.seed),
                        offsets=train.f() if s.objective == "taylor" else None)
     projector = _projector(config, int(theta_flat.shape[0]))
+    gram = projector.gram()
     scale = None if float(s.scale) <= 0 else float(s.scale)
-    c = rescale_factors(fits.coef, projector.gram(), float(tree_norm(theta_star)), scale=scale)
+    c = np.asarray(rescale_factors(fits.coef, gram, theta_norm, scale=scale))
+    coef = np.asarray(fits.coef)
+    lifted_norm = np.sqrt(np.maximum(np.einsum("sk,kl,sl->s", coef, np.asarray(gram), coef), 0.0))
+    coef_norm = np.linalg.norm(coef, axis=1)
     f_star = np.asarray(target_f(theta_star))
-    x_t = target.feats()
+    base_loss = float(metric(f_star))
+    x_t = np.asarray(target.feats())
 
     results = []
     for i, row in enumerate(rows):
         chosen = row["sources"].split("+")
         run_dir = os.path.join(out_dir, f"subset_{int(row['subset'])}")
         nnx.update(model, theta_star)
-        tc = TrainConfig.from_config(config.train, config.mesh)
-        tc = TrainConfig(**{**tc.__dict__, "num_steps": int(fcfg.steps),
-                            "learning_rate": float(fcfg.learning_rate), "warmup_steps": 0,
-                            "max_new_tokens": 0, "progress": False, "async_checkpoint": False,
-                            "eval_every": 0, "best_metric": "train_loss"})
+        grad_norms = []
         trained = fit(model, tokenizer, data.examples("train", chosen), tc, run_dir,
-                      sources=data.sources).model
+                      sources=data.sources,
+                      callback=lambda step, m: grad_norms.append(float(m["grad_norm"]))).model
         theta_s = nnx.state(trained, filt)
         f_true = np.asarray(target_f(theta_s))
-        delta = np.asarray(c[i]) * np.asarray(projector.lift(fits.coef[i]))
-        params_delta = jax.tree_util.tree_map(lambda a, b: a + b, theta_star,
-                                              unflatten(jnp.asarray(delta), spec))
-        f_exact = np.asarray(target_f(params_delta))
-        f_lin = f_star + float(c[i]) * (x_t @ np.asarray(fits.coef[i]))
-        metric = _target_metric(str(config.gradients.output_fn))
+        u = np.asarray(flatten(theta_s)) - theta_np
+        pu = np.asarray(projector.project(jnp.asarray(u, jnp.float32)))
+        delta = c[i] * np.asarray(projector.lift(coef[i]))
+        f_exact = f_at(delta)
+        f_lin = f_star + c[i] * (x_t @ coef[i])
+        true_loss = float(metric(f_true))
+        pu_norm = float(np.linalg.norm(pu))
         results.append({
             "subset": int(row["subset"]), "sources": row["sources"],
-            "true_loss": float(metric(f_true)),
+            "true_loss": true_loss,
             "linearized_loss": float(row["loss"]),
             "linearized_loss_refit": float(metric(f_lin)),
             "exact_loss": float(metric(f_exact)),
+            "first_order_true_loss": float(metric(f_star + x_t @ pu)),
+            "true_change": true_loss - base_loss,
+            "linearized_change": float(row["loss"]) - base_loss,
+            "exact_change": float(metric(f_exact)) - base_loss,
             "first_order_sq_rel_error": float(np.mean(
                 ((f_lin - f_exact) / np.maximum(np.maximum(np.abs(f_exact), np.abs(f_star)), 1e-8)) ** 2)),
-            "update_ratio": float(np.linalg.norm(np.asarray(flatten(theta_s)) - np.asarray(theta_flat))
-                                  / np.linalg.norm(np.asarray(theta_flat))),
+            "update_ratio": float(np.linalg.norm(u) / np.linalg.norm(theta_np)),
+            "projected_update_ratio": pu_norm / theta_norm,
+            "surrogate_projected_ratio": float(c[i] * coef_norm[i] / theta_norm),
+            "direction_cosine": float(pu @ coef[i] / max(pu_norm * coef_norm[i], 1e-30)),
+            "matched_scale": (float(pu_norm * lifted_norm[i] / (coef_norm[i] * theta_norm))
+                              if coef_norm[i] > 0 else float("nan")),
+            "grad_norm_mean": float(np.mean(grad_norms)) if grad_norms else float("nan"),
         })
     true = [r["true_loss"] for r in results]
     out = {
         "rows": results,
-        "summary": {"linearized": _summary([r["linearized_loss"] for r in results], true),
-                    "exact": _summary([r["exact_loss"] for r in results], true)},
+        "theta_star_loss": base_loss,
+        "summary": {"linearized": _summary([r["linearized_loss"] for r in results], true, base_loss),
+                    "exact": _summary([r["exact_loss"] for r in results], true, base_loss)},
+        "first_order_true": _summary([r["first_order_true_loss"] for r in results], true, base_loss),
         "first_order_error": float(np.mean([r["first_order_sq_rel_error"] for r in results])),
         "update_ratio_median": float(np.median([r["update_ratio"] for r in results])),
-        "settings": {"steps": int(fcfg.steps), "learning_rate": float(fcfg.learning_rate),
-                     "scale": s.scale, "objective": s.objective, "C": float(s.C)},
+        "projected_update_ratio_median": float(np.median([r["projected_update_ratio"] for r in results])),
+        "direction_cosine_mean": float(np.mean([r["direction_cosine"] for r in results])),
+        "settings": {**settings, "scale": s.scale, "objective": s.objective, "C": float(s.C),
+                     "num_subsets": len(results)},
     }
+    if fcfg.calibrate:
+        cal = suggest_scale(results)
+        c_cal = np.asarray(rescale_factors(fits.coef, gram, theta_norm, scale=cal))
+        lin_cal, exact_cal = [], []
+        for i in range(len(results)):
+            lin_cal.append(float(metric(f_star + c_cal[i] * (x_t @ coef[i]))))
+            exact_cal.append(float(metric(f_at(c_cal[i] * np.asarray(projector.lift(coef[i]))))))
+            results[i]["linearized_loss_calibrated"] = lin_cal[-1]
+            results[i]["exact_loss_calibrated"] = exact_cal[-1]
+        out["calibrated"] = {"scale": cal,
+                             "linearized": _summary(lin_cal, true, base_loss),
+                             "exact": _summary(exact_cal, true, base_loss)}
     with open(os.path.join(out_dir, "fidelity.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out

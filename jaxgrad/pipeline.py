@@ -312,11 +312,16 @@ def stage_estimates(config, workdir: str) -> str:
 
 
 def _exact_loss_fn(config, workdir, model):
-    """exact mode: target validation cross-entropy of θ* + Δ_S, one forward pass per subset."""
+    """exact mode: the target validation loss of θ* + Δ_S by a forward pass per subset.
+
+    The loss is the one the linearized estimate predicts (``outputs.outputs_loss`` of the config's
+    output function), so the table's ``loss`` and ``exact_loss`` columns compare.
+    """
     from flax import nnx
 
     from jaxgrad.data.batching import collate, encode_examples
-    from jaxgrad.losses import batch_loss
+    from jaxgrad.losses import model_logits
+    from jaxgrad.outputs import get_output_fn, outputs_loss
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.surrogate import exact_estimates
     from jaxgrad.train import load_data
@@ -330,8 +335,12 @@ def _exact_loss_fn(config, workdir, model):
     batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
     graphdef, theta, rest = nnx.split(model, trainable_filter(model), ...)
 
+    output = str(config.gradients.output_fn)
+    out_fn = get_output_fn(output, float(config.gradients.eps))
+
     def loss_fn(params):
-        return batch_loss(nnx.merge(graphdef, params, rest), batch)
+        logits = model_logits(nnx.merge(graphdef, params, rest), batch)
+        return outputs_loss(out_fn(logits, batch["targets"], batch["target_mask"]), output)
 
     def run(coef, c, projector):
         return np.asarray(exact_estimates(loss_fn, theta, coef, c, projector,
@@ -350,6 +359,21 @@ def _data_sources(config) -> list[str]:
     return load_data(config.data).sources
 
 
+SELECTION_METRICS = ("loss", "accuracy", "mean_output", "exact_loss")
+
+
+def selection_metric(config) -> str:
+    """The estimates column that scores sources: ``selection.metric``, where ``"loss"`` means the
+    forward-pass ``exact_loss`` when ``surrogate.mode = "exact"`` (that is what exact mode is for).
+    """
+    metric = str(_section(config, "selection")["metric"])
+    if metric not in SELECTION_METRICS:
+        raise ValueError(f"config.selection.metric must be one of {SELECTION_METRICS}, got {metric!r}")
+    if metric == "loss" and str(_section(config, "surrogate")["mode"]) == "exact":
+        return "exact_loss"
+    return metric
+
+
 def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
     from jaxgrad.selection import ensemble_scores, gradient_similarity_scores, select_top
@@ -363,7 +387,12 @@ def stage_selection(config, workdir: str) -> dict:
     data = load_data(config.data)
     sources = data.sources
     rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
-    metric = sel["metric"]
+    metric = selection_metric(config)
+    if rows and any(r.get(metric, "") == "" for r in rows):
+        raise ValueError(f"config.selection.metric = {sel['metric']!r}: the estimates table "
+                         f"{workdir}/estimates/estimates.csv has no {metric!r} values (accuracy and "
+                         "mean_output need gradients.output_fn = 'logit_odds'; exact_loss needs "
+                         "surrogate.mode = 'exact')")
     est = np.array([float(r[metric]) for r in rows])
     higher_is_better = metric in ("accuracy", "mean_output")
     subsets = np.array([[s in r["sources"].split("+") for s in sources] for r in rows])

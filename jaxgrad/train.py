@@ -16,8 +16,8 @@ Layers, from the inside out:
   means, which differs), and one optimizer update, one schedule step and one checkpoint step
   correspond to one global batch. Micro-batch ``i`` takes rows ``i, i + k, i + 2k, ...`` so that
   each data shard contributes to every micro-batch without moving rows between devices.
-- The optimizer is ``clip_by_global_norm`` then AdamW (weight decay on matrices only) with a
-  linear warmup followed by a cosine, linear or constant schedule.
+- The optimizer is ``clip_by_global_norm`` then AdamW (or plain SGD, ``optimizer="sgd"``; weight
+  decay on matrices only) with a linear warmup followed by a cosine, linear or constant schedule.
 - :class:`Evaluator` computes the validation loss, overall and per source (token-weighted mean
   cross-entropy), and the exact-match accuracy of greedy generations where examples carry an
   ``answer``. :func:`generate` is greedy decoding without a KV cache: a fixed buffer of
@@ -66,6 +66,7 @@ from jaxgrad.losses import batch_loss, batch_token_count, model_logits, token_ce
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 METRICS_FILE = "metrics.jsonl"
 CKPT_DIR = "ckpt"
 ADAPTER_DIR = "adapter"
@@ -93,11 +94,12 @@ class TrainConfig:
     """
 
     # Optimizer and schedule.
+    optimizer: str = "adamw"  # "adamw" | "sgd" (plain gradient descent, e.g. fidelity checks)
     learning_rate: float = 1e-4  # peak learning rate (after warmup)
     schedule: str = "cosine"  # decay after warmup: "cosine" | "linear" | "constant"
     warmup_steps: int = 0  # linear warmup from 0 to learning_rate over this many steps
     end_lr_ratio: float = 0.0  # final learning rate = end_lr_ratio * learning_rate (cosine/linear)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay, on matrices only
+    weight_decay: float = 0.0  # decoupled weight decay (× learning rate), on matrices only
     adam_b1: float = 0.9  # AdamW beta1
     adam_b2: float = 0.999  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
@@ -128,6 +130,9 @@ class TrainConfig:
     distributed: bool = False  # call jax.distributed.initialize() (multi-host) in the stages
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got "
+                             f"{self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got "
                              f"{self.schedule!r}")
@@ -212,12 +217,22 @@ def _decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """``clip_by_global_norm`` (when ``max_grad_norm > 0``) then AdamW on the schedule."""
+    """``clip_by_global_norm`` (when ``max_grad_norm > 0``) then AdamW, or SGD, on the schedule.
+
+    ``optimizer="sgd"`` is plain gradient descent (no momentum): the update is ``-lr·g`` (plus
+    ``-lr·weight_decay·p`` on matrices when ``weight_decay > 0``, as AdamW's decoupled decay).
+    """
     parts = []
     if cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, mask=_decay_mask))
+    schedule = make_schedule(cfg, total_steps)
+    if cfg.optimizer == "sgd":
+        if cfg.weight_decay > 0:
+            parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
+        parts.append(optax.sgd(schedule))
+    else:
+        parts.append(optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay, mask=_decay_mask))
     return optax.chain(*parts)
 
 

@@ -178,6 +178,43 @@ def test_rerun_recomputes_changed_stage_and_downstream(run_dir, tmp_path):
     assert records["base"] == _records(run_dir)["base"]
 
 
+def test_exact_mode_scores_the_linearized_metric_by_forward_pass(run_dir, tmp_path):
+    """surrogate.mode = "exact": the exact_loss column measures what `loss` linearizes (with
+    logit-odds outputs, the logistic loss of the logit-odds, not a cross-entropy; equal to 1e-4 at
+    a tiny step, where the token cross-entropy differs by 1e-3) and selection scores sources by it;
+    gradients and estimates rerun, θ* does not."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    config = demo.get_config("tiny")
+    config.gradients.output_fn = "logit_odds"
+    config.surrogate.mode = "exact"
+    config.surrogate.scale = 1e-4
+    config.pipeline.on_config_change = "rerun"
+    out = run_pipeline(config, workdir, stages=UP_TO_SELECTION)
+    assert out["meta_train"] == run_pipeline(config, run_dir, stages=["meta_train"])["meta_train"]
+    with open(os.path.join(workdir, "estimates", "estimates.csv")) as f:
+        rows = list(csv.DictReader(f))
+    lin = np.array([float(r["loss"]) for r in rows])
+    exact = np.array([float(r["exact_loss"]) for r in rows])
+    np.testing.assert_allclose(exact, lin, rtol=1e-4, err_msg="exact_loss must be the metric that "
+                               "loss linearizes (logistic loss of the logit-odds here)")
+    selection = json.load(open(os.path.join(workdir, "selection", "selection.json")))
+    assert selection["metric"] == "exact_loss" and not selection["higher_is_better"]
+
+
+def test_selection_metric_without_values_is_refused(run_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    config = demo.get_config("tiny")  # token_ce outputs: no accuracy column
+    config.selection.metric = "accuracy"
+    config.pipeline.on_config_change = "rerun"
+    with pytest.raises(ValueError, match=r"selection.metric = 'accuracy'.*no 'accuracy' values"):
+        run_pipeline(config, workdir, stages=UP_TO_SELECTION)
+    config.selection.metric = "acc"
+    with pytest.raises(ValueError, match="selection.metric must be one of"):
+        run_pipeline(config, workdir, stages=UP_TO_SELECTION)
+
+
 def test_legacy_workdir_accepted_and_recorded(run_dir, tmp_path, caplog):
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
