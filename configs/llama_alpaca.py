@@ -12,7 +12,7 @@ as --config.model.name_or_path=/path/to/TinyLlama):
       --config.data.files.path=data/alpaca_skills.jsonl --config.data.files.target=<skill>
   python scripts/finetune.py --config=configs/llama_alpaca.py --workdir=checkpoints/alpaca \
       --config.data.files.path=data/alpaca_skills.jsonl --config.data.files.target=<skill> \
-      --config.finetune.selection_file=checkpoints/alpaca/selection/selected.json
+      --config.finetune.selection_file=checkpoints/alpaca/selection/selection.json
 
 Variant ``configs/llama_alpaca.py:bf16`` computes in bfloat16 with bfloat16 base weights.
 

@@ -136,6 +136,9 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # A stage's artefacts in the run directory were computed under another config (stages.json):
     # "error" (name the changed keys, delete nothing) | "rerun" (delete it and downstream, recompute)
     c.pipeline.on_config_change = "error"
+    # Run the fidelity stage: θ* really fine-tuned on fidelity.num_subsets subsets of the estimates
+    # table, compared with the estimates (the report adds the table and fidelity.png).
+    c.pipeline.fidelity = False
 
     c.fidelity = ml_collections.ConfigDict()
     c.fidelity.num_subsets = 8  # subsets of the estimates table really fine-tuned from theta*

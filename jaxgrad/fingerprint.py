@@ -52,7 +52,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "estimates": ("gradients",),
     "selection": ("estimates", "gradients"),
     "finetune": ("base", "selection"),
-    "report": ("estimates", "selection", "finetune"),
+    "fidelity": ("meta_train", "gradients", "estimates"),
+    "report": ("estimates", "selection", "finetune", "fidelity"),
 }
 STAGE_ORDER = tuple(STAGE_INPUTS)
 
@@ -67,6 +68,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     # finetune trains the base on each choice of sources with config.train (num_steps replaced by
     # pipeline.finetune_steps when > 0); config.finetune is overwritten per run by the stage.
     "finetune": ("pipeline.finetune_steps", "model", "lora", "data", "train"),
+    # Fine-tunes θ* on subsets of the estimates table (only with pipeline.fidelity = True).
+    "fidelity": ("fidelity", "surrogate", "gradients.output_fn", "gradients.eps", "train"),
     "report": ("data", "surrogate", "gradients.projection_dim", "gradients.output_fn"),
 }
 
@@ -80,9 +83,10 @@ STAGE_ARTEFACTS: dict[str, tuple[str, ...]] = {
     "estimates": ("estimates",),
     "selection": ("selection",),
     "finetune": ("finetune",),
-    "report": ("report.md", "scores.png"),
+    "fidelity": ("fidelity",),
+    "report": ("report.md", "scores.png", "fidelity.png"),
 }
-DERIVED: dict[str, tuple[str, ...]] = {"estimates": ("fidelity", "fidelity.png")}
+DERIVED: dict[str, tuple[str, ...]] = {}
 # Stages that always recompute from their inputs (nothing to reuse): never a mismatch.
 REGENERATED = ("report",)
 
@@ -112,9 +116,11 @@ FINGERPRINT_EXCLUDE: dict[str, str] = {
     "pipeline.finetune_runs": "which final fine-tunes run: each one is computed or skipped on its "
                               "own under finetune/<name>",
     "pipeline.on_config_change": "what to do on a change (this mechanism)",
+    "pipeline.fidelity": "whether the fidelity stage runs; its results, once there, do not depend "
+                         "on the switch",
 }
 # Sections no stage reads: mesh (device layout: the same computation), finetune (set per run by
-# the finetune stage), fidelity (scripts/fidelity.py, not a stage). Not in STAGE_CONFIG.
+# the finetune stage). Not in STAGE_CONFIG.
 
 
 class ConfigChangedError(ValueError):

@@ -1,6 +1,6 @@
 """The GradEx method end to end, one resumable stage at a time.
 
-    base ─► meta_train ─► gradients ─► estimates ─► selection ─► finetune ─► report
+    base ─► meta_train ─► gradients ─► estimates ─► selection ─► finetune ─► (fidelity) ─► report
 
 Each stage reads the previous stages' artefacts from the run directory and writes its own; a
 stage whose artefact exists is skipped, so a run that was interrupted continues where it stopped
@@ -20,6 +20,8 @@ checkpoints/README.md):
     <workdir>/estimates/estimates.csv    one row per sampled subset: sources, estimates, solver status
     <workdir>/selection/selection.json   ensemble scores, intervals, the chosen sources, baselines
     <workdir>/finetune/<name>/       the base model fine-tuned on: selection, all, random, grad_sim
+    <workdir>/fidelity/              with pipeline.fidelity: θ* really fine-tuned on K subsets vs the
+                                     estimates (jaxgrad.fidelity; fidelity.json)
     <workdir>/report.md, *.png       what ran, the selection and the target metrics side by side
     <workdir>/stages.json            per stage: config fingerprint, the values behind it, complete
 
@@ -45,7 +47,8 @@ from jaxgrad.fingerprint import (STAGE_ORDER, ConfigChangedError, artefacts_exis
 
 log = logging.getLogger("jaxgrad.pipeline")
 
-STAGES = ("base", "meta_train", "gradients", "estimates", "selection", "finetune", "report")
+STAGES = ("base", "meta_train", "gradients", "estimates", "selection", "finetune", "fidelity",
+          "report")
 assert STAGES == STAGE_ORDER  # jaxgrad.fingerprint declares each stage's inputs and config keys
 BAD_KINDS = ("noisy", "unrelated")
 
@@ -465,6 +468,20 @@ def stage_finetune(config, workdir: str) -> dict:
     return results
 
 
+def stage_fidelity(config, workdir: str) -> dict | None:
+    """Optional (``pipeline.fidelity = True``): fine-tune θ* for real on ``fidelity.num_subsets``
+    subsets of the estimates table and compare with the estimates (:mod:`jaxgrad.fidelity`)."""
+    if not bool((config.get("pipeline") or {}).get("fidelity", False)):
+        return None
+    from jaxgrad.fidelity import run_fidelity
+
+    out = os.path.join(workdir, "fidelity", "fidelity.json")
+    if os.path.isfile(out):
+        return _read_json(out)
+    result = run_fidelity(config, workdir)
+    return {k: v for k, v in result.items() if k != "rows"}
+
+
 def stage_report(config, workdir: str) -> str:
     """``report.md`` and plots from the artefacts of the earlier stages (nothing recomputed)."""
     from jaxgrad.report import write_report
@@ -504,7 +521,7 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     timings = {}
     fns = {"base": stage_base, "meta_train": stage_meta_train, "gradients": stage_gradients,
            "estimates": stage_estimates, "selection": stage_selection, "finetune": stage_finetune,
-           "report": stage_report}
+           "fidelity": stage_fidelity, "report": stage_report}
     out = {}
     for name in STAGES:
         if name not in stages:
@@ -540,8 +557,13 @@ def _append_timing(workdir: str, stage: str, seconds: float) -> None:
         f.write(json.dumps({"stage": stage, "seconds": round(seconds, 2), "time": time.time()}) + "\n")
 
 
-def stage_script(stage: str) -> None:
-    """Entry point of the thin per-stage scripts: ``--config`` and ``--workdir`` flags, one stage."""
+def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = None) -> None:
+    """Entry point of the thin per-stage scripts: ``--config`` and ``--workdir`` flags, one stage
+    (or a few, in order: the result of the last is printed).
+
+    ``overrides``: dotted config keys set before running (e.g. the switch of an optional stage).
+    """
+    stages = [stage] if isinstance(stage, str) else list(stage)
     from absl import app, flags
     from absl import logging as absl_logging
     from ml_collections import config_flags
@@ -554,8 +576,12 @@ def stage_script(stage: str) -> None:
     def main(argv):
         del argv
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
-        out = run_pipeline(config_flag.value, workdir_flag.value, [stage],
-                           on_config_change=change_flag.value)[stage]
+        config = config_flag.value
+        for key, value in (overrides or {}).items():
+            section, name = key.rsplit(".", 1)
+            config[section][name] = value
+        out = run_pipeline(config, workdir_flag.value, stages,
+                           on_config_change=change_flag.value).get(stages[-1])
         print(out if isinstance(out, str) else json.dumps(out, indent=1, default=str)[:4000])
 
     app.run(main)

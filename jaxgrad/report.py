@@ -60,22 +60,29 @@ def plot_scores(selection: dict, path: str) -> None:
 
 
 def plot_fidelity(fidelity: dict, path: str) -> None:
-    """Estimated vs true target loss of the fidelity subsets."""
+    """Estimated vs true change of the target loss from θ* (the fine-tunes are short, so the
+    changes, not the levels, show how well the estimates track them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    true = np.array([r["true_loss"] for r in fidelity["rows"]])
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    rows = fidelity["rows"]
+    base = float(fidelity.get("theta_star_loss", 0.0))
+    true = np.array([r["true_loss"] for r in rows]) - base
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
     for key, marker in (("linearized_loss", "o"), ("exact_loss", "s")):
-        if key in fidelity["rows"][0]:
-            est = np.array([r[key] for r in fidelity["rows"]])
-            ax.scatter(true, est, marker=marker, label=key.replace("_loss", ""))
+        if key in rows[0]:
+            est = np.array([r[key] for r in rows]) - base
+            ax.scatter(true, est, marker=marker, alpha=0.8, label=key.replace("_loss", ""))
     lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
     ax.plot(lims, lims, "k--", lw=0.8)
-    ax.set_xlabel("true target loss (fine-tuned from θ*)")
-    ax.set_ylabel("estimated target loss")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("true change of target loss (fine-tuned from θ*)")
+    ax.set_ylabel("estimated change")
+    scale = (fidelity.get("settings") or {}).get("scale")
+    ax.set_title(f"{len(rows)} subsets, surrogate.scale = {scale}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -155,15 +162,37 @@ def write_report(config, workdir: str) -> str:
     if os.path.isfile(fid_path):
         fid = _read_json(fid_path)
         plot_fidelity(fid, os.path.join(workdir, "fidelity.png"))
-        lines += ["## Fidelity: estimates against real fine-tuning from θ*", "",
-                  "| estimate | mean relative error | Spearman |", "|---|---|---|"]
-        for key, v in fid["summary"].items():
-            lines.append(f"| {key} | {_fmt(v.get('relative_error'))} | {_fmt(v.get('spearman'), 3)} |")
-        if "first_order_error" in fid:
-            lines.append(f"\nFirst-order error (mean squared relative error of f(θ*)+gᵀΔ vs f(θ*+Δ)): "
-                         f"{_fmt(fid['first_order_error'], 6)}")
+        lines += fidelity_lines(fid)
         lines += ["", "![fidelity](fidelity.png)", ""]
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def fidelity_lines(fid: dict) -> list[str]:
+    """The report's fidelity section: level and change accuracy of each estimate."""
+    st = fid.get("settings") or {}
+    lines = ["## Fidelity: estimates against real fine-tuning from θ*", "",
+             f"{len(fid['rows'])} subsets of the estimates table, each fine-tuned from θ* for "
+             f"{st.get('steps')} step(s) of {st.get('optimizer', 'adamw')} at lr "
+             f"{st.get('learning_rate')}; target loss at θ*: {_fmt(fid.get('theta_star_loss'))}. "
+             "Change = loss minus the loss at θ* (the stricter test: short fine-tunes barely move "
+             "the level).", "",
+             "| estimate | scale | level: mean relative error | Spearman | change: relative error "
+             "| change: Pearson | signs right |", "|---|---|---|---|---|---|---|"]
+    blocks = [(k, st.get("scale"), v) for k, v in fid["summary"].items()]
+    cal = fid.get("calibrated") or {}
+    blocks += [(f"{k} (calibrated)", cal.get("scale"), v) for k, v in cal.items()
+               if isinstance(v, dict)]
+    for key, scale, v in blocks:
+        lines.append(f"| {key} | {_fmt(scale, 4)} | {_fmt(v.get('relative_error'), 3)} | "
+                     f"{_fmt(v.get('spearman'), 3)} | {_fmt(v.get('change_relative_error'), 3)} | "
+                     f"{_fmt(v.get('change_pearson'), 3)} | {_fmt(v.get('sign_agreement'), 2)} |")
+    if "first_order_error" in fid:
+        lines.append(f"\nFirst-order error (mean squared relative error of f(θ*)+gᵀΔ vs f(θ*+Δ)): "
+                     f"{_fmt(fid['first_order_error'], 6)}. The calibrated scale "
+                     "(jaxgrad.fidelity.suggest_scale) matches the surrogate's step to the real "
+                     "fine-tunes' size; set `surrogate.scale` to it to estimate steps of that size.")
+    return lines
+

@@ -1022,7 +1022,8 @@ def meta_train(config: Any, workdir: str) -> TrainResult:
 
 def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
     """The sources ``config.finetune`` names: ``sources`` ("a,b" or a list) or ``selection_file``
-    (JSON list, JSON object with a "sources" list, or one name per line)."""
+    (a JSON list; a JSON object with a "selected" list, such as the selection stage's
+    ``selection/selection.json``, or else a "sources" list; or one name per line)."""
     d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     names = d.get("sources") or []
     if isinstance(names, str):
@@ -1035,7 +1036,14 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
             text = f.read()
         try:
             raw = json.loads(text)
-            names = raw["sources"] if isinstance(raw, Mapping) else raw
+            if isinstance(raw, Mapping):
+                key = "selected" if "selected" in raw else "sources"
+                if key not in raw:
+                    raise ValueError(f"config.finetune.selection_file {path}: a JSON object needs "
+                                     "a 'selected' or 'sources' list of source names")
+                names = raw[key]
+            else:
+                names = raw
         except json.JSONDecodeError:
             names = [line.strip() for line in text.splitlines() if line.strip()]
     names = list(names)

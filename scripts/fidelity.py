@@ -1,29 +1,15 @@
-r"""Fidelity of the estimates: really fine-tune θ* on K subsets and compare (after the pipeline).
+r"""Fidelity of the estimates: really fine-tune θ* on K subsets of the estimates table and compare
+the true target loss with the estimates (needs the estimates stage; resumable per subset).
 
   python scripts/fidelity.py --config=configs/demo.py --workdir=checkpoints/demo
   python scripts/run_pipeline.py --config=configs/demo.py --workdir=checkpoints/demo --stages=report
 
-Writes <workdir>/fidelity/fidelity.json; the report stage adds it (table + fidelity.png).
+The pipeline stage ``fidelity`` with ``pipeline.fidelity`` switched on (this script switches it on).
+Writes <workdir>/fidelity/fidelity.json; the report stage adds its table and fidelity.png. The
+settings are the config's ``fidelity`` section (jaxgrad/config_sections.py).
 """
 
-import json
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from jaxgrad.fidelity import run_fidelity
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a finished pipeline run.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    out = run_fidelity(_CONFIG.value, _WORKDIR.value)
-    print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=1))
-
+from jaxgrad.pipeline import stage_script
 
 if __name__ == "__main__":
-    app.run(main)
+    stage_script("fidelity", overrides={"pipeline.fidelity": True})

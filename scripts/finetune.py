@@ -3,11 +3,13 @@ r"""Final GradEx stage: fine-tune the *base* model (fresh LoRA adapters) on sele
   python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
       --config.finetune.sources=add,successor,sub
   python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
-      --config.finetune.selection_file=checkpoints/demo/selection/selected.json
+      --config.finetune.selection_file=checkpoints/demo/selection/selection.json
 
 Validates on the target's validation split, reports the target's test split at the end, and
 writes ``<workdir>/finetune/<name>/{ckpt/, metrics.jsonl, adapter/, sources.json, config.json}``.
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,7 +30,15 @@ def main(argv):
     train.initialize_distributed(_CONFIG.value.train.distributed)
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
-    result = train.finetune(_CONFIG.value, _WORKDIR.value)
+    from jaxgrad.pipeline import resolved_config
+
+    # resolved_config: the base model is <workdir>/base when the config pretrains one (demo).
+    config = resolved_config(_CONFIG.value, _WORKDIR.value)
+    if _CONFIG.value.base.pretrain and not os.path.isdir(config.model.name_or_path):
+        raise app.UsageError(f"--workdir={_WORKDIR.value} has no pretrained base "
+                             f"({config.model.name_or_path}): run scripts/meta_train.py (or "
+                             "scripts/run_pipeline.py --stages=base) with this workdir first")
+    result = train.finetune(config, _WORKDIR.value)
     logging.info("fine-tuning done at step %d: %s", result.step, result.metrics)
 
 

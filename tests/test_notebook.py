@@ -86,12 +86,12 @@ def test_stages_wrote_their_artefacts_to_the_workdir(executed):
     _, workdir = executed
     for path in ["base/model.safetensors", "meta_train/done.json", "gradients/train/manifest.json",
                  "gradients/target/manifest.json", "estimates/estimates.csv",
-                 "selection/selection.json", "finetune/selection/sources.json", "report.md",
-                 "scores.png"]:
+                 "selection/selection.json", "finetune/selection/sources.json",
+                 "fidelity/fidelity.json", "report.md", "scores.png", "fidelity.png"]:
         assert (workdir / path).is_file(), f"the notebook run left no {path} in {workdir}"
     stages = [json.loads(line)["stage"] for line in open(workdir / "timings.jsonl")]
     assert stages == ["base", "meta_train", "gradients", "estimates", "selection", "finetune",
-                      "report"], f"stages ran in this order: {stages}"
+                      "fidelity", "report"], f"stages ran in this order: {stages}"
 
 
 def test_printed_report_holds_the_selection_table(executed):

@@ -547,3 +547,30 @@ def test_meta_train_and_finetune_stages_on_tiny_demo(tmp_path):
     assert summary["sources"] == ["copy"]
     assert {"test_loss", "test_loss/add", "val_loss/add"} <= set(summary["metrics"])
     assert "val_loss/copy" not in summary["metrics"], "finetune must validate on the target only"
+
+
+def test_finetune_sources_from_a_selection_file(tmp_path):
+    """selection_file: the selection stage's selection.json gives its "selected" list (not the
+    "sources" list, which names every source), a {"sources": [...]} object its list, a JSON list
+    or one name per line as they are; unknown names and empty choices are refused."""
+    from jaxgrad.train import finetune_sources
+
+    available = ["add", "copy", "noisy_add"]
+    stage_output = tmp_path / "selection.json"
+    stage_output.write_text(json.dumps({"sources": available, "selected": ["copy"]}))
+    assert finetune_sources({"selection_file": str(stage_output)}, available) == ["copy"]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"sources": ["add", "copy"]}))
+    assert finetune_sources({"selection_file": str(plain)}, available) == ["add", "copy"]
+    lines = tmp_path / "names.txt"
+    lines.write_text("noisy_add\n\nadd\n")
+    assert finetune_sources({"selection_file": str(lines)}, available) == ["noisy_add", "add"]
+    assert finetune_sources({"sources": "add, copy"}, available) == ["add", "copy"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"chosen": ["add"]}))
+    with pytest.raises(ValueError, match="needs a 'selected' or 'sources' list"):
+        finetune_sources({"selection_file": str(other)}, available)
+    with pytest.raises(ValueError, match=r"unknown sources \['sub'\]"):
+        finetune_sources({"sources": "sub"}, available)
+    with pytest.raises(ValueError, match="names no sources"):
+        finetune_sources({"sources": ""}, available)
