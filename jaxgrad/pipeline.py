@@ -132,6 +132,11 @@ def stage_base(config, workdir: str) -> str | None:
     from jaxgrad.train import TrainConfig, fit
 
     b = _section(config, "base")
+    family = str(config.model.get("family", "llama") or "llama")
+    if family != "llama":
+        raise ValueError(f"config.base.pretrain builds a Llama-family base; config.model.family is "
+                         f"{family!r}. Set model.family = 'llama', or base.pretrain = False and "
+                         "model.name_or_path to a pretrained checkpoint")
     tokenizer = build_char_tokenizer()
     scratch = dict(config.model.scratch)
     scratch["vocab_size"] = len(tokenizer)

@@ -290,3 +290,11 @@ def test_fidelity_stage_against_real_finetuning(run_dir):
     assert "## Fidelity" in report and os.path.isfile(os.path.join(run_dir, "fidelity.png"))
     lin = out["summary"]["linearized"]
     assert f"| linearized | {config.surrogate.scale:.4f} | {lin['relative_error']:.3f} |" in report
+
+
+def test_pretrained_base_must_be_llama(tmp_path):
+    config = demo.get_config("tiny")
+    config.model.family = "t5"
+    with pytest.raises(ValueError, match="base.pretrain builds a Llama-family base.*'t5'"):
+        run_pipeline(config, str(tmp_path), stages=["base"])
+    assert not (tmp_path / "base").exists()
