@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -31,15 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from common import append_results, cpu_model  # noqa: E402  (benchmarks/common.py)
 
 
 def main():
@@ -148,7 +139,7 @@ def main():
     corr = float(np.corrcoef(est_lin, est_exact)[0, 1])
     lines = [
         "", "## Subsets scored end to end (CPU, demo-sized model)", "",
-        f"- date: {datetime.date.today()}; machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}",
+        f"- date: {datetime.date.today()}; machine: {cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__}",
         f"- command: `python benchmarks/estimates.py --subsets={args.subsets} --loop={args.loop}`",
         f"- model: configs/demo.py (tiny Llama, LoRA; D = {spec.size} trainable, k = {projector.k}), "
         f"N = {feats.shape[0]} training samples in {len(sources)} sources, J = {t_feats.shape[0]} target "
@@ -173,8 +164,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write(text)
+        append_results(text)
 
 
 if __name__ == "__main__":

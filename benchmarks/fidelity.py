@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from common import append_results, cpu_model  # noqa: E402  (benchmarks/common.py)
 
 GOAL_REL, GOAL_SPEARMAN = 0.05, 0.8
 
@@ -69,8 +70,7 @@ def main():
     config.train.progress = False
     shutil.rmtree(os.path.join(args.workdir, "fidelity"), ignore_errors=True)
     out = run_fidelity(config, args.workdir)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     st, cal = out["settings"], out["calibrated"]
     scale = config.surrogate.scale
     command = (f"python benchmarks/fidelity.py --subsets={args.subsets} --optimizer={args.optimizer} "
@@ -122,8 +122,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write(text)
+        append_results(text)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ import datetime
 import functools
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -72,13 +71,13 @@ from jaxgrad.models.lora import PEFT_PREFIX, linear_modules
 from jaxgrad.outputs import get_output_fn
 from jaxgrad.per_sample import _projected_grads, per_sample_projected_grads
 from jaxgrad.projection import Projector
+from common import RESULTS, cpu_model  # benchmarks/common.py (the script's folder)
 
 # torch's OpenMP workers spin while waiting for work by default; on a machine shared with other
 # processes that made the torch contenders up to 10× slower and erratic (a worker spinning while
 # the one it waits for is descheduled). Passive waiting is set before torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 HEADING = "## Per-sample projected gradients (CPU)"
 OUTPUT_FN = "logit_odds"
 EPS = 1e-6  # logit_odds probability clipping, the same in every implementation
@@ -344,17 +343,6 @@ def rel_diff(a, b) -> float:
     """max |a − b| / max |b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def append_section(path: str, heading: str, block: str) -> None:

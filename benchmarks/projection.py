@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,19 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrad.projection import Projector
+from common import RESULTS, cpu_model  # benchmarks/common.py (the script's folder)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -103,8 +91,8 @@ def main() -> None:
     ]}
     ratios = [f"{name} = {r:.2f}" for name, r in rel.items()]
     plat = dev.platform.upper()
-    machine = (f"{_cpu_model()}, {os.cpu_count()} cores" if dev.platform == "cpu"
-               else f"{dev.device_kind} (host: {_cpu_model()}, {os.cpu_count()} cores)")
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores" if dev.platform == "cpu"
+               else f"{dev.device_kind} (host: {cpu_model()}, {os.cpu_count()} cores)")
     block = "\n".join([
         f"### {datetime.date.today().isoformat()} — {machine}",
         "",

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,8 +40,8 @@ import jax
 import numpy as np
 
 from jaxgrad import selection, surrogate
+from common import RESULTS, cpu_model  # benchmarks/common.py (the script's folder)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def make_problem(n=5000, k=200, n_sources=20, n_subsets=1000, seed=0):
@@ -141,7 +140,7 @@ def run_big(args):
 
 
 def machine():
-    cpu = platform.processor() or "unknown CPU"
+    cpu = cpu_model()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

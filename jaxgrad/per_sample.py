@@ -21,7 +21,7 @@ computes its own slice of the examples; the gradient store merges the slices.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

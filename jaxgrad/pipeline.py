@@ -42,8 +42,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jaxgrad.fingerprint import (STAGE_ORDER, ConfigChangedError, artefacts_exist, make_record,
-                                 reconcile, stage_fingerprints, write_records)
+from jaxgrad.fingerprint import ConfigChangedError  # noqa: F401 (raised by run_pipeline; re-exported)
+from jaxgrad.fingerprint import (STAGE_ORDER, artefacts_exist, make_record, reconcile,
+                                 stage_fingerprints, write_records)
 
 log = logging.getLogger("jaxgrad.pipeline")
 

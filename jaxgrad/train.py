@@ -772,7 +772,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
                         "seconds": round(time.time() - t0, 3)})
                     unlogged.clear()
                     if bar is not None:
-                        bar.set_postfix(loss=f"{train_loss:.4f}")
+                        bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)  # drawn by update()
                 save_now = due(cfg.save_every, step) or final
                 if evaluator is not None and (due(cfg.eval_every, step) or save_now):
                     last_eval = evaluator(nnx.merge(graphdef, trainable, frozen), mesh)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxgrad.flat import flatten
 from jaxgrad.losses import model_logits
-from jaxgrad.models import LoraConfig, load_peft_adapter, load_pretrained
+from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.outputs import get_output_fn
 from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
 from jaxgrad.projection import Projector
