@@ -33,6 +33,8 @@ final fine-tunes of 1250 steps 87 s, fidelity 46 s); ranking AUC 1.0 (``noisy_ad
 unrelated sources below the related ones); target test loss 0.32 and accuracy 0.21 after
 fine-tuning on the selection against 0.67 and 0.05 on all sources; fidelity against one clipped
 SGD step from θ* per pair: linearized estimates within 0.8% of the true loss, Spearman 0.96.
+With every seed set to 1 or 2 instead: ranking AUC 0.833 / 1.0, ``noisy_add`` last, selection
+test loss 0.36 against 0.66 / 0.67 for all sources.
 """
 
 import ml_collections
