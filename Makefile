@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Extra flags for the demo run, e.g. DEMO_FLAGS=--on_config_change=rerun after editing the config.
+DEMO_FLAGS ?=
+
 demo: $(STAMP)
-	$(BIN)/python scripts/run_pipeline.py --config=configs/demo.py --workdir=checkpoints/demo
+	$(BIN)/python scripts/run_pipeline.py --config=configs/demo.py --workdir=checkpoints/demo $(DEMO_FLAGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -43,8 +43,8 @@ import jax
 import numpy as np
 
 from jaxgrad.fingerprint import ConfigChangedError  # noqa: F401 (raised by run_pipeline; re-exported)
-from jaxgrad.fingerprint import (STAGE_ORDER, artefacts_exist, make_record, reconcile,
-                                 stage_fingerprints, write_records)
+from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
+                                 reconcile, stage_fingerprints, write_records)
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -534,6 +534,8 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
             continue
         fp = fingerprints[name]
         rec = records.get(name, {})
+        reused = bool(name not in REGENERATED and rec.get("fingerprint") == fp.fingerprint
+                      and rec.get("complete") and artefacts_exist(workdir, name))
         if rec.get("fingerprint") != fp.fingerprint or (
                 rec.get("complete") and not artefacts_exist(workdir, name)):
             # Before the stage writes anything: a half-done stage resumes only under this config.
@@ -544,7 +546,7 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
         print(f"[jaxgrad] stage {name} ...", flush=True)
         out[name] = fns[name](cfg, workdir)
         timings[name] = time.time() - t0
-        _append_timing(workdir, name, timings[name])
+        _append_timing(workdir, name, timings[name], reused or out[name] is None)
         if isinstance(out[name], dict) and out[name].get("stopped_early"):
             print(f"[jaxgrad] stage {name} stopped early (train.stop_after_steps) after "
                   f"{timings[name]:.1f}s; run again to resume", flush=True)
@@ -558,9 +560,12 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     return out
 
 
-def _append_timing(workdir: str, stage: str, seconds: float) -> None:
+def _append_timing(workdir: str, stage: str, seconds: float, reused: bool = False) -> None:
+    """One row per stage run; ``reused``: its artefacts existed under the same fingerprint, or it
+    had nothing to do (a stage switched off): the report shows the seconds of computing runs."""
+    row = {"stage": stage, "seconds": round(seconds, 2), "time": time.time(), "reused": reused}
     with open(os.path.join(workdir, "timings.jsonl"), "a") as f:
-        f.write(json.dumps({"stage": stage, "seconds": round(seconds, 2), "time": time.time()}) + "\n")
+        f.write(json.dumps(row) + "\n")
 
 
 def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = None) -> None:

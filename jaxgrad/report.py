@@ -120,11 +120,14 @@ def write_report(config, workdir: str) -> str:
     timings = os.path.join(workdir, "timings.jsonl")
     if os.path.isfile(timings):
         rows = [json.loads(l) for l in open(timings)]
-        last = {}
+        # Seconds of the run that computed each stage (later runs that reused it are skipped;
+        # rows written before "reused" was recorded count as computing).
+        computed = {}
         for r in rows:
-            last[r["stage"]] = r["seconds"]
-        lines += ["## Stages", "", "| stage | seconds (last run) |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in last.items()] + [""]
+            if not r.get("reused", False):
+                computed[r["stage"]] = r["seconds"]
+        lines += ["## Stages", "", "| stage | seconds (when computed) |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in computed.items() if k != "report"] + [""]
     conv = np.mean([r["converged"] == "True" for r in est_rows]) if est_rows else float("nan")
     lines += ["## Estimates", "",
               f"{len(est_rows)} random subsets scored by the surrogate "

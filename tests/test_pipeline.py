@@ -50,6 +50,21 @@ def test_every_artefact_written(run_dir):
         assert rec["fingerprint"] == fingerprints[stage].fingerprint and rec["complete"] is True
 
 
+def test_report_times_the_runs_that_computed_each_stage(run_dir):
+    """timings.jsonl marks the second run's base/meta_train/gradients rows as reused; the report
+    gives each stage the seconds of the run that computed it, not of the run that skipped it."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "timings.jsonl"))]
+    by_stage = {}
+    for r in rows:
+        by_stage.setdefault(r["stage"], []).append(r)
+    for stage in ("base", "meta_train", "gradients"):
+        first, second = by_stage[stage]
+        assert not first["reused"] and second["reused"], (stage, first, second)
+        report = open(os.path.join(run_dir, "report.md")).read()
+        assert f"| {stage} | {first['seconds']:.1f} |" in report, f"{stage}: not the computing run"
+    assert [r["reused"] for r in by_stage["estimates"]] == [False]
+
+
 def test_report_scores_agree_with_estimates_table(run_dir):
     with open(os.path.join(run_dir, "estimates", "estimates.csv")) as f:
         rows = list(csv.DictReader(f))
