@@ -53,7 +53,7 @@ def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.train.schedule = "linear"  # "cosine" | "linear" | "constant" after warmup
     c.train.warmup_steps = 0  # linear warmup steps
     c.train.end_lr_ratio = 0.0  # final lr / peak lr
-    c.train.weight_decay = 0.0  # AdamW weight decay (matrices only)
+    c.train.weight_decay = 0.0  # decoupled weight decay, matrices only (AdamW, and SGD too)
     c.train.adam_b1 = 0.9  # AdamW beta1
     c.train.adam_b2 = 0.999  # AdamW beta2
     c.train.adam_eps = 1e-8  # AdamW epsilon
@@ -86,7 +86,9 @@ def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.sources = ""  # comma-separated sources to fine-tune the base model on
-    c.finetune.selection_file = ""  # or a file naming them (JSON list / {"sources": [...]} / lines)
+    # Or a file naming them: selection/selection.json (its "selected" list), a JSON list,
+    # {"sources": [...]}, or one name per line.
+    c.finetune.selection_file = ""
     c.finetune.name = ""  # run name under finetune/ ("" = the sources joined by "+")
     return c
 
@@ -132,7 +134,8 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim")  # final fine-tunes
-    c.pipeline.finetune_steps = 0  # steps of every final fine-tune (same budget); 0 = train.epochs
+    # Steps of every final fine-tune (the same budget for each); 0 = train.num_steps / train.epochs.
+    c.pipeline.finetune_steps = 0
     # A stage's artefacts in the run directory were computed under another config (stages.json):
     # "error" (name the changed keys, delete nothing) | "rerun" (delete it and downstream, recompute)
     c.pipeline.on_config_change = "error"

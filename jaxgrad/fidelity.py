@@ -134,8 +134,17 @@ def _check_settings(out_dir: str, settings: dict) -> None:
             raise ValueError(f"{out_dir} holds fine-tunes made with other fidelity settings "
                              f"({old} != {settings}); delete it to rerun")
         return
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=1)
+    _write_json(path, settings)
+
+
+def _write_json(path: str, obj) -> None:
+    """Atomically, by process 0 only (every process computes the same fine-tunes)."""
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def run_fidelity(config, workdir: str) -> dict:
@@ -167,7 +176,7 @@ def run_fidelity(config, workdir: str) -> dict:
                         "max_grad_norm": (tc.max_grad_norm if float(fcfg.max_grad_norm) < 0
                                           else float(fcfg.max_grad_norm)), "progress": False,
                         "async_checkpoint": False, "eval_every": 0, "save_every": 0,
-                        "best_metric": "train_loss"})
+                        "best_metric": "train_loss", "stop_after_steps": 0})
     settings = {"steps": tc.num_steps, "learning_rate": tc.learning_rate, "optimizer": tc.optimizer,
                 "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm}
     _check_settings(out_dir, settings)
@@ -219,6 +228,9 @@ def run_fidelity(config, workdir: str) -> dict:
     coef_norm = np.linalg.norm(coef, axis=1)
     f_star = np.asarray(target_f(theta_star))
     base_loss = float(metric(f_star))
+    # The table's linearized estimates start from the stored f(θ*) (rounded to the store's dtype):
+    # their change is measured from that, the other estimates' from a fresh forward pass.
+    table_base = float(metric(np.asarray(target.f(), np.float64)))
     x_t = np.asarray(target.feats())
 
     results = []
@@ -247,7 +259,7 @@ def run_fidelity(config, workdir: str) -> dict:
             "exact_loss": float(metric(f_exact)),
             "first_order_true_loss": float(metric(f_star + x_t @ pu)),
             "true_change": true_loss - base_loss,
-            "linearized_change": float(row["loss"]) - base_loss,
+            "linearized_change": float(row["loss"]) - table_base,
             "exact_change": float(metric(f_exact)) - base_loss,
             "first_order_sq_rel_error": float(np.mean(
                 ((f_lin - f_exact) / np.maximum(np.maximum(np.abs(f_exact), np.abs(f_star)), 1e-8)) ** 2)),
@@ -263,7 +275,8 @@ def run_fidelity(config, workdir: str) -> dict:
     out = {
         "rows": results,
         "theta_star_loss": base_loss,
-        "summary": {"linearized": _summary([r["linearized_loss"] for r in results], true, base_loss),
+        "summary": {"linearized": _summary([base_loss + r["linearized_change"] for r in results],
+                                           true, base_loss),
                     "exact": _summary([r["exact_loss"] for r in results], true, base_loss)},
         "first_order_true": _summary([r["first_order_true_loss"] for r in results], true, base_loss),
         "first_order_error": float(np.mean([r["first_order_sq_rel_error"] for r in results])),
@@ -273,8 +286,11 @@ def run_fidelity(config, workdir: str) -> dict:
         "settings": {**settings, "scale": s.scale, "objective": s.objective, "C": float(s.C),
                      "num_subsets": len(results)},
     }
-    if fcfg.calibrate:
-        cal = suggest_scale(results)
+    finite = [r for r in results if np.isfinite(r["matched_scale"])]
+    if fcfg.calibrate and not finite:
+        out["calibrated"] = None  # every surrogate coefficient was zero: nothing to calibrate
+    elif fcfg.calibrate:
+        cal = suggest_scale(finite)
         c_cal = np.asarray(rescale_factors(fits.coef, gram, theta_norm, scale=cal))
         lin_cal, exact_cal = [], []
         for i in range(len(results)):
@@ -285,6 +301,5 @@ def run_fidelity(config, workdir: str) -> dict:
         out["calibrated"] = {"scale": cal,
                              "linearized": _summary(lin_cal, true, base_loss),
                              "exact": _summary(exact_cal, true, base_loss)}
-    with open(os.path.join(out_dir, "fidelity.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    _write_json(os.path.join(out_dir, "fidelity.json"), out)
     return out

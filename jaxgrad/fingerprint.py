@@ -22,7 +22,7 @@ stages before them, with the config:
   recorded with the current config.
 
 Keys that cannot change a result are left out (``FINGERPRINT_EXCLUDE`` gives the reason for each),
-as are the sections no stage reads (``mesh``, ``finetune``, ``fidelity``), the data section of the
+as are the sections no stage reads (``mesh``, ``finetune``), the data section of the
 other ``data.kind`` and, with a pretrained base, ``model.name_or_path`` / ``model.tokenizer``
 (``pipeline.resolved_config`` points them at ``<workdir>/base``: a run directory can be moved).
 """
@@ -74,8 +74,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
 }
 
 # Artefacts of each stage, relative to the run directory: their existence means the stage ran
-# (fully or in part); "rerun" deletes them. DERIVED: outputs of scripts/fidelity.py, computed
-# from θ*, the gradients and the estimates table: stale whenever the estimates are.
+# (fully or in part); "rerun" deletes them. DERIVED: further outputs deleted with a stage's
+# (none at present; kept for outputs written outside the stages).
 STAGE_ARTEFACTS: dict[str, tuple[str, ...]] = {
     "base": ("base", "base_run"),
     "meta_train": ("meta_train",),
@@ -281,6 +281,12 @@ def delete_artefacts(workdir: str, stage: str) -> list[str]:
 def _legacy_record(workdir: str, stage: str, fp: StageFingerprint) -> dict | None:
     """What an old run directory tells about a stage without a record: the estimates stage kept
     its surrogate settings in ``estimates/settings.json`` (compared as a record would be)."""
+    if stage == "fidelity":
+        # Fine-tunes from before records existed used other defaults (60 AdamW steps): their
+        # settings cannot be told from the config, so they count as changed.
+        old = dict(fp.config)
+        old["fidelity (unrecorded)"] = f"{workdir}/fidelity from before {RECORDS_FILE}"
+        return {"fingerprint": "unrecorded fidelity/", "config": old}
     if stage != "estimates":
         return None
     path = os.path.join(workdir, "estimates", "settings.json")
@@ -325,9 +331,21 @@ def _message(workdir: str, stage: str, rec: dict, fp: StageFingerprint, changes,
     return "\n".join(lines)
 
 
+def downstream(stage: str) -> list[str]:
+    """``stage`` and every stage that reads its artefacts, directly or not, in pipeline order."""
+    out = {stage}
+    for s in STAGE_ORDER:
+        if any(dep in out for dep in STAGE_INPUTS[s]):
+            out.add(s)
+    return [s for s in STAGE_ORDER if s in out]
+
+
 def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequence[str],
-              mode: str = "error") -> dict[str, dict]:
+              mode: str = "error", skip: Sequence[str] = ()) -> dict[str, dict]:
     """Check the stages to run (and those before them) against their records; the records.
+
+    ``skip``: stages not checked (an optional stage switched off); their artefacts are still
+    deleted in "rerun" mode when a stage they read changed.
 
     Raises:
       ConfigChangedError: some stage's artefacts were computed under another config and ``mode``
@@ -342,7 +360,7 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
     changed: list[tuple[str, dict]] = []
     adopted: list[str] = []
     for stage in STAGE_ORDER[: last + 1]:
-        if stage in REGENERATED or not artefacts_exist(workdir, stage):
+        if stage in REGENERATED or stage in skip or not artefacts_exist(workdir, stage):
             continue
         rec = records.get(stage)
         if rec is None:
@@ -355,10 +373,14 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
     deleted: list[str] = []
     if changed:
         first, rec = changed[0]
-        pos = STAGE_ORDER.index(first)
-        stale = [s for s in STAGE_ORDER[pos:] if artefacts_exist(workdir, s)]
+        # Stale: every changed stage and whatever reads it (not merely the stages after it: the
+        # fidelity fine-tunes stay valid when only selection or the final fine-tunes change).
+        affected = set().union(*(downstream(stage) for stage, _ in changed))
+        ordered = [s for s in STAGE_ORDER if s in affected]
+        stale = [s for s in ordered if artefacts_exist(workdir, s)]
         changes = config_changes(rec.get("config", {}), fps[first].config)
-        needed = STAGE_ORDER[pos : last + 1]
+        needed = [s for s in ordered if STAGE_ORDER.index(s) <= last
+                  and not (s in skip and s not in stages)]
         missing = [s for s in needed if s not in stages]
         why = ""
         if mode == "rerun" and missing:
@@ -373,11 +395,11 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
 
             multihost_utils.sync_global_devices("pipeline/checked")
         if jax.process_index() == 0:
-            for stage in STAGE_ORDER[pos:]:
+            for stage in ordered:
                 deleted += delete_artefacts(workdir, stage)
-        for stage in STAGE_ORDER[pos:]:
+        for stage in ordered:
             records.pop(stage, None)
-        adopted = [s for s in adopted if STAGE_ORDER.index(s) < pos]
+        adopted = [s for s in adopted if s not in affected]
         log.warning("jaxgrad pipeline: config changed since stage %r ran in %s (%s); "
                     "on_config_change='rerun': deleted %s; recomputing from %r on", first, workdir,
                     "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes) or

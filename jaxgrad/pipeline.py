@@ -474,10 +474,15 @@ def stage_finetune(config, workdir: str) -> dict:
     return results
 
 
+def fidelity_enabled(config) -> bool:
+    """Whether the optional fidelity stage runs (``pipeline.fidelity``)."""
+    return bool((config.get("pipeline") or {}).get("fidelity", False))
+
+
 def stage_fidelity(config, workdir: str) -> dict | None:
     """Optional (``pipeline.fidelity = True``): fine-tune θ* for real on ``fidelity.num_subsets``
     subsets of the estimates table and compare with the estimates (:mod:`jaxgrad.fidelity`)."""
-    if not bool((config.get("pipeline") or {}).get("fidelity", False)):
+    if not fidelity_enabled(config):
         return None
     from jaxgrad.fidelity import run_fidelity
 
@@ -521,9 +526,14 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     if on_config_change is None:
         pipeline_section = config.get("pipeline") or {}
         on_config_change = pipeline_section.get("on_config_change", "error") or "error"
+    from jaxgrad.train import initialize_distributed
+
+    # Before anything touches JAX (reconcile asks for the process index): multi-host runs.
+    initialize_distributed(bool((config.get("train") or {}).get("distributed", False)))
     os.makedirs(workdir, exist_ok=True)
     fingerprints = stage_fingerprints(config)
-    records = reconcile(workdir, fingerprints, stages, str(on_config_change))
+    skip = () if fidelity_enabled(config) else ("fidelity",)
+    records = reconcile(workdir, fingerprints, stages, str(on_config_change), skip=skip)
     timings = {}
     fns = {"base": stage_base, "meta_train": stage_meta_train, "gradients": stage_gradients,
            "estimates": stage_estimates, "selection": stage_selection, "finetune": stage_finetune,
@@ -531,6 +541,9 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     out = {}
     for name in STAGES:
         if name not in stages:
+            continue
+        if name in skip:  # an optional stage switched off: nothing runs, its record is kept
+            out[name] = None
             continue
         fp = fingerprints[name]
         rec = records.get(name, {})

@@ -162,7 +162,7 @@ def write_report(config, workdir: str) -> str:
                          f"{_fmt(m['test_acc'], 3)} |")
         lines.append("")
     fid_path = os.path.join(workdir, "fidelity", "fidelity.json")
-    if os.path.isfile(fid_path):
+    if os.path.isfile(fid_path) and _fidelity_current(config, workdir):
         fid = _read_json(fid_path)
         plot_fidelity(fid, os.path.join(workdir, "fidelity.png"))
         lines += fidelity_lines(fid)
@@ -198,4 +198,13 @@ def fidelity_lines(fid: dict) -> list[str]:
                      "(jaxgrad.fidelity.suggest_scale) matches the surrogate's step to the real "
                      "fine-tunes' size; set `surrogate.scale` to it to estimate steps of that size.")
     return lines
+
+
+def _fidelity_current(config, workdir: str) -> bool:
+    """Whether ``fidelity/`` was computed under this config (its stages.json record matches):
+    with the stage switched off its config is not checked, and an old result is left out."""
+    from jaxgrad.fingerprint import read_records, stage_fingerprints
+
+    rec = read_records(workdir).get("fidelity")
+    return bool(rec) and rec.get("fingerprint") == stage_fingerprints(config)["fidelity"].fingerprint
 

@@ -34,7 +34,8 @@ def main(argv):
 
     # resolved_config: the base model is <workdir>/base when the config pretrains one (demo).
     config = resolved_config(_CONFIG.value, _WORKDIR.value)
-    if _CONFIG.value.base.pretrain and not os.path.isdir(config.model.name_or_path):
+    pretrain = bool((_CONFIG.value.get("base") or {}).get("pretrain", False))
+    if pretrain and not os.path.isdir(config.model.name_or_path):
         raise app.UsageError(f"--workdir={_WORKDIR.value} has no pretrained base "
                              f"({config.model.name_or_path}): run scripts/meta_train.py (or "
                              "scripts/run_pipeline.py --stages=base) with this workdir first")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxgrad.fingerprint import stage_fingerprints
+from jaxgrad.fingerprint import downstream, stage_fingerprints
 from jaxgrad.pipeline import STAGES, ConfigChangedError, ranking_auc, run_pipeline
 
 UP_TO_SELECTION = ["base", "meta_train", "gradients", "estimates", "selection"]
@@ -228,6 +228,42 @@ def test_selection_metric_without_values_is_refused(run_dir, tmp_path):
     config.selection.metric = "acc"
     with pytest.raises(ValueError, match="selection.metric must be one of"):
         run_pipeline(config, workdir, stages=UP_TO_SELECTION)
+
+
+def test_rerun_keeps_what_a_change_does_not_reach(run_dir, tmp_path):
+    """A change to selection recomputes selection, the final fine-tunes and the report, but keeps
+    the fidelity fine-tunes (they read θ*, the gradients and the estimates only)."""
+    assert downstream("selection") == ["selection", "finetune", "report"]
+    assert downstream("estimates") == ["estimates", "selection", "finetune", "fidelity", "report"]
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    config = demo.get_config("tiny")
+    config.selection.top = 0.67
+    with pytest.raises(ConfigChangedError, match="Stale with it .*: finetune, report") as e:
+        run_pipeline(config, workdir)
+    assert "fidelity" not in str(e.value)
+    before = _mtimes(workdir)
+    config.pipeline.on_config_change = "rerun"
+    run_pipeline(config, workdir)
+    after = _mtimes(workdir)
+    assert after["fidelity/fidelity.json"] == before["fidelity/fidelity.json"]
+    assert after["selection/selection.json"] > before["selection/selection.json"]
+    assert after["finetune/selection/sources.json"] > before["finetune/selection/sources.json"]
+    assert len(json.load(open(os.path.join(workdir, "selection", "selection.json")))["selected"]) == 2
+
+
+def test_fidelity_switched_off_is_not_checked_and_not_reported(run_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    config = demo.get_config("tiny")
+    config.pipeline.fidelity = False
+    config.fidelity.steps = 2  # would not match the recorded fine-tunes
+    run_pipeline(config, workdir, stages=["fidelity", "report"])
+    assert os.path.isfile(os.path.join(workdir, "fidelity", "fidelity.json"))  # nothing deleted
+    assert "## Fidelity" not in open(os.path.join(workdir, "report.md")).read()
+    config.pipeline.fidelity = True  # switched back on: now the change counts
+    with pytest.raises(ConfigChangedError, match=r"fidelity\.steps: 1 → 2"):
+        run_pipeline(config, workdir, stages=["fidelity", "report"])
 
 
 def test_legacy_workdir_accepted_and_recorded(run_dir, tmp_path, caplog):
