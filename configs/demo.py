@@ -28,8 +28,8 @@ Command (from the repository root):
 Variants: ``configs/demo.py:tiny`` (3 sources, a few steps: what the tests and CI run).
 
 Expected runtime and result (2 AMD EPYC cores, jax 0.10.2, 2026-11-24): 3 min 48 s for `make demo`
-(base 16 s for 1500 steps, meta_train 58 s for 4000 steps, gradients 11 s, estimates 3 s, four
-final fine-tunes of 1250 steps 87 s, fidelity 46 s); ranking AUC 1.0 (``noisy_add`` last, both
+(4 min 19 s in a second run; base 16 s for 1500 steps, meta_train 58 s for 4000 steps, gradients
+11 s, estimates 3 s, four final fine-tunes of 1250 steps 87 s, fidelity 46 s); ranking AUC 1.0 (``noisy_add`` last, both
 unrelated sources below the related ones); target test loss 0.32 and accuracy 0.21 after
 fine-tuning on the selection against 0.67 and 0.05 on all sources; fidelity against one clipped
 SGD step from θ* per pair: linearized estimates within 0.8% of the true loss, Spearman 0.96.
