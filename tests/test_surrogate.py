@@ -207,12 +207,22 @@ def test_warm_start_from_solution_stops_at_once():
         assert _rel(again.coef[s], np.asarray(fits.coef[s])) < 3e-5
 
 
-def test_preconditioners_agree():
+@pytest.mark.parametrize("C", [1.0, 1e-4])
+def test_preconditioners_agree(C):
+    """eig, diag, none and auto reach the same solutions (the preconditioner changes the path
+    only); at C = 1e-4 auto drops the preconditioner, at C = 1 it keeps one."""
     x, y, masks = _data(seed=10)
-    a = fit_subsets(x, masks, C=1.0, labels=y, precondition="eig")
-    b = fit_subsets(x, masks, C=1.0, labels=y, precondition="diag")
-    for s in range(masks.shape[0]):
-        assert _rel(a.coef[s], np.asarray(b.coef[s])) < 3e-5
+    fits = {p: fit_subsets(x, masks, C=C, labels=y, precondition=p)
+            for p in ("eig", "diag", "none", "auto")}
+    for p in ("diag", "none", "auto"):
+        assert bool(jnp.all(fits[p].converged)), p
+        for s in range(masks.shape[0]):
+            assert _rel(fits[p].coef[s], np.asarray(fits["eig"].coef[s])) < 3e-5, (p, s)
+    bound = C * 0.25 * float(np.max(np.sum(np.asarray(x, np.float64) ** 2, axis=0)))
+    assert (bound <= 0.05) == (C == 1e-4), f"test data no longer spans both regimes ({bound})"
+    same = "none" if C == 1e-4 else "eig"
+    np.testing.assert_array_equal(fits["auto"].coef, fits[same].coef,
+                                  err_msg=f"auto should pick {same!r} at C={C}")
 
 
 def test_fit_subsets_rejects_bad_input():
