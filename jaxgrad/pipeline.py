@@ -474,6 +474,12 @@ def stage_finetune(config, workdir: str) -> dict:
     return results
 
 
+def _finetune_runs_done(config, workdir: str) -> bool:
+    """Every run of ``pipeline.finetune_runs`` has finished (one added later has not)."""
+    return all(os.path.isfile(os.path.join(workdir, "finetune", name, "sources.json"))
+               for name in config.pipeline.finetune_runs)
+
+
 def fidelity_enabled(config) -> bool:
     """Whether the optional fidelity stage runs (``pipeline.fidelity``)."""
     return bool((config.get("pipeline") or {}).get("fidelity", False))
@@ -548,7 +554,8 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
         fp = fingerprints[name]
         rec = records.get(name, {})
         reused = bool(name not in REGENERATED and rec.get("fingerprint") == fp.fingerprint
-                      and rec.get("complete") and artefacts_exist(workdir, name))
+                      and rec.get("complete") and artefacts_exist(workdir, name)
+                      and (name != "finetune" or _finetune_runs_done(config, workdir)))
         if rec.get("fingerprint") != fp.fingerprint or (
                 rec.get("complete") and not artefacts_exist(workdir, name)):
             # Before the stage writes anything: a half-done stage resumes only under this config.

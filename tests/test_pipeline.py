@@ -65,6 +65,16 @@ def test_report_times_the_runs_that_computed_each_stage(run_dir):
     assert [r["reused"] for r in by_stage["estimates"]] == [False]
 
 
+def test_a_finetune_run_still_to_do_is_timed(run_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    shutil.rmtree(os.path.join(workdir, "finetune", "random"))  # e.g. a run added to finetune_runs
+    run_pipeline(demo.get_config("tiny"), workdir, stages=["finetune"])
+    run_pipeline(demo.get_config("tiny"), workdir, stages=["finetune"])
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "timings.jsonl"))]
+    assert [r["reused"] for r in rows if r["stage"] == "finetune"][-2:] == [False, True]
+
+
 def test_report_scores_agree_with_estimates_table(run_dir):
     with open(os.path.join(run_dir, "estimates", "estimates.csv")) as f:
         rows = list(csv.DictReader(f))
