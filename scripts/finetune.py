@@ -23,14 +23,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import json
+
     import jax
 
     from jaxgrad import train
-
-    train.initialize_distributed(_CONFIG.value.train.distributed)
-    logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
-                 jax.process_count(), jax.devices())
     from jaxgrad.pipeline import resolved_config
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    train.initialize_distributed(_CONFIG.value.train.distributed)
+    print(f"JAX {jax.__version__}, process {jax.process_index()}/{jax.process_count()}, "
+          f"devices: {jax.devices()}", flush=True)
 
     # resolved_config: the base model is <workdir>/base when the config pretrains one (demo).
     config = resolved_config(_CONFIG.value, _WORKDIR.value)
@@ -40,7 +43,7 @@ def main(argv):
                              f"({config.model.name_or_path}): run scripts/meta_train.py (or "
                              "scripts/run_pipeline.py --stages=base) with this workdir first")
     result = train.finetune(config, _WORKDIR.value)
-    logging.info("fine-tuning done at step %d: %s", result.step, result.metrics)
+    print(json.dumps({"step": result.step, "metrics": result.metrics}, indent=1, default=float))
 
 
 if __name__ == "__main__":
