@@ -680,6 +680,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
     repl = sharding_lib.replicated(mesh)
     rng_data = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), repl)
     step = 0
+    resumed_metrics: dict[str, float] = {}
 
     best_metric = cfg.best_metric if evaluator is not None else "train_loss"
     if evaluator is not None and "_acc" in best_metric and not evaluator.max_new_tokens:
@@ -694,6 +695,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
         latest = mngr.latest_step()
         if latest is not None:
             meta = ckpt_lib.read_meta(mngr, latest)
+            resumed_metrics = dict(meta.get("metrics") or {})
             if meta.get("trainable") != trainable_kind:
                 raise ValueError(f"{workdir}: checkpoint {latest} trained "
                                  f"{meta.get('trainable')!r} parameters, this run trains "
@@ -722,6 +724,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
             out_shardings=(trainable_sh, opt_sh, repl),
             donate_argnums=(0, 2))
         rng = jax.random.wrap_key_data(rng_data)
+        start_step = step
         stop_at = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
         last_eval: dict[str, float] = {}
         pending: list[dict] = []  # device metrics not fetched yet
@@ -806,8 +809,10 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
     finally:
         mngr.close()
     nnx.update(model, trainable, frozen)
-    return TrainResult(model=model, step=step, metrics={"train_loss": train_loss, **last_eval},
-                       best_step=best, workdir=workdir)
+    metrics = {"train_loss": train_loss, **last_eval}
+    if step == start_step and resumed_metrics:  # resumed at the end: nothing ran, report the
+        metrics = resumed_metrics                # metrics saved with that checkpoint
+    return TrainResult(model=model, step=step, metrics=metrics, best_step=best, workdir=workdir)
 
 
 def _short(metrics: Mapping[str, float]) -> str:

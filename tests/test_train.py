@@ -148,7 +148,12 @@ def test_resume_after_interruptions_matches_uninterrupted(tmp_path):
     cfg = quick_cfg(num_steps=12, save_every=5, keep_checkpoints=5)
 
     model, tok = tiny_model()
-    fit(model, tok, d.examples("train"), cfg, str(tmp_path / "a"))
+    first = fit(model, tok, d.examples("train"), cfg, str(tmp_path / "a"))
+    # Run again on the finished run directory: nothing to do; the metrics are the saved ones.
+    model, tok = tiny_model()
+    again = fit(model, tok, d.examples("train"), cfg, str(tmp_path / "a"))
+    assert again.step == 12 and np.isfinite(again.metrics["train_loss"])
+    assert again.metrics == pytest.approx(first.metrics)
 
     b = str(tmp_path / "b")
     model, tok = tiny_model()
