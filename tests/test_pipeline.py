@@ -276,6 +276,20 @@ def test_fidelity_switched_off_is_not_checked_and_not_reported(run_dir, tmp_path
         run_pipeline(config, workdir, stages=["fidelity", "report"])
 
 
+def test_unrecorded_fidelity_results_count_as_changed(run_dir, tmp_path):
+    """fidelity/ without a stages.json record (made before records, under other defaults) is not
+    adopted: the run stops and says so, and deletes nothing."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    path = os.path.join(workdir, "stages.json")
+    data = json.load(open(path))
+    del data["stages"]["fidelity"]
+    json.dump(data, open(path, "w"))
+    with pytest.raises(ConfigChangedError, match=r"fidelity \(unrecorded\)"):
+        run_pipeline(demo.get_config("tiny"), workdir, stages=["fidelity"])
+    assert os.path.isfile(os.path.join(workdir, "fidelity", "fidelity.json"))
+
+
 def test_legacy_workdir_accepted_and_recorded(run_dir, tmp_path, caplog):
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
