@@ -24,3 +24,30 @@ def append_results(text: str) -> None:
     """Append a section to benchmarks/RESULTS.md."""
     with open(RESULTS, "a") as f:
         f.write(text)
+
+
+def publish(lines: list[str], write: bool) -> None:
+    """Print a section and, when ``write``, append it to benchmarks/RESULTS.md."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        append_results(text)
+
+
+def append_section(path: str, heading: str, block: str) -> None:
+    """Insert ``block`` at the end of the ``heading`` section (created at the end of the file if
+    missing); every other section is left as it is."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    lines = text.rstrip("\n").split("\n")
+    if heading not in lines:
+        lines += ["", heading]
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    while end > start and not lines[end - 1].strip():
+        end -= 1
+    new = ["", *block.rstrip("\n").split("\n")]
+    if end < len(lines):
+        new.append("")
+    lines[end:end] = new
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

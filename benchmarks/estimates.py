@@ -30,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import append_results, cpu_model  # noqa: E402  (benchmarks/common.py)
+from common import cpu_model, publish  # noqa: E402  (benchmarks/common.py)
 
 
 def main():
@@ -161,10 +161,7 @@ def main():
            "every one is fitted and scored anyway (nothing is cached), so the time per subset does "
            "not depend on the repeats." if n_distinct < args.subsets else ""),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        append_results(text)
+    publish(lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import append_results, cpu_model  # noqa: E402  (benchmarks/common.py)
+from common import cpu_model, publish  # noqa: E402  (benchmarks/common.py)
 
 GOAL_REL, GOAL_SPEARMAN = 0.05, 0.8
 
@@ -119,10 +119,7 @@ def main():
         f"(linearized change error {lin['change_relative_error']:.2f} at scale {scale}, "
         f"{lin_cal['change_relative_error']:.2f} calibrated).",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        append_results(text)
+    publish(lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ from jaxgrad.models.lora import PEFT_PREFIX, linear_modules
 from jaxgrad.outputs import get_output_fn
 from jaxgrad.per_sample import _projected_grads, per_sample_projected_grads
 from jaxgrad.projection import Projector
-from common import RESULTS, cpu_model  # benchmarks/common.py (the script's folder)
+from common import RESULTS, append_section, cpu_model  # benchmarks/common.py (the script's folder)
 
 # torch's OpenMP workers spin while waiting for work by default; on a machine shared with other
 # processes that made the torch contenders up to 10× slower and erratic (a worker spinning while
@@ -343,25 +343,6 @@ def rel_diff(a, b) -> float:
     """max |a − b| / max |b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def append_section(path: str, heading: str, block: str) -> None:
-    """Insert ``block`` at the end of the ``heading`` section (created at the end of the file if
-    missing); every other section is left as it is."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if heading not in lines:
-        lines += ["", heading]
-    start = lines.index(heading) + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    while end > start and not lines[end - 1].strip():
-        end -= 1
-    new = ["", *block.rstrip("\n").split("\n")]
-    if end < len(lines):
-        new.append("")
-    lines[end:end] = new
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
 
 def ms(t: float) -> str:

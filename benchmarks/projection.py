@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrad.projection import Projector
-from common import RESULTS, cpu_model  # benchmarks/common.py (the script's folder)
+from common import RESULTS, append_section, cpu_model  # benchmarks/common.py (the script's folder)
 
 
 
@@ -110,26 +110,7 @@ def main() -> None:
     ])
     print(block)
     if not args.no_write:
-        _append(RESULTS, f"## Projection ({plat})", block)
-
-
-def _append(path: str, heading: str, block: str) -> None:
-    """Insert ``block`` at the end of the ``heading`` section (created if missing); other
-    sections of the file are left as they are."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if heading not in lines:
-        lines += ["", heading]
-    start = lines.index(heading) + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    while end > start and not lines[end - 1].strip():  # drop blank lines before the next section
-        end -= 1
-    new = ["", *block.rstrip("\n").split("\n")]
-    if end < len(lines):
-        new.append("")
-    lines[end:end] = new
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        append_section(RESULTS, f"## Projection ({plat})", block)
 
 
 if __name__ == "__main__":
