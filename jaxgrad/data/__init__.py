@@ -25,6 +25,7 @@ from jaxgrad.data.sources import (
     SourcesSpec,
     example_id,
     extract_cot_answer,
+    extract_leading_answer,
     extract_marker_answer,
     load_sources,
     make_examples,
@@ -44,7 +45,7 @@ __all__ = [
     "ANSWER_FORMATS", "EncodedExamples", "FORMATS", "KINDS", "MultiSourceData", "SPLITS",
     "SourcesSpec", "SpecialIds", "SyntheticSpec", "TASKS", "batch_iterator", "bucket_length",
     "build_char_tokenizer", "collate", "encode_examples", "encode_texts", "example_id",
-    "extract_cot_answer", "extract_marker_answer", "generic_text", "length_buckets",
+    "extract_cot_answer", "extract_leading_answer", "extract_marker_answer", "generic_text", "length_buckets",
     "load_sources", "make_examples", "num_batches", "read_examples", "save_char_tokenizer",
     "sequence_lengths", "source_kinds", "special_ids", "synthetic_sources",
 ]

@@ -30,6 +30,14 @@ module and ``jaxgrad.data`` stay importable without it), or a Hub dataset by nam
 * ``cot``: the reasoning-teacher layout, question / rationale / answer; the completion is
   ``"{rationale} Therefore, the answer is {answer}."`` and the answer is extracted back by
   :func:`extract_cot_answer`.
+* ``bigbench``: BIG-bench JSON tasks (``path``: a task directory, a ``task.json``, a directory of
+  tasks, or a list), one source per task or subtask, read by :mod:`jaxgrad.data.bigbench` (prompt
+  and completion as BIG-bench lays them out; answers read back with :func:`extract_leading_answer`).
+
+Ground truth for checking a ranking: ``kinds`` labels sources (``related``, ``unrelated``, ...),
+and ``noisy`` plants label-noise copies ``noisy_<source>`` of chosen sources (their prompts with
+the completions of other examples of the same source and split: see
+:meth:`MultiSourceData.with_label_noise`).
 
 Pickle files load only with ``allow_pickle=True``: unpickling runs arbitrary code from the file.
 The paper's code shipped its data as pickles; convert them once (``df.to_parquet``) and load the
@@ -48,7 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 SPLITS = ("train", "validation", "test")
-FORMATS = ("generic", "alpaca", "flan", "cot")
+FORMATS = ("generic", "alpaca", "flan", "cot", "bigbench")
 FILE_TYPES = ("json", "jsonl", "csv", "parquet", "pickle")
 _SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet",
              ".pq": "parquet", ".pkl": "pickle", ".pickle": "pickle"}
@@ -132,6 +140,20 @@ def extract_cot_answer(text: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
+
+
+def extract_leading_answer(text: str) -> str:
+    """The text before the first sentence end (". ", a newline, or a final "."), stripped.
+
+    For answer-first completions: ``"Yes. Because ..."`` -> ``"Yes"``, ``"109"`` -> ``"109"``,
+    ``"3.5 hours."`` -> ``"3.5 hours"``.
+    """
+    text = text.lstrip()
+    match = _SENTENCE_END.search(text)
+    return (text[:match.start()] if match else text).strip()
+
+
 def extract_full_answer(text: str) -> str:
     """The whole completion, stripped: for sources whose completion is the answer."""
     return text.strip()
@@ -141,6 +163,7 @@ ANSWER_FORMATS: dict[str, Callable[[str], str | None]] = {
     "marker": extract_marker_answer,
     "cot": extract_cot_answer,
     "full": extract_full_answer,
+    "leading": extract_leading_answer,
 }
 
 
@@ -308,6 +331,44 @@ class MultiSourceData:
             raise ValueError("these sources define no answers (answer_format is None)")
         return ANSWER_FORMATS[self.answer_format](text)
 
+    def with_label_noise(self, sources: Sequence[str], *, seed: int = 0,
+                         prefix: str = "noisy_") -> "MultiSourceData":
+        """A copy with a label-noise source ``<prefix><source>`` added for each of ``sources``.
+
+        In every split, the copy holds the source's prompts, each with the completion (and answer)
+        of another example of the same source and split: the completions are permuted by a
+        seeded cyclic shift of a random order, so no example keeps its own (unless two examples
+        share a completion). Prompts of the target's validation and test splits stay in those
+        splits, so nothing held out is trained on. The copies are appended to :attr:`sources`,
+        with kind ``"noisy"``; ids are ``<prefix><source>/<hash>`` like any example's.
+
+        Raises ValueError for an unknown source, a name already taken, or a split with a single
+        example (nothing to shuffle with).
+        """
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        splits = {s: {n: self.examples(s, n) for n in self.sources} for s in SPLITS}
+        names = list(self.sources)
+        for src in sources:
+            self._check("train", [src])
+            name = f"{prefix}{src}"
+            if name in names:
+                raise ValueError(f"label-noise source {name!r} already exists in {names}")
+            names.append(name)
+            for split in SPLITS:
+                exs = splits[split][src]
+                if len(exs) == 1:
+                    raise ValueError(f"source {src!r} has one {split} example: a label-noise copy "
+                                     "needs at least two to shuffle")
+                order = np.random.default_rng(seed_for(seed, f"{name}/{split}")).permutation(
+                    len(exs))
+                donor = {int(i): int(j) for i, j in zip(order, np.roll(order, -1))}
+                rows = [(name, e["prompt"], exs[donor[i]]["completion"], exs[donor[i]]["answer"])
+                        for i, e in enumerate(exs)]
+                splits[split][name] = make_examples(rows)
+        kinds = dict(self.kinds, **{f"{prefix}{src}": "noisy" for src in sources})
+        return MultiSourceData(splits, sources=names, target=self.target, kinds=kinds,
+                               answer_format=self.answer_format)
+
     def summary(self) -> str:
         """One line per source: kind and split sizes."""
         width = max(len(s) for s in self.sources) if self.sources else 0
@@ -385,6 +446,11 @@ class SourcesSpec:
       seed: split seed.
       allow_pickle: permit ``file_type="pickle"``; unpickling runs code from the file, so it is
         refused unless asked for.
+      noisy: sources that get a label-noise copy ``noisy_<source>``
+        (:meth:`MultiSourceData.with_label_noise`, seeded by ``seed``), appended after the others.
+      kinds: source -> kind ("related", "unrelated", ...: the ground truth a ranking is checked
+        against, :func:`jaxgrad.pipeline.ranking_auc`); the target is "target", noisy copies
+        "noisy", unnamed sources "unknown".
     """
 
     format: str = "generic"
@@ -403,6 +469,8 @@ class SourcesSpec:
     max_examples: int | None = None
     seed: int = 0
     allow_pickle: bool = False
+    noisy: Sequence[str] | None = None
+    kinds: Mapping[str, str] | None = None
 
 
 def _as_spec(spec: Any) -> SourcesSpec:
@@ -508,6 +576,8 @@ def read_examples(spec: Any) -> list[dict]:
     if (spec.path is None) == (spec.hub is None):
         raise ValueError("spec needs exactly one of path (local files) and hub (a dataset name), "
                          f"got path={spec.path!r}, hub={spec.hub!r}")
+    if spec.format == "bigbench":
+        return _read_bigbench(spec)
     roles = DEFAULT_COLUMNS[spec.format]
     unknown = sorted(set(spec.columns) - set(roles))
     if unknown:
@@ -534,6 +604,22 @@ def read_examples(spec: Any) -> list[dict]:
             names = [stem] * n
         rows.extend(_format_rows(spec, cols, table, label, names))
     return make_examples(rows)
+
+
+def _read_bigbench(spec: SourcesSpec) -> list[dict]:
+    from jaxgrad.data import bigbench
+
+    if spec.path is None:
+        raise ValueError("format 'bigbench' reads local task files: set path (a task directory, "
+                         "a task.json, a directory of tasks, or a list); hub is not supported")
+    for field, value in (("columns", spec.columns), ("source", spec.source),
+                         ("file_type", spec.file_type)):
+        if value:
+            raise ValueError(f"format 'bigbench' takes no {field} (got {value!r}): sources are "
+                             "named after the task directories")
+    rows, _ = bigbench.read_tasks(spec.path, tasks=None if spec.sources is None
+                                  else [s for s in spec.sources])
+    return make_examples((src, p, c, extract_leading_answer(a)) for src, p, c, a in rows)
 
 
 def _format_rows(spec: SourcesSpec, cols: Mapping[str, str | None], table: dict[str, list],
@@ -579,12 +665,18 @@ def load_sources(spec: Any) -> MultiSourceData:
     examples = read_examples(spec)
     if spec.format == "cot":
         answer_format = "cot"
+    elif spec.format == "bigbench":
+        answer_format = spec.answer_format or "leading"
     elif spec.format == "generic" and dict(DEFAULT_COLUMNS["generic"],
                                            **spec.columns)["answer"] is not None:
         answer_format = spec.answer_format or "full"
     else:
         answer_format = spec.answer_format
-    return MultiSourceData.from_examples(
+    kinds = dict(spec.kinds or {})
+    noisy = [spec.noisy] if isinstance(spec.noisy, str) else list(spec.noisy or ())
+    data = MultiSourceData.from_examples(
         examples, validation=spec.validation, test=spec.test, seed=spec.seed,
         sources=spec.sources, target=spec.target, max_examples=spec.max_examples,
-        answer_format=answer_format)
+        answer_format=answer_format,
+        kinds={k: v for k, v in kinds.items() if k not in {f"noisy_{n}" for n in noisy}} or None)
+    return data.with_label_noise(noisy, seed=spec.seed) if noisy else data
