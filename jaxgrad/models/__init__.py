@@ -1,5 +1,6 @@
-"""Flax NNX Llama-family and T5-family models over Hugging Face weights, with LoRA adapters."""
+"""Flax NNX Llama-family and T5-family models over Hugging Face (or GGUF) weights, with LoRA adapters."""
 
+from jaxgrad.models.gguf import describe_gguf_source, gguf_source, gguf_to_hf
 from jaxgrad.models.hub import build_model, config_from_hf, load_pretrained, save_pretrained
 from jaxgrad.models.llama import LlamaConfig, LlamaForCausalLM
 from jaxgrad.models.lora import (
@@ -17,7 +18,8 @@ from jaxgrad.models.t5 import T5Config, T5ForConditionalGeneration, shift_right
 
 __all__ = [
     "LlamaConfig", "LlamaForCausalLM", "LoraConfig", "T5Config", "T5ForConditionalGeneration",
-    "apply_lora", "build_model", "config_from_hf", "load_peft_adapter", "load_pretrained",
+    "apply_lora", "build_model", "config_from_hf", "describe_gguf_source", "gguf_source",
+    "gguf_to_hf", "load_peft_adapter", "load_pretrained",
     "lora_state", "merge_lora", "num_params", "save_peft_adapter", "save_pretrained", "shift_right", "split_lora",
     "trainable_summary",
 ]

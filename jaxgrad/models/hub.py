@@ -7,6 +7,10 @@ initialisation of a billion parameters), and fills every parameter from safetens
 expected tensor must be present with its shape; extra tensors are errors too, apart from known
 aliases (tied embeddings saved twice, rotary caches). The tokenizer is loaded with
 ``transformers.AutoTokenizer`` (imported lazily) when the directory has tokenizer files.
+
+A GGUF checkpoint (a ``.gguf`` file, or a directory holding exactly one and no config.json) is
+first converted once into a cached float32 Hugging Face directory (``jaxgrad.models.gguf``), which
+is then loaded like any other.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad.models.gguf import find_gguf, gguf_to_hf
 from jaxgrad.models.layers import named_variables
 from jaxgrad.models.llama import LlamaConfig, LlamaForCausalLM
 from jaxgrad.models.lora import LoraConfig, apply_lora
@@ -136,6 +141,8 @@ def _resolve(name_or_path: str, revision: str | None) -> str:
     path = os.path.expanduser(str(name_or_path))
     if os.path.isdir(path):
         return path
+    if path.lower().endswith(".gguf"):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
     # Hub names are "name" or "org/name"; anything that looks like a filesystem path is local.
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist")
@@ -162,27 +169,53 @@ def load_tokenizer(directory: str):
     return AutoTokenizer.from_pretrained(directory)
 
 
+def resolve_checkpoint(name_or_path: str, *, revision: str | None = None,
+                       gguf_cache_dir: str | None = None) -> str:
+    """The Hugging Face directory ``load_pretrained`` reads for ``name_or_path``: the local
+    directory itself, the GGUF's converted cache (converting it once), or a Hub snapshot."""
+    path = os.path.expanduser(str(name_or_path))
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return gguf_to_hf(gguf_file, cache_dir=gguf_cache_dir)
+    return _resolve(name_or_path, revision)
+
+
 def load_pretrained(name_or_path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None,
                     lora: LoraConfig | None = None, revision: str | None = None,
-                    with_tokenizer: bool = True):
-    """Load a Hugging Face Llama-family or T5-family checkpoint as a Flax NNX model.
+                    with_tokenizer: bool = True, gguf_cache_dir: str | None = None):
+    """Load a Llama-family or T5-family checkpoint (Hugging Face or GGUF) as a Flax NNX model.
 
     Args:
-      name_or_path: a local model directory, or a Hub repository name (needs network).
+      name_or_path: a local Hugging Face model directory; a Hub repository name (needs network);
+        or a GGUF checkpoint: a ``.gguf`` file, or a directory with exactly one ``.gguf`` and no
+        config.json (architectures llama, qwen2; needs ``pip install -e ".[gguf]"``). A GGUF is
+        dequantised to float32 by transformers once and cached as a Hugging Face directory
+        (``<stem>.hf/`` next to it; see ``jaxgrad.models.gguf``), rebuilt when the file changes.
+        Its config.json records the GGUF's quantisation under ``"gguf_source"``.
       dtype: compute dtype, ``float32`` (default) or ``bfloat16``.
       param_dtype: storage dtype of the base weights (default float32; LoRA weights are float32).
       lora: attach LoRA adapters with this config (B = 0: outputs unchanged).
       revision: Hub revision.
       with_tokenizer: load the tokenizer as well.
+      gguf_cache_dir: where converted GGUFs go (default ``$JAXGRAD_GGUF_CACHE``, else next to
+        the file).
 
     Returns:
-      ``(model, tokenizer)``; tokenizer is None when the directory has no tokenizer files.
+      ``(model, tokenizer)``; tokenizer is None when the checkpoint has no tokenizer.
+
+    Raises:
+      FileNotFoundError: no such directory or file; a directory with neither config.json nor .gguf.
+      ValueError: unsupported architecture, tensors that do not fit; for GGUF also a corrupt or
+        truncated file, or a directory with several .gguf files.
+      ImportError: a GGUF without the ``gguf`` extra (gguf, accelerate, torch) installed.
+      OSError: a Hub name while offline.
 
     Example:
       >>> model, tok = load_pretrained("tests/fixtures/tiny-llama", lora=LoraConfig(rank=4))
-      >>> logits = model(input_ids, attention_mask)
+      >>> logits = model(input_ids, attention_mask)                     # [B, L, V] float32
+      >>> model, tok = load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
     """
-    directory = _resolve(name_or_path, revision)
+    directory = resolve_checkpoint(name_or_path, revision=revision, gguf_cache_dir=gguf_cache_dir)
     hf = read_config(directory)
     config = config_from_hf(hf, dtype=_as_dtype(dtype),
                             param_dtype=_as_dtype(param_dtype or jnp.float32),
