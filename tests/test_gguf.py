@@ -15,10 +15,12 @@ import importlib.util
 import json
 import os
 import shutil
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+import transformers
 
 from jaxgrad.models import describe_gguf_source, gguf_source, load_pretrained
 from jaxgrad.models import gguf as jgguf
@@ -126,18 +128,17 @@ def test_directory_with_one_gguf(tmp_path, ref):
 def test_converted_directory_records_its_source(llama):
     path, _, _ = llama
     out = os.path.splitext(path)[0] + ".hf"
-    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg = json.loads(Path(out, "config.json").read_text())
     # transformers 4.57 reads rope_theta only at the top level; 5.x writes rope_parameters.
     assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 1e5
     assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
-    tok_cfg = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    tok_cfg = json.loads(Path(out, "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
     src = cfg["gguf_source"]
-    assert src["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert src["sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
     assert src["size"] == os.path.getsize(path) and src["gguf_file"] == path
     assert (src["architecture"], src["quantization"], src["dequantized_to"]) == ("llama", "F32",
                                                                                  "float32")
-    import transformers
     assert src["transformers_version"] == transformers.__version__
     assert src["gguf_version"] == importlib.metadata.version("gguf")
     assert jgguf.read_record(out)["sha256"] == src["sha256"]
@@ -145,6 +146,10 @@ def test_converted_directory_records_its_source(llama):
                                          "tiny-llama-f32.gguf")
     assert gguf_source(os.path.join(FIXTURE, "..", "tiny-llama")) is None
     assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp-" in f or ".old-" in f]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_cache_is_reused(llama, ref, forbid_conversion):
@@ -175,10 +180,10 @@ def test_cache_is_rebuilt_when_the_file_changes(tmp_path, ref, monkeypatch):
 def test_same_size_new_bytes_are_rebuilt(tmp_path, monkeypatch):
     path = copy(LLAMA, tmp_path)
     load_pretrained(path, with_tokenizer=False)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[-1] ^= 0xFF  # last byte of the last tensor: same size, different content
     stat = os.stat(path)
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     calls = count_conversions(monkeypatch)
     load_pretrained(path, with_tokenizer=False)
@@ -198,7 +203,7 @@ def test_interrupted_conversion_leaves_nothing_trusted(tmp_path, monkeypatch, re
     assert os.listdir(tmp_path) == ["tiny-llama-f32.gguf"]
 
     def broken(gguf_path, info, out):
-        open(os.path.join(out, "config.json"), "w").write("{}")
+        Path(out, "config.json").write_text("{}")
         raise RuntimeError("disk full")
     monkeypatch.setattr(jgguf, "write_checkpoint", broken)
     with pytest.raises(ValueError, match=r"tiny-llama-f32\.gguf: conversion .* disk full"):
@@ -207,6 +212,21 @@ def test_interrupted_conversion_leaves_nothing_trusted(tmp_path, monkeypatch, re
     monkeypatch.setattr(jgguf, "write_checkpoint", real)
     model, _ = load_pretrained(path)
     assert max_err(model, ref, "logits") < ATOL
+
+
+def test_concurrent_conversion_that_finished_first_is_kept(tmp_path, monkeypatch):
+    path = copy(LLAMA, tmp_path)
+    target = str(tmp_path / "tiny-llama-f32.hf")
+    real = jgguf.write_checkpoint
+
+    def racing(gguf_path, info, out):
+        real(gguf_path, info, out)
+        shutil.copytree(out, target)  # another process installs its conversion meanwhile
+        Path(target, "marker").touch()
+    monkeypatch.setattr(jgguf, "write_checkpoint", racing)
+    load_pretrained(path, with_tokenizer=False)
+    assert os.path.isfile(os.path.join(target, "marker"))  # theirs kept, ours dropped
+    assert sorted(os.listdir(tmp_path)) == ["tiny-llama-f32.gguf", "tiny-llama-f32.hf"]
 
 
 def test_cache_dir_argument_and_environment(tmp_path, monkeypatch):
@@ -250,7 +270,7 @@ def test_unsupported_architecture_is_named_before_converting(tmp_path, forbid_co
 
 @pytest.mark.parametrize("cut", [0.5, 0.999, 0.01])
 def test_truncated_file_is_named(tmp_path, cut, forbid_conversion):
-    data = open(os.path.join(FIXTURE, LLAMA), "rb").read()
+    data = Path(FIXTURE, LLAMA).read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:int(len(data) * cut)])
     with pytest.raises(ValueError, match=r"cut\.gguf: (truncated GGUF|not a readable GGUF)"):
@@ -276,12 +296,17 @@ def test_directory_with_no_or_several_gguf_files(tmp_path):
         load_pretrained(str(tmp_path / "missing.gguf"))
 
 
-def test_missing_extra_is_named(tmp_path, monkeypatch):
-    path = copy(LLAMA, tmp_path)
+def test_missing_extra_is_named(tmp_path, monkeypatch, ref):
+    path = copy(LLAMA, tmp_path / "new")
+    done = copy(LLAMA, tmp_path / "converted")
+    load_pretrained(done, with_tokenizer=False)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("torch", "accelerate") else real(name, *a))
     with pytest.raises(ImportError, match=r'missing: accelerate, torch\. Install them with '
                                           r'pip install -e "\.\[gguf\]"'):
         load_pretrained(path)
-    assert os.listdir(tmp_path) == ["tiny-llama-f32.gguf"]
+    assert os.listdir(tmp_path / "new") == ["tiny-llama-f32.gguf"]
+    # A current cache is an ordinary Hugging Face directory: no extra needed to load it.
+    model, _ = load_pretrained(done, with_tokenizer=False)
+    assert max_err(model, ref, "logits") < ATOL

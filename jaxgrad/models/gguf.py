@@ -207,9 +207,9 @@ def _refresh_mtime(directory: str, record: dict, gguf_path: str) -> None:
 
 
 def _versions() -> dict:
-    import gguf  # noqa: F401
-    import transformers
     from importlib.metadata import version
+
+    import transformers
 
     return {"transformers_version": transformers.__version__, "gguf_version": version("gguf")}
 
@@ -269,9 +269,9 @@ def _fix_tokenizer_config(cfg: dict) -> None:
 def write_checkpoint(gguf_path: str, info: dict, out: str) -> None:
     """Convert ``gguf_path`` into a float32 Hugging Face directory ``out`` (config.json,
     model.safetensors, tokenizer files when the GGUF has a tokenizer, and the record)."""
+    record = make_record(gguf_path, info)  # first: a file changed meanwhile shows as stale
     model, tokenizer = _load_torch(gguf_path, info["has_tokenizer"])
     model.save_pretrained(out, safe_serialization=True)
-    record = make_record(gguf_path, info)
     _update_json(os.path.join(out, "config.json"), lambda c: _fix_config(c, record))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -280,11 +280,30 @@ def write_checkpoint(gguf_path: str, info: dict, out: str) -> None:
         json.dump(record, f, indent=2)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _open_permissions(directory: str) -> None:
+    """The modes a plain mkdir/open would give (mkdtemp makes 0700, some writers 0600), so the
+    cache is readable by whoever can read the GGUF."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, 0o666 & ~mask)
+
+
 def _install(tmp: str, target: str, gguf_path: str) -> None:
-    """Rename the finished ``tmp`` to ``target``, replacing a stale cache; a concurrent
-    conversion that got there first with a current cache wins."""
+    """Rename the finished ``tmp`` to ``target``, replacing a stale cache; when a concurrent
+    conversion got there first with a current cache, keep that one and drop ours."""
+    if is_current(read_record(target), gguf_path):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
-    if os.path.isdir(target):
+    if os.path.isdir(target):  # stale: moved aside, then deleted once ours is in place
         old = tempfile.mkdtemp(prefix=os.path.basename(target) + ".old-", dir=os.path.dirname(target))
         os.rename(target, os.path.join(old, "stale"))
     try:
@@ -293,8 +312,9 @@ def _install(tmp: str, target: str, gguf_path: str) -> None:
         if not is_current(read_record(target), gguf_path):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _convert(gguf_path: str, info: dict, target: str) -> None:
@@ -310,6 +330,7 @@ def _convert(gguf_path: str, info: dict, target: str) -> None:
     except BaseException:  # KeyboardInterrupt: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _open_permissions(tmp)
     _install(tmp, target, gguf_path)
 
 
