@@ -114,8 +114,18 @@ def test_errors_name_the_file_and_example(tasks_root, tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="broken/task.json: not valid JSON"):
         bigbench.read_tasks(str(broken))
-    with pytest.raises(ValueError, match=r"\['nope'\] are not under .*found: \['arith/two'"):
+    with pytest.raises(ValueError, match=r"\['nope'\] are not under .*available: \['arith/two', "
+                       r"'choice', 'strategyqa', 'word_sorting'\]"):
         bigbench.read_tasks(tasks_root, tasks=["nope", "arith/two"])
+    with pytest.raises(ValueError, match=r"'arith' holds only subtasks: \['arith/two'\]"):
+        bigbench.read_tasks(tasks_root, tasks=["arith"])
+    with pytest.raises(TypeError, match="sources must be a list of source names, got the string"):
+        load_sources({"format": "bigbench", "path": tasks_root, "sources": "strategyqa"})
+    with pytest.raises(ValueError, match="hub is not supported"):
+        load_sources({"format": "bigbench", "path": tasks_root, "hub": "x"})
+    with pytest.raises(ValueError, match="the target's kind is always 'target'"):
+        load_sources({"format": "bigbench", "path": tasks_root, "target": "strategyqa",
+                      "kinds": {"strategyqa": "related"}})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         bigbench.find_task_files(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
@@ -150,7 +160,7 @@ def test_load_sources_answers_kinds_and_label_noise(tasks_root):
     assert again.examples("train") == data.examples("train")
     with pytest.raises(ValueError, match="already exists"):
         data.with_label_noise(["strategyqa"])
-    with pytest.raises(ValueError, match="unknown sources"):
+    with pytest.raises(ValueError, match=r"label noise \(noisy\) names sources \['nope'\]"):
         data.with_label_noise(["nope"])
 
 

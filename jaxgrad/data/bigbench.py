@@ -200,6 +200,8 @@ def read_tasks(path: Any, *, tasks: Sequence[str] | None = None
       ValueError naming the task file and example index of a malformed example, or the asked-for
       task names that are not under ``path`` (with the names that are).
     """
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a list of task names, got the string {tasks!r}")
     files = find_task_files(path)
     wanted = None if tasks is None else set(tasks)
     rows: list[tuple[str, str, str, str]] = []
@@ -220,6 +222,9 @@ def read_tasks(path: Any, *, tasks: Sequence[str] | None = None
     if wanted is not None:
         missing = sorted(wanted - set(keywords))
         if missing:
+            available = [t.name for t in list_tasks(path)]
+            hints = [f"{m!r} holds only subtasks: {[a for a in available if a.startswith(m + '/')]}"
+                     for m in missing if any(a.startswith(m + "/") for a in available)]
             raise ValueError(f"BIG-bench tasks {missing} are not under {path!r} (or have no "
-                             f"examples); found: {sorted(keywords)}")
+                             f"examples); " + "; ".join(hints + [f"available: {available}"]))
     return rows, keywords

@@ -337,8 +337,10 @@ class MultiSourceData:
 
         In every split, the copy holds the source's prompts, each with the completion (and answer)
         of another example of the same source and split: the completions are permuted by a
-        seeded cyclic shift of a random order, so no example keeps its own (unless two examples
-        share a completion). Prompts of the target's validation and test splits stay in those
+        seeded cyclic shift of a random order, so no example keeps its own completion (unless two
+        examples share one). Answers are not flipped on purpose: for a task with few distinct
+        answers many stay right by chance (about half for yes/no tasks such as StrategyQA, whose
+        copy is then noisy mainly in its rationales). Prompts of the target's validation and test splits stay in those
         splits, so nothing held out is trained on. The copies are appended to :attr:`sources`,
         with kind ``"noisy"``; ids are ``<prefix><source>/<hash>`` like any example's.
 
@@ -346,6 +348,10 @@ class MultiSourceData:
         example (nothing to shuffle with).
         """
         sources = [sources] if isinstance(sources, str) else list(sources)
+        unknown = [s for s in sources if s not in self.sources]
+        if unknown:
+            raise ValueError(f"label noise (noisy) names sources {unknown} that are not among the "
+                             f"sources {self.sources}")
         splits = {s: {n: self.examples(s, n) for n in self.sources} for s in SPLITS}
         names = list(self.sources)
         for src in sources:
@@ -573,11 +579,11 @@ def read_examples(spec: Any) -> list[dict]:
     if spec.format not in FORMATS:
         raise ValueError(f"format {spec.format!r} is not supported; expected one of "
                          f"{', '.join(FORMATS)}")
+    if spec.format == "bigbench":
+        return _read_bigbench(spec)
     if (spec.path is None) == (spec.hub is None):
         raise ValueError("spec needs exactly one of path (local files) and hub (a dataset name), "
                          f"got path={spec.path!r}, hub={spec.hub!r}")
-    if spec.format == "bigbench":
-        return _read_bigbench(spec)
     roles = DEFAULT_COLUMNS[spec.format]
     unknown = sorted(set(spec.columns) - set(roles))
     if unknown:
@@ -609,7 +615,7 @@ def read_examples(spec: Any) -> list[dict]:
 def _read_bigbench(spec: SourcesSpec) -> list[dict]:
     from jaxgrad.data import bigbench
 
-    if spec.path is None:
+    if spec.path is None or spec.hub is not None:
         raise ValueError("format 'bigbench' reads local task files: set path (a task directory, "
                          "a task.json, a directory of tasks, or a list); hub is not supported")
     for field, value in (("columns", spec.columns), ("source", spec.source),
@@ -662,6 +668,13 @@ def load_sources(spec: Any) -> MultiSourceData:
       data.examples("train", sources=["coding", "math"])
     """
     spec = _as_spec(spec)
+    for field in ("sources", "noisy"):
+        if isinstance(getattr(spec, field), str):
+            raise TypeError(f"{field} must be a list of source names, got the string "
+                            f"{getattr(spec, field)!r} (write [{getattr(spec, field)!r}])")
+    if spec.kinds and spec.target in spec.kinds and spec.kinds[spec.target] != "target":
+        raise ValueError(f"kinds gives the target {spec.target!r} the kind "
+                         f"{spec.kinds[spec.target]!r}; the target's kind is always 'target'")
     examples = read_examples(spec)
     if spec.format == "cot":
         answer_format = "cot"
@@ -673,7 +686,7 @@ def load_sources(spec: Any) -> MultiSourceData:
     else:
         answer_format = spec.answer_format
     kinds = dict(spec.kinds or {})
-    noisy = [spec.noisy] if isinstance(spec.noisy, str) else list(spec.noisy or ())
+    noisy = list(spec.noisy or ())
     data = MultiSourceData.from_examples(
         examples, validation=spec.validation, test=spec.test, seed=spec.seed,
         sources=spec.sources, target=spec.target, max_examples=spec.max_examples,
