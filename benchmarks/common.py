@@ -51,3 +51,38 @@ def append_section(path: str, heading: str, block: str) -> None:
     lines[end:end] = new
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def load_config(spec: str):
+    """``"configs/x.py[:arg]"`` -> ``get_config(arg)`` of that file (as ml_collections'
+    ``config_flags`` reads it)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(module)
+    module.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def update_results(path: str, **sections) -> dict:
+    """Merge ``sections`` into the JSON object at ``path`` (other keys kept); written atomically.
+    Top-level ``date`` and ``machine`` are set to today's and this machine's."""
+    import datetime
+    import json
+
+    data = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update(sections)
+    data["date"] = str(datetime.date.today())
+    data["machine"] = f"{os.cpu_count()} x {cpu_model()}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return data

@@ -15,6 +15,18 @@ Defaults: one full-batch (the demo's subsets are 2 × 600 examples), normalised 
 the surrogate's Δ_S does) of length 0.05, about 0.002 of ‖θ*‖: the short, small update from θ* that
 Δ_S approximates (a gradient step on S, in the linear regime). Longer or Adam fine-tunes:
 ``--optimizer=adamw --learning-rate=2.5e-4``, ``--steps=8 --batch-size=32 --learning-rate=0.0625``.
+
+On the real model (``make real`` first; the fine-tunes resume, and each is measured once into
+``fidelity/subset_<i>/truth.npz``, so ``--variants`` re-score them under other surrogate settings
+in seconds):
+
+  python benchmarks/fidelity.py --config=configs/smollm2_bigbench.py:cpu --workdir=checkpoints/real
+      --subsets=16 --optimizer=adamw --steps=24 --learning-rate=1e-3 --batch-size=8
+      --max-grad-norm=-1 --variants=objective=taylor,objective=one_class,C=0.01
+
+(24 steps of 8 = one epoch of a subset of 6 sources x 32 examples; AdamW at the meta-training
+learning rate, constant, gradient clipping as in training.) With a config other than the demo's
+the ``fidelity`` section of benchmarks/results/real_model.json is written too.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import datetime
 import os
 import shutil
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,7 +58,12 @@ def _meets(v: dict) -> bool:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo.py")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "checkpoints", "demo"))
+    ap.add_argument("--variants", default="",
+                    help="comma-separated surrogate settings key=value, each re-scored on the same "
+                         "fine-tunes (e.g. objective=taylor,C=0.01)")
+    ap.add_argument("--fresh", action="store_true", help="delete <workdir>/fidelity first")
     ap.add_argument("--subsets", type=int, default=21)
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     ap.add_argument("--steps", type=int, default=1)
@@ -59,28 +77,42 @@ def main():
     import jax
     import ml_collections
 
-    from configs import demo
+    from common import load_config
     from jaxgrad.fidelity import run_fidelity
 
-    config = demo.get_config()
+    config = load_config(args.config)
     config.fidelity = ml_collections.ConfigDict(dict(
         num_subsets=args.subsets, steps=args.steps, learning_rate=args.learning_rate,
         optimizer=args.optimizer, batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
         calibrate=True))
     config.train.progress = False
-    shutil.rmtree(os.path.join(args.workdir, "fidelity"), ignore_errors=True)
+    if args.fresh:
+        shutil.rmtree(os.path.join(args.workdir, "fidelity"), ignore_errors=True)
+    t0 = time.time()
     out = run_fidelity(config, args.workdir)
+    seconds = time.time() - t0
+    variants = {}
+    for item in filter(None, args.variants.split(",")):
+        key, _, value = item.partition("=")
+        v_config = config.copy_and_resolve_references()
+        old = v_config.surrogate[key]
+        v_config.surrogate[key] = type(old)(value)
+        variants[item] = run_fidelity(v_config, args.workdir, write=False)
     cpu = cpu_model()
     st, cal = out["settings"], out["calibrated"]
     scale = config.surrogate.scale
-    command = (f"python benchmarks/fidelity.py --subsets={args.subsets} --optimizer={args.optimizer} "
+    command = (f"python benchmarks/fidelity.py --config={args.config} --workdir={args.workdir} "
+               f"--subsets={args.subsets} --optimizer={args.optimizer} "
                f"--steps={args.steps} --learning-rate={args.learning_rate} "
-               f"--batch-size={args.batch_size} --max-grad-norm={args.max_grad_norm}")
+               f"--batch-size={args.batch_size} --max-grad-norm={args.max_grad_norm}"
+               + (f" --variants={args.variants}" if args.variants else ""))
+    demo_run = args.config.startswith("configs/demo.py")
     lines = [
-        "", f"## Fidelity: estimates vs short fine-tunes from θ* (CPU, demo config, {datetime.date.today()})",
+        "", f"## Fidelity: estimates vs {'short ' if demo_run else ''}fine-tunes from θ* (CPU, "
+        f"{args.config}, {datetime.date.today()})",
         "",
         f"- machine: {cpu}, {os.cpu_count()} cores; jax {jax.__version__}",
-        f"- command: `{command}` on a `make demo` run directory (configs/demo.py: "
+        f"- command: `{command}` ({seconds:.0f} s) on a finished run directory ({args.config}: "
         f"{st['num_subsets']} subsets, output `{config.gradients.output_fn}`, k = "
         f"{config.gradients.projection_dim}, C = {st['C']}, surrogate.scale = {scale})",
         f"- true fine-tune per subset: {st['steps']} step(s) of {st['optimizer']} at constant lr "
@@ -119,7 +151,67 @@ def main():
         f"(linearized change error {lin['change_relative_error']:.2f} at scale {scale}, "
         f"{lin_cal['change_relative_error']:.2f} calibrated).",
     ]
+    acc = out["accuracy_spearman"]
+    if out.get("theta_star_accuracy") == out.get("theta_star_accuracy"):  # not NaN
+        lines += ["", f"Answer accuracy (most likely answer, target validation): "
+                  f"{out['theta_star_accuracy']:.3f} at θ*, fine-tunes "
+                  f"{min(r['true_accuracy'] for r in out['rows']):.3f}–"
+                  f"{max(r['true_accuracy'] for r in out['rows']):.3f}. Spearman with the true "
+                  f"accuracy (signed so + = lower loss goes with higher accuracy): linearized "
+                  f"{acc['linearized']:.3f}, exact {acc['exact']:.3f}, the true loss itself "
+                  f"{acc['true_loss']:.3f}."]
+    if variants:
+        lines += ["", "Other surrogate settings on the same fine-tunes (Spearman against the true "
+                  "loss; change Pearson; calibrated scale):", "",
+                  "| surrogate setting | linearized Spearman | exact Spearman | linearized change "
+                  "Pearson | calibrated scale | exact Spearman, calibrated |",
+                  "|---|---|---|---|---|---|"]
+        for name, v in [(f"config ({config.surrogate.objective}, C={config.surrogate.C})", out),
+                        *variants.items()]:
+            c = v.get("calibrated") or {}
+            lines.append(f"| {name} | {v['summary']['linearized']['spearman']:.3f} | "
+                         f"{v['summary']['exact']['spearman']:.3f} | "
+                         f"{v['summary']['linearized']['change_pearson']:.3f} | "
+                         f"{c.get('scale', float('nan')):.4f} | "
+                         f"{(c.get('exact') or {}).get('spearman', float('nan')):.3f} |")
     publish(lines, write=not args.no_write)
+    if not args.no_write and not demo_run:
+        from common import update_results
+
+        n_sub = [len(data_examples) for data_examples in _subset_sizes(config, out)]
+        update_results(
+            os.path.join(ROOT, "benchmarks", "results", "real_model.json"),
+            fidelity={"command": command, "date": str(datetime.date.today()),
+                      "seconds": round(seconds, 1), "num_subsets": st["num_subsets"],
+                      "finetune_steps": st["steps"], "batch_size": st["batch_size"],
+                      "finetune_epochs": round(st["steps"] * st["batch_size"] / max(n_sub), 3),
+                      "optimizer": st["optimizer"], "learning_rate": st["learning_rate"],
+                      "spearman_linearized": lin["spearman"],
+                      "spearman_exact": out["summary"]["exact"]["spearman"],
+                      "pearson_linearized": lin["change_pearson"],
+                      "change_relative_error_linearized": lin["change_relative_error"],
+                      "calibrated": cal, "accuracy_spearman": acc,
+                      "theta_star_loss": out["theta_star_loss"],
+                      "theta_star_accuracy": out["theta_star_accuracy"],
+                      "first_order_error_config_scale": out["first_order_error"],
+                      "update_ratio_median": out["update_ratio_median"],
+                      "direction_cosine_mean": out["direction_cosine_mean"],
+                      "rows": [{k: r[k] for k in ("subset", "sources", "true_loss", "true_accuracy",
+                                                  "linearized_loss_refit", "exact_loss")}
+                               for r in out["rows"]],
+                      "variants": {k: {"spearman_linearized": v["summary"]["linearized"]["spearman"],
+                                       "spearman_exact": v["summary"]["exact"]["spearman"],
+                                       "pearson_linearized": v["summary"]["linearized"]["change_pearson"],
+                                       "calibrated": v.get("calibrated")}
+                                   for k, v in variants.items()}})
+
+
+def _subset_sizes(config, out):
+    """The training examples of each fine-tuned subset (for the epochs the steps make)."""
+    from jaxgrad.train import load_data
+
+    data = load_data(config.data)
+    return [data.examples("train", r["sources"].split("+")) for r in out["rows"]]
 
 
 if __name__ == "__main__":

@@ -133,9 +133,14 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.selection.seed = 0  # bootstrap and random-baseline seed
 
     c.pipeline = ml_collections.ConfigDict()
-    c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim")  # final fine-tunes
+    # Final fine-tunes: the selection and the baselines (all sources; random; the top sources by
+    # gradient similarity, LESS-style; by last-layer representation similarity at θ*).
+    c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim", "repr_sim")
     # Steps of every final fine-tune (the same budget for each); 0 = train.num_steps / train.epochs.
     c.pipeline.finetune_steps = 0
+    # Seed of the final fine-tunes (data order, dropout, fresh adapters' init); -1 = train.seed /
+    # lora.seed. Varies the final fine-tunes across seeds while one meta-training serves them all.
+    c.pipeline.finetune_seed = -1
     # A stage's artefacts in the run directory were computed under another config (stages.json):
     # "error" (name the changed keys, delete nothing) | "rerun" (delete it and downstream, recompute)
     c.pipeline.on_config_change = "error"

@@ -67,7 +67,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "selection": ("selection", "data"),
     # finetune trains the base on each choice of sources with config.train (num_steps replaced by
     # pipeline.finetune_steps when > 0); config.finetune is overwritten per run by the stage.
-    "finetune": ("pipeline.finetune_steps", "model", "lora", "data", "train"),
+    "finetune": ("pipeline.finetune_steps", "pipeline.finetune_seed", "model", "lora", "data",
+                 "train"),
     # Fine-tunes θ* on subsets of the estimates table (only with pipeline.fidelity = True).
     "fidelity": ("fidelity", "surrogate", "gradients.output_fn", "gradients.eps", "train"),
     "report": ("data", "surrogate", "gradients.projection_dim", "gradients.output_fn"),
@@ -118,6 +119,12 @@ FINGERPRINT_EXCLUDE: dict[str, str] = {
     "pipeline.on_config_change": "what to do on a change (this mechanism)",
     "pipeline.fidelity": "whether the fidelity stage runs; its results, once there, do not depend "
                          "on the switch",
+}
+# Keys added after run directories existed, at the value that computes what was computed before
+# the key existed: at that value a key is left out of the fingerprint, so those run directories
+# still match; any other value counts as usual.
+INERT_DEFAULTS: dict[str, Any] = {
+    "pipeline.finetune_seed": -1,  # -1: train.seed / lora.seed, as before the key existed
 }
 # Sections no stage reads: mesh (device layout: the same computation), finetune (set per run by
 # the finetune stage). Not in STAGE_CONFIG.
@@ -173,6 +180,8 @@ def flatten_config(config: Any) -> dict[str, Any]:
 
 def _excluded(key: str, flat: Mapping[str, Any]) -> bool:
     if key in FINGERPRINT_EXCLUDE:
+        return True
+    if key in INERT_DEFAULTS and flat.get(key) == INERT_DEFAULTS[key]:
         return True
     if flat.get("base.pretrain") and key in ("model.name_or_path", "model.tokenizer"):
         return True  # replaced by <workdir>/base (resolved_config)

@@ -19,7 +19,8 @@ checkpoints/README.md):
     <workdir>/gradients/{train,target}/  projected per-sample gradients (jaxgrad.store)
     <workdir>/estimates/estimates.csv    one row per sampled subset: sources, estimates, solver status
     <workdir>/selection/selection.json   ensemble scores, intervals, the chosen sources, baselines
-    <workdir>/finetune/<name>/       the base model fine-tuned on: selection, all, random, grad_sim
+    <workdir>/finetune/<name>/       the base model fine-tuned on: selection, all, random, grad_sim,
+                                     repr_sim
     <workdir>/fidelity/              with pipeline.fidelity: θ* really fine-tuned on K subsets vs the
                                      estimates (jaxgrad.fidelity; fidelity.json)
     <workdir>/report.md, *.png       what ran, the selection and the target metrics side by side
@@ -391,7 +392,15 @@ def stage_selection(config, workdir: str) -> dict:
 
     out = os.path.join(workdir, "selection", "selection.json")
     if os.path.isfile(out):
-        return _read_json(out)
+        result = _read_json(out)
+        if "repr_sim" not in result["baselines"]:  # made before the repr_sim baseline existed
+            rep = representation_similarity(config, workdir, load_data(config.data))
+            k, sources = len(result["selected"]), result["sources"]
+            result["repr_sim_scores"] = rep
+            result["baselines"]["repr_sim"] = [sources[i] for i in sorted(np.argsort(-rep)[:k])]
+            _write_json(out, result)
+            result = _read_json(out)
+        return result
     sel = _section(config, "selection")
     data = load_data(config.data)
     sources = data.sources
@@ -414,24 +423,43 @@ def stage_selection(config, workdir: str) -> dict:
     src_index = {name: i for i, name in enumerate(sources)}
     ids = np.array([src_index[x] for x in train.source_ids])
     sim = np.asarray(gradient_similarity_scores(train.feats(), ids, target.feats(), n_sources=len(sources)))
+    rep = representation_similarity(config, workdir, data)
     k = len(chosen)
     rng = np.random.default_rng(int(sel["seed"]))
     baselines = {
         "all": list(sources),
         "random": sorted(rng.choice(sources, size=k, replace=False).tolist(), key=sources.index),
         "grad_sim": [sources[i] for i in sorted(np.argsort(-sim)[:k])],
+        "repr_sim": [sources[i] for i in sorted(np.argsort(-rep)[:k])],
     }
     ranking = [sources[i] for i in np.argsort(-scores)]
     result = {
         "metric": metric, "higher_is_better": higher_is_better, "sources": sources,
         "scores": scores, "ci_low": np.asarray(ens.ci_low), "ci_high": np.asarray(ens.ci_high),
         "counts": np.asarray(ens.counts), "ranking": ranking, "selected": chosen,
-        "grad_sim_scores": sim, "baselines": baselines, "kinds": dict(data.kinds or {}),
+        "grad_sim_scores": sim, "repr_sim_scores": rep, "baselines": baselines, "kinds": dict(data.kinds or {}),
         "ranking_auc": ranking_auc(ranking, data.kinds or {}),
     }
     os.makedirs(os.path.dirname(out), exist_ok=True)
     _write_json(out, result)
     return _read_json(out)
+
+
+def representation_similarity(config, workdir: str, data) -> np.ndarray:
+    """The representation-similarity baseline's scores: per source, the cosine between its train
+    examples' mean last-layer hidden state at θ* and the target validation examples' (the
+    examples the target gradients are taken on); :mod:`jaxgrad.representations`."""
+    from jaxgrad.representations import mean_representations
+    from jaxgrad.selection import gradient_similarity_scores
+
+    model, tokenizer = _load_theta_star(config, workdir)
+    kw = dict(sources=data.sources, max_length=int(config.train.max_length),
+              batch_size=int(_section(config, "gradients")["batch_size"]))
+    train = data.examples("train")
+    reps = mean_representations(model, tokenizer, train, **kw)
+    target = mean_representations(model, tokenizer, data.examples("validation", [data.target]), **kw)
+    ids = np.array([data.sources.index(e["source"]) for e in train])
+    return np.asarray(gradient_similarity_scores(reps, ids, target, n_sources=len(data.sources)))
 
 
 def ranking_auc(ranking: Sequence[str], kinds: dict) -> float | None:
@@ -465,6 +493,10 @@ def stage_finetune(config, workdir: str) -> dict:
             steps = int(config.pipeline.get("finetune_steps", 0))
             if steps > 0:  # the same optimisation budget for every choice of sources
                 cfg.train.num_steps = steps
+            seed = int(config.pipeline.get("finetune_seed", -1))
+            if seed >= 0:  # data order, dropout and the fresh adapters' initialisation
+                cfg.train.seed = seed
+                cfg.lora.seed = seed
             result = finetune(cfg, workdir)
             if _stopped_early(cfg, result.step, lambda data: data.examples("train", runs[name])):
                 if jax.process_index() == 0 and os.path.isfile(done):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 KIND_COLORS = {"target": "#1f77b4", "related": "#2ca02c", "noisy": "#d62728", "unrelated": "#ff7f0e"}
-RUN_ORDER = ("selection", "all", "random", "grad_sim")
+RUN_ORDER = ("selection", "all", "random", "grad_sim", "repr_sim")
 
 
 def _read_json(path: str) -> Any:
@@ -102,7 +102,7 @@ def target_metrics(run: dict, target: str | None) -> dict[str, float | None]:
     m = run.get("metrics", {})
     loss = m.get(f"test_loss/{target}", m.get("test_loss"))
     acc = m.get(f"test_acc/{target}", m.get("test_acc"))
-    return {"test_loss": loss, "test_acc": acc}
+    return {"test_loss": loss, "test_acc": acc, "test_choice_acc": m.get("test_choice_acc")}
 
 
 def write_report(config, workdir: str) -> str:
@@ -140,14 +140,16 @@ def write_report(config, workdir: str) -> str:
               f"source ({'higher' if selection['higher_is_better'] else 'lower'} is better; shown "
               f"{'as is' if selection['higher_is_better'] else 'negated'} so higher is better), "
               "95% bootstrap interval over subsets.", "",
-              "| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | selected |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | repr-sim cosine "
+              "| selected |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    rep = selection.get("repr_sim_scores") or [None] * len(selection["sources"])
     for rank, s in enumerate(selection["ranking"], 1):
         i = selection["sources"].index(s)
         lines.append(f"| {rank} | {s} | {kinds.get(s, '')} | {_fmt(selection['scores'][i])} | "
                      f"[{_fmt(selection['ci_low'][i])}, {_fmt(selection['ci_high'][i])}] | "
                      f"{selection['counts'][i]} | {_fmt(selection['grad_sim_scores'][i], 3)} | "
-                     f"{'✓' if s in selection['selected'] else ''} |")
+                     f"{_fmt(rep[i], 3)} | {'✓' if s in selection['selected'] else ''} |")
     if selection.get("ranking_auc") is not None:
         lines += ["", f"Ranking AUC (a target/related source ranks above a noisy/unrelated one): "
                       f"**{selection['ranking_auc']:.3f}**"]
@@ -155,11 +157,12 @@ def write_report(config, workdir: str) -> str:
     if runs:
         lines += ["## Fine-tuning the base model on each choice of sources", "",
                   f"Target **{target}**, test split (never used for selection).", "",
-                  "| run | sources | test loss | test accuracy |", "|---|---|---|---|"]
+                  "| run | sources | test loss | test accuracy (generated answer) | test accuracy "
+                  "(most likely choice) |", "|---|---|---|---|---|"]
         for name, run in runs.items():
             m = target_metrics(run, target)
             lines.append(f"| {name} | {', '.join(run['sources'])} | {_fmt(m['test_loss'])} | "
-                         f"{_fmt(m['test_acc'], 3)} |")
+                         f"{_fmt(m['test_acc'], 3)} | {_fmt(m.get('test_choice_acc'), 3)} |")
         lines.append("")
     fid_path = os.path.join(workdir, "fidelity", "fidelity.json")
     if os.path.isfile(fid_path) and _fidelity_current(config, workdir):

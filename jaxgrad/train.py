@@ -1062,6 +1062,21 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
     return names
 
 
+def _choice_metrics(model, tokenizer, data, cfg: TrainConfig, *, prefix: str) -> dict[str, float]:
+    """``{prefix}_choice_acc``: likelihood accuracy over the target's closed answer set
+    (:mod:`jaxgrad.choices`) on its ``prefix`` split; empty when the target's answers are open."""
+    from jaxgrad.choices import answer_choices, choice_accuracy
+
+    every = [e for split in ("train", "validation", "test") for e in data.examples(split, [data.target])]
+    choices = answer_choices(every)
+    if choices is None:
+        return {}
+    acc, _ = choice_accuracy(model, tokenizer, data.examples(prefix, [data.target]), choices,
+                             sources=data.sources, max_length=cfg.max_length,
+                             batch_size=cfg.eval_batch_size or cfg.batch_size)
+    return {f"{prefix}_choice_acc": acc}
+
+
 def finetune(config: Any, workdir: str) -> TrainResult:
     """Final stage: fine-tune the *base* model (fresh adapters) on the selected sources.
 
@@ -1090,6 +1105,7 @@ def finetune(config: Any, workdir: str) -> TrainResult:
                               sources=data.sources, extract_answer=extract, prefix="test")
         mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
         test_metrics = test(result.model, mesh)
+        test_metrics.update(_choice_metrics(result.model, tokenizer, data, cfg, prefix="test"))
         MetricsLog(os.path.join(run_dir, METRICS_FILE)).write({"step": result.step, **test_metrics})
         result.metrics.update(test_metrics)
     save_adapter(result.model, run_dir, base_model_name_or_path=spec.name_or_path or None)

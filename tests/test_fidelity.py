@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxgrad.fidelity import FidelityConfig, _summary, run_fidelity, suggest_scale
+from jaxgrad.fidelity import (FidelityConfig, _summary, first_order_error, run_fidelity,
+                              suggest_scale)
 from jaxgrad.pipeline import run_pipeline
 
 
@@ -93,3 +94,42 @@ def test_normalised_gradient_steps_against_estimates(run_dir):
     with pytest.raises(ValueError, match="other fidelity settings"):
         run_fidelity(_config(num_subsets=3, steps=2, learning_rate=lr, optimizer="sgd",
                              batch_size=64, max_grad_norm=clip), run_dir)
+
+
+def test_fine_tunes_measured_once_and_rescored_under_other_surrogate_settings(run_dir):
+    """truth.npz keeps each fine-tune's update and outputs: another surrogate objective re-scores
+    the same fine-tunes without training again, and write=False leaves fidelity.json alone."""
+    settings = dict(num_subsets=2, steps=1, learning_rate=0.5, optimizer="sgd", batch_size=64,
+                    max_grad_norm=1e-3)
+    first = run_fidelity(_config(**settings), run_dir)
+    truth = os.path.join(run_dir, "fidelity", f"subset_{first['rows'][0]['subset']}", "truth.npz")
+    stamp = os.path.getmtime(truth)
+    saved = open(os.path.join(run_dir, "fidelity", "fidelity.json")).read()
+    config = _config(**settings)
+    config.surrogate.objective = "taylor"
+    other = run_fidelity(config, run_dir, write=False)
+    assert os.path.getmtime(truth) == stamp, "the fine-tune was measured again"
+    assert open(os.path.join(run_dir, "fidelity", "fidelity.json")).read() == saved
+    assert [r["true_loss"] for r in other["rows"]] == [r["true_loss"] for r in first["rows"]]
+    assert other["settings"]["objective"] == "taylor"
+    assert [r["linearized_loss_refit"] for r in other["rows"]] != \
+        [r["linearized_loss_refit"] for r in first["rows"]]
+    # the demo's answers are open-ended (no closed answer set): accuracy is not defined
+    assert np.isnan(first["theta_star_accuracy"])
+
+
+def test_first_order_error_vanishes_quadratically(run_dir):
+    """The paper's first-order test: the error of f(θ*) + gᵀΔ falls like s² relative to the
+    no-gradient baseline's (so its ratio to the baseline like s²), in both kinds of direction."""
+    out = first_order_error(demo.get_config("tiny"), run_dir, scales=(1e-3, 1e-2, 0.1), seeds=2)
+    assert out["num_samples"] == 8 and out["D"] > 0 and out["theta_norm"] > 0
+    for kind in ("random", "surrogate"):
+        res = out["results"][kind]
+        ratio = {s: res[s]["mean"] / res[s]["baseline_mean"] for s in res}
+        assert all(res[s]["seeds"] == 2 and res[s]["baseline_mean"] > 0 for s in res)
+        # first order beats no gradient, and by far more at small steps
+        assert ratio["0.001"] < 1e-3, (kind, ratio)
+        assert ratio["0.001"] < ratio["0.01"] < ratio["0.1"], (kind, ratio)
+        assert res["0.001"]["baseline_mean"] < res["0.1"]["baseline_mean"]
+    with pytest.raises(ValueError, match="fewer than seeds"):
+        first_order_error(demo.get_config("tiny"), run_dir, seeds=10 ** 6)

@@ -373,3 +373,82 @@ def test_pretrained_base_must_be_llama(tmp_path):
     with pytest.raises(ValueError, match="base.pretrain builds a Llama-family base.*'t5'"):
         run_pipeline(config, str(tmp_path), stages=["base"])
     assert not (tmp_path / "base").exists()
+
+
+def test_representation_similarity_baseline(run_dir):
+    """repr_sim: the top-k sources (k = the selection's size) by the cosine between each source's
+    mean last-layer hidden state at θ* and the target's; it is fine-tuned and reported."""
+    from jaxgrad.pipeline import _load_theta_star, resolved_config
+    from jaxgrad.representations import mean_representations
+    from jaxgrad.train import load_data
+
+    sel = json.load(open(os.path.join(run_dir, "selection", "selection.json")))
+    config = demo.get_config("tiny")
+    data = load_data(config.data)
+    model, tok = _load_theta_star(resolved_config(config, run_dir), run_dir)
+    kw = dict(sources=data.sources, max_length=config.train.max_length)
+    target = mean_representations(model, tok, data.examples("validation", [data.target]), **kw)
+    t = target.mean(0)
+    want = []
+    for s in data.sources:
+        m = mean_representations(model, tok, data.examples("train", [s]), **kw).mean(0)
+        want.append(m @ t / (np.linalg.norm(m) * np.linalg.norm(t)))
+    np.testing.assert_allclose(sel["repr_sim_scores"], want, atol=1e-4)
+    k = len(sel["selected"])
+    top = [data.sources[i] for i in sorted(np.argsort(-np.asarray(want))[:k])]
+    assert sel["baselines"]["repr_sim"] == top
+    run = json.load(open(os.path.join(run_dir, "finetune", "repr_sim", "sources.json")))
+    assert run["sources"] == top
+    assert "repr-sim cosine" in open(os.path.join(run_dir, "report.md")).read()
+
+
+def test_finetune_seed_is_inert_at_its_default():
+    """pipeline.finetune_seed = -1 (the default) leaves fingerprints as before the key existed, so
+    older run directories still match; another value changes the final fine-tunes only."""
+    base = stage_fingerprints(demo.get_config("tiny"))
+    config = demo.get_config("tiny")
+    del config.pipeline["finetune_seed"]
+    assert {s: f.fingerprint for s, f in stage_fingerprints(config).items()} == \
+        {s: f.fingerprint for s, f in base.items()}
+    config = demo.get_config("tiny")
+    config.pipeline.finetune_seed = 3
+    changed = stage_fingerprints(config)
+    assert [s for s in STAGES if changed[s].fingerprint != base[s].fingerprint] == \
+        ["finetune", "report"]
+
+
+def test_finetune_seed_changes_the_final_finetunes_only(run_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    config = demo.get_config("tiny")
+    config.pipeline.finetune_seed = 5
+    config.pipeline.finetune_runs = ("all",)
+    config.pipeline.on_config_change = "rerun"
+    before = _mtimes(workdir)
+    run_pipeline(config, workdir)
+    after = _mtimes(workdir)
+    assert after["selection/selection.json"] == before["selection/selection.json"]
+    old = json.load(open(os.path.join(run_dir, "finetune", "all", "sources.json")))
+    new = json.load(open(os.path.join(workdir, "finetune", "all", "sources.json")))
+    assert new["sources"] == old["sources"]
+    assert new["metrics"]["test_loss"] != old["metrics"]["test_loss"], \
+        "another finetune_seed gave the same fine-tune"
+    saved = json.load(open(os.path.join(workdir, "finetune", "all", "config.json")))
+    assert saved["train"]["seed"] == 5 and saved["lora"]["seed"] == 5
+
+
+def test_selection_from_before_repr_sim_gains_the_baseline(run_dir, tmp_path):
+    """A selection.json written before the repr_sim baseline existed gets it added (same k, the
+    rest unchanged) instead of failing the finetune stage."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    path = os.path.join(workdir, "selection", "selection.json")
+    new = json.load(open(path))
+    old = json.loads(json.dumps(new))
+    del old["baselines"]["repr_sim"], old["repr_sim_scores"]
+    json.dump(old, open(path, "w"))
+    run_pipeline(demo.get_config("tiny"), workdir, stages=["selection"])
+    again = json.load(open(path))
+    assert again["baselines"] == new["baselines"]
+    np.testing.assert_allclose(again["repr_sim_scores"], new["repr_sim_scores"], atol=1e-6)
+    assert again["selected"] == new["selected"]

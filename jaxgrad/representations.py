@@ -1,0 +1,79 @@
+"""Last-layer representations of examples, for the representation-similarity baseline.
+
+The baseline ranks sources by the cosine between each source's mean representation and the
+target's (the representation-similarity selector GradEx is compared with, Li et al., EMNLP 2024;
+RDS in the data-selection literature). An example's representation is the mean over its real
+tokens of the model's last hidden state (after the final norm, before the LM head):
+
+* decoders (``LlamaForCausalLM`` and the families built on it): every token of BOS + prompt +
+  completion + EOS, i.e. the positions where ``attention_mask`` is 1;
+* encoder–decoders (T5): the encoder's output over the input tokens (the prompt), as sentence
+  embeddings from T5 are usually taken.
+
+The cosines of the source means are :func:`jaxgrad.selection.gradient_similarity_scores` applied
+to these features (the same arithmetic as the gradient-similarity baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def last_hidden_states(model: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """``(hidden [B, L, H] float32, mask [B, L])`` of ``model`` on ``batch``.
+
+    Raises:
+      TypeError: the model exposes neither a decoder stack (``model.model``) nor ``encode``.
+    """
+    if getattr(model, "is_encoder_decoder", False):
+        h = model.encode(batch["input_ids"], batch["attention_mask"])
+        return h.astype(jnp.float32), batch["attention_mask"]
+    inner = getattr(model, "model", None)
+    if inner is None or not callable(inner):
+        raise TypeError(f"last_hidden_states: {type(model).__name__} has no decoder stack "
+                        "`.model` (LlamaForCausalLM layout) or `encode` (T5 layout)")
+    return inner(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32), \
+        batch["attention_mask"]
+
+
+def mean_representations(model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *,
+                         sources: Sequence[str], max_length: int, batch_size: int = 16
+                         ) -> np.ndarray:
+    """Mean last hidden state of each example: float32 ``[N, H]``, in the order of ``examples``.
+
+    Args:
+      model: a jaxgrad model (LoRA adapters, if any, are applied as they are).
+      tokenizer: its tokenizer.
+      examples: example dicts (prompt, completion, source).
+      sources: the source list of the data (``MultiSourceData.sources``).
+      max_length: truncation length in tokens (``train.max_length``), as in training.
+      batch_size: examples per forward pass (the result does not depend on it).
+    """
+    from jaxgrad.data.batching import collate, encode_examples
+
+    examples = list(examples)
+    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+    start = int(model.config.decoder_start_token_id) if enc_dec else None
+    enc = encode_examples(examples, tokenizer, sources=sources, decoder_start_id=start)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def pooled(state, batch):
+        h, mask = last_hidden_states(nnx.merge(graphdef, state), batch)
+        m = mask.astype(jnp.float32)[..., None]
+        return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+    out = np.zeros((len(examples), 0), np.float32)
+    parts = []
+    for lo in range(0, len(examples), batch_size):
+        rows = list(range(lo, min(lo + batch_size, len(examples))))
+        batch = collate(enc, rows, max_length=max_length,
+                        arch="encoder_decoder" if enc_dec else "decoder", batch_size=batch_size)
+        fields = ("input_ids", "attention_mask")
+        parts.append(np.asarray(pooled(state, {k: jnp.asarray(batch[k]) for k in fields}))[:len(rows)])
+    return np.concatenate(parts, 0).astype(np.float32) if parts else out
