@@ -64,12 +64,15 @@ def prepare_seed_dir(base: str, workdir: str) -> None:
     if os.path.isdir(os.path.join(workdir, "meta_train")):
         return
     os.makedirs(workdir, exist_ok=True)
-    shutil.copytree(os.path.join(base, "meta_train"), os.path.join(workdir, "meta_train"))
     with open(os.path.join(base, "stages.json")) as f:
         records = json.load(f)
     records["stages"] = {k: v for k, v in records["stages"].items() if k in ("base", "meta_train")}
     with open(os.path.join(workdir, "stages.json"), "w") as f:
         json.dump(records, f, indent=1)
+    tmp = os.path.join(workdir, "meta_train.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(base, "meta_train"), tmp)
+    os.replace(tmp, os.path.join(workdir, "meta_train"))  # complete or absent
 
 
 def choice_accuracy_of_run(config, run_dir: str) -> float:
@@ -108,7 +111,8 @@ def main():
         run_pipeline(config, workdir)
         seconds[seed] = round(time.time() - t0, 1)
         sel = json.load(open(os.path.join(workdir, "selection", "selection.json")))
-        n_test = len(load_data(config.data).examples("test", [config.data.files.target]))
+        data = load_data(config.data)
+        n_test = len(data.examples("test", [data.target]))
         runs = {}
         for name in config.pipeline.finetune_runs:
             run_dir = os.path.join(workdir, "finetune", name)

@@ -83,12 +83,16 @@ def _target_metric(output_fn: str):
 
 
 def _spearman(a, b) -> float:
+    """Spearman's rank correlation with average ranks for ties (scipy.stats.spearmanr's
+    definition); NaN for fewer than 3 pairs, a non-finite value or a constant side."""
+    from scipy.stats import rankdata
+
     a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3:
+    if len(a) < 3 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return float("nan")
-    ra = np.argsort(np.argsort(a)).astype(float)
-    rb = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])
 
 
 def _pearson(a, b) -> float:
@@ -246,8 +250,14 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
         chosen = row["sources"].split("+")
         run_dir = os.path.join(out_dir, f"subset_{int(row['subset'])}")
         truth_path = os.path.join(run_dir, "truth.npz")
-        if os.path.isfile(truth_path):
-            truth = np.load(truth_path)
+        # What the measurements depend on besides the fine-tune settings (settings.json).
+        key = json.dumps({"sources": row["sources"], "theta_norm": round(theta_norm, 6),
+                          "output_fn": str(config.gradients.output_fn),
+                          "eps": float(config.gradients.eps),
+                          "max_length": int(config.train.max_length),
+                          "target_ids": [e.get("example_id") for e in examples]}, sort_keys=True)
+        truth = np.load(truth_path) if os.path.isfile(truth_path) else None
+        if truth is not None and str(truth["key"]) == key:
             f_true, u = truth["f_true"], truth["update"]
             acc_true, grad_norms = float(truth["accuracy"]), list(truth["grad_norms"])
         else:
@@ -262,7 +272,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
             acc_true = accuracy(trained)
             if jax.process_index() == 0:
                 tmp = os.path.join(run_dir, f"truth.tmp{os.getpid()}.npz")
-                np.savez(tmp, f_true=f_true, update=u.astype(np.float32),
+                np.savez(tmp, key=np.str_(key), f_true=f_true, update=u.astype(np.float32),
                          accuracy=np.float64(acc_true), grad_norms=np.asarray(grad_norms))
                 os.replace(tmp, truth_path)
             nnx.update(model, theta_star)

@@ -67,6 +67,8 @@ def _section(config, name):
 def _write_json(path: str, obj: Any) -> None:
     from jaxgrad.checkpoint import jsonable
 
+    if jax.process_index() != 0:  # every process computes the same result; one writes it
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(jsonable(obj), f, indent=1)

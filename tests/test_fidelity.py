@@ -133,3 +133,14 @@ def test_first_order_error_vanishes_quadratically(run_dir):
         assert res["0.001"]["baseline_mean"] < res["0.1"]["baseline_mean"]
     with pytest.raises(ValueError, match="fewer than seeds"):
         first_order_error(demo.get_config("tiny"), run_dir, seeds=10 ** 6)
+
+
+def test_spearman_averages_ties_and_refuses_constant_or_missing_values():
+    from scipy.stats import spearmanr
+
+    from jaxgrad.fidelity import _spearman
+
+    a, b = [1.0, 2.0, 2.0, 3.0, 5.0], [0.5, 0.5, 0.5, 0.7, 0.9]
+    assert _spearman(a, b) == pytest.approx(spearmanr(a, b)[0])
+    assert np.isnan(_spearman(a, [0.5] * 5))  # constant: no ranking, not a correlation with order
+    assert np.isnan(_spearman(a, [np.nan] * 5))
