@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import sys
@@ -64,6 +65,9 @@ def main():
                     help="comma-separated surrogate settings key=value, each re-scored on the same "
                          "fine-tunes (e.g. objective=taylor,C=0.01)")
     ap.add_argument("--fresh", action="store_true", help="delete <workdir>/fidelity first")
+    ap.add_argument("--repeat-subsets", type=int, default=0,
+                    help="the noise of the truth itself: fine-tune the first N subsets again with "
+                         "train.seed + 1 (another data order), in <workdir>_fidelity_seed<s>")
     ap.add_argument("--subsets", type=int, default=21)
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     ap.add_argument("--steps", type=int, default=1)
@@ -98,6 +102,7 @@ def main():
         old = v_config.surrogate[key]
         v_config.surrogate[key] = type(old)(value)
         variants[item] = run_fidelity(v_config, args.workdir, write=False)
+    repeat = _repeat(config, args) if args.repeat_subsets else None
     cpu = cpu_model()
     st, cal = out["settings"], out["calibrated"]
     scale = config.surrogate.scale
@@ -160,6 +165,14 @@ def main():
                   f"accuracy (signed so + = lower loss goes with higher accuracy): linearized "
                   f"{acc['linearized']:.3f}, exact {acc['exact']:.3f}, the true loss itself "
                   f"{acc['true_loss']:.3f}."]
+    if repeat:
+        lines += ["", f"Noise of the truth (the first {repeat['num_subsets']} subsets fine-tuned "
+                  f"again with train.seed {repeat['seed']}, another data order): the true "
+                  f"loss changes by {repeat['seed_sd']:.4f} (RMS over subsets, of the difference "
+                  f"/ √2), against a spread of {repeat['between_sd']:.4f} (SD) between "
+                  f"subsets; the two seeds' true losses have Spearman {repeat['spearman']:.3f} "
+                  f"and Pearson {repeat['pearson']:.3f} with each other, the ceiling of any "
+                  f"estimate's agreement with one seed's truth."]
     if variants:
         lines += ["", "Other surrogate settings on the same fine-tunes (Spearman against the true "
                   "loss; change Pearson; calibrated scale):", "",
@@ -199,11 +212,41 @@ def main():
                       "rows": [{k: r[k] for k in ("subset", "sources", "true_loss", "true_accuracy",
                                                   "linearized_loss_refit", "exact_loss")}
                                for r in out["rows"]],
+                      "truth_noise": repeat,
                       "variants": {k: {"spearman_linearized": v["summary"]["linearized"]["spearman"],
                                        "spearman_exact": v["summary"]["exact"]["spearman"],
                                        "pearson_linearized": v["summary"]["linearized"]["change_pearson"],
                                        "calibrated": v.get("calibrated")}
                                    for k, v in variants.items()}})
+
+
+def _repeat(config, args) -> dict:
+    """Fine-tune the first ``--repeat-subsets`` subsets again under train.seed + 1, in a copy of
+    the run directory's θ*, gradients and estimates; the truth's test-retest agreement."""
+    import numpy as np
+
+    from jaxgrad.fidelity import _pearson, _spearman, run_fidelity
+
+    seed = int(config.train.seed) + 1
+    workdir = f"{args.workdir.rstrip('/')}_fidelity_seed{seed}"
+    for part in ("meta_train", "gradients", "estimates"):
+        if not os.path.isdir(os.path.join(workdir, part)):
+            shutil.copytree(os.path.join(args.workdir, part), os.path.join(workdir, part + ".tmp"))
+            os.replace(os.path.join(workdir, part + ".tmp"), os.path.join(workdir, part))
+    c = config.copy_and_resolve_references()
+    c.train.seed = seed
+    c.fidelity.num_subsets = args.repeat_subsets
+    c.fidelity.calibrate = False
+    again = run_fidelity(c, workdir)["rows"]
+    with open(os.path.join(args.workdir, "fidelity", "fidelity.json")) as f:
+        first = {r["subset"]: r["true_loss"] for r in json.load(f)["rows"]}
+    a = np.array([first[r["subset"]] for r in again])
+    b = np.array([r["true_loss"] for r in again])
+    return {"seed": seed, "num_subsets": len(again), "workdir": workdir,
+            "seed_sd": float(np.sqrt(np.mean((a - b) ** 2) / 2)),
+            "between_sd": float(np.std(list(first.values()))),
+            "spearman": _spearman(a, b), "pearson": _pearson(a, b),
+            "true_loss_seed0": a.tolist(), f"true_loss_seed{seed}": b.tolist()}
 
 
 def _subset_sizes(config, out):

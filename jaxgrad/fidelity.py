@@ -134,6 +134,7 @@ def _check_settings(out_dir: str, settings: dict) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
+        old.setdefault("seed", 0)  # written before the seed was recorded: made with train.seed 0
         if old != settings:
             raise ValueError(f"{out_dir} holds fine-tunes made with other fidelity settings "
                              f"({old} != {settings}); delete it to rerun")
@@ -188,7 +189,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
                         "async_checkpoint": False, "eval_every": 0, "save_every": 0,
                         "best_metric": "train_loss", "stop_after_steps": 0})
     settings = {"steps": tc.num_steps, "learning_rate": tc.learning_rate, "optimizer": tc.optimizer,
-                "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm}
+                "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm, "seed": tc.seed}
     _check_settings(out_dir, settings)
 
     out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
