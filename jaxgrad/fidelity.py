@@ -372,7 +372,9 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     For each scale s and seed, a perturbation Δ of the LoRA parameters with ‖Δ‖ = s·‖θ*_LoRA‖,
     in two kinds of direction: ``random`` (isotropic Gaussian) and ``surrogate`` (the lifted
     surrogate solution ``P w_S`` of subset ``seed`` of the estimates table, the direction the
-    estimates move θ* in). On every target validation sample j, with f_j the run's output
+    estimates move θ* in); and, when :func:`run_fidelity` has measured real fine-tunes in the run
+    directory, ``finetune`` (the directions θ_S − θ* of the first ``seeds`` of them: where real
+    training goes). On every target validation sample j, with f_j the run's output
     function (``gradients.output_fn``) and ``gᵀΔ`` the exact directional derivative (``jax.jvp``,
     no projection):
 
@@ -427,6 +429,10 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
         return jax.jvp(f, (theta_star,), (tangent,))
 
     def directions(kind):
+        if kind == "finetune":  # the real fine-tunes' updates θ_S − θ* (truth.npz of run_fidelity)
+            for path in finetune_updates[:seeds]:
+                yield np.load(path)["update"]
+            return
         if kind == "random":
             for seed in range(seeds):
                 yield np.asarray(jax.random.normal(jax.random.key(seed), (dim,), jnp.float32))
@@ -445,8 +451,14 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
             yield np.asarray(projector.lift(jnp.asarray(coef)))
 
     f0 = np.asarray(f(theta_star), np.float64)
+    fid_dir = os.path.join(workdir, "fidelity")
+    finetune_updates = sorted(
+        (os.path.join(fid_dir, d, "truth.npz") for d in (os.listdir(fid_dir) if os.path.isdir(fid_dir) else [])
+         if os.path.isfile(os.path.join(fid_dir, d, "truth.npz"))),
+        key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[-1]))
     results = {}
-    for kind in ("random", "surrogate"):
+    kinds = ("random", "surrogate") + (("finetune",) if finetune_updates else ())
+    for kind in kinds:
         per = {float(s): {"err": [], "base": []} for s in scales}
         for d in directions(kind):
             unit = d / max(float(np.linalg.norm(d)), 1e-30)

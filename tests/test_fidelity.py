@@ -123,7 +123,11 @@ def test_first_order_error_vanishes_quadratically(run_dir):
     no-gradient baseline's (so its ratio to the baseline like s²), in both kinds of direction."""
     out = first_order_error(demo.get_config("tiny"), run_dir, scales=(1e-3, 1e-2, 0.1), seeds=2)
     assert out["num_samples"] == 8 and out["D"] > 0 and out["theta_norm"] > 0
-    for kind in ("random", "surrogate"):
+    measured = os.path.isdir(os.path.join(run_dir, "fidelity")) and any(
+        os.path.isfile(os.path.join(run_dir, "fidelity", d, "truth.npz"))
+        for d in os.listdir(os.path.join(run_dir, "fidelity")))
+    assert set(out["results"]) == {"random", "surrogate"} | ({"finetune"} if measured else set())
+    for kind in out["results"]:
         res = out["results"][kind]
         ratio = {s: res[s]["mean"] / res[s]["baseline_mean"] for s in res}
         assert all(res[s]["seeds"] == 2 and res[s]["baseline_mean"] > 0 for s in res)
