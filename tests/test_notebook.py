@@ -24,7 +24,8 @@ from nbclient import NotebookClient
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "gradex_colab_tpu.ipynb"
 KERNEL = "jaxgrad-notebook-test"
-TABLE_HEADER = "| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | selected |"
+TABLE_HEADER = ("| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | repr-sim cosine "
+                "| selected |")
 
 
 def _stdout(cell) -> str:
