@@ -59,6 +59,8 @@ def load_config(spec: str):
     import importlib.util
 
     path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):  # relative to the repository root, from any directory
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
     module = importlib.util.spec_from_file_location(
         os.path.splitext(os.path.basename(path))[0], path)
     mod = importlib.util.module_from_spec(module)

@@ -100,7 +100,8 @@ def main():
         key, _, value = item.partition("=")
         v_config = config.copy_and_resolve_references()
         old = v_config.surrogate[key]
-        v_config.surrogate[key] = type(old)(value)
+        v_config.surrogate[key] = ((value.lower() in ("1", "true")) if isinstance(old, bool)
+                                   else type(old)(value))
         variants[item] = run_fidelity(v_config, args.workdir, write=False)
     repeat = _repeat(config, args) if args.repeat_subsets else None
     cpu = cpu_model()
