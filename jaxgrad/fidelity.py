@@ -152,6 +152,45 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _target_outputs(config, data, model, tokenizer, graphdef, rest):
+    """``(examples, f)``: the target's validation examples and the jitted per-sample outputs
+    ``f(params) -> [J]`` (``gradients.output_fn``) of the model ``graphdef`` + ``params`` + ``rest``."""
+    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.losses import model_logits
+    from jaxgrad.outputs import get_output_fn
+
+    out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
+    examples = data.examples("validation", [data.target])
+    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
+    enc = encode_examples(examples, tokenizer, sources=data.sources)
+    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    @jax.jit
+    def f(params):
+        logits = model_logits(nnx.merge(graphdef, params, rest), batch)
+        return out_fn(logits, batch["targets"], batch["target_mask"])
+
+    return examples, f
+
+
+def _refit(config, workdir: str, data, rows):
+    """The surrogate fits (config.surrogate) of the subsets named by estimates-table ``rows``."""
+    from jaxgrad.selection import masks_from_sources
+    from jaxgrad.store import GradientStore
+    from jaxgrad.surrogate import fit_subsets
+
+    train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
+    sources = list(data.sources)
+    ids = np.array([sources.index(s) for s in train.source_ids])
+    subsets = np.array([[s in r["sources"].split("+") for s in sources] for r in rows])
+    s = config.surrogate
+    feats = train.feats() if config.gradients.output_fn != "token_ce" else -train.feats()
+    return fit_subsets(feats, masks_from_sources(ids, subsets, n_sources=len(sources)),
+                       objective=s.objective, C=float(s.C), seed=int(s.seed),
+                       offsets=train.f() if s.objective == "taylor" else None)
+
+
 def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     """Fine-tune θ* on ``config.fidelity.num_subsets`` subsets of the table and compare.
 
@@ -160,15 +199,11 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     call with other ``surrogate`` settings (objective, C, scale) re-scores the same fine-tunes in
     seconds. ``write=False`` leaves ``fidelity/fidelity.json`` as it is (to compare settings).
     """
-    from jaxgrad.data.batching import collate, encode_examples
     from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
-    from jaxgrad.losses import model_logits
-    from jaxgrad.outputs import get_output_fn
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, resolved_config
-    from jaxgrad.selection import masks_from_sources
     from jaxgrad.store import GradientStore
-    from jaxgrad.surrogate import fit_subsets, rescale_factors
+    from jaxgrad.surrogate import rescale_factors
     from jaxgrad.train import TrainConfig, fit, load_data
 
     config = resolved_config(config, workdir)
@@ -192,7 +227,6 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
                 "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm, "seed": tc.seed}
     _check_settings(out_dir, settings)
 
-    out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
     metric = _target_metric(str(config.gradients.output_fn))
     model, tokenizer = _load_theta_star(config, workdir)
     filt = trainable_filter(model)
@@ -202,16 +236,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     theta_np = np.asarray(theta_flat)
     theta_norm = float(tree_norm(theta_star))
     spec = flat_spec(theta_star)
-    examples = data.examples("validation", [data.target])
-    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
-    enc = encode_examples(examples, tokenizer, sources=data.sources)
-    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    @jax.jit
-    def target_f(params):
-        logits = model_logits(nnx.merge(graphdef, params, rest), batch)
-        return out_fn(logits, batch["targets"], batch["target_mask"])
+    examples, target_f = _target_outputs(config, data, model, tokenizer, graphdef, rest)
 
     def f_at(delta):
         """Per-sample outputs f at θ* + delta (a D-vector)."""
@@ -220,16 +245,9 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
         return np.asarray(target_f(params))
 
     # The surrogate's Δ_S for these subsets (refit: cheap), for exact and first-order checks.
-    train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
-    sources = list(data.sources)
-    ids = np.array([sources.index(s) for s in train.source_ids])
-    subsets = np.array([[s in r["sources"].split("+") for s in sources] for r in rows])
     s = config.surrogate
-    feats = train.feats() if config.gradients.output_fn != "token_ce" else -train.feats()
-    fits = fit_subsets(feats, masks_from_sources(ids, subsets, n_sources=len(sources)),
-                       objective=s.objective, C=float(s.C), seed=int(s.seed),
-                       offsets=train.f() if s.objective == "taylor" else None)
+    fits = _refit(config, workdir, data, rows)
     projector = _projector(config, int(theta_flat.shape[0]))
     gram = projector.gram()
     scale = None if float(s.scale) <= 0 else float(s.scale)
@@ -388,15 +406,9 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     Returns ``{"theta_norm", "D", "num_samples", "results": {kind: {str(s): {...}}}}``.
     Raises ValueError: ``seeds`` exceeds the estimates table's rows (surrogate directions).
     """
-    from jaxgrad.data.batching import collate, encode_examples
     from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
-    from jaxgrad.losses import model_logits
-    from jaxgrad.outputs import get_output_fn
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, resolved_config
-    from jaxgrad.selection import masks_from_sources
-    from jaxgrad.store import GradientStore
-    from jaxgrad.surrogate import fit_subsets
     from jaxgrad.train import load_data
 
     config = resolved_config(config, workdir)
@@ -411,17 +423,7 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     spec = flat_spec(theta_star)
     theta_norm = float(tree_norm(theta_star))
     dim = int(flatten(theta_star).shape[0])
-    out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
-    examples = data.examples("validation", [data.target])
-    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
-    enc = encode_examples(examples, tokenizer, sources=data.sources)
-    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    @jax.jit
-    def f(params):
-        return out_fn(model_logits(nnx.merge(graphdef, params, rest), batch),
-                      batch["targets"], batch["target_mask"])
+    examples, f = _target_outputs(config, data, model, tokenizer, graphdef, rest)
 
     @jax.jit
     def f_and_dir(delta_flat):
@@ -437,15 +439,7 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
             for seed in range(seeds):
                 yield np.asarray(jax.random.normal(jax.random.key(seed), (dim,), jnp.float32))
             return
-        train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
-        sources = list(data.sources)
-        ids = np.array([sources.index(s) for s in train.source_ids])
-        subsets = np.array([[s in r["sources"].split("+") for s in sources] for r in rows[:seeds]])
-        s = config.surrogate
-        feats = train.feats() if config.gradients.output_fn != "token_ce" else -train.feats()
-        fits = fit_subsets(feats, masks_from_sources(ids, subsets, n_sources=len(sources)),
-                           objective=s.objective, C=float(s.C), seed=int(s.seed),
-                           offsets=train.f() if s.objective == "taylor" else None)
+        fits = _refit(config, workdir, data, rows[:seeds])
         projector = _projector(config, dim)
         for coef in np.asarray(fits.coef):
             yield np.asarray(projector.lift(jnp.asarray(coef)))
