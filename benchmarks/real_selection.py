@@ -78,15 +78,14 @@ def prepare_seed_dir(base: str, workdir: str) -> None:
 def choice_accuracy_of_run(config, run_dir: str) -> float:
     """Most-likely-answer accuracy on the target's test split of a final fine-tune's adapter
     (for runs made before the finetune stage recorded ``test_choice_acc``)."""
-    from jaxgrad.choices import answer_choices, choice_accuracy
+    from jaxgrad.choices import choice_accuracy, target_choices
     from jaxgrad.models import load_peft_adapter
     from jaxgrad.train import ModelSpec, load_data, load_model, lora_from_config
 
     data = load_data(config.data)
     model, tok = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
     load_peft_adapter(model, os.path.join(run_dir, "adapter"))
-    every = [e for s in ("train", "validation", "test") for e in data.examples(s, [data.target])]
-    return choice_accuracy(model, tok, data.examples("test", [data.target]), answer_choices(every),
+    return choice_accuracy(model, tok, data.examples("test", [data.target]), target_choices(data),
                            sources=data.sources, max_length=int(config.train.max_length))[0]
 
 

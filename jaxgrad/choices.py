@@ -42,6 +42,13 @@ def answer_choices(examples: Sequence[Mapping[str, Any]], max_choices: int = MAX
     return tuple(distinct)
 
 
+def target_choices(data) -> tuple[str, ...] | None:
+    """:func:`answer_choices` of the target's examples over every split of ``data``
+    (a ``MultiSourceData``), so a split missing one answer still gets the whole set."""
+    return answer_choices([e for split in ("train", "validation", "test")
+                           for e in data.examples(split, [data.target])])
+
+
 def choice_log_likelihoods(model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]],
                            choices: Sequence[str], *, sources: Sequence[str], max_length: int,
                            batch_size: int = 16) -> np.ndarray:

@@ -369,10 +369,9 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
 def _choice_accuracy_fn(config, data, tokenizer):
     """``model -> accuracy`` of the most likely answer on the target's validation examples
     (:mod:`jaxgrad.choices`), or ``model -> nan`` when the target's answers are open-ended."""
-    from jaxgrad.choices import answer_choices, choice_accuracy
+    from jaxgrad.choices import choice_accuracy, target_choices
 
-    every = [e for split in ("train", "validation", "test") for e in data.examples(split, [data.target])]
-    choices = answer_choices(every)
+    choices = target_choices(data)
     examples = data.examples("validation", [data.target])
     if choices is None:
         return lambda model: float("nan")

@@ -1065,10 +1065,9 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
 def _choice_metrics(model, tokenizer, data, cfg: TrainConfig, *, prefix: str) -> dict[str, float]:
     """``{prefix}_choice_acc``: likelihood accuracy over the target's closed answer set
     (:mod:`jaxgrad.choices`) on its ``prefix`` split; empty when the target's answers are open."""
-    from jaxgrad.choices import answer_choices, choice_accuracy
+    from jaxgrad.choices import choice_accuracy, target_choices
 
-    every = [e for split in ("train", "validation", "test") for e in data.examples(split, [data.target])]
-    choices = answer_choices(every)
+    choices = target_choices(data)
     if choices is None:
         return {}
     acc, _ = choice_accuracy(model, tokenizer, data.examples(prefix, [data.target]), choices,
