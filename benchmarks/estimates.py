@@ -47,7 +47,7 @@ def main():
     from sklearn.linear_model import LogisticRegression
 
     from configs import demo
-    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.losses import model_logits
     from jaxgrad.outputs import get_output_fn, outputs_loss
@@ -85,8 +85,9 @@ def main():
     C, scale = float(config.surrogate.C), float(config.surrogate.scale)
 
     examples = data.examples("validation", [data.target])
-    enc = encode_examples(examples, tokenizer, sources=sources)
-    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length))
+    enc, arch = encode_for_model(examples, tokenizer, model, sources=sources)
+    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length),
+                    arch=arch)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def target_loss(params):

@@ -252,10 +252,11 @@ def _repeat(config, args) -> dict:
 
 def _subset_sizes(config, out):
     """The training examples of each fine-tuned subset (for the epochs the steps make)."""
+    from jaxgrad.pipeline import subset_sources
     from jaxgrad.train import load_data
 
     data = load_data(config.data)
-    return [data.examples("train", r["sources"].split("+")) for r in out["rows"]]
+    return [data.examples("train", subset_sources(r["sources"])) for r in out["rows"]]
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ JSON_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", 
 
 
 def build(config, workdir: str | None):
-    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.models.lora import linear_modules
     from jaxgrad.projection import Projector
     from jaxgrad.train import ModelSpec, load_data, load_model, lora_from_config
@@ -71,9 +71,9 @@ def build(config, workdir: str | None):
     data = load_data(config.data)
     examples = data.examples("train")
     g = config.gradients
-    encoded = encode_examples(examples, tokenizer, sources=data.sources)
+    encoded, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
     batch = collate(encoded, list(range(g.batch_size)), max_length=config.train.max_length,
-                    arch="decoder", batch_size=g.batch_size)
+                    arch=arch, batch_size=g.batch_size)
     dim = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.LoRAParam)))
     projector = Projector(seed=g.projection_seed, dim=dim, k=g.projection_dim,
                           kind=g.projection_kind)

@@ -57,18 +57,15 @@ def choice_log_likelihoods(model: Any, tokenizer: Any, examples: Sequence[Mappin
     Raises:
       ValueError: ``choices`` is empty.
     """
-    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.losses import model_logits
 
     choices = [str(c) for c in choices]
     if not choices:
         raise ValueError("choice_log_likelihoods: choices is empty")
     examples = list(examples)
-    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
-    arch = "encoder_decoder" if enc_dec else "decoder"
-    start = int(model.config.decoder_start_token_id) if enc_dec else None
     cands = [{**e, "completion": c} for e in examples for c in choices]
-    enc = encode_examples(cands, tokenizer, sources=sources, decoder_start_id=start)
+    enc, arch = encode_for_model(cands, tokenizer, model, sources=sources)
     n_tok = np.array([len(c) for c in enc.completions], np.float32)
     graphdef, state = nnx.split(model)
 

@@ -85,11 +85,13 @@ def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.mesh.rules = None  # [(regex, axes), ...]; None = jaxgrad.sharding.DEFAULT_RULES
 
     c.finetune = ml_collections.ConfigDict()
-    c.finetune.sources = ""  # comma-separated sources to fine-tune the base model on
+    # Sources to fine-tune the base model on: "a,b", or a JSON list '["a,b", "c++"]' for names
+    # holding commas.
+    c.finetune.sources = ""
     # Or a file naming them: selection/selection.json (its "selected" list), a JSON list,
     # {"sources": [...]}, or one name per line.
     c.finetune.selection_file = ""
-    c.finetune.name = ""  # run name under finetune/ ("" = the sources joined by "+")
+    c.finetune.name = ""  # run name under finetune/ ("" = train.finetune_run_name(sources))
     return c
 
 

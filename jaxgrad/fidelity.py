@@ -155,14 +155,13 @@ def _write_json(path: str, obj) -> None:
 def _target_outputs(config, data, model, tokenizer, graphdef, rest):
     """``(examples, f)``: the target's validation examples and the jitted per-sample outputs
     ``f(params) -> [J]`` (``gradients.output_fn``) of the model ``graphdef`` + ``params`` + ``rest``."""
-    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.losses import model_logits
     from jaxgrad.outputs import get_output_fn
 
     out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
     examples = data.examples("validation", [data.target])
-    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
-    enc = encode_examples(examples, tokenizer, sources=data.sources)
+    enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -183,7 +182,7 @@ def _refit(config, workdir: str, data, rows):
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
     sources = list(data.sources)
     ids = np.array([sources.index(s) for s in train.source_ids])
-    subsets = np.array([[s in r["sources"].split("+") for s in sources] for r in rows])
+    subsets = np.array([[s in r["source_list"] for s in sources] for r in rows])
     s = config.surrogate
     feats = train.feats() if config.gradients.output_fn != "token_ce" else -train.feats()
     return fit_subsets(feats, masks_from_sources(ids, subsets, n_sources=len(sources)),
@@ -266,7 +265,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
 
     results = []
     for i, row in enumerate(rows):
-        chosen = row["sources"].split("+")
+        chosen = row["source_list"]
         run_dir = os.path.join(out_dir, f"subset_{int(row['subset'])}")
         truth_path = os.path.join(run_dir, "truth.npz")
         # What the measurements depend on besides the fine-tune settings (settings.json).
@@ -302,7 +301,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
         true_loss = float(metric(f_true))
         pu_norm = float(np.linalg.norm(pu))
         results.append({
-            "subset": int(row["subset"]), "sources": row["sources"],
+            "subset": int(row["subset"]), "sources": chosen,
             "true_loss": true_loss,
             "true_accuracy": acc_true,
             "linearized_loss": float(row["loss"]),

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgrad.data.batching import collate, encode_examples
+from jaxgrad.data.batching import collate, encode_for_model
 from jaxgrad.per_sample import per_sample_projected_grads, trainable_filter
 from jaxgrad.store import GradientStore
 
@@ -52,7 +52,6 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
     Returns the store; it is complete when this process is the only one, otherwise after
     ``GradientStore.merge(path)`` by process 0.
     """
-    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
     trainable = nnx.state(model, trainable_filter(model, full_finetune))
     store = GradientStore.create_or_resume(
         path, example_ids=[e["example_id"] for e in examples], source_ids=[e["source"] for e in examples],
@@ -64,7 +63,7 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
     missing = store.missing_shards()
     if not missing:
         return store
-    encoded = encode_examples(examples, tokenizer, sources=sources)
+    encoded, arch = encode_for_model(examples, tokenizer, model, sources=sources)
     shards = missing
     if progress:
         from jaxgrad.progress import progress_bar

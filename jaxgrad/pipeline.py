@@ -263,7 +263,7 @@ def stage_estimates(config, workdir: str) -> str:
     Rows already in ``estimates.csv`` are not recomputed (run_pipeline has checked that they were
     computed under the same config).
     """
-    from jaxgrad.selection import masks_from_sources, sample_subsets
+    from jaxgrad.selection import masks_from_sources, sample_subsets, subset_size
     from jaxgrad.store import GradientStore
     from jaxgrad.surrogate import estimate_subsets, fit_subsets, rescale_factors
 
@@ -274,7 +274,8 @@ def stage_estimates(config, workdir: str) -> str:
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
     sources = list(dict.fromkeys(_data_sources(config)))
-    subsets = sample_subsets(len(sources), int(s["num_subsets"]), s["subset_size"], int(s["seed"]))
+    size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
+    subsets = sample_subsets(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
     # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
     # (jaxgrad.fingerprint; it replaced estimates/settings.json, still read in old run directories).
     done_rows = _read_estimates(table) if os.path.isfile(table) else []
@@ -311,7 +312,7 @@ def stage_estimates(config, workdir: str) -> str:
             for r in range(rows.shape[0]):
                 writer.writerow({
                     "subset": c0 + r,
-                    "sources": "+".join(sources[j] for j in np.flatnonzero(rows[r])),
+                    "sources": json.dumps([sources[j] for j in np.flatnonzero(rows[r])]),
                     "n_samples": int(np.asarray(masks[r]).sum()),
                     "converged": bool(fits.converged[r]), "n_iter": int(fits.n_iter[r]),
                     "loss": float(est["loss"][r]),
@@ -331,7 +332,7 @@ def _exact_loss_fn(config, workdir, model):
     """
     from flax import nnx
 
-    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.losses import model_logits
     from jaxgrad.outputs import get_output_fn, outputs_loss
     from jaxgrad.per_sample import trainable_filter
@@ -341,8 +342,7 @@ def _exact_loss_fn(config, workdir, model):
     data = load_data(config.data)
     examples = data.examples("validation", [data.target])
     _, tokenizer = _load_theta_star(config, workdir)
-    enc = encode_examples(examples, tokenizer, sources=data.sources)
-    arch = "encoder_decoder" if getattr(model, "is_encoder_decoder", False) else "decoder"
+    enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
     batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
     graphdef, theta, rest = nnx.split(model, trainable_filter(model), ...)
@@ -361,8 +361,33 @@ def _exact_loss_fn(config, workdir, model):
 
 
 def _read_estimates(path: str) -> list[dict]:
+    """Rows of ``estimates.csv`` as written, plus ``source_list`` (see :func:`subset_sources`)."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["source_list"] = subset_sources(r["sources"])
+    return rows
+
+
+def subset_sources(value: str | Sequence[str]) -> list[str]:
+    """The source names of a subset as ``estimates.csv`` and ``fidelity.json`` record them.
+
+    Names are arbitrary strings (``c++``, ``a,b``, ``q&a/v2``), so a subset is stored as a JSON
+    list, never as names joined by a separator. A list is returned as is; a string is parsed as
+    a JSON list, or, when it is not one, split on ``+`` (run directories written before JSON).
+
+    Raises:
+      ValueError: a JSON value that is not a list of strings.
+    """
+    if not isinstance(value, str):
+        return [str(s) for s in value]
+    if value.startswith("["):
+        names = json.loads(value)
+        if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
+            raise ValueError(f"estimates: a subset's sources must be a JSON list of names, got "
+                             f"{value!r}")
+        return names
+    return value.split("+") if value else []
 
 
 def _data_sources(config) -> list[str]:
@@ -388,7 +413,8 @@ def selection_metric(config) -> str:
 
 def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
-    from jaxgrad.selection import ensemble_scores, gradient_similarity_scores, select_top
+    from jaxgrad.selection import (ensemble_scores, gradient_similarity_scores, select_top,
+                                   subset_size)
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
 
@@ -415,11 +441,12 @@ def stage_selection(config, workdir: str) -> dict:
                          "surrogate.mode = 'exact')")
     est = np.array([float(r[metric]) for r in rows])
     higher_is_better = metric in ("accuracy", "mean_output")
-    subsets = np.array([[s in r["sources"].split("+") for s in sources] for r in rows])
+    subsets = np.array([[s in r["source_list"] for s in sources] for r in rows])
     ens = ensemble_scores(subsets, est if higher_is_better else -est, n_boot=int(sel["n_boot"]),
                           seed=int(sel["seed"]))
     scores = np.asarray(ens.scores)
-    chosen = [sources[i] for i in sorted(int(i) for i in select_top(scores, sel["top"]))]
+    top = subset_size(int(np.sum(~np.isnan(scores))), sel["top"], name="config.selection.top")
+    chosen = [sources[i] for i in sorted(int(i) for i in select_top(scores, top))]
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
     src_index = {name: i for i, name in enumerate(sources)}
@@ -489,7 +516,7 @@ def stage_finetune(config, workdir: str) -> dict:
         done = os.path.join(run_dir, "sources.json")
         if not os.path.isfile(done):
             cfg = copy.deepcopy(config)
-            cfg.finetune.sources = ",".join(runs[name])
+            cfg.finetune.sources = json.dumps(list(runs[name]))  # names may hold commas
             cfg.finetune.selection_file = ""
             cfg.finetune.name = name
             steps = int(config.pipeline.get("finetune_steps", 0))
@@ -540,6 +567,53 @@ def stage_report(config, workdir: str) -> str:
     return write_report(config, workdir)
 
 
+FRACTION_OR_COUNT = {  # setting -> (number it is a part of, whether 0 is allowed)
+    "surrogate.subset_size": ("sources", False),
+    "selection.top": ("sources", False),
+    "data.files.validation": ("examples of each source", True),
+    "data.files.test": ("examples of each source", True),
+}
+
+
+def validate_config(config, stages: Sequence[str] | None = None) -> None:
+    """Checks, before the first stage, what would otherwise fail only after hours of training.
+
+    * every "fraction or count" setting (:data:`FRACTION_OR_COUNT`) under the one rule of
+      :mod:`jaxgrad.counts`, whether it came from Python, a config file or the command line;
+    * the data load: every source's splits and the target's validation/test split non-empty
+      (``jaxgrad.data.load_sources`` names the source, the split and the setting to change);
+    * the counts of sources asked for (``surrogate.subset_size``, ``selection.top``) not more
+      than the data have.
+
+    Raises:
+      TypeError / ValueError: naming the setting (``config.selection.top``) and what it expects.
+    """
+    from jaxgrad.counts import check_fraction_or_count, fraction_or_count
+    from jaxgrad.train import load_data
+
+    def get(path):
+        node = config
+        for part in path.split("."):
+            if node is None or not hasattr(node, "get"):
+                return None
+            node = node.get(part)
+        return node
+
+    data_kind = get("data.kind")
+    for key, (_, allow_zero) in FRACTION_OR_COUNT.items():
+        value = get(key)
+        if value is None or (key.startswith("data.files.") and data_kind != "files"):
+            continue
+        check_fraction_or_count(value, name=f"config.{key}", allow_zero=allow_zero)
+    stages = list(stages or STAGES)
+    if get("data") is None or not ({"meta_train", "estimates", "selection"} & set(stages)):
+        return
+    data = load_data(config.data)
+    for key in ("surrogate.subset_size", "selection.top"):
+        if get(key) is not None:
+            fraction_or_count(get(key), len(data.sources), name=f"config.{key}", at_least_one=True)
+
+
 def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
                  on_config_change: str | None = None) -> dict:
     """Run the stages in order (all by default), skipping those whose artefacts exist.
@@ -570,6 +644,7 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
 
     # Before anything touches JAX (reconcile asks for the process index): multi-host runs.
     initialize_distributed(bool((config.get("train") or {}).get("distributed", False)))
+    validate_config(config, stages)
     os.makedirs(workdir, exist_ok=True)
     fingerprints = stage_fingerprints(config)
     skip = () if fidelity_enabled(config) else ("fidelity",)

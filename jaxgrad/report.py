@@ -18,6 +18,20 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell: ``|`` escaped, newlines as spaces."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _names(names) -> str:
+    """Source names for a table cell, unambiguous whatever they hold: joined by ", ", each quoted
+    as a JSON string when any name holds a comma or edge spaces (or is empty)."""
+    names = [str(s) for s in names]
+    if any("," in s or s != s.strip() or not s for s in names):
+        return ", ".join(_cell(json.dumps(s)) for s in names)
+    return _cell(", ".join(names))
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None or x == "" or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
@@ -146,7 +160,7 @@ def write_report(config, workdir: str) -> str:
     rep = selection.get("repr_sim_scores") or [None] * len(selection["sources"])
     for rank, s in enumerate(selection["ranking"], 1):
         i = selection["sources"].index(s)
-        lines.append(f"| {rank} | {s} | {kinds.get(s, '')} | {_fmt(selection['scores'][i])} | "
+        lines.append(f"| {rank} | {_cell(s)} | {_cell(kinds.get(s, ''))} | {_fmt(selection['scores'][i])} | "
                      f"[{_fmt(selection['ci_low'][i])}, {_fmt(selection['ci_high'][i])}] | "
                      f"{selection['counts'][i]} | {_fmt(selection['grad_sim_scores'][i], 3)} | "
                      f"{_fmt(rep[i], 3)} | {'✓' if s in selection['selected'] else ''} |")
@@ -161,7 +175,7 @@ def write_report(config, workdir: str) -> str:
                   "(most likely choice) |", "|---|---|---|---|---|"]
         for name, run in runs.items():
             m = target_metrics(run, target)
-            lines.append(f"| {name} | {', '.join(run['sources'])} | {_fmt(m['test_loss'])} | "
+            lines.append(f"| {_cell(name)} | {_names(run['sources'])} | {_fmt(m['test_loss'])} | "
                          f"{_fmt(m['test_acc'], 3)} | {_fmt(m.get('test_choice_acc'), 3)} |")
         lines.append("")
     fid_path = os.path.join(workdir, "fidelity", "fidelity.json")

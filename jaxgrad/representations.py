@@ -54,12 +54,10 @@ def mean_representations(model: Any, tokenizer: Any, examples: Sequence[Mapping[
       max_length: truncation length in tokens (``train.max_length``), as in training.
       batch_size: examples per forward pass (the result does not depend on it).
     """
-    from jaxgrad.data.batching import collate, encode_examples
+    from jaxgrad.data.batching import collate, encode_for_model
 
     examples = list(examples)
-    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
-    start = int(model.config.decoder_start_token_id) if enc_dec else None
-    enc = encode_examples(examples, tokenizer, sources=sources, decoder_start_id=start)
+    enc, arch = encode_for_model(examples, tokenizer, model, sources=sources)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -72,8 +70,7 @@ def mean_representations(model: Any, tokenizer: Any, examples: Sequence[Mapping[
     parts = []
     for lo in range(0, len(examples), batch_size):
         rows = list(range(lo, min(lo + batch_size, len(examples))))
-        batch = collate(enc, rows, max_length=max_length,
-                        arch="encoder_decoder" if enc_dec else "decoder", batch_size=batch_size)
+        batch = collate(enc, rows, max_length=max_length, arch=arch, batch_size=batch_size)
         fields = ("input_ids", "attention_mask")
         parts.append(np.asarray(pooled(state, {k: jnp.asarray(batch[k]) for k in fields}))[:len(rows)])
     return np.concatenate(parts, 0).astype(np.float32) if parts else out

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad.counts import fraction_or_count
+
 CLUSTER_METHODS = ("agglomerative", "kmeans")
 _ENUMERATE_LIMIT = 200_000  # enumerate all subsets of a size when there are at most this many
 
@@ -43,21 +45,16 @@ _ENUMERATE_LIMIT = 200_000  # enumerate all subsets of a size when there are at 
 # ----------------------------------------------------------------------------------------------
 
 
-def subset_size(n_sources: int, size: float | int) -> int:
-    """The number of sources in a subset: a fraction in (0, 1] of ``n_sources`` (rounded, at
-    least 1) or a count in [1, n_sources]."""
+def subset_size(n_sources: int, size: float | int, *, name: str = "size") -> int:
+    """The number of sources in a subset, under :mod:`jaxgrad.counts`' rule: a fraction in
+    (0, 1) of ``n_sources`` (rounded, at least 1) or a whole count in [1, n_sources], whatever
+    the Python type (``2`` and ``2.0`` are both two sources; ``1.0`` is one).
+
+    Raises:
+      TypeError / ValueError: naming ``name``, as :func:`jaxgrad.counts.fraction_or_count`.
+    """
     n_sources = _positive_int("n_sources", n_sources)
-    if isinstance(size, bool):
-        raise TypeError(f"size must be a fraction in (0, 1] or a count, got {size!r}")
-    if isinstance(size, (int, np.integer)):
-        if not 1 <= size <= n_sources:
-            raise ValueError(f"size as a count must be in [1, n_sources={n_sources}], got {size}")
-        return int(size)
-    if isinstance(size, (float, np.floating)):
-        if not 0.0 < size <= 1.0:
-            raise ValueError(f"size as a fraction must be in (0, 1], got {size}")
-        return max(1, int(round(size * n_sources)))
-    raise TypeError(f"size must be a fraction in (0, 1] or a count, got {size!r}")
+    return fraction_or_count(size, n_sources, name=name, at_least_one=True)
 
 
 def sample_subsets(n_sources: int, m: int, size: float | int, seed: int = 0) -> np.ndarray:
@@ -257,7 +254,8 @@ def _bootstrap(key, subsets_SxM, est_S, n_boot, ci):
 
 def select_top(scores_M: jax.typing.ArrayLike, k: float | int) -> np.ndarray:
     """Indices of the best sources, best first: a fraction in (0, 1] of the scored (non-NaN)
-    sources (rounded, at least 1) or a count. Ties keep the lower index first."""
+    sources (rounded, at least 1) or a count (:mod:`jaxgrad.counts`). Ties keep the lower index
+    first."""
     scores = _check_scores(scores_M)
     valid = np.flatnonzero(~np.isnan(scores))
     if valid.size == 0:

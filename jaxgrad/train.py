@@ -61,6 +61,7 @@ from flax import nnx
 
 from jaxgrad import checkpoint as ckpt_lib
 from jaxgrad import sharding as sharding_lib
+from jaxgrad.data import batching
 from jaxgrad.losses import batch_loss, batch_token_count, model_logits, token_ce_sums
 
 log = logging.getLogger(__name__)
@@ -334,7 +335,13 @@ def _generate(state, input_ids, attention_mask, *, graphdef, max_new_tokens, eos
               decoder_start_id):
     model = nnx.merge(graphdef, state)
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    attention_mask = (jnp.asarray(attention_mask) > 0).astype(jnp.int32)
+    # Any padding side: move each row's prompt tokens to the front, in order (a stable sort on
+    # "is padding"), so the prompt sits at positions 0..n-1 as when it is generated alone; this
+    # is what transformers' generate gets from position_ids = cumsum(attention_mask) - 1.
+    order = jnp.argsort(1 - attention_mask, axis=-1, stable=True)
+    input_ids = jnp.take_along_axis(input_ids, order, axis=-1)
+    attention_mask = jnp.take_along_axis(attention_mask, order, axis=-1)
     b = input_ids.shape[0]
     rows = jnp.arange(b)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
@@ -356,7 +363,7 @@ def _generate(state, input_ids, attention_mask, *, graphdef, max_new_tokens, eos
         _, out, _ = jax.lax.fori_loop(0, max_new_tokens, body, (dec, out, done))
         return out
 
-    # Decoder: prompts are right-padded; row r continues at position cur[r].
+    # Decoder: prompts now right-padded; row r continues at position cur[r].
     cur = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
     buf = jnp.concatenate([jnp.where(attention_mask > 0, input_ids, pad_id),
                            jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
@@ -379,26 +386,52 @@ def generate(model: nnx.Module, input_ids: jax.typing.ArrayLike,
              pad_id: int = 0, decoder_start_id: int | None = None) -> jax.Array:
     """Greedy continuation, ``[B, max_new_tokens]`` int32 (``pad_id`` after each row's eos).
 
+    Each row's result equals generating its prompt alone, without padding, whichever side the
+    batch is padded on: right (jaxgrad's batches) or left (the layout transformers' ``generate``
+    expects, ``tokenizer.padding_side="left"``). The mask tells where the prompt is.
+
     Args:
-      model: a decoder (prompts in ``input_ids``, right-padded, ``attention_mask`` 1 on prompt
-        tokens) or an encoder–decoder (encoder inputs; the decoder starts from
-        ``decoder_start_id``, default the model config's ``decoder_start_token_id``).
-      input_ids, attention_mask: ``[B, L]``.
+      model: a decoder (prompts in ``input_ids``) or an encoder–decoder (encoder inputs; the
+        decoder starts from ``decoder_start_id``, default the model config's
+        ``decoder_start_token_id``, :func:`jaxgrad.data.batching.model_layout`).
+      input_ids, attention_mask: ``[B, L]``; ``attention_mask`` is 1 on prompt tokens, which
+        must be one contiguous run per row (left, right or no padding), at least one token.
       max_new_tokens: tokens generated per row (fixed: one compiled loop).
       eos_id: end-of-sequence id; a row stops after emitting it.
       pad_id: filler after eos.
+
+    Raises:
+      ValueError: shapes differ or are not ``[B, L]``; a row's mask is empty or has a hole (not
+        a padding layout: checked when the mask is readable on this host).
     """
     if int(max_new_tokens) < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens!r}")
     if np.shape(input_ids) != np.shape(attention_mask) or len(np.shape(input_ids)) != 2:
         raise ValueError(f"generate: input_ids and attention_mask must both be [B, L], got "
                          f"{np.shape(input_ids)} and {np.shape(attention_mask)}")
+    _check_padding(attention_mask)
+    arch, model_start = batching.model_layout(model)
     if decoder_start_id is None:
-        decoder_start_id = int(getattr(getattr(model, "config", None), "decoder_start_token_id", 0))
+        decoder_start_id = model_start if arch == "encoder_decoder" else 0
     graphdef, state = nnx.split(model)
     return _generate(state, input_ids, attention_mask, graphdef=graphdef,
                      max_new_tokens=int(max_new_tokens), eos_id=int(eos_id), pad_id=int(pad_id),
                      decoder_start_id=int(decoder_start_id))
+
+
+def _check_padding(attention_mask) -> None:
+    """Refuses masks that are not a padding layout (empty rows, holes) when readable here."""
+    if isinstance(attention_mask, jax.Array) and not attention_mask.is_fully_addressable:
+        return  # built by our own batch code across processes: right-padded by construction
+    m = np.asarray(attention_mask) > 0
+    runs = np.sum(np.diff(np.pad(m.astype(np.int8), ((0, 0), (1, 1))), axis=1) == 1, axis=1)
+    bad = np.flatnonzero(runs != 1)
+    if bad.size:
+        r = int(bad[0])
+        what = "no prompt token" if runs[r] == 0 else f"{int(runs[r])} separate runs of 1s"
+        raise ValueError(f"generate: attention_mask row {r} has {what}; each row must be one "
+                         f"contiguous prompt, padded on the left or the right "
+                         f"({bad.size} such rows)")
 
 
 def prompt_inputs(batch: Mapping[str, np.ndarray], *,
@@ -519,7 +552,7 @@ class Evaluator:
         ``{prefix}_acc``, ``{prefix}_acc/<source>`` (sources with answers only)."""
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         fn = self._eval_fn(graphdef, mesh)
-        enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+        enc_dec = batching.model_layout(model)[0] == "encoder_decoder"
         ce, tok, src, idx, valid, hits = [], [], [], [], [], []
         for batch in self.batches.iterate(0, 0):
             sharded = sharding_lib.shard_batch(dict(batch), mesh)
@@ -555,10 +588,8 @@ class Evaluator:
         sharded = sharding_lib.shard_batch({"ids": ids, "mask": mask}, mesh)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        start = int(getattr(model.config, "decoder_start_token_id", pad)) if enc_dec else None
         out = _to_host(generate(model, sharded["ids"], sharded["mask"],
-                                max_new_tokens=self.max_new_tokens, eos_id=eos, pad_id=pad,
-                                decoder_start_id=start))
+                                max_new_tokens=self.max_new_tokens, eos_id=eos, pad_id=pad))
         extract = self.extract_answer or default_extract_answer
         hit = np.full((out.shape[0],), -1, np.int32)
         for r in range(out.shape[0]):
@@ -840,8 +871,8 @@ def fit(model: nnx.Module, tokenizer: Any, train_examples: Sequence[Mapping[str,
       mesh: device mesh (default from ``cfg.mesh``).
       callback: see :func:`run_training`.
     """
-    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
-    start = int(model.config.decoder_start_token_id) if enc_dec else None
+    arch, start = batching.model_layout(model)
+    enc_dec = arch == "encoder_decoder"
     every = list(train_examples) + list(val_examples or [])
     sources = list(sources) if sources is not None else sorted({e["source"] for e in every})
     train = example_batches(train_examples, tokenizer, batch_size=cfg.batch_size,
@@ -860,9 +891,9 @@ def make_evaluator(model: nnx.Module, tokenizer: Any, examples: Sequence[Mapping
                    extract_answer: Callable[[str], str | None] | None = None,
                    prefix: str = "val") -> Evaluator:
     """An :class:`Evaluator` over example dicts, batched like training but not shuffled."""
-    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+    arch, start = batching.model_layout(model)
+    enc_dec = arch == "encoder_decoder"
     examples = list(examples)
-    start = int(model.config.decoder_start_token_id) if enc_dec else None
     batches = example_batches(examples, tokenizer, batch_size=cfg.eval_batch_size or cfg.batch_size,
                               max_length=cfg.max_length, shuffle=False, encoder_decoder=enc_dec,
                               sources=sources, decoder_start_id=start)
@@ -1025,13 +1056,49 @@ def meta_train(config: Any, workdir: str) -> TrainResult:
     return result
 
 
+def finetune_run_name(sources: Sequence[str]) -> str:
+    """A directory name for a fine-tune on ``sources`` when ``finetune.name`` is empty.
+
+    The names joined by ``+`` when that is a plain, unambiguous file name (letters, digits,
+    ``-_.`` and no ``+`` inside a name); otherwise a slug of them plus 8 hex digits of the SHA-1
+    of their JSON list, so two different lists never share a directory and a name like
+    ``q&a/v2`` never becomes a path. The exact list is in the run's ``sources.json``.
+    """
+    import hashlib
+    import re
+
+    sources = [str(s) for s in sources]
+    plain = all(re.fullmatch(r"[A-Za-z0-9_.-]+", s) and s not in (".", "..") for s in sources)
+    joined = "+".join(sources)
+    if plain and len(joined) <= 120:
+        return joined
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", joined).strip("._")[:60] or "sources"
+    digest = hashlib.sha1(json.dumps(sources).encode("utf-8")).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
 def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
-    """The sources ``config.finetune`` names: ``sources`` ("a,b" or a list) or ``selection_file``
-    (a JSON list; a JSON object with a "selected" list, such as the selection stage's
-    ``selection/selection.json``, or else a "sources" list; or one name per line)."""
+    """The sources ``config.finetune`` names: ``sources`` or ``selection_file``.
+
+    ``sources`` is a list, a JSON list in a string (``'["a,b", "c++"]'``: names may hold any
+    character) or comma-separated names (``"a,b"``, for names without commas); ``selection_file``
+    is a JSON list, a JSON object with a "selected" list (the selection stage's
+    ``selection/selection.json``) or else a "sources" list, or one name per line.
+
+    Raises:
+      ValueError: both or neither given; a name not among ``available``; a malformed JSON list.
+    """
     d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     names = d.get("sources") or []
-    if isinstance(names, str):
+    if isinstance(names, str) and names.lstrip().startswith("["):
+        try:
+            names = json.loads(names)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config.finetune.sources: {names!r} starts like a JSON list but is "
+                             f"not one ({e})") from None
+        if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
+            raise ValueError("config.finetune.sources: a JSON value must be a list of names")
+    elif isinstance(names, str):
         names = [s.strip() for s in names.split(",") if s.strip()]
     path = d.get("selection_file") or ""
     if path:
@@ -1082,7 +1149,8 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     Trains on the train splits of ``config.finetune.sources``, validates on the target's
     validation split (the selected sources' when there is no target), evaluates the target's test
     split at the end (``test_*`` metrics, also in ``metrics.jsonl``). Output: ``<workdir>/
-    finetune/<name>/`` with ``name`` = ``config.finetune.name`` or the sources joined by ``+``.
+    finetune/<name>/`` with ``name`` = ``config.finetune.name`` or
+    :func:`finetune_run_name` of the sources.
     """
     cfg = TrainConfig.from_config(config.train, config.mesh)
     initialize_distributed(cfg.distributed)
@@ -1090,7 +1158,10 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     spec = ModelSpec.from_config(config.model)
     data = load_data(config.data)
     selected = finetune_sources(config.finetune, data.sources)
-    name = config.finetune.name or "+".join(selected)
+    name = config.finetune.name or finetune_run_name(selected)
+    if name in (".", "..") or "/" in name or os.sep in name:
+        raise ValueError(f"config.finetune.name={name!r} must be one directory name under "
+                         f"{workdir}/finetune (no '/', not '.' or '..')")
     model, tokenizer = load_model(spec, lora_from_config(config.lora))
     run_dir = os.path.join(workdir, "finetune", name)
     _save_config(config, run_dir)

@@ -85,12 +85,13 @@ def test_decoder_layout_hand_example(tok):
 
 
 def test_encoder_decoder_layout_hand_example(tok):
-    enc = B.encode_examples(make_examples([("s", "ab", "cd", None)]), tok)
+    enc = B.encode_examples(make_examples([("s", "ab", "cd", None)]), tok, decoder_start_id=9)
     batch = B.collate(enc, [0], max_length=8, arch="encoder_decoder", buckets=(4, 8))
     a, b, c, d = _ids(tok, "abcd")
     np.testing.assert_array_equal(batch["input_ids"], [[a, b, 2, 0]])
     np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 0]])
-    np.testing.assert_array_equal(batch["decoder_input_ids"], [[0, c, d, 0]])
+    np.testing.assert_array_equal(batch["decoder_input_ids"], [[9, c, d, 0]],
+                                  "the decoder starts with decoder_start_id, not pad")
     np.testing.assert_array_equal(batch["decoder_attention_mask"], [[1, 1, 1, 0]])
     np.testing.assert_array_equal(batch["targets"], [[c, d, 2, 0]])
     np.testing.assert_array_equal(batch["target_mask"], [[1, 1, 1, 0]])
@@ -100,7 +101,7 @@ def test_encoder_decoder_layout_hand_example(tok):
 def test_target_mask_selects_exactly_completion_and_eos(tok, data, arch):
     exs = data.examples("train")
     batch = next(B.batch_iterator(exs, tok, batch_size=len(exs), max_length=48, shuffle=False,
-                                  arch=arch))
+                                  arch=arch, decoder_start_id=START))
     for r, i in enumerate(batch["example_index"]):
         picked = batch["targets"][r][batch["target_mask"][r] > 0].tolist()
         assert picked == _ids(tok, exs[i]["completion"]) + [2], f"row {r}: {exs[i]}"
@@ -114,7 +115,7 @@ def test_target_mask_selects_exactly_completion_and_eos(tok, data, arch):
 
 def test_truncation_keeps_the_completion(tok):
     exs = make_examples([("s", "abcdefgh", "xyz", None), ("s", "ab", "uvwxyz", None)])
-    enc = B.encode_examples(exs, tok)
+    enc = B.encode_examples(exs, tok, decoder_start_id=START)
     batch = B.collate(enc, [0, 1], max_length=7, buckets=(7,))
     assert tok.decode(batch["input_ids"][0]) == "<s>ghxyz</s>", "prompt cut from the left"
     # The completion alone (6 + bos + eos = 8) does not fit: prompt dropped, completion cut on
@@ -167,8 +168,13 @@ def test_special_ids_fallbacks_and_errors():
 # Iteration.
 
 
+START = 9  # an encoder-decoder start token distinct from pad (0), as MADLAD-400's is
+
+
 def _epoch(exs, tok, **kw):
     kw = {"batch_size": 16, "max_length": 48, "seed": 3, "epoch": 0, **kw}
+    if kw.get("arch") == "encoder_decoder" and not isinstance(exs, B.EncodedExamples):
+        kw.setdefault("decoder_start_id", START)
     return list(B.batch_iterator(exs, tok, **kw))
 
 
@@ -230,7 +236,7 @@ def test_resume_from_step_reproduces_the_tail(tok, data, arch):
     for k in (1, 7, len(full) - 1, len(full)):
         _assert_batches_equal(_epoch(exs, tok, arch=arch, epoch=2, start_step=k), full[k:],
                               f"resume at step {k}")
-    encoded = B.encode_examples(exs, tok)
+    encoded = B.encode_examples(exs, tok, decoder_start_id=START)
     _assert_batches_equal(_epoch(encoded, None, arch=arch, epoch=2, start_step=3), full[3:],
                           "pre-encoded examples")
 
@@ -268,3 +274,30 @@ def test_bad_arguments_fail_clearly(tok, data):
         _epoch(exs, tok, sources=["x"])
     with pytest.raises(ValueError, match="tokenizer is required"):
         _epoch(exs, None)
+
+
+def test_encoder_decoder_batches_need_the_models_start_token(tok):
+    """No silent fallback to pad: every builder reads the start from the model (model_layout)."""
+    enc = B.encode_examples(make_examples([("s", "ab", "cd", None)]), tok)
+    with pytest.raises(ValueError, match="decoder_start_id"):
+        B.collate(enc, [0], max_length=8, arch="encoder_decoder")
+    B.collate(enc, [0], max_length=8, arch="decoder")  # decoders have no decoder start
+
+    class Cfg:
+        decoder_start_token_id = 7
+
+    class Seq2Seq:
+        is_encoder_decoder = True
+        config = Cfg()
+
+    class Causal:
+        is_encoder_decoder = False
+
+    assert B.model_layout(Seq2Seq()) == ("encoder_decoder", 7)
+    assert B.model_layout(Causal()) == ("decoder", None)
+    encoded, arch = B.encode_for_model(make_examples([("s", "ab", "cd", None)]), tok, Seq2Seq())
+    batch = B.collate(encoded, [0], max_length=8, arch=arch)
+    assert batch["decoder_input_ids"][0, 0] == 7
+    Cfg.decoder_start_token_id = None
+    with pytest.raises(ValueError, match="decoder_start_token_id is None"):
+        B.model_layout(Seq2Seq())

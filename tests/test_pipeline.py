@@ -82,7 +82,7 @@ def test_report_scores_agree_with_estimates_table(run_dir):
     selection = json.load(open(os.path.join(run_dir, "selection", "selection.json")))
     report = open(os.path.join(run_dir, "report.md")).read()
     for source in selection["sources"]:
-        losses = [float(r["loss"]) for r in rows if source in r["sources"].split("+")]
+        losses = [float(r["loss"]) for r in rows if source in json.loads(r["sources"])]
         expected = -np.mean(losses)  # loss: lower is better, reported negated
         i = selection["sources"].index(source)
         assert selection["scores"][i] == pytest.approx(expected, rel=1e-6)
@@ -354,7 +354,7 @@ def test_fidelity_stage_against_real_finetuning(run_dir):
     with open(os.path.join(run_dir, "estimates", "estimates.csv")) as f:
         table = {int(r["subset"]): r for r in csv.DictReader(f)}
     for row in out["rows"]:
-        assert row["sources"] == table[row["subset"]]["sources"]
+        assert row["sources"] == json.loads(table[row["subset"]]["sources"])
         # the table's estimate is reproduced by refitting the same subset
         assert row["linearized_loss_refit"] == pytest.approx(row["linearized_loss"], rel=1e-4)
         # f(θ*) + gᵀΔ is first-order close to a forward pass at θ* + Δ (small Δ)

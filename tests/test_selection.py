@@ -32,8 +32,9 @@ def test_sample_subsets_sizes_distinct_and_seeded():
         many = sel.sample_subsets(4, 9, 2, seed=1)
     assert len({r.tobytes() for r in many}) == 6, "every distinct subset must appear"
     for bad in (0.0, 1.5, 0, 21):
-        with pytest.raises(ValueError, match="size as a"):
+        with pytest.raises(ValueError, match="size must be a fraction in \\[0, 1\\) or a whole|of only 20"):
             sel.sample_subsets(20, 3, bad)
+    assert np.all(sel.sample_subsets(7, 5, 3.0).sum(axis=1) == 3), "3.0 is the count 3"
     with pytest.raises(TypeError, match="size must be"):
         sel.sample_subsets(20, 3, True)
 
