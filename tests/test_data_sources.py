@@ -30,6 +30,8 @@ def _write(rows, path):
             json.dump(rows, f)
     elif kind == ".csv":
         pd.DataFrame(rows).to_csv(path, index=False)
+    elif kind == ".tsv":
+        pd.DataFrame(rows).to_csv(path, index=False, sep="\t")
     elif kind == ".parquet":
         pd.DataFrame(rows).to_parquet(path)
     elif kind == ".pkl":
@@ -42,7 +44,7 @@ def _write(rows, path):
 GENERIC = {"format": "generic", "columns": {"source": "task"}, "validation": 2, "test": 0.2}
 
 
-@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".tsv", ".parquet"])
 def test_generic_loader_reads_every_file_type(tmp_path, suffix):
     rows = _rows()
     path = _write(rows, tmp_path / f"data{suffix}")
@@ -57,6 +59,10 @@ def test_generic_loader_reads_every_file_type(tmp_path, suffix):
             (6, 2, 2), f"{name}: validation=2 and test=0.2 of 10 should give 6/2/2"
     assert all(e["answer"] is None for e in data.examples("train")), \
         "no answer column configured, so answers must be None"
+    labels = {(r["prompt"], r["label"]) for r in rows}
+    exs = S.read_examples(dict(GENERIC, path=path, columns={"source": "task", "answer": "label"}))
+    assert {(e["prompt"], e["answer"]) for e in exs} == labels, \
+        f"{suffix}: a column of digits is read as the text written"
 
 
 def test_answer_column_and_explicit_source(tmp_path):
@@ -162,7 +168,7 @@ def test_unknown_names_fail_listing_choices(tmp_path):
     path = _write(_rows(3), tmp_path / "d.jsonl")
     with pytest.raises(ValueError, match="generic, alpaca, flan, cot"):
         S.load_sources({"format": "sharegpt", "path": path})
-    with pytest.raises(ValueError, match="json, jsonl, csv, parquet, pickle"):
+    with pytest.raises(ValueError, match="json, jsonl, csv, tsv, parquet, pickle"):
         S.load_sources({"format": "generic", "path": path, "file_type": "xml"})
     with pytest.raises(ValueError, match="unknown keys \\['colums'\\]"):
         S.load_sources({"format": "generic", "path": path, "colums": {}})
@@ -201,8 +207,13 @@ def test_hub_dataset_offline_error(monkeypatch):
 
 def test_too_few_examples_for_the_split_fails_naming_the_source(tmp_path):
     path = _write(_rows(3, ("tiny",)), tmp_path / "d.jsonl")
-    with pytest.raises(ValueError, match="source 'tiny' has 3 examples"):
+    with pytest.raises(ValueError, match="source 'tiny' has 3 examples: data.files.validation=2 "
+                                         "asks for 2 validation examples and data.files.test=1 "
+                                         "asks for 1 test example, leaving 0 train examples"):
         S.load_sources(dict(GENERIC, path=path, validation=2, test=1))
+    data = S.load_sources(dict(GENERIC, path=path, validation=1.0, test=1.0))
+    assert (data.n("train", "tiny"), data.n("validation", "tiny"), data.n("test", "tiny")) == \
+        (1, 1, 1), "1.0 is a count of one example (jaxgrad.counts), no longer an error"
 
 
 def test_examples_access_and_save_load(tmp_path):

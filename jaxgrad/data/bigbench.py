@@ -33,6 +33,9 @@ Sources are named after the task directory, ``task`` or ``task/subtask`` (a subt
 directory with a ``task.json`` whose parent directory also has one). Container tasks without
 examples (``arithmetic/task.json``, which only lists subtasks) are skipped.
 
+Text is kept as the task file writes it (:func:`jaxgrad.data.sources.json_loads`): a target
+written as the JSON number ``2.50`` is the completion ``"2.50"``, never ``"2.5"``.
+
 Only the standard library and numpy are used; nothing here reaches the network. The BIG-bench
 data carry a canary string asking that they never enter a pretraining corpus: jaxgrad does not
 ship them; ``scripts/prepare_real.py`` fetches the ``bigbench`` source distribution at
@@ -48,6 +51,8 @@ import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from jaxgrad.data.sources import json_loads, json_text
 
 TASK_FILE = "task.json"
 DEFAULT_PREFIXES = {
@@ -72,7 +77,7 @@ class BigBenchTask:
 def _load_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json_loads(f.read())  # numbers keep their literal: "2.50" stays "2.50"
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); expected a BIG-bench task.json") from e
     if not isinstance(data, dict):
@@ -160,6 +165,13 @@ def _choices_text(scores: dict, text: str, choice_prefix: str) -> str:
     return choice_prefix + choice_prefix.join(names[i] for i in order)
 
 
+def _as_text(value: Any) -> str:
+    """A field as the task file writes it: a JSON number keeps its literal (``18`` -> ``"18"``,
+    ``2.50`` -> ``"2.50"``), ``true`` stays ``"true"``, ``null`` is ``""``."""
+    text = json_text(value)
+    return "" if text is None else text
+
+
 def format_example(task: dict, example: dict, where: str = "example") -> tuple[str, str, str]:
     """``(prompt, completion, raw answer)`` of one BIG-bench example (see the module docstring).
 
@@ -170,7 +182,7 @@ def format_example(task: dict, example: dict, where: str = "example") -> tuple[s
         raise ValueError(f"{where}: expected an object with 'input' and 'target' and/or "
                          f"'target_scores', got {example!r:.200}")
     pre = {k: str(task.get(k, v)) for k, v in DEFAULT_PREFIXES.items()}
-    text = str(example["input"])
+    text = _as_text(example["input"])
     scores = example.get("target_scores")
     target = example.get("target")
     if scores is None and target is None:
@@ -182,7 +194,7 @@ def format_example(task: dict, example: dict, where: str = "example") -> tuple[s
             raise ValueError(f"{where}: 'target' is an empty list")
         target = target[0]
     best = _best_choice(scores, where) if scores is not None else None
-    completion = str(target) if target is not None else best
+    completion = _as_text(target) if target is not None else best
     prompt = pre["task_prefix"] + pre["example_input_prefix"] + text + pre["example_output_prefix"]
     return prompt, completion, best if best is not None else completion
 
