@@ -609,6 +609,10 @@ def validate_config(config, stages: Sequence[str] | None = None) -> None:
     if get("data") is None or not ({"meta_train", "estimates", "selection"} & set(stages)):
         return
     data = load_data(config.data)
+    if not data.target and {"gradients", "estimates"} & set(stages):
+        field = "data.synthetic.target" if data_kind == "synthetic" else "data.files.target"
+        raise ValueError(f"config.{field} is not set: the pipeline scores sources by the loss on "
+                         f"a target's validation split; name one of {list(data.sources)}")
     for key in ("surrogate.subset_size", "selection.top"):
         if get(key) is not None:
             fraction_or_count(get(key), len(data.sources), name=f"config.{key}", at_least_one=True)

@@ -1170,7 +1170,7 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     result = fit(model, tokenizer, data.examples("train", selected), cfg, run_dir,
                  val_examples=data.examples("validation", eval_sources), sources=data.sources,
                  extract_answer=extract)
-    if data.target:
+    if data.target and data.n("test", data.target) > 0:  # data.files.test = 0: no test split
         test = make_evaluator(result.model, tokenizer, data.examples("test", [data.target]), cfg,
                               sources=data.sources, extract_answer=extract, prefix="test")
         mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)

@@ -102,3 +102,11 @@ def test_check_without_a_total():
     assert check_fraction_or_count("0.5", name="x") == 0.5
     assert check_fraction_or_count(3.0, name="x") == 3 and isinstance(
         check_fraction_or_count(3.0, name="x"), int)
+
+
+def test_a_config_without_target_is_refused_before_any_stage(tmp_path):
+    config = demo.get_config("tiny")
+    config.data.synthetic.target = ""
+    with pytest.raises(ValueError, match="config.data.synthetic.target is not set"):
+        run_pipeline(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
