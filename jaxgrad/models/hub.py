@@ -5,8 +5,16 @@
 initialisation of a billion parameters), and fills every parameter from safetensors, a single
 ``model.safetensors`` or a sharded ``model.safetensors.index.json``, tensor by tensor. Every
 expected tensor must be present with its shape; extra tensors are errors too, apart from known
-aliases (tied embeddings saved twice, rotary caches). The tokenizer is loaded with
-``transformers.AutoTokenizer`` (imported lazily) when the directory has tokenizer files.
+aliases (tied embeddings saved twice with equal values, rotary caches, the cross-attention bias
+table transformers ignores). The tokenizer is loaded with ``transformers.AutoTokenizer``
+(imported lazily) when the directory has tokenizer files.
+
+Config keys are read by ``LlamaConfig.from_hf`` / ``T5Config.from_hf`` under the rules of
+``docs/config_fields.md``: computed exactly, or refused by name. Tied output embeddings follow
+transformers 5's ``PreTrainedModel.tie_weights``: a checkpoint whose ``lm_head.weight`` differs
+from the input embeddings is loaded untied whatever the config says; a tied checkpoint may hold
+either of the two tensors. dtypes follow one rule (:func:`jaxgrad.models.llama.resolve_dtype`):
+float32 or bfloat16, everything else refused by name.
 
 A GGUF checkpoint (a ``.gguf`` file, or a directory holding exactly one and no config.json) is
 first converted once into a cached float32 Hugging Face directory (``jaxgrad.models.gguf``), which
@@ -15,6 +23,7 @@ is then loaded like any other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -25,7 +34,7 @@ from flax import nnx
 
 from jaxgrad.models.gguf import find_gguf, gguf_to_hf
 from jaxgrad.models.layers import named_variables
-from jaxgrad.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxgrad.models.llama import LlamaConfig, LlamaForCausalLM, resolve_dtype
 from jaxgrad.models.lora import LoraConfig, apply_lora
 from jaxgrad.models.t5 import T5Config, T5ForConditionalGeneration
 
@@ -34,15 +43,8 @@ T5_TYPES = ("t5",)
 SUPPORTED = LLAMA_TYPES + T5_TYPES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
                    "vocab.json")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _as_dtype(dtype: Any):
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
-    return dtype
+# Tensors transformers drops on load (T5ForConditionalGeneration._keys_to_ignore_on_load_unexpected).
+_IGNORED_TENSORS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
 def read_config(directory: str) -> dict:
@@ -54,12 +56,19 @@ def read_config(directory: str) -> dict:
 
 
 def config_from_hf(cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, source: str = "config"):
-    """Our typed config (LlamaConfig or T5Config) for a Hugging Face config dictionary."""
+    """Our typed config (LlamaConfig or T5Config) for a Hugging Face config dictionary.
+
+    ``dtype`` / ``param_dtype``: float32 or bfloat16 (a name or a numpy/JAX dtype); anything else
+    raises ValueError. Config values jaxgrad does not compute raise ValueError naming ``source``,
+    the key and its value (docs/config_fields.md).
+    """
+    dtype = resolve_dtype(dtype, "dtype")
+    param_dtype = resolve_dtype(param_dtype, "param_dtype")
     model_type = cfg.get("model_type")
     if model_type in LLAMA_TYPES:
-        return LlamaConfig.from_hf(cfg, dtype=dtype, param_dtype=param_dtype)
+        return LlamaConfig.from_hf(cfg, dtype=dtype, param_dtype=param_dtype, source=source)
     if model_type in T5_TYPES:
-        return T5Config.from_hf(cfg, dtype=dtype, param_dtype=param_dtype)
+        return T5Config.from_hf(cfg, dtype=dtype, param_dtype=param_dtype, source=source)
     archs = cfg.get("architectures")
     raise ValueError(f"{source}: unsupported architecture (model_type={model_type!r}, "
                      f"architectures={archs}); supported model types: {', '.join(SUPPORTED)}")
@@ -93,34 +102,107 @@ def _weight_files(directory: str) -> list[str]:
 
 
 def _aliases(model: nnx.Module) -> set[str]:
-    """Tensor names a checkpoint may carry that duplicate a parameter we hold once."""
-    names = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    """Tensor names a checkpoint may carry that duplicate a parameter we hold once (the default
+    of :func:`load_weights`; :func:`load_pretrained` checks the duplicates' values instead)."""
+    names = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", *_IGNORED_TENSORS}
     if getattr(model, "lm_head", None) is None:
         names.add("lm_head.weight")
     return names
 
 
-def load_weights(model: nnx.Module, files: list[str], *, source: str) -> nnx.Module:
-    """Fill every parameter of ``model`` from safetensors ``files`` (strict, by name)."""
+def tensor_index(files: list[str]) -> dict[str, tuple[str, tuple]]:
+    """``{tensor name: (file, shape)}`` over safetensors ``files`` (no data read)."""
     from safetensors import safe_open
 
-    expected = {k: v for k, v in named_variables(model).items() if not isinstance(v, nnx.LoRAParam)}
-    aliases = _aliases(model)
     found: dict[str, tuple[str, tuple]] = {}
     for path in files:
         with safe_open(path, framework="flax") as f:
             for key in f.keys():
                 found[key] = (path, tuple(f.get_slice(key).get_shape()))
-    unexpected = sorted(k for k in found if k not in expected and k not in aliases
+    return found
+
+
+def _equal(index: dict, a: str, b: str) -> bool:
+    if index[a][1] != index[b][1]:
+        return False
+    from safetensors import safe_open
+
+    def read(name):
+        with safe_open(index[name][0], framework="numpy") as f:
+            return f.get_tensor(name)
+
+    return bool(np.array_equal(read(a), read(b)))
+
+
+def resolve_tying(config, index: dict[str, tuple[str, tuple]], *, source: str):
+    """``(config, renames, aliases)`` for a checkpoint, as transformers 5's ``tie_weights`` ties.
+
+    - tied config, ``lm_head.weight`` present and different from the embeddings: untied (the
+      checkpoint wins; transformers warns and does not tie);
+    - tied config, only one of the two tensors present: both read from it (``renames``: our
+      name -> checkpoint name);
+    - T5: transformers 5 always ties, so a T5 without ``lm_head.weight`` is tied whatever
+      ``tie_word_embeddings`` says; ``encoder/decoder.embed_tokens.weight`` are accepted when
+      equal to ``shared.weight`` and refused otherwise (separate tables are not implemented).
+
+    ``aliases``: checkpoint tensors that duplicate one we read (equal values) or that
+    transformers ignores.
+    """
+    renames: dict[str, str] = {}
+    aliases: set[str] = {k for k in index if k in _IGNORED_TENSORS}
+    head = "lm_head.weight"
+    if isinstance(config, T5Config):
+        group = [k for k in ("shared.weight", "encoder.embed_tokens.weight",
+                             "decoder.embed_tokens.weight") if k in index]
+        if group:
+            if group[0] != "shared.weight":
+                renames["shared.weight"] = group[0]
+            for other in group[1:]:
+                if not _equal(index, group[0], other):
+                    raise ValueError(f"{source}: {other} differs from {group[0]}: separate "
+                                     "encoder/decoder embedding tables are not supported")
+                aliases.add(other)
+        embed = group[0] if group else None
+        if head not in index and not config.tie_word_embeddings:
+            config = dataclasses.replace(config, tie_word_embeddings=True)
+    else:
+        embed = "model.embed_tokens.weight" if "model.embed_tokens.weight" in index else None
+    if config.tie_word_embeddings and head in index:
+        if embed is None:
+            renames["model.embed_tokens.weight" if isinstance(config, LlamaConfig)
+                    else "shared.weight"] = head
+        elif _equal(index, embed, head):
+            aliases.add(head)
+        else:
+            config = dataclasses.replace(config, tie_word_embeddings=False)
+    return config, renames, aliases
+
+
+def load_weights(model: nnx.Module, files: list[str], *, source: str,
+                 renames: dict[str, str] | None = None, aliases: set[str] | None = None) -> nnx.Module:
+    """Fill every parameter of ``model`` from safetensors ``files`` (strict, by name).
+
+    ``renames`` maps a parameter name to the checkpoint tensor it is read from; ``aliases`` are
+    checkpoint tensors accepted without being read (default: :func:`_aliases`).
+    """
+    from safetensors import safe_open
+
+    renames = renames or {}
+    aliases = _aliases(model) if aliases is None else set(aliases)
+    expected = {k: v for k, v in named_variables(model).items() if not isinstance(v, nnx.LoRAParam)}
+    found = tensor_index(files)
+    wanted = {renames.get(k, k): k for k in expected}
+    unexpected = sorted(k for k in found if k not in wanted and k not in aliases
                         and not k.endswith("rotary_emb.inv_freq"))
-    missing = sorted(k for k in expected if k not in found)
+    missing = sorted(k for k in expected if renames.get(k, k) not in found)
     problems = []
     if missing:
         problems.append(f"missing tensors: {missing}")
     if unexpected:
         problems.append(f"unexpected tensors: {unexpected}")
-    bad = [f"{k}: checkpoint {found[k][1]} vs model {tuple(v.shape)}" for k, v in expected.items()
-           if k in found and found[k][1] != tuple(v.shape)]
+    bad = [f"{k}: checkpoint {found[renames.get(k, k)][1]} vs model {tuple(v.shape)}"
+           for k, v in expected.items()
+           if renames.get(k, k) in found and found[renames.get(k, k)][1] != tuple(v.shape)]
     if bad:
         problems.append(f"mis-shaped tensors: {bad}")
     if problems:
@@ -128,12 +210,12 @@ def load_weights(model: nnx.Module, files: list[str], *, source: str) -> nnx.Mod
                          + "; ".join(problems))
     by_file: dict[str, list[str]] = {}
     for k in expected:
-        by_file.setdefault(found[k][0], []).append(k)
+        by_file.setdefault(found[renames.get(k, k)][0], []).append(k)
     for path, keys in by_file.items():
         with safe_open(path, framework="flax") as f:
             for k in keys:
                 var = expected[k]
-                var.value = jnp.asarray(f.get_tensor(k), dtype=var.value.dtype)
+                var.set_value(jnp.asarray(f.get_tensor(renames.get(k, k)), dtype=var.dtype))
     return model
 
 
@@ -192,8 +274,10 @@ def load_pretrained(name_or_path: str, *, dtype: Any = jnp.float32, param_dtype:
         dequantised to float32 by transformers once and cached as a Hugging Face directory
         (``<stem>.hf/`` next to it; see ``jaxgrad.models.gguf``), rebuilt when the file changes.
         Its config.json records the GGUF's quantisation under ``"gguf_source"``.
-      dtype: compute dtype, ``float32`` (default) or ``bfloat16``.
-      param_dtype: storage dtype of the base weights (default float32; LoRA weights are float32).
+      dtype: compute dtype, ``float32`` (default) or ``bfloat16``, as a name or a numpy/JAX
+        dtype; anything else (float16, float64, integer or torch dtypes) raises ValueError.
+      param_dtype: storage dtype of the base weights (default float32; LoRA weights are float32),
+        same choices as ``dtype``.
       lora: attach LoRA adapters with this config (B = 0: outputs unchanged).
       revision: Hub revision.
       with_tokenizer: load the tokenizer as well.
@@ -205,8 +289,9 @@ def load_pretrained(name_or_path: str, *, dtype: Any = jnp.float32, param_dtype:
 
     Raises:
       FileNotFoundError: no such directory or file; a directory with neither config.json nor .gguf.
-      ValueError: unsupported architecture, tensors that do not fit; for GGUF also a corrupt or
-        truncated file, or a directory with several .gguf files.
+      ValueError: unsupported architecture, dtype or config value (naming the config file, the
+        key and its value; docs/config_fields.md), tensors that do not fit; for GGUF also a
+        corrupt or truncated file, or a directory with several .gguf files.
       ImportError: a GGUF without the ``gguf`` extra (gguf, accelerate, torch) installed.
       OSError: a Hub name while offline.
 
@@ -215,17 +300,17 @@ def load_pretrained(name_or_path: str, *, dtype: Any = jnp.float32, param_dtype:
       >>> logits = model(input_ids, attention_mask)                     # [B, L, V] float32
       >>> model, tok = load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
     """
+    dtype = resolve_dtype(dtype, "dtype")  # refused before any download or conversion
+    param_dtype = resolve_dtype(jnp.float32 if param_dtype is None else param_dtype, "param_dtype")
     directory = resolve_checkpoint(name_or_path, revision=revision, gguf_cache_dir=gguf_cache_dir)
     hf = read_config(directory)
-    config = config_from_hf(hf, dtype=_as_dtype(dtype),
-                            param_dtype=_as_dtype(param_dtype or jnp.float32),
+    config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype,
                             source=os.path.join(directory, "config.json"))
     files = _weight_files(directory)
+    config, renames, aliases = resolve_tying(config, tensor_index(files), source=directory)
+    # eval_shape leaves ShapeDtypeStructs; load_weights replaces every one with its tensor.
     model = nnx.eval_shape(lambda: build_model(config))
-    # eval_shape leaves ShapeDtypeStructs; give every variable a concrete zero so assignment works.
-    for var in named_variables(model).values():
-        var.value = np.zeros(var.value.shape, var.value.dtype)
-    load_weights(model, files, source=directory)
+    load_weights(model, files, source=directory, renames=renames, aliases=aliases)
     if lora is not None:
         apply_lora(model, lora)
     tokenizer = load_tokenizer(directory) if with_tokenizer else None
@@ -243,7 +328,7 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, hf_config: 
     from safetensors.numpy import save_file
 
     os.makedirs(directory, exist_ok=True)
-    tensors = {k: np.asarray(v.value, np.float32) for k, v in named_variables(model).items()
+    tensors = {k: np.asarray(v[...], np.float32) for k, v in named_variables(model).items()
                if not isinstance(v, nnx.LoRAParam)}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:

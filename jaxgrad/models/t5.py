@@ -2,19 +2,26 @@
 
 Attribute names follow Hugging Face's ``T5ForConditionalGeneration`` (``encoder.block.0.layer.0
 .SelfAttention.q.weight``, ``decoder.block.2.layer.1.EncDecAttention.k.weight``, ...), so module
-paths equal safetensors keys. What the config decides:
+paths equal safetensors keys. What the config decides (read as transformers 5's
+``models/t5/configuration_t5.py`` and ``modeling_t5.py`` read it):
 
-- feed-forward ``relu`` (v1.0: ``wi``, ``wo``) or ``gated-gelu`` (v1.1 / Flan: ``wi_0``, ``wi_1``,
-  ``wo``, tanh-approximated GELU);
-- tied head (``lm_head`` = ``shared``) or untied (v1.1 / Flan-T5 configs written by transformers
-  4); decoder outputs scaled by ``d_model ** -0.5`` before the head for v1.0 (transformers 5 writes
-  this as ``scale_decoder_outputs``; transformers 4 implies it by ``tie_word_embeddings``);
+- the feed-forward: ``dense_act_fn`` and ``is_gated_act``, derived from ``feed_forward_proj``
+  (``relu``: ``wi``, ``wo``; ``gated-gelu``: ``wi_0``, ``wi_1``, ``wo`` with ``gelu_new``, the
+  tanh-approximated GELU; ``gated-<act>`` / ``<act>`` for the other activations of
+  :data:`jaxgrad.models.llama.ACTIVATIONS`), unless config.json states them itself (it then wins,
+  as in ``T5Config.__post_init__``);
+- decoder outputs scaled by ``d_model ** -0.5`` before the head (``scale_decoder_outputs``;
+  transformers 4 configs imply it by ``tie_word_embeddings``, false for v1.1 / Flan-T5);
+- the head: transformers 5 ties ``lm_head`` to ``shared`` unless the checkpoint carries an
+  ``lm_head.weight`` that differs; the loader (``jaxgrad.models.hub``) decides the same way;
 - relative-position buckets (bidirectional in the encoder, causal in the decoder), one learned bias
   table per stack held by its first block, shared by all blocks of the stack.
 
+Every config.json key falls under one rule of :data:`HF_FIELDS` (``docs/config_fields.md``).
 T5 attention has no 1/√d scaling (it is folded into the initialisation). Dropout of the base model
-is not applied: fine-tuning here trains LoRA adapters, whose own dropout is applied when a
-``dropout_rng`` is given.
+(``dropout_rate``) is not applied: fine-tuning here trains LoRA adapters, whose own dropout is
+applied when a ``dropout_rng`` is given. Compute dtypes are float32 and bfloat16 only
+(:func:`jaxgrad.models.llama.resolve_dtype`): in float16 T5's activations overflow.
 
 Call: ``model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask) -> logits``
 (float32 ``[B, T, V]``). :func:`shift_right` builds decoder inputs from labels.
@@ -31,8 +38,59 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models.layers import Embed, Linear, RMSNorm, mask_value, split_rng
+from jaxgrad.models.llama import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
+                                  NOT_APPLIED, _Reader, check_refused_fields, refuse,
+                                  resolve_dtype)
 
-SUPPORTED_FEED_FORWARD = ("relu", "gated-gelu", "gated-relu", "gated-silu")
+
+# config.json key -> (transformers' default, rule); class fields of the installed T5Config plus
+# the keys modeling_t5.py reads (see llama.HF_FIELDS for the rules).
+HF_FIELDS: dict[str, tuple[Any, str]] = {
+    **GENERIC_FIELDS,
+    "vocab_size": (32128, COMPUTED),
+    "d_model": (512, COMPUTED),
+    "d_kv": (64, COMPUTED),
+    "d_ff": (2048, COMPUTED),
+    "num_layers": (6, COMPUTED),
+    "num_decoder_layers": (None, COMPUTED),
+    "num_heads": (8, COMPUTED),
+    "relative_attention_num_buckets": (32, COMPUTED),
+    "relative_attention_max_distance": (128, COMPUTED),
+    "dropout_rate": (0.1, NOT_APPLIED),
+    "layer_norm_epsilon": (1e-6, COMPUTED),
+    "initializer_factor": (1.0, INERT),
+    "feed_forward_proj": ("relu", COMPUTED),
+    "is_encoder_decoder": (True, INERT),
+    "use_cache": (True, INERT),
+    "pad_token_id": (0, COMPUTED),  # decoder inputs from labels (shift_right)
+    "eos_token_id": (1, INERT),
+    "classifier_dropout": (0.0, INERT),  # classification heads only
+    "is_decoder": (False, INERT),  # set per stack by T5ForConditionalGeneration
+    # not T5Config fields, read by T5Config.__post_init__ / modeling_t5.py:
+    "tie_word_embeddings": (None, COMPUTED),
+    "scale_decoder_outputs": (None, COMPUTED),
+    "dense_act_fn": (None, COMPUTED),
+    "is_gated_act": (None, COMPUTED),
+    "decoder_start_token_id": (None, COMPUTED),
+    # T5Config.attribute_map aliases: a value under one of these names wins
+    "hidden_size": (None, COMPUTED),
+    "num_attention_heads": (None, COMPUTED),
+    "num_hidden_layers": (None, COMPUTED),
+    "head_dim": (None, COMPUTED),
+    **GENERIC_EXTRAS,
+}
+ATTRIBUTE_MAP = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
+                 "num_hidden_layers": "num_layers", "head_dim": "d_kv"}
+
+
+def feed_forward_from_proj(feed_forward_proj: str) -> tuple[str, bool]:
+    """``(dense_act_fn, is_gated_act)`` as ``T5Config.__post_init__`` derives them; ValueError
+    for a malformed value (``validate_architecture``)."""
+    parts = feed_forward_proj.split("-")
+    if len(parts) > 1 and parts[0] != "gated" or len(parts) > 2:
+        raise ValueError(f"feed_forward_proj={feed_forward_proj!r} is not `gated-<act>` or `<act>`")
+    act = "gelu_new" if feed_forward_proj == "gated-gelu" else parts[-1]
+    return act, parts[0] == "gated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,42 +110,88 @@ class T5Config:
     scale_decoder_outputs: bool = True
     pad_token_id: int = 0
     decoder_start_token_id: int = 0
+    dense_act_fn: str | None = None  # None: from feed_forward_proj
+    is_gated_act: bool | None = None  # None: from feed_forward_proj
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "dtype", resolve_dtype(self.dtype, "dtype"))
+        set_(self, "param_dtype", resolve_dtype(self.param_dtype, "param_dtype"))
+        act, gated = feed_forward_from_proj(self.feed_forward_proj)
+        if self.dense_act_fn is None:
+            set_(self, "dense_act_fn", act)
+        if self.is_gated_act is None:
+            set_(self, "is_gated_act", gated)
+        set_(self, "is_gated_act", bool(self.is_gated_act))
+        if self.dense_act_fn not in ACTIVATIONS:
+            raise ValueError(f"T5Config: dense_act_fn={self.dense_act_fn!r} is not supported; "
+                             f"supported: {', '.join(ACTIVATIONS)}")
+
     @property
     def is_gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
+        return self.is_gated_act
 
     @property
     def activation(self) -> str:
-        return self.feed_forward_proj.split("-")[-1]
+        return self.dense_act_fn
 
     @classmethod
-    def from_hf(cls, cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> "T5Config":
-        ff = cfg.get("feed_forward_proj", "relu")
-        if ff not in SUPPORTED_FEED_FORWARD:
-            raise ValueError(f"T5Config: feed_forward_proj {ff!r} is not supported; supported: "
-                             f"{', '.join(SUPPORTED_FEED_FORWARD)}")
+    def from_hf(cls, cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                source: str = "config.json") -> "T5Config":
+        """Build from a Hugging Face ``config.json`` dictionary (transformers 5 semantics).
+
+        Missing keys take T5Config's defaults; values jaxgrad does not compute exactly raise
+        ValueError naming ``source``, the key and its value.
+        """
+        check_refused_fields(cfg, HF_FIELDS, source)
+        get = _Reader(cfg, HF_FIELDS)
+
+        def dim(name):  # T5Config.attribute_map: the alias, when present, is what is set last
+            for alias, target in ATTRIBUTE_MAP.items():
+                if target == name and cfg.get(alias) is not None:
+                    return cfg[alias]
+            return get(name)
+
+        ff = get("feed_forward_proj")
+        try:
+            act, gated = feed_forward_from_proj(str(ff))
+        except ValueError:
+            refuse(source, "feed_forward_proj", ff, "expected `gated-<act>` or `<act>`")
+        act_field = "feed_forward_proj"
+        # config.json's own values win over the derived ones (set after them in __post_init__)
+        if "dense_act_fn" in cfg:
+            act, act_field = cfg["dense_act_fn"], "dense_act_fn"
+        if "is_gated_act" in cfg:
+            gated = bool(cfg["is_gated_act"])
+        if act not in ACTIVATIONS:
+            refuse(source, act_field, cfg.get(act_field),
+                   f"activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
+        tied = cfg.get("tie_word_embeddings") is not False
+        scale = bool(cfg["scale_decoder_outputs"]) if "scale_decoder_outputs" in cfg else tied
+        num_layers = dim("num_layers")
         return cls(
-            vocab_size=cfg["vocab_size"],
-            d_model=cfg["d_model"],
-            d_kv=cfg["d_kv"],
-            d_ff=cfg["d_ff"],
-            num_layers=cfg["num_layers"],
-            num_decoder_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
-            num_heads=cfg["num_heads"],
-            relative_attention_num_buckets=cfg.get("relative_attention_num_buckets", 32),
-            relative_attention_max_distance=cfg.get("relative_attention_max_distance", 128),
-            layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-6),
-            feed_forward_proj=ff,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            # transformers 5 always ties and records the v1.0 scaling separately; transformers 4
-            # configs signal both with tie_word_embeddings (False for v1.1 / Flan-T5).
-            scale_decoder_outputs=bool(cfg.get("scale_decoder_outputs",
-                                               cfg.get("tie_word_embeddings", True))),
-            pad_token_id=cfg.get("pad_token_id", 0) or 0,
-            decoder_start_token_id=cfg.get("decoder_start_token_id", 0) or 0,
+            vocab_size=get("vocab_size"),
+            d_model=dim("d_model"),
+            d_kv=dim("d_kv"),
+            d_ff=get("d_ff"),
+            num_layers=num_layers,
+            num_decoder_layers=get("num_decoder_layers") or num_layers,
+            num_heads=dim("num_heads"),
+            relative_attention_num_buckets=get("relative_attention_num_buckets"),
+            relative_attention_max_distance=get("relative_attention_max_distance"),
+            layer_norm_epsilon=float(get("layer_norm_epsilon")),
+            feed_forward_proj=str(ff),
+            # transformers 5 always ties; whether the checkpoint unties is the loader's business.
+            # tie_word_embeddings=false (transformers 4 configs of v1.1 / Flan-T5) means: no
+            # output scaling, unless scale_decoder_outputs says otherwise.
+            tie_word_embeddings=tied,
+            scale_decoder_outputs=scale,
+            pad_token_id=get("pad_token_id") or 0,
+            decoder_start_token_id=get("decoder_start_token_id") or 0,
+            dense_act_fn=act,
+            is_gated_act=gated,
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -199,12 +303,7 @@ class T5DenseFF(nnx.Module):
         self.wo = Linear(cfg.d_ff, cfg.d_model, **kw)
 
     def _act(self, x):
-        name = self.cfg.activation
-        if name == "gelu":  # transformers maps gated-gelu to gelu_new (tanh approximation)
-            return jax.nn.gelu(x, approximate=True)
-        if name == "silu":
-            return jax.nn.silu(x)
-        return jax.nn.relu(x)
+        return ACTIVATIONS[self.cfg.dense_act_fn](x)  # ACT2FN[config.dense_act_fn]
 
     def __call__(self, x, dropout_rng=None):
         r0, r1, r2 = split_rng(dropout_rng, 3)
