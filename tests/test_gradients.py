@@ -30,7 +30,7 @@ def setup():
     model, tok = load_pretrained(fixture("tiny-llama"), lora=LoraConfig(rank=2, seed=1))
     for name, var in named_variables(model).items():
         if name.endswith("lora_B"):
-            var.value = var.value + 0.05  # a nonzero adapter: every LoRA gradient informative
+            var[...] = var[...] + 0.05  # a nonzero adapter: every LoRA gradient informative
     data = synthetic_sources(SPEC)
     examples = data.examples("train")
     proj = Projector(seed=5, dim=num_trainable(model), k=8)

@@ -6,12 +6,15 @@ Parameters are stored in PyTorch layout under Hugging Face attribute names (a li
 partition rules all work on one naming. XLA folds the transposes into the matmuls.
 
 ``Linear`` optionally carries a LoRA adapter (``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``,
-both ``nnx.LoRAParam``), added by model surgery in :mod:`jaxgrad.models.lora`. LoRA dropout is
-driven by an explicit ``dropout_rng`` argument rather than a stateful RNG stream, so the model
-stays a pure function of (parameters, inputs, key) under ``jit``, ``grad`` and ``vmap``.
+both ``nnx.LoRAParam``; rank, alpha and rsLoRA scaling per layer), added by model surgery in
+:mod:`jaxgrad.models.lora`. LoRA dropout is driven by an explicit ``dropout_rng`` argument rather
+than a stateful RNG stream, so the model stays a pure function of (parameters, inputs, key) under
+``jit``, ``grad`` and ``vmap``.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,11 @@ INIT_STD = 0.02
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = INIT_STD) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """LoRA's output scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA (peft ``use_rslora``)."""
+    return float(alpha) / (math.sqrt(rank) if use_rslora else float(rank))
 
 
 class Linear(nnx.Module):
@@ -45,17 +53,30 @@ class Linear(nnx.Module):
         # LoRA state; filled in by `add_lora`.
         self.lora_A = nnx.data(None)
         self.lora_B = nnx.data(None)
+        self.lora_alpha = 0.0
+        self.lora_rslora = False
         self.lora_scaling = 0.0
         self.lora_dropout = 0.0
 
-    def add_lora(self, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs, dtype=jnp.float32):
-        """Attach a LoRA adapter: A ~ Kaiming-uniform (as PEFT), B = 0 so the output is unchanged."""
+    def add_lora(self, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs, dtype=jnp.float32,
+                 *, use_rslora: bool = False):
+        """Attach a LoRA adapter: A ~ Kaiming-uniform (as PEFT), B = 0 so the output is unchanged.
+
+        ``lora_A [rank, in]``, ``lora_B [out, rank]`` in ``dtype``; the scaling is
+        :func:`lora_scaling` ``(alpha, rank, use_rslora)``.
+        """
         bound = 1.0 / jnp.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)) bound for fan_in
         a = jax.random.uniform(rngs.params(), (rank, self.in_features), jnp.float32, -bound, bound)
         self.lora_A = nnx.LoRAParam(a.astype(dtype))
         self.lora_B = nnx.LoRAParam(jnp.zeros((self.out_features, rank), dtype))
-        self.lora_scaling = float(alpha) / float(rank)
+        self.set_lora_alpha(alpha, use_rslora)
         self.lora_dropout = float(dropout)
+
+    def set_lora_alpha(self, alpha: float, use_rslora: bool = False):
+        """Set the adapter's alpha (and rsLoRA flag); the scaling follows from them and the rank."""
+        self.lora_alpha = float(alpha)
+        self.lora_rslora = bool(use_rslora)
+        self.lora_scaling = lora_scaling(alpha, int(self.lora_A.shape[0]), use_rslora)
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
