@@ -104,3 +104,24 @@ def test_finetune_sources_and_run_names():
     odd = [finetune_run_name(s) for s in (["q&a/v2"], ["a,b"], ["a", "b"], ["a+b"], [".."])]
     assert all("/" not in n and n not in (".", "..") for n in odd), odd
     assert len(set(odd)) == len(odd), f"different source lists share a run directory: {odd}"
+
+
+def test_kinds_as_pairs_for_names_a_config_cannot_key(tmp_path):
+    """ml_collections refuses dots in keys, so a source named "v1.2" is labelled by a pair."""
+    from jaxgrad.data import load_sources
+
+    path = tmp_path / "d.jsonl"
+    with open(path, "w") as f:
+        for name in ("v1.2", "a,b", "t"):
+            for j in range(6):
+                f.write(json.dumps({"instruction": f"{name} {j}", "input": "", "output": str(j),
+                                    "skill": name}) + "\n")
+    config = _config(str(path))
+    config.data.files.target = "t"
+    config.data.files.kinds = [("v1.2", "related"), ("a,b", "unrelated")]
+    from jaxgrad.train import load_data
+
+    data = load_data(config.data)
+    assert data.kinds == {"v1.2": "related", "a,b": "unrelated", "t": "target"}
+    with pytest.raises(ValueError, match="list of \\(source, kind\\) pairs"):
+        load_sources({"format": "alpaca", "path": str(path), "target": "t", "kinds": ["v1.2"]})

@@ -676,7 +676,8 @@ class SourcesSpec:
         (:meth:`MultiSourceData.with_label_noise`, seeded by ``seed``), appended after the others.
       kinds: source -> kind ("related", "unrelated", ...: the ground truth a ranking is checked
         against, :func:`jaxgrad.pipeline.ranking_auc`); the target is "target", noisy copies
-        "noisy", unnamed sources "unknown".
+        "noisy", unnamed sources "unknown". Also a list of ``(source, kind)`` pairs, for names an
+        ml_collections config cannot hold as keys (``"v1.2"``: ConfigDict refuses dots in keys).
     """
 
     format: str = "generic"
@@ -711,6 +712,14 @@ def _as_spec(spec: Any) -> SourcesSpec:
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise ValueError(f"spec has unknown keys {unknown}; allowed keys: {allowed}")
+    spec = dict(spec)
+    kinds = spec.get("kinds")
+    if kinds is not None and not isinstance(kinds, Mapping):
+        pairs = list(kinds)
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise ValueError(f"data.files.kinds must map source -> kind, or be a list of "
+                             f"(source, kind) pairs; got {kinds!r}")
+        spec["kinds"] = {str(s): str(k) for s, k in pairs}
     return SourcesSpec(**spec)
 
 
