@@ -24,7 +24,7 @@ an hour; float32 is several times slower. On CPU this config is impractical.
 
 import ml_collections
 
-from jaxgrad.config_sections import default_config
+from jaxgrad.config_sections import default_config, files_section
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The Alpaca config; ``arg``: None / "default", or "bf16"."""
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.target_modules = "q_proj,k_proj,v_proj"  # adapted layers ("" = family default)
 
     c.data.kind = "files"  # "synthetic" or "files"
-    c.data.files = dict(  # SourcesSpec fields (jaxgrad/data/sources.py); "" means None
+    c.data.files = files_section(  # SourcesSpec fields (jaxgrad/data/sources.py); "" means None
         format="alpaca",  # instruction / input / output rows, Stanford Alpaca prompt template
         path="data/alpaca_skills.jsonl",  # local file(s) with a `skill` column
         hub="",  # or a Hub dataset name (needs network)

@@ -42,7 +42,7 @@ real model", and benchmarks/RESULTS.md.
 
 import ml_collections
 
-from jaxgrad.config_sections import default_config
+from jaxgrad.config_sections import default_config, files_section
 
 TARGET = "strategyqa"
 RELATED = ("anachronisms", "sports_understanding", "misconceptions", "date_understanding")
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.target_modules = "q_proj,k_proj,v_proj"  # the paper's default
 
     c.data.kind = "files"
-    c.data.files = dict(  # SourcesSpec fields (jaxgrad/data/sources.py); "" means None
+    c.data.files = files_section(  # SourcesSpec fields (jaxgrad/data/sources.py); "" means None
         format="bigbench",  # BIG-bench task.json files, one source per task
         path=TASKS_DIR,  # written by scripts/prepare_real.py
         hub="", hub_config="", hub_split="train", file_type="", source="", answer_format="",

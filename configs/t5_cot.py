@@ -23,7 +23,7 @@ one H100, so the run is dominated by evaluation and takes on the order of an hou
 
 import ml_collections
 
-from jaxgrad.config_sections import default_config
+from jaxgrad.config_sections import default_config, files_section
 
 COT_TASKS = ("addsub", "multiarith", "single_eq", "svamp", "gsm8k", "aqua", "date_understanding",
              "coin_flip", "last_letter_concatenation", "commonsense_qa", "strategy_qa",
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.target_modules = "q,k,v"  # adapted layers ("" = family default)
 
     c.data.kind = "files"  # "synthetic" or "files"
-    c.data.files = dict(  # SourcesSpec fields (jaxgrad/data/sources.py); "" means None
+    c.data.files = files_section(  # SourcesSpec fields (jaxgrad/data/sources.py); "" means None
         format="cot",  # question / rationale / answer rows
         path=tuple(f"data/cot/{t}.jsonl" for t in COT_TASKS),  # one file per task (stem = source)
         hub="",  # or a Hub dataset name

@@ -45,6 +45,22 @@ def add_model_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return c
 
 
+def files_section(**fields) -> ml_collections.ConfigDict:
+    """``data.files`` (SourcesSpec fields) with ``validation`` / ``test`` held as floats.
+
+    ml_collections fixes a field's type from its first value, so a count written as ``100`` in a
+    config file would refuse ``--config.data.files.validation=0.1`` on the command line. Held as
+    floats, both a fraction and a count can be given (``100.0`` is the count 100:
+    :mod:`jaxgrad.counts`; the config fingerprints treat ``100`` and ``100.0`` alike).
+    """
+    fields = {"validation": 0.1, "test": 0.1, **fields}
+    for key in ("validation", "test"):
+        value = fields[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            fields[key] = float(value)
+    return ml_collections.ConfigDict(fields)
+
+
 def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``train`` (optimizer, schedule, evaluation, checkpoints), ``mesh`` and ``finetune``."""
     c.train = ml_collections.ConfigDict()

@@ -17,6 +17,22 @@ import numbers
 
 RULE = "a fraction in [0, 1) or a whole count >= 1"
 
+# The config settings that follow the rule -> (what they count, whether 0 is allowed).
+SETTINGS = {
+    "surrogate.subset_size": ("sources", False),
+    "selection.top": ("sources", False),
+    "data.files.validation": ("examples of each source", True),
+    "data.files.test": ("examples of each source", True),
+}
+
+
+def canonical(value):
+    """The value with a whole float as an int (``2.0`` -> ``2``), so that the config fingerprints
+    of ``2`` and ``2.0`` agree, as their meaning does; anything else unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
 
 def check_fraction_or_count(value, *, name: str, allow_zero: bool = False) -> float | int:
     """Validate ``value`` under the rule without a total; returns a float fraction or an int count.

@@ -38,6 +38,8 @@ import shutil
 import time
 from typing import Any, Mapping, Sequence
 
+from jaxgrad import counts
+
 log = logging.getLogger("jaxgrad.pipeline")
 
 RECORDS_FILE = "stages.json"
@@ -172,7 +174,8 @@ def flatten_config(config: Any) -> dict[str, Any]:
             for k in sorted(value, key=str):
                 walk(f"{prefix}.{k}" if prefix else str(k), value[k])
         else:
-            out[prefix] = _canonical(value)
+            out[prefix] = _canonical(counts.canonical(value) if prefix in counts.SETTINGS
+                                     else value)
 
     walk("", d)
     return out

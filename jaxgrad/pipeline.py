@@ -43,7 +43,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jaxgrad.fingerprint import ConfigChangedError  # noqa: F401 (raised by run_pipeline; re-exported)
+from jaxgrad import counts
+from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  reconcile, stage_fingerprints, write_records)
 
@@ -567,23 +568,22 @@ def stage_report(config, workdir: str) -> str:
     return write_report(config, workdir)
 
 
-FRACTION_OR_COUNT = {  # setting -> (number it is a part of, whether 0 is allowed)
-    "surrogate.subset_size": ("sources", False),
-    "selection.top": ("sources", False),
-    "data.files.validation": ("examples of each source", True),
-    "data.files.test": ("examples of each source", True),
-}
+FRACTION_OR_COUNT = counts.SETTINGS  # setting -> (what it counts, whether 0 is allowed)
 
 
-def validate_config(config, stages: Sequence[str] | None = None) -> None:
+def validate_config(config, stages: Sequence[str] | None = None):
     """Checks, before the first stage, what would otherwise fail only after hours of training.
 
+    * ``model.dtype`` / ``model.param_dtype`` (float32 or bfloat16);
     * every "fraction or count" setting (:data:`FRACTION_OR_COUNT`) under the one rule of
       :mod:`jaxgrad.counts`, whether it came from Python, a config file or the command line;
     * the data load: every source's splits and the target's validation/test split non-empty
       (``jaxgrad.data.load_sources`` names the source, the split and the setting to change);
     * the counts of sources asked for (``surrogate.subset_size``, ``selection.top``) not more
       than the data have.
+
+    Returns:
+      The loaded ``MultiSourceData``, or None when the stages to run need no data.
 
     Raises:
       TypeError / ValueError: naming the setting (``config.selection.top``) and what it expects.
@@ -599,6 +599,11 @@ def validate_config(config, stages: Sequence[str] | None = None) -> None:
             node = node.get(part)
         return node
 
+    for key in ("model.dtype", "model.param_dtype"):
+        if get(key) not in (None, ""):
+            from jaxgrad.models.llama import resolve_dtype
+
+            resolve_dtype(get(key), f"config.{key}")
     data_kind = get("data.kind")
     for key, (_, allow_zero) in FRACTION_OR_COUNT.items():
         value = get(key)
@@ -606,8 +611,8 @@ def validate_config(config, stages: Sequence[str] | None = None) -> None:
             continue
         check_fraction_or_count(value, name=f"config.{key}", allow_zero=allow_zero)
     stages = list(stages or STAGES)
-    if get("data") is None or not ({"meta_train", "estimates", "selection"} & set(stages)):
-        return
+    if get("data") is None or not (set(DATA_STAGES) & set(stages)):
+        return None
     data = load_data(config.data)
     if not data.target and {"gradients", "estimates"} & set(stages):
         field = "data.synthetic.target" if data_kind == "synthetic" else "data.files.target"
@@ -616,6 +621,68 @@ def validate_config(config, stages: Sequence[str] | None = None) -> None:
     for key in ("surrogate.subset_size", "selection.top"):
         if get(key) is not None:
             fraction_or_count(get(key), len(data.sources), name=f"config.{key}", at_least_one=True)
+    return data
+
+
+DATA_STAGES = ("meta_train", "gradients", "estimates", "selection", "finetune", "fidelity")
+SPLITS_FILE = "data_splits.json"
+
+
+def data_splits_record(data) -> dict:
+    """What the run's artefacts assume of the data: a sha256 over the example ids of every
+    split of every source (ids hash the prompt and completion, so it changes with any text, any
+    split assignment, any source), and the split sizes, to show what changed."""
+    import hashlib
+
+    splits = {split: {s: [e["example_id"] for e in data.examples(split, [s])] for s in data.sources}
+              for split in ("train", "validation", "test")}
+    digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode("utf-8")).hexdigest()
+    sizes = {split: sum(len(v) for v in by_source.values()) for split, by_source in splits.items()}
+    return {"digest": digest, "sizes": sizes}
+
+
+def check_data_splits(workdir: str, data, mode: str) -> None:
+    """Artefacts are reused only with the data they were computed on.
+
+    The config fingerprints (:mod:`jaxgrad.fingerprint`) cannot see the data change when the same
+    config loads other examples or other splits (an edited file; a jaxgrad version that reads
+    text or splits duplicates differently). ``<workdir>/data_splits.json`` records the splits'
+    digest; when it differs and data-dependent artefacts exist, ``mode`` "error" raises and
+    "rerun" deletes them (meta_train and everything after it) so they are recomputed. A run
+    directory without the file adopts the current data, as it does for config records.
+
+    Raises:
+      ConfigChangedError: the data changed and ``mode`` is "error" (nothing deleted).
+    """
+    from jaxgrad.fingerprint import (delete_artefacts, downstream, read_records,
+                                     write_records)
+
+    path = os.path.join(workdir, SPLITS_FILE)
+    new = data_splits_record(data)
+    old = _read_json(path) if os.path.isfile(path) else None
+    if old is not None and old.get("digest") != new["digest"]:
+        stale = [s for s in downstream("meta_train") if artefacts_exist(workdir, s)]
+        if stale:
+            change = ("data splits", old.get("sizes"), new["sizes"])
+            if mode == "error":
+                raise ConfigChangedError(
+                    f"{workdir}: the data changed since its artefacts were computed (the same "
+                    f"config now loads other examples or other splits; sizes {old.get('sizes')} "
+                    f"→ {new['sizes']}). Stale: {', '.join(stale)}. Use a new --workdir, or "
+                    f"--on_config_change=rerun to delete them and recompute from 'meta_train'.",
+                    stage="meta_train", workdir=workdir, changes=[change])
+            if jax.process_index() == 0:
+                deleted = [p for s in stale for p in delete_artefacts(workdir, s)]
+                records = read_records(workdir)
+                write_records(workdir, {k: v for k, v in records.items() if k not in stale})
+                log.warning("jaxgrad pipeline: the data changed since %s was computed; "
+                            "on_config_change='rerun': deleted %s", workdir, ", ".join(deleted))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("pipeline/data_checked")
+    if (old is None or old.get("digest") != new["digest"]) and jax.process_index() == 0:
+        _write_json(path, new)
 
 
 def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
@@ -648,8 +715,10 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
 
     # Before anything touches JAX (reconcile asks for the process index): multi-host runs.
     initialize_distributed(bool((config.get("train") or {}).get("distributed", False)))
-    validate_config(config, stages)
+    data = validate_config(config, stages)
     os.makedirs(workdir, exist_ok=True)
+    if data is not None:
+        check_data_splits(workdir, data, str(on_config_change))
     fingerprints = stage_fingerprints(config)
     skip = () if fidelity_enabled(config) else ("fidelity",)
     records = reconcile(workdir, fingerprints, stages, str(on_config_change), skip=skip)

@@ -25,11 +25,18 @@ def _cell(text: str) -> str:
 
 def _names(names) -> str:
     """Source names for a table cell, unambiguous whatever they hold: joined by ", ", each quoted
-    as a JSON string when any name holds a comma or edge spaces (or is empty)."""
+    as a JSON string (non-ASCII kept) when any name holds a comma or edge spaces or is empty."""
     names = [str(s) for s in names]
     if any("," in s or s != s.strip() or not s for s in names):
-        return ", ".join(_cell(json.dumps(s)) for s in names)
+        return ", ".join(_cell(json.dumps(s, ensure_ascii=False)) for s in names)
     return _cell(", ".join(names))
+
+
+def _name(name) -> str:
+    """One source name for a table cell: quoted (JSON, non-ASCII kept) when it has edge spaces
+    or is empty, so that " lead " and "lead" read differently."""
+    name = str(name)
+    return _cell(json.dumps(name, ensure_ascii=False) if name != name.strip() or not name else name)
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -160,7 +167,7 @@ def write_report(config, workdir: str) -> str:
     rep = selection.get("repr_sim_scores") or [None] * len(selection["sources"])
     for rank, s in enumerate(selection["ranking"], 1):
         i = selection["sources"].index(s)
-        lines.append(f"| {rank} | {_cell(s)} | {_cell(kinds.get(s, ''))} | {_fmt(selection['scores'][i])} | "
+        lines.append(f"| {rank} | {_name(s)} | {_cell(kinds.get(s, ''))} | {_fmt(selection['scores'][i])} | "
                      f"[{_fmt(selection['ci_low'][i])}, {_fmt(selection['ci_high'][i])}] | "
                      f"{selection['counts'][i]} | {_fmt(selection['grad_sim_scores'][i], 3)} | "
                      f"{_fmt(rep[i], 3)} | {'✓' if s in selection['selected'] else ''} |")

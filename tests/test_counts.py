@@ -110,3 +110,31 @@ def test_a_config_without_target_is_refused_before_any_stage(tmp_path):
     with pytest.raises(ValueError, match="config.data.synthetic.target is not set"):
         run_pipeline(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_config_file_counts_take_a_fraction_from_the_command_line():
+    """configs/smollm2_bigbench.py writes validation=100 (a count); ml_collections would lock the
+    field to int and refuse --config.data.files.validation=0.1 (files_section holds floats)."""
+    argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'smollm2_bigbench.py')}",
+            "--config.data.files.validation=0.1", "--config.data.files.test=30"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    assert fv.config.data.files.validation == 0.1 and fv.config.data.files.test == 30
+
+
+def test_two_and_two_point_zero_have_one_fingerprint():
+    from jaxgrad.fingerprint import stage_fingerprints
+
+    a, b = demo.get_config("tiny"), demo.get_config("tiny")
+    a.selection.top, b.selection.top = 2, 2.0
+    assert stage_fingerprints(a)["selection"].fingerprint == \
+        stage_fingerprints(b)["selection"].fingerprint
+
+
+def test_an_unsupported_dtype_is_refused_before_any_stage(tmp_path):
+    config = demo.get_config("tiny")
+    config.model.dtype = "float16"
+    with pytest.raises(ValueError, match="config.model.dtype='float16' is not supported"):
+        run_pipeline(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -436,3 +436,26 @@ def test_label_noise_never_recombines_a_held_out_target_pair():
         "(P, C) recombined from o's train is the target's validation pair: dropped"
     assert noisy.duplicates["removed"] == {"noisy_o": 1}
     _assert_no_leak(noisy)
+
+
+@pytest.mark.parametrize("name,text,line", [
+    ("open.csv", 'prompt,completion\n"unclosed,1\nsecond,2\nthird,3\n', 4),
+    ("after.tsv", 'prompt\tcompletion\n"Hi," she said\tok\nsecond\t2\n', 2)])
+def test_malformed_quotes_are_refused_not_swallowed(tmp_path, name, text, line):
+    """An unclosed quote would otherwise eat every later row into one cell, silently."""
+    from jaxgrad.data import read_examples
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}: not a valid (CSV|TSV) file at line {line}"):
+        read_examples({"format": "generic", "path": str(path), "source": "s"})
+
+
+def test_rfc4180_quoting_is_read(tmp_path):
+    from jaxgrad.data import read_examples
+
+    path = tmp_path / "q.csv"
+    path.write_text('prompt,completion\n"He said ""hi""",ok\n"a,b","0.50"\n')
+    got = [(e["prompt"], e["completion"]) for e in
+           read_examples({"format": "generic", "path": str(path), "source": "s"})]
+    assert got == [('He said "hi"', "ok"), ("a,b", "0.50")]

@@ -452,3 +452,26 @@ def test_selection_from_before_repr_sim_gains_the_baseline(run_dir, tmp_path):
     assert again["baselines"] == new["baselines"]
     np.testing.assert_allclose(again["repr_sim_scores"], new["repr_sim_scores"], atol=1e-6)
     assert again["selected"] == new["selected"]
+
+
+def test_changed_data_under_the_same_config_is_caught(run_dir, tmp_path):
+    """The config fingerprints cannot see data that changed under the same config (an edited
+    file, another way of reading it); data_splits.json does, before any stage reuses artefacts."""
+    from jaxgrad.pipeline import SPLITS_FILE, check_data_splits
+    from jaxgrad.train import load_data
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    assert os.path.isfile(os.path.join(workdir, SPLITS_FILE))
+    data = load_data(demo.get_config("tiny").data)
+    check_data_splits(workdir, data, "error")  # the same data: nothing to say
+    changed = data.with_label_noise([data.sources[0]], seed=1, prefix="changed_")
+    with pytest.raises(ConfigChangedError, match="the data changed") as e:
+        check_data_splits(workdir, changed, "error")
+    assert e.value.stage == "meta_train"
+    assert os.path.isdir(os.path.join(workdir, "meta_train")), "error mode deletes nothing"
+    check_data_splits(workdir, changed, "rerun")
+    assert not os.path.exists(os.path.join(workdir, "meta_train"))
+    assert not os.path.exists(os.path.join(workdir, "gradients"))
+    assert os.path.isfile(os.path.join(workdir, "base", "model.safetensors")), "base kept"
+    check_data_splits(workdir, changed, "error")  # recorded: the new data is now the run's

@@ -125,3 +125,12 @@ def test_kinds_as_pairs_for_names_a_config_cannot_key(tmp_path):
     assert data.kinds == {"v1.2": "related", "a,b": "unrelated", "t": "target"}
     with pytest.raises(ValueError, match="list of \\(source, kind\\) pairs"):
         load_sources({"format": "alpaca", "path": str(path), "target": "t", "kinds": ["v1.2"]})
+
+
+def test_report_cells_keep_names_readable():
+    from jaxgrad.report import _name, _names
+
+    assert _names(["ünï 名", "a,b"]) == '"ünï 名", "a,b"', "non-ASCII must not become \\u escapes"
+    assert _names(["c++", "x+y"]) == "c++, x+y"
+    assert _name(" lead ") == '" lead "' and _name("lead") == "lead"
+    assert _name("a|b") == "a\\|b"

@@ -864,12 +864,17 @@ def _read_json(path: str, lines: bool) -> dict[str, list[str | None]]:
 
 def _read_delimited(path: str, delimiter: str) -> dict[str, list[str]]:
     """Columns of a CSV / TSV file with a header row, every cell a string as written (a blank cell
-    is ``""``; blank lines are skipped; a short row's missing cells are blank)."""
+    is ``""``; blank lines are skipped; a short row's missing cells are blank).
+
+    Quoting follows RFC 4180 (what pandas and spreadsheets write, tab-separated too), strictly: a
+    quote left open to the end of the file, or text after a closing quote (``"Hi," she said``),
+    is refused naming the file and line instead of swallowing the rows after it.
+    """
     limit = csv.field_size_limit()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts in one cell
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter)
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
             header = next(reader, None)
             if header is None:
                 return {}
@@ -885,8 +890,10 @@ def _read_delimited(path: str, delimiter: str) -> dict[str, list[str]]:
                                      f"header {len(header)}")
                 rows.append(row + [""] * (len(header) - len(row)))
     except csv.Error as e:
-        raise ValueError(f"{path}: not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file "
-                         f"({e})") from e
+        where = f" at line {reader.line_num}" if "reader" in locals() else ""
+        raise ValueError(f"{path}: not a valid {'TSV' if delimiter == chr(9) else 'CSV'} "
+                         f"file{where} ({e}); a cell that starts with a quote must be quoted "
+                         f"whole, with inner quotes doubled") from e
     finally:
         csv.field_size_limit(limit)
     return {h: [r[j] for r in rows] for j, h in enumerate(header)}

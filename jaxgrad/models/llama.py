@@ -71,9 +71,9 @@ def resolve_dtype(dtype: Any, what: str = "dtype"):
             name = None
     if name in DTYPES:
         return DTYPES[name]
-    why = ("float16's range (max 65504) overflows in T5's feed-forward activations, which "
-           "transformers works around with clamps and float32 `wo` weights that jaxgrad does not "
-           "reproduce; use 'bfloat16' for half precision"
+    why = ("jaxgrad supports float16 for no model (its range, max 65504, overflows in T5's "
+           "feed-forward activations, which transformers works around with clamps and float32 "
+           "`wo` weights that jaxgrad does not reproduce); use 'bfloat16' for half precision"
            if name == "float16" else "jaxgrad computes and stores in float32 or bfloat16 only")
     raise ValueError(f"{what}={dtype!r} is not supported: {why}; expected one of "
                      f"{sorted(DTYPES)} (a name, or the numpy/JAX dtype)")
