@@ -631,3 +631,17 @@ def test_loading_emits_no_deprecation_warnings_from_jaxgrad(name, tmp_path):
     ours = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
             and os.path.abspath(w.filename).startswith(package)]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+
+
+@pytest.mark.parametrize("model_type,key", [("llama", "hidden_act"), ("t5", "dense_act_fn")])
+def test_an_activation_that_is_not_a_name_is_refused_by_name(model_type, key):
+    from jaxgrad.models.hub import config_from_hf
+
+    cfg = ({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4}
+           if model_type == "llama" else
+           {"model_type": "t5", "vocab_size": 64, "d_model": 32, "d_kv": 8, "d_ff": 64,
+            "num_layers": 2, "num_heads": 4})
+    cfg[key] = ["silu"]
+    with pytest.raises(ValueError, match=f"{key}=\\['silu'\\] is not supported"):
+        config_from_hf(cfg)

@@ -282,7 +282,7 @@ class LlamaConfig:
         set_ = functools.partial(object.__setattr__, self)
         set_("dtype", resolve_dtype(self.dtype, "dtype"))
         set_("param_dtype", resolve_dtype(self.param_dtype, "param_dtype"))
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"LlamaConfig: hidden_act={self.hidden_act!r} is not supported; "
                              f"supported: {', '.join(ACTIVATIONS)}")
         if self.rope_type not in ROPE_TYPES:
@@ -328,7 +328,7 @@ class LlamaConfig:
                    f"num_attention_heads={heads} is not a multiple of it")
         head_dim = get("head_dim") or get("hidden_size") // heads
         act = get("hidden_act")
-        if act not in ACTIVATIONS:
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             refuse(source, "hidden_act", act, f"supported: {', '.join(ACTIVATIONS)}")
         if model_type == "llama":  # LlamaAttention: bias=config.attention_bias on q, k, v and o
             qkv_bias = o_bias = bool(get("attention_bias"))

@@ -125,7 +125,7 @@ class T5Config:
         if self.is_gated_act is None:
             set_(self, "is_gated_act", gated)
         set_(self, "is_gated_act", bool(self.is_gated_act))
-        if self.dense_act_fn not in ACTIVATIONS:
+        if not isinstance(self.dense_act_fn, str) or self.dense_act_fn not in ACTIVATIONS:
             raise ValueError(f"T5Config: dense_act_fn={self.dense_act_fn!r} is not supported; "
                              f"supported: {', '.join(ACTIVATIONS)}")
 
@@ -165,7 +165,7 @@ class T5Config:
             act, act_field = cfg["dense_act_fn"], "dense_act_fn"
         if "is_gated_act" in cfg:
             gated = bool(cfg["is_gated_act"])
-        if act not in ACTIVATIONS:
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             refuse(source, act_field, cfg.get(act_field),
                    f"activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
         tied = cfg.get("tie_word_embeddings") is not False
