@@ -306,7 +306,8 @@ def _assert_no_leak(data):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_case_duplicate_rows_across_splits(tmp_path, seed, caplog):
+def test_case_duplicate_rows_across_splits(tmp_path, seed, caplog, monkeypatch):
+    monkeypatch.setattr(S, "_WARNED", set())  # logged once per process: forget earlier tests
     path = _write_text(tmp_path / "dups.jsonl", "".join(json.dumps(r) + "\n" for r in _dups_rows()))
     with caplog.at_level(logging.WARNING, logger=S.__name__):
         data = S.load_sources({"format": "alpaca", "path": path, "target": "greet",
@@ -459,3 +460,14 @@ def test_rfc4180_quoting_is_read(tmp_path):
     got = [(e["prompt"], e["completion"]) for e in
            read_examples({"format": "generic", "path": str(path), "source": "s"})]
     assert got == [('He said "hi"', "ok"), ("a,b", "0.50")]
+
+
+def test_the_duplicates_line_is_logged_once_per_process(tmp_path, caplog, monkeypatch):
+    """Every pipeline stage loads the data again: one warning, not one per stage."""
+    monkeypatch.setattr(S, "_WARNED", set())
+    path = _write_text(tmp_path / "dups.jsonl", "".join(json.dumps(r) + "\n" for r in _dups_rows()))
+    spec = {"format": "alpaca", "path": path, "target": "greet", "validation": 2, "test": 2}
+    with caplog.at_level(logging.WARNING, logger=S.__name__):
+        S.load_sources(spec)
+        S.load_sources(spec)
+    assert sum("duplicates:" in r.getMessage() for r in caplog.records) == 1

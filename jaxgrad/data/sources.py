@@ -215,6 +215,16 @@ ANSWER_FORMATS: dict[str, Callable[[str], str | None]] = {
 # The multi-source container.
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(line: str) -> None:
+    """Log ``line`` once per process: every pipeline stage loads the same data again."""
+    if line and line not in _WARNED:
+        _WARNED.add(line)
+        log.warning("%s", line)
+
+
 def seed_for(seed: int, name: str) -> list[int]:
     """A numpy seed sequence for ``name`` under ``seed``: stable across runs and processes."""
     return [int(seed), int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "little")]
@@ -467,9 +477,7 @@ class MultiSourceData:
         data = cls(splits, sources=list(by_source) if sources is not None else None,
                    target=target, kinds=kinds, answer_format=answer_format,
                    duplicates={"repeated": repeated, "removed": removed})
-        line = data.duplicates_line()
-        if line:
-            log.warning("%s", line)
+        _warn_once(data.duplicates_line())
         return data
 
     # -- access ------------------------------------------------------------------------------
@@ -572,7 +580,7 @@ class MultiSourceData:
                                duplicates={"repeated": self.duplicates["repeated"],
                                            "removed": removed})
         if removed != self.duplicates["removed"]:
-            log.warning("%s", data.duplicates_line())
+            _warn_once(data.duplicates_line())
         return data
 
     def duplicates_line(self) -> str:
