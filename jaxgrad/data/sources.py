@@ -744,8 +744,8 @@ def _file_type(path: str, file_type: str | None) -> str:
     return _SUFFIXES[suffix]
 
 
-class _JsonInt(int):
-    """A JSON integer that remembers its literal: ``str`` gives the text as written."""
+class _Literal:
+    """A parsed JSON number that remembers its literal: ``str`` gives the text as written."""
 
     def __new__(cls, literal: str):
         obj = super().__new__(cls, literal)
@@ -758,18 +758,12 @@ class _JsonInt(int):
     __repr__ = __str__
 
 
-class _JsonFloat(float):
-    """A JSON number with a fraction or exponent (or NaN / Infinity) that remembers its literal."""
+class _JsonInt(_Literal, int):
+    """A JSON integer (compares as an int)."""
 
-    def __new__(cls, literal: str):
-        obj = super().__new__(cls, literal)
-        obj.literal = literal
-        return obj
 
-    def __str__(self) -> str:
-        return self.literal
-
-    __repr__ = __str__
+class _JsonFloat(_Literal, float):
+    """A JSON number with a fraction or exponent, or NaN / Infinity (compares as a float)."""
 
 
 def json_loads(text: str) -> Any:
