@@ -395,14 +395,15 @@ def generate(model: nnx.Module, input_ids: jax.typing.ArrayLike,
         decoder starts from ``decoder_start_id``, default the model config's
         ``decoder_start_token_id``, :func:`jaxgrad.data.batching.model_layout`).
       input_ids, attention_mask: ``[B, L]``; ``attention_mask`` is 1 on prompt tokens, which
-        must be one contiguous run per row (left, right or no padding), at least one token.
+        must be one contiguous run per row (left, right or no padding). A row of zeros is a
+        filler row of a fixed-size batch: it is generated for, and its tokens mean nothing.
       max_new_tokens: tokens generated per row (fixed: one compiled loop).
       eos_id: end-of-sequence id; a row stops after emitting it.
       pad_id: filler after eos.
 
     Raises:
-      ValueError: shapes differ or are not ``[B, L]``; a row's mask is empty or has a hole (not
-        a padding layout: checked when the mask is readable on this host).
+      ValueError: shapes differ or are not ``[B, L]``; a row's mask has a hole (not a padding
+        layout: checked when the mask is readable on this host).
     """
     if int(max_new_tokens) < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens!r}")
@@ -420,18 +421,18 @@ def generate(model: nnx.Module, input_ids: jax.typing.ArrayLike,
 
 
 def _check_padding(attention_mask) -> None:
-    """Refuses masks that are not a padding layout (empty rows, holes) when readable here."""
+    """Refuses masks that are not a padding layout (holes) when readable here; rows of zeros
+    are the filler rows of a fixed-size batch."""
     if isinstance(attention_mask, jax.Array) and not attention_mask.is_fully_addressable:
         return  # built by our own batch code across processes: right-padded by construction
     m = np.asarray(attention_mask) > 0
     runs = np.sum(np.diff(np.pad(m.astype(np.int8), ((0, 0), (1, 1))), axis=1) == 1, axis=1)
-    bad = np.flatnonzero(runs != 1)
+    bad = np.flatnonzero(runs > 1)
     if bad.size:
         r = int(bad[0])
-        what = "no prompt token" if runs[r] == 0 else f"{int(runs[r])} separate runs of 1s"
-        raise ValueError(f"generate: attention_mask row {r} has {what}; each row must be one "
-                         f"contiguous prompt, padded on the left or the right "
-                         f"({bad.size} such rows)")
+        raise ValueError(f"generate: attention_mask row {r} has {int(runs[r])} separate runs of "
+                         f"1s; each row must be one contiguous prompt, padded on the left or the "
+                         f"right ({bad.size} such rows)")
 
 
 def prompt_inputs(batch: Mapping[str, np.ndarray], *,

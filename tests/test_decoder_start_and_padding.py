@@ -162,7 +162,8 @@ def test_generate_left_padded_matches_transformers(llama):
                                   "left-padded greedy tokens vs transformers.generate")
 
 
-@pytest.mark.parametrize("row,what", [([1, 0, 1, 1], "2 separate runs"), ([0, 0, 0, 0], "no prompt token")])
+@pytest.mark.parametrize("row,what", [([1, 0, 1, 1], "2 separate runs"),
+                                      ([1, 0, 1, 0], "2 separate runs")])
 def test_generate_refuses_masks_that_are_not_padding(llama, row, what):
     from jaxgrad.train import generate
 
@@ -171,3 +172,16 @@ def test_generate_refuses_masks_that_are_not_padding(llama, row, what):
     mask = np.array([[1, 1, 1, 1], row], np.int32)
     with pytest.raises(ValueError, match=f"row 1 has {what}"):
         generate(model, ids, mask, max_new_tokens=2, eos_id=2)
+
+
+def test_generate_accepts_the_filler_rows_of_a_fixed_size_batch(llama):
+    """Evaluation batches are padded to a fixed size with all-zero rows (valid = 0)."""
+    from jaxgrad.train import generate
+
+    model, _ = llama
+    ids, mask = _padded(PROMPTS[:2], "left")
+    alone = np.asarray(generate(model, ids, mask, max_new_tokens=4, eos_id=2, pad_id=2))
+    ids = np.concatenate([ids, np.full((2, ids.shape[1]), 2, np.int32)])
+    mask = np.concatenate([mask, np.zeros((2, mask.shape[1]), np.int32)])
+    got = np.asarray(generate(model, ids, mask, max_new_tokens=4, eos_id=2, pad_id=2))
+    np.testing.assert_array_equal(got[:2], alone)

@@ -579,3 +579,18 @@ def test_finetune_sources_from_a_selection_file(tmp_path):
         finetune_sources({"sources": "sub"}, available)
     with pytest.raises(ValueError, match="names no sources"):
         finetune_sources({"sources": ""}, available)
+
+
+def test_accuracy_with_filler_rows_in_the_last_batch():
+    """The last evaluation batch is filled up with all-zero rows; generation must accept them
+    (they are not a padding layout error) and they must not count."""
+    d = tiny_data()
+    model, tok = tiny_model()
+    cfg = quick_cfg(num_steps=1, max_new_tokens=2)
+    exs = d.examples("validation")
+    exs = exs[:cfg.batch_size + 1]  # one full batch and a batch with one real row
+    for e in exs:
+        e["answer"] = "yes"
+    ev = make_evaluator(model, tok, exs, cfg, sources=d.sources, extract_answer=lambda t: "yes")
+    metrics = ev(model, sharding_lib.make_mesh(1, 1))
+    assert metrics["val_acc"] == pytest.approx(1.0)
