@@ -641,6 +641,19 @@ def data_splits_record(data) -> dict:
     return {"digest": digest, "sizes": sizes}
 
 
+def _stores_disagree(workdir: str, data) -> bool:
+    """Whether a gradient store of ``workdir`` holds other example ids than ``data`` gives it
+    (train: every train example; target: the target's validation split)."""
+    for name, ids in (("train", data.examples("train")),
+                      ("target", data.examples("validation", [data.target]) if data.target else [])):
+        manifest = os.path.join(workdir, "gradients", name, "manifest.json")
+        if os.path.isfile(manifest):
+            recorded = _read_json(manifest).get("example_ids")
+            if recorded is not None and recorded != [e["example_id"] for e in ids]:
+                return True
+    return False
+
+
 def check_data_splits(workdir: str, data, mode: str) -> None:
     """Artefacts are reused only with the data they were computed on.
 
@@ -649,7 +662,8 @@ def check_data_splits(workdir: str, data, mode: str) -> None:
     text or splits duplicates differently). ``<workdir>/data_splits.json`` records the splits'
     digest; when it differs and data-dependent artefacts exist, ``mode`` "error" raises and
     "rerun" deletes them (meta_train and everything after it) so they are recomputed. A run
-    directory without the file adopts the current data, as it does for config records.
+    directory without the file (from before it existed) adopts the current data, as it does for
+    config records, unless its gradient stores name other examples than the data has.
 
     Raises:
       ConfigChangedError: the data changed and ``mode`` is "error" (nothing deleted).
@@ -660,6 +674,8 @@ def check_data_splits(workdir: str, data, mode: str) -> None:
     path = os.path.join(workdir, SPLITS_FILE)
     new = data_splits_record(data)
     old = _read_json(path) if os.path.isfile(path) else None
+    if old is None and _stores_disagree(workdir, data):
+        old = {"digest": "(from the gradient stores' example ids)", "sizes": "unrecorded"}
     if old is not None and old.get("digest") != new["digest"]:
         stale = [s for s in downstream("meta_train") if artefacts_exist(workdir, s)]
         if stale:

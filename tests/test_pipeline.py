@@ -475,3 +475,22 @@ def test_changed_data_under_the_same_config_is_caught(run_dir, tmp_path):
     assert not os.path.exists(os.path.join(workdir, "gradients"))
     assert os.path.isfile(os.path.join(workdir, "base", "model.safetensors")), "base kept"
     check_data_splits(workdir, changed, "error")  # recorded: the new data is now the run's
+
+
+def test_a_run_directory_from_before_data_splits_is_checked_by_its_stores(run_dir, tmp_path):
+    """Without data_splits.json the gradient stores' example ids tell whether the data changed."""
+    from jaxgrad.pipeline import SPLITS_FILE, check_data_splits
+    from jaxgrad.train import load_data
+
+    data = load_data(demo.get_config("tiny").data)
+    changed = data.with_label_noise([data.sources[0]], seed=1, prefix="changed_")
+    for d, expect_error in ((data, False), (changed, True)):
+        workdir = str(tmp_path / f"run{int(expect_error)}")
+        shutil.copytree(run_dir, workdir)
+        os.remove(os.path.join(workdir, SPLITS_FILE))
+        if expect_error:
+            with pytest.raises(ConfigChangedError, match="the data changed"):
+                check_data_splits(workdir, d, "error")
+        else:
+            check_data_splits(workdir, d, "error")  # adopted: the stores hold these examples
+            assert os.path.isfile(os.path.join(workdir, SPLITS_FILE))
