@@ -146,9 +146,16 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # Estimates column scored: "loss" | "accuracy" | "mean_output" | "exact_loss"; "loss" means
     # exact_loss (the forward pass at θ* + Δ) when surrogate.mode = "exact".
     c.selection.metric = "loss"
+    # How sources are chosen: "ensemble" (the top selection.top by random-ensemble score),
+    # "threshold" (every source whose ensemble score, higher is better, is >= selection.threshold),
+    # "forward" (greedy forward stepwise selection on the surrogate, at most selection.top
+    # sources) or "ordered" (one pass in ensemble-score order, keeping what helps the surrogate).
+    c.selection.method = "ensemble"
     c.selection.top = 0.5  # keep this fraction (or count) of sources
     c.selection.n_boot = 1000  # bootstrap replicates for the score intervals
     c.selection.seed = 0  # bootstrap and random-baseline seed
+    c.selection.threshold = 0.0  # method "threshold": the lowest ensemble score kept
+    c.selection.min_gain = 0.0  # "forward" / "ordered": the smallest improvement that adds a source
 
     c.pipeline = ml_collections.ConfigDict()
     # Final fine-tunes: the selection and the baselines (all sources; random; the top sources by

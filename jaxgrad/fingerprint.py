@@ -127,6 +127,9 @@ FINGERPRINT_EXCLUDE: dict[str, str] = {
 # still match; any other value counts as usual.
 INERT_DEFAULTS: dict[str, Any] = {
     "pipeline.finetune_seed": -1,  # -1: train.seed / lora.seed, as before the key existed
+    "selection.method": "ensemble",  # today's selection, as before the key existed
+    "selection.threshold": 0.0,  # read by method "threshold" only
+    "selection.min_gain": 0.0,  # read by methods "forward" / "ordered" only
 }
 # Sections no stage reads: mesh (device layout: the same computation), finetune (set per run by
 # the finetune stage). Not in STAGE_CONFIG.

@@ -264,16 +264,12 @@ def stage_estimates(config, workdir: str) -> str:
     Rows already in ``estimates.csv`` are not recomputed (run_pipeline has checked that they were
     computed under the same config).
     """
-    from jaxgrad.selection import masks_from_sources, sample_subsets, subset_size
-    from jaxgrad.store import GradientStore
-    from jaxgrad.surrogate import estimate_subsets, fit_subsets, rescale_factors
+    from jaxgrad.selection import sample_subsets, subset_size
 
     s = _section(config, "surrogate")
     out_dir = os.path.join(workdir, "estimates")
     os.makedirs(out_dir, exist_ok=True)
     table = os.path.join(out_dir, "estimates.csv")
-    train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
-    target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
     sources = list(dict.fromkeys(_data_sources(config)))
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
     subsets = sample_subsets(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
@@ -283,19 +279,8 @@ def stage_estimates(config, workdir: str) -> str:
     todo = [i for i in range(len(subsets)) if i >= len(done_rows)]
     if not todo:
         return table
-    output_fn = str(config.gradients.output_fn)
-    feats = train.feats()
-    if output_fn == "token_ce":  # fit on -∇CE so that Δ lowers the loss
-        feats = -feats
-    src_index = {name: i for i, name in enumerate(sources)}
-    ids = np.array([src_index[x] for x in train.source_ids])
-    model, _ = _load_theta_star(config, workdir)
-    theta_norm, theta = _theta_norm_and_state(model)
-    projector = _projector(config, sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(theta)))
-    gram = projector.gram()
-    t_feats, t_f = target.feats(), target.f()
+    score = SurrogateScorer(config, workdir, sources)
     chunk = int(s["chunk_subsets"])
-    exact_fn = _exact_loss_fn(config, workdir, model) if s["mode"] == "exact" else None
     new_file = not done_rows
     with open(table, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=ESTIMATE_FIELDS)
@@ -303,26 +288,103 @@ def stage_estimates(config, workdir: str) -> str:
             writer.writeheader()
         for c0 in range(todo[0], len(subsets), chunk):
             rows = subsets[c0 : c0 + chunk]
-            masks = masks_from_sources(ids, rows, n_sources=len(sources))
-            fits = fit_subsets(feats, masks, objective=s["objective"], C=float(s["C"]), seed=int(s["seed"]),
-                               offsets=train.f() if s["objective"] == "taylor" else None)
-            scale = None if float(s["scale"]) <= 0 else float(s["scale"])
-            c = rescale_factors(fits.coef, gram, theta_norm, scale=scale)
-            est = estimate_subsets(fits.coef, c, t_feats, t_f, output=output_fn)
-            exact = exact_fn(fits.coef, c, projector) if exact_fn else None
+            out = score(rows)
             for r in range(rows.shape[0]):
                 writer.writerow({
                     "subset": c0 + r,
                     "sources": json.dumps([sources[j] for j in np.flatnonzero(rows[r])]),
-                    "n_samples": int(np.asarray(masks[r]).sum()),
-                    "converged": bool(fits.converged[r]), "n_iter": int(fits.n_iter[r]),
-                    "loss": float(est["loss"][r]),
-                    "accuracy": float(est["accuracy"][r]) if "accuracy" in est else "",
-                    "mean_output": float(est["mean_output"][r]) if "mean_output" in est else "",
-                    "exact_loss": float(exact[r]) if exact is not None else "",
+                    **{k: v[r] for k, v in out.items()},
                 })
             fh.flush()
     return table
+
+
+class SurrogateScorer:
+    """The surrogate's estimates for subsets of sources, as the estimates table records them.
+
+    ``scorer(rows)`` fits the surrogate (``surrogate.*``) on the samples of each of the S×M
+    boolean ``rows`` in one batched solve and returns, per row, the columns of ``estimates.csv``
+    after ``subset`` and ``sources``: ``n_samples``, ``converged``, ``n_iter``, ``loss``,
+    ``accuracy`` / ``mean_output`` (``logit_odds``; else ""), ``exact_loss`` (``surrogate.mode =
+    "exact"``; else ""), each a length-S sequence. The estimates stage writes them; the
+    stepwise selectors (``selection.method``) call it round by round.
+    """
+
+    def __init__(self, config, workdir: str, sources: Sequence[str]):
+        from jaxgrad.store import GradientStore
+
+        s = _section(config, "surrogate")
+        self.s = s
+        self.sources = list(sources)
+        train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
+        target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
+        self.output_fn = str(config.gradients.output_fn)
+        feats = train.feats()
+        if self.output_fn == "token_ce":  # fit on -∇CE so that Δ lowers the loss
+            feats = -feats
+        self.feats = feats
+        self.offsets = train.f() if s["objective"] == "taylor" else None
+        src_index = {name: i for i, name in enumerate(self.sources)}
+        self.ids = np.array([src_index[x] for x in train.source_ids])
+        model, _ = _load_theta_star(config, workdir)
+        self.theta_norm, theta = _theta_norm_and_state(model)
+        self.projector = _projector(config, sum(int(np.prod(x.shape))
+                                                for x in jax.tree_util.tree_leaves(theta)))
+        self.gram = self.projector.gram()
+        self.t_feats, self.t_f = target.feats(), target.f()
+        self.exact_fn = _exact_loss_fn(config, workdir, model) if s["mode"] == "exact" else None
+
+    def __call__(self, rows) -> dict[str, Sequence]:
+        from jaxgrad.selection import masks_from_sources
+        from jaxgrad.surrogate import estimate_subsets, fit_subsets, rescale_factors
+
+        s = self.s
+        rows = np.asarray(rows, bool)
+        empty = ~rows.any(axis=1)
+        if empty.any():  # no sources: Δ = 0, the estimate at θ* (the stepwise selectors' start)
+            out = self(rows[~empty]) if (~empty).any() else None
+            base = self._at_theta_star()
+            merged, j = {k: [] for k in base}, 0
+            for is_empty in empty:
+                for k in merged:
+                    merged[k].append(base[k] if is_empty else out[k][j])
+                j += not is_empty
+            return merged
+        n = rows.shape[0]
+        masks = masks_from_sources(self.ids, rows, n_sources=len(self.sources))
+        fits = fit_subsets(self.feats, masks, objective=s["objective"], C=float(s["C"]),
+                           seed=int(s["seed"]), offsets=self.offsets)
+        scale = None if float(s["scale"]) <= 0 else float(s["scale"])
+        c = rescale_factors(fits.coef, self.gram, self.theta_norm, scale=scale)
+        est = estimate_subsets(fits.coef, c, self.t_feats, self.t_f, output=self.output_fn)
+        exact = self.exact_fn(fits.coef, c, self.projector) if self.exact_fn else None
+        blank = [""] * n
+        return {
+            "n_samples": [int(x) for x in np.asarray(masks).sum(axis=1)],
+            "converged": [bool(x) for x in np.asarray(fits.converged)],
+            "n_iter": [int(x) for x in np.asarray(fits.n_iter)],
+            "loss": [float(x) for x in np.asarray(est["loss"])],
+            "accuracy": [float(x) for x in np.asarray(est["accuracy"])] if "accuracy" in est else blank,
+            "mean_output": ([float(x) for x in np.asarray(est["mean_output"])]
+                            if "mean_output" in est else blank),
+            "exact_loss": [float(x) for x in np.asarray(exact)] if exact is not None else blank,
+        }
+
+    def _at_theta_star(self) -> dict:
+        """The columns for the empty subset: no samples, no update, the metrics at θ*."""
+        from jaxgrad.surrogate import estimate_subsets
+
+        zero = np.zeros((1, self.t_feats.shape[1]), np.float32)
+        est = estimate_subsets(zero, np.zeros((1,), np.float32), self.t_feats, self.t_f,
+                               output=self.output_fn)
+        exact = (self.exact_fn(zero, np.zeros((1,), np.float32), self.projector)
+                 if self.exact_fn else None)
+        return {"n_samples": 0, "converged": True, "n_iter": 0,
+                "loss": float(np.asarray(est["loss"])[0]),
+                "accuracy": float(np.asarray(est["accuracy"])[0]) if "accuracy" in est else "",
+                "mean_output": (float(np.asarray(est["mean_output"])[0])
+                                if "mean_output" in est else ""),
+                "exact_loss": float(np.asarray(exact)[0]) if exact is not None else ""}
 
 
 def _exact_loss_fn(config, workdir, model):
@@ -414,7 +476,8 @@ def selection_metric(config) -> str:
 
 def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
-    from jaxgrad.selection import (ensemble_scores, gradient_similarity_scores, select_top,
+    from jaxgrad.selection import (baseline_all, baseline_random, ensemble_scores,
+                                   gradient_similarity_scores, select_threshold, select_top,
                                    subset_size)
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
@@ -446,8 +509,23 @@ def stage_selection(config, workdir: str) -> dict:
     ens = ensemble_scores(subsets, est if higher_is_better else -est, n_boot=int(sel["n_boot"]),
                           seed=int(sel["seed"]))
     scores = np.asarray(ens.scores)
+    method = str(sel.get("method", "ensemble"))
     top = subset_size(int(np.sum(~np.isnan(scores))), sel["top"], name="config.selection.top")
-    chosen = [sources[i] for i in sorted(int(i) for i in select_top(scores, top))]
+    stepwise = None
+    if method == "ensemble":
+        picked = select_top(scores, top)
+    elif method == "threshold":
+        picked = select_threshold(scores, float(sel["threshold"]))
+    else:
+        picked, stepwise = _stepwise_selection(config, workdir, sources, scores, metric, top)
+    if len(picked) == 0:
+        raise ValueError(f"config.selection.method = {method!r} selected no source ("
+                         + ("no ensemble score reaches selection.threshold = "
+                            f"{float(sel['threshold'])}" if method == "threshold" else
+                            "no source improves the estimated target metric at θ* by more than "
+                            f"selection.min_gain = {float(sel['min_gain'])}") + "); the estimates "
+                         f"in {workdir}/estimates are kept")
+    chosen = [sources[i] for i in sorted(int(i) for i in picked)]
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
     src_index = {name: i for i, name in enumerate(sources)}
@@ -455,15 +533,16 @@ def stage_selection(config, workdir: str) -> dict:
     sim = np.asarray(gradient_similarity_scores(train.feats(), ids, target.feats(), n_sources=len(sources)))
     rep = representation_similarity(config, workdir, data)
     k = len(chosen)
-    rng = np.random.default_rng(int(sel["seed"]))
-    baselines = {
-        "all": list(sources),
-        "random": sorted(rng.choice(sources, size=k, replace=False).tolist(), key=sources.index),
-        "grad_sim": [sources[i] for i in sorted(np.argsort(-sim)[:k])],
-        "repr_sim": [sources[i] for i in sorted(np.argsort(-rep)[:k])],
+    names = lambda idx: [sources[i] for i in sorted(int(i) for i in idx)]  # noqa: E731
+    baselines = {  # the same number of sources as the selection (all: every one)
+        "all": names(baseline_all(len(sources))),
+        "random": names(baseline_random(len(sources), k, seed=int(sel["seed"]))),
+        "grad_sim": names(select_top(sim, k)),
+        "repr_sim": names(select_top(rep, k)),
     }
     ranking = [sources[i] for i in np.argsort(-scores)]
     result = {
+        "method": method, "stepwise": stepwise,
         "metric": metric, "higher_is_better": higher_is_better, "sources": sources,
         "scores": scores, "ci_low": np.asarray(ens.ci_low), "ci_high": np.asarray(ens.ci_high),
         "counts": np.asarray(ens.counts), "ranking": ranking, "selected": chosen,
@@ -473,6 +552,36 @@ def stage_selection(config, workdir: str) -> dict:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     _write_json(out, result)
     return _read_json(out)
+
+
+SELECTION_METHODS = ("ensemble", "threshold", "forward", "ordered")
+
+
+def _stepwise_selection(config, workdir, sources, scores, metric, top):
+    """``selection.method`` "forward" (greedy forward stepwise selection, at most
+    ``selection.top`` sources) or "ordered" (the paper's single pass in ensemble-score order),
+    each step scoring its candidate subsets with the surrogate in one batched call
+    (:class:`SurrogateScorer`). Returns the chosen indices and a record of the search."""
+    from jaxgrad.selection import forward_selection, ordered_selection
+
+    sel = _section(config, "selection")
+    method = str(sel["method"])
+    scorer = SurrogateScorer(config, workdir, sources)
+    sign = 1.0 if metric in ("accuracy", "mean_output") else -1.0
+
+    def score_fn(rows):
+        return sign * np.asarray(scorer(rows)[metric], np.float64)
+
+    t0 = time.time()
+    min_gain = float(sel["min_gain"])
+    if method == "forward":
+        res = forward_selection(score_fn, len(sources), max_size=top, min_gain=min_gain)
+    else:
+        res = ordered_selection(scores, score_fn, min_gain=min_gain)
+    record = {"order": [sources[i] for i in res.selected], "path_scores": list(res.path_scores),
+              "initial_score": res.initial_score, "n_calls": res.n_calls,
+              "n_evaluated": res.n_evaluated, "seconds": round(time.time() - t0, 3)}
+    return np.asarray(res.selected, int), record
 
 
 def representation_similarity(config, workdir: str, data) -> np.ndarray:
@@ -604,6 +713,10 @@ def validate_config(config, stages: Sequence[str] | None = None):
             from jaxgrad.models.llama import resolve_dtype
 
             resolve_dtype(get(key), f"config.{key}")
+    method = get("selection.method")
+    if method is not None and method not in SELECTION_METHODS:
+        raise ValueError(f"config.selection.method must be one of {SELECTION_METHODS}, got "
+                         f"{method!r}")
     data_kind = get("data.kind")
     for key, (_, allow_zero) in FRACTION_OR_COUNT.items():
         value = get(key)

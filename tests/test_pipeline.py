@@ -494,3 +494,63 @@ def test_a_run_directory_from_before_data_splits_is_checked_by_its_stores(run_di
         else:
             check_data_splits(workdir, d, "error")  # adopted: the stores hold these examples
             assert os.path.isfile(os.path.join(workdir, SPLITS_FILE))
+
+
+def _rerun_selection(run_dir, tmp_path, **selection):
+    from jaxgrad.pipeline import SurrogateScorer, resolved_config
+    from jaxgrad.train import load_data
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    config = demo.get_config("tiny")
+    for key, value in selection.items():
+        config.selection[key] = value
+    run_pipeline(config, workdir, stages=["selection"], on_config_change="rerun")
+    out = json.load(open(os.path.join(workdir, "selection", "selection.json")))
+    sources = load_data(config.data).sources
+    scorer = SurrogateScorer(resolved_config(config, workdir), workdir, sources)
+    return out, sources, lambda rows: -np.asarray(scorer(np.asarray(rows, bool))["loss"])
+
+
+def test_forward_selection_is_greedy_on_the_surrogate(run_dir, tmp_path):
+    """selection.method = "forward" against greedy forward selection done by hand."""
+    out, sources, score = _rerun_selection(run_dir, tmp_path, method="forward", top=3)
+    current, want, best = np.zeros(len(sources), bool), [], score([np.zeros(len(sources), bool)])[0]
+    while len(want) < 3:
+        gains = {j: score([current | (np.arange(len(sources)) == j)])[0]
+                 for j in range(len(sources)) if not current[j]}
+        j = max(gains, key=gains.get)
+        if not gains[j] > best:
+            break
+        current[j], best = True, gains[j]
+        want.append(sources[j])
+    assert out["method"] == "forward" and out["stepwise"]["order"] == want
+    assert out["selected"] == [s for s in sources if s in want]
+    assert out["stepwise"]["path_scores"][-1] == pytest.approx(best, rel=1e-5)
+    assert len(out["baselines"]["random"]) == len(out["selected"])
+
+
+def test_ordered_and_threshold_selection(run_dir, tmp_path):
+    out, sources, score = _rerun_selection(run_dir, tmp_path / "o", method="ordered")
+    order = np.argsort(-np.asarray(out["scores"]), kind="stable")
+    current, best, want = np.zeros(len(sources), bool), None, []
+    best = score([current])[0]
+    for j in order:
+        trial = current.copy()
+        trial[j] = True
+        s = score([trial])[0]
+        if s > best:
+            current, best = trial, s
+            want.append(sources[j])
+    assert out["stepwise"]["order"] == want
+    scores = np.asarray(out["scores"])
+    threshold = float(np.median(scores))
+    out, _, _ = _rerun_selection(run_dir, tmp_path / "t", method="threshold", threshold=threshold)
+    assert out["selected"] == [s for s, v in zip(sources, scores) if v >= threshold]
+
+
+def test_unknown_selection_method_refused_before_any_stage(tmp_path):
+    config = demo.get_config("tiny")
+    config.selection.method = "best"
+    with pytest.raises(ValueError, match="config.selection.method must be one of"):
+        run_pipeline(config, str(tmp_path / "run"))
