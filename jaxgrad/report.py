@@ -171,6 +171,18 @@ def write_report(config, workdir: str) -> str:
                      f"[{_fmt(selection['ci_low'][i])}, {_fmt(selection['ci_high'][i])}] | "
                      f"{selection['counts'][i]} | {_fmt(selection['grad_sim_scores'][i], 3)} | "
                      f"{_fmt(rep[i], 3)} | {'✓' if s in selection['selected'] else ''} |")
+    method = selection.get("method") or "ensemble"
+    step = selection.get("stepwise")
+    if method == "threshold":
+        lines += ["", f"Selected: every source with score >= `selection.threshold` = "
+                      f"{config.selection.threshold}."]
+    elif step:
+        lines += ["", f"Selected by `{method}` stepwise selection on the surrogate, in this order: "
+                      f"{_names(step['order'])}; score (higher is better) "
+                      f"{_fmt(step['initial_score'])} with no source → "
+                      + " → ".join(_fmt(v) for v in step["path_scores"])
+                      + f"; {step['n_evaluated']} subsets scored in {step['n_calls']} batched "
+                      f"calls, {step['seconds']:.1f} s."]
     if selection.get("ranking_auc") is not None:
         lines += ["", f"Ranking AUC (a target/related source ranks above a noisy/unrelated one): "
                       f"**{selection['ranking_auc']:.3f}**"]

@@ -554,3 +554,13 @@ def test_unknown_selection_method_refused_before_any_stage(tmp_path):
     config.selection.method = "best"
     with pytest.raises(ValueError, match="config.selection.method must be one of"):
         run_pipeline(config, str(tmp_path / "run"))
+
+
+def test_report_names_the_stepwise_search(run_dir, tmp_path):
+    from jaxgrad.report import write_report
+
+    out, _, _ = _rerun_selection(run_dir, tmp_path, method="forward", top=2)
+    write_report(demo.get_config("tiny"), str(tmp_path / "run"))
+    report = open(tmp_path / "run" / "report.md").read()
+    assert "Selected by `forward` stepwise selection" in report
+    assert f"{out['stepwise']['n_evaluated']} subsets scored" in report
