@@ -42,8 +42,9 @@ def _config(path: str):
     c.selection.top = 2
     c.selection.n_boot = 20
     c.pipeline.finetune_steps = 1
+    c.pipeline.finetune_runs = ("selection", "random")  # one run name logic for every run
     c.pipeline.fidelity = True
-    c.fidelity.num_subsets = 2
+    c.fidelity.num_subsets = 1
     c.fidelity.steps = 1
     return c
 
