@@ -125,88 +125,70 @@ _ROPE_EXTRAS = {  # read by PreTrainedConfig.convert_rope_params_to_dict / stand
     "original_max_position_embeddings": (None, COMPUTED),
 }
 
+# Keys every Llama-family config class declares, with one rule each, and the default where the
+# three classes agree (_PER_TYPE: each gives its own, see HF_FIELDS).
+_PER_TYPE = object()
+_DECODER_SHARED = {
+    "vocab_size": (_PER_TYPE, COMPUTED),
+    "hidden_size": (4096, COMPUTED),
+    "intermediate_size": (_PER_TYPE, COMPUTED),
+    "num_hidden_layers": (32, COMPUTED),
+    "num_attention_heads": (32, COMPUTED),
+    "num_key_value_heads": (_PER_TYPE, COMPUTED),
+    "head_dim": (None, COMPUTED),  # not a Qwen2Config field; Qwen2Attention reads it
+    "hidden_act": ("silu", COMPUTED),
+    "max_position_embeddings": (_PER_TYPE, COMPUTED),
+    "initializer_range": (0.02, INERT),
+    "rms_norm_eps": (1e-6, COMPUTED),
+    "use_cache": (True, INERT),
+    "pad_token_id": (None, INERT),
+    "bos_token_id": (_PER_TYPE, INERT),
+    "eos_token_id": (_PER_TYPE, INERT),
+    "tie_word_embeddings": (False, COMPUTED),
+    "rope_parameters": (None, COMPUTED),
+    "attention_dropout": (0.0, NOT_APPLIED),
+}
+
+
+def _decoder_fields(own: dict[str, tuple[Any, str]], **defaults) -> dict[str, tuple[Any, str]]:
+    """One model type's table: the generic keys, the shared decoder keys with this type's
+    ``defaults`` (every ``_PER_TYPE`` one must be given), its ``own`` keys, and the extras."""
+    shared = {}
+    for key, (default, rule) in _DECODER_SHARED.items():
+        default = defaults.pop(key, default)
+        if default is _PER_TYPE:
+            raise TypeError(f"_decoder_fields: no default given for {key!r}")
+        shared[key] = (default, rule)
+    if defaults:
+        raise TypeError(f"_decoder_fields: {sorted(defaults)} are not shared decoder keys")
+    return {**GENERIC_FIELDS, **shared, **own, **GENERIC_EXTRAS, **_ROPE_EXTRAS}
+
+
 # model_type -> {config.json key: (transformers' default, rule)}. The class fields and defaults
 # are those of the installed transformers' LlamaConfig / MistralConfig / Qwen2Config (checked by
 # tests/test_model_configs.py); the extras are the further keys their modeling code reads.
 HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
-    "llama": {
-        **GENERIC_FIELDS,
-        "vocab_size": (32000, COMPUTED),
-        "hidden_size": (4096, COMPUTED),
-        "intermediate_size": (11008, COMPUTED),
-        "num_hidden_layers": (32, COMPUTED),
-        "num_attention_heads": (32, COMPUTED),
-        "num_key_value_heads": (None, COMPUTED),
-        "hidden_act": ("silu", COMPUTED),
-        "max_position_embeddings": (2048, COMPUTED),
-        "initializer_range": (0.02, INERT),
-        "rms_norm_eps": (1e-6, COMPUTED),
-        "use_cache": (True, INERT),
-        "pad_token_id": (None, INERT),
-        "bos_token_id": (1, INERT),
-        "eos_token_id": (2, INERT),
-        "pretraining_tp": (1, INERT),
-        "tie_word_embeddings": (False, COMPUTED),
-        "rope_parameters": (None, COMPUTED),
-        "attention_bias": (False, COMPUTED),
-        "attention_dropout": (0.0, NOT_APPLIED),
-        "mlp_bias": (False, COMPUTED),
-        "head_dim": (None, COMPUTED),
-        # not LlamaConfig fields; LlamaModel always builds a plain causal mask
-        "sliding_window": (None, INERT),
-        "layer_types": (None, INERT),
-        **GENERIC_EXTRAS, **_ROPE_EXTRAS,
-    },
-    "mistral": {
-        **GENERIC_FIELDS,
-        "vocab_size": (32000, COMPUTED),
-        "hidden_size": (4096, COMPUTED),
-        "intermediate_size": (14336, COMPUTED),
-        "num_hidden_layers": (32, COMPUTED),
-        "num_attention_heads": (32, COMPUTED),
-        "num_key_value_heads": (8, COMPUTED),
-        "head_dim": (None, COMPUTED),
-        "hidden_act": ("silu", COMPUTED),
-        "max_position_embeddings": (4096 * 32, COMPUTED),
-        "initializer_range": (0.02, INERT),
-        "rms_norm_eps": (1e-6, COMPUTED),
-        "use_cache": (True, INERT),
-        "pad_token_id": (None, INERT),
-        "bos_token_id": (1, INERT),
-        "eos_token_id": (2, INERT),
-        "tie_word_embeddings": (False, COMPUTED),
-        "rope_parameters": (None, COMPUTED),
-        "sliding_window": (4096, COMPUTED),
-        "attention_dropout": (0.0, NOT_APPLIED),
-        "layer_types": (None, INERT),  # not a MistralConfig field: warned about, never read
-        **GENERIC_EXTRAS, **_ROPE_EXTRAS,
-    },
-    "qwen2": {
-        **GENERIC_FIELDS,
-        "vocab_size": (151936, COMPUTED),
-        "hidden_size": (4096, COMPUTED),
-        "intermediate_size": (22016, COMPUTED),
-        "num_hidden_layers": (32, COMPUTED),
-        "num_attention_heads": (32, COMPUTED),
-        "num_key_value_heads": (32, COMPUTED),
-        "hidden_act": ("silu", COMPUTED),
-        "max_position_embeddings": (32768, COMPUTED),
-        "initializer_range": (0.02, INERT),
-        "rms_norm_eps": (1e-6, COMPUTED),
-        "use_cache": (True, INERT),
-        "tie_word_embeddings": (False, COMPUTED),
-        "rope_parameters": (None, COMPUTED),
-        "use_sliding_window": (False, COMPUTED),
-        "sliding_window": (4096, COMPUTED),
-        "max_window_layers": (28, COMPUTED),
-        "layer_types": (None, COMPUTED),
-        "attention_dropout": (0.0, NOT_APPLIED),
-        "pad_token_id": (None, INERT),
-        "bos_token_id": (None, INERT),
-        "eos_token_id": (None, INERT),
-        "head_dim": (None, COMPUTED),  # not a Qwen2Config field; Qwen2Attention reads it
-        **GENERIC_EXTRAS, **_ROPE_EXTRAS,
-    },
+    "llama": _decoder_fields(
+        {"pretraining_tp": (1, INERT),
+         "attention_bias": (False, COMPUTED),
+         "mlp_bias": (False, COMPUTED),
+         # not LlamaConfig fields; LlamaModel always builds a plain causal mask
+         "sliding_window": (None, INERT),
+         "layer_types": (None, INERT)},
+        vocab_size=32000, intermediate_size=11008, num_key_value_heads=None,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+    "mistral": _decoder_fields(
+        {"sliding_window": (4096, COMPUTED),
+         "layer_types": (None, INERT)},  # not a MistralConfig field: warned about, never read
+        vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
+        max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2),
+    "qwen2": _decoder_fields(
+        {"use_sliding_window": (False, COMPUTED),
+         "sliding_window": (4096, COMPUTED),
+         "max_window_layers": (28, COMPUTED),
+         "layer_types": (None, COMPUTED)},
+        vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+        max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
 }
 
 
