@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch  # the test extra installs torch (CPU) and transformers: references, never skipped
+import transformers
 
 from helpers import fixture
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 START = 7  # decoder start token, distinct from pad (0) and eos (2)
 

@@ -24,15 +24,14 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # the test extra installs torch (CPU) and transformers: references, never skipped
+import transformers
 from safetensors.numpy import load_file, save_file
 
 from helpers import fixture
 from jaxgrad.models import LlamaConfig, LoraConfig, T5Config, config_from_hf, load_pretrained
 from jaxgrad.models import llama as llama_lib
 from jaxgrad.models import t5 as t5_lib
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5  # float32; relative to the logit scale when that exceeds 1
 
