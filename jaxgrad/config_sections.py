@@ -108,11 +108,15 @@ def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     # {"sources": [...]}, or one name per line.
     c.finetune.selection_file = ""
     c.finetune.name = ""  # run name under finetune/ ("" = train.finetune_run_name(sources))
+    # Names in finetune.sources are units of a groups record (<workdir>/groups/groups.json:
+    # clusters such as c03, and unclustered sources): trains on their samples. "" = sources.
+    c.finetune.groups_file = ""
     return c
 
 
 def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``base``, ``gradients``, ``surrogate``, ``selection``, ``pipeline`` and ``fidelity``."""
+    """``base``, ``gradients``, ``groups``, ``surrogate``, ``selection``, ``pipeline`` and
+    ``fidelity``."""
     c.base = ml_collections.ConfigDict()
     c.base.pretrain = False  # build a tiny base from scratch on generic text (demo only)
     c.base.steps = 400  # full-parameter pretraining steps
@@ -156,6 +160,19 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.selection.seed = 0  # bootstrap and random-baseline seed
     c.selection.threshold = 0.0  # method "threshold": the lowest ensemble score kept
     c.selection.min_gain = 0.0  # "forward" / "ordered": the smallest improvement that adds a source
+
+    c.groups = ml_collections.ConfigDict()
+    # The units selected among (jaxgrad.groups): "source" (each train source) | "cluster" (the
+    # paper's CoT protocol: clusters of samples by projected gradient, made after the gradients)
+    c.groups.by = "source"
+    c.groups.sources = ()  # sources whose train samples are clustered together (() = all)
+    c.groups.num_clusters = 20  # C clusters of those samples, named c00, c01, ...
+    # "agglomerative" (average linkage, scipy; N(N-1)/2 float64 distances: up to 20k samples) |
+    # "kmeans" (spherical k-means in JAX; no N x N matrix)
+    c.groups.method = "agglomerative"
+    c.groups.metric = "cosine"  # the only one: the direction of the projected gradients
+    c.groups.seed = 0  # k-means seeding
+    c.groups.max_iter = 100  # k-means Lloyd iterations at most
 
     c.pipeline = ml_collections.ConfigDict()
     # Final fine-tunes: the selection and the baselines (all sources; random; the top sources by

@@ -179,9 +179,12 @@ def _refit(config, workdir: str, data, rows):
     from jaxgrad.store import GradientStore
     from jaxgrad.surrogate import fit_subsets
 
+    from jaxgrad.pipeline import pipeline_units
+
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
-    sources = list(data.sources)
-    ids = np.array([sources.index(s) for s in train.source_ids])
+    units = pipeline_units(config, workdir, data.sources)
+    sources = units.names
+    ids = units.row_ids(train.example_ids, train.source_ids)
     subsets = np.array([[s in r["source_list"] for s in sources] for r in rows])
     s = config.surrogate
     feats = train.feats() if config.gradients.output_fn != "token_ce" else -train.feats()
@@ -200,7 +203,8 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     """
     from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.per_sample import trainable_filter
-    from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, resolved_config
+    from jaxgrad.pipeline import (_load_theta_star, _projector, _read_estimates, pipeline_units,
+                                  resolved_config)
     from jaxgrad.store import GradientStore
     from jaxgrad.surrogate import rescale_factors
     from jaxgrad.train import TrainConfig, fit, load_data
@@ -243,6 +247,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
                                         unflatten(jnp.asarray(delta), spec))
         return np.asarray(target_f(params))
 
+    units = pipeline_units(config, workdir, data.sources)
     # The surrogate's Δ_S for these subsets (refit: cheap), for exact and first-order checks.
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
     s = config.surrogate
@@ -281,7 +286,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
         else:
             nnx.update(model, theta_star)
             grad_norms = []
-            trained = fit(model, tokenizer, data.examples("train", chosen), tc, run_dir,
+            trained = fit(model, tokenizer, units.examples(data, "train", chosen), tc, run_dir,
                           sources=data.sources,
                           callback=lambda step, m: grad_norms.append(float(m["grad_norm"]))).model
             theta_s = nnx.state(trained, filt)

@@ -51,8 +51,10 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "base": (),
     "meta_train": ("base",),
     "gradients": ("meta_train",),
-    "estimates": ("gradients",),
-    "selection": ("estimates", "gradients"),
+    # Optional: only with groups.by = "cluster"; off, it is no input of any stage (OPTIONAL_INPUT).
+    "groups": ("gradients",),
+    "estimates": ("gradients", "groups"),
+    "selection": ("estimates", "gradients", "groups"),
     "finetune": ("base", "selection"),
     "fidelity": ("meta_train", "gradients", "estimates"),
     "report": ("estimates", "selection", "finetune", "fidelity"),
@@ -65,6 +67,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "base": ("base", "model.scratch", "train.batch_size", "train.max_length"),
     "meta_train": ("model", "lora", "data", "train"),
     "gradients": ("gradients", "train.max_length"),
+    "groups": ("groups",),
     "estimates": ("surrogate", "gradients.output_fn", "train.max_length"),
     "selection": ("selection", "data"),
     # finetune trains the base on each choice of sources with config.train (num_steps replaced by
@@ -83,11 +86,12 @@ STAGE_ARTEFACTS: dict[str, tuple[str, ...]] = {
     "base": ("base", "base_run"),
     "meta_train": ("meta_train",),
     "gradients": ("gradients",),
+    "groups": ("groups",),
     "estimates": ("estimates",),
     "selection": ("selection",),
     "finetune": ("finetune",),
     "fidelity": ("fidelity",),
-    "report": ("report.md", "scores.png", "fidelity.png"),
+    "report": ("report.md", "scores.png", "fidelity.png", "clusters.png"),
 }
 DERIVED: dict[str, tuple[str, ...]] = {}
 # Stages that always recompute from their inputs (nothing to reuse): never a mismatch.
@@ -207,15 +211,24 @@ def _own_values(stage: str, flat: Mapping[str, Any]) -> dict[str, Any]:
             if any(k == p or k.startswith(p + ".") for p in prefixes) and not _excluded(k, flat)}
 
 
+def _off(flat: Mapping[str, Any]) -> set[str]:
+    """Optional stages that are off under ``flat`` and so are no input of any stage: ``groups``
+    unless ``groups.by = "cluster"`` (every run directory from before the stage keeps its
+    fingerprints)."""
+    return set() if flat.get("groups.by") == "cluster" else {"groups"}
+
+
 def stage_fingerprints(config: Any) -> dict[str, StageFingerprint]:
     """The fingerprint of every stage under ``config`` (the config as given, not resolved)."""
     flat = flatten_config(config)
+    off = _off(flat)
     out: dict[str, StageFingerprint] = {}
     for stage in STAGE_ORDER:
         own = _own_values(stage, flat)
-        inputs = {dep: out[dep].fingerprint for dep in STAGE_INPUTS[stage]}
+        deps = [d for d in STAGE_INPUTS[stage] if d not in off]
+        inputs = {dep: out[dep].fingerprint for dep in deps}
         closure: dict[str, Any] = {}
-        for dep in STAGE_INPUTS[stage]:
+        for dep in deps:
             closure.update(out[dep].config)
         closure.update(own)
         payload = json.dumps({"stage": stage, "config": own, "inputs": inputs}, sort_keys=True)

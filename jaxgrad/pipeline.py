@@ -1,6 +1,6 @@
 """The GradEx method end to end, one resumable stage at a time.
 
-    base ─► meta_train ─► gradients ─► estimates ─► selection ─► finetune ─► (fidelity) ─► report
+    base ─► meta_train ─► gradients ─► (groups) ─► estimates ─► selection ─► finetune ─► (fidelity) ─► report
 
 Each stage reads the previous stages' artefacts from the run directory and writes its own; a
 stage whose artefact exists is skipped, so a run that was interrupted continues where it stopped
@@ -17,6 +17,8 @@ checkpoints/README.md):
     <workdir>/base/                  tiny base pretrained from scratch (only if config.base.pretrain)
     <workdir>/meta_train/            θ*: LoRA meta-training on all sources (jaxgrad.train)
     <workdir>/gradients/{train,target}/  projected per-sample gradients (jaxgrad.store)
+    <workdir>/groups/groups.json     with groups.by = "cluster": the units selected among, clusters
+                                     of samples by their projected gradients (jaxgrad.groups)
     <workdir>/estimates/estimates.csv    one row per sampled subset: sources, estimates, solver status
     <workdir>/selection/selection.json   ensemble scores, intervals, the chosen sources, baselines
     <workdir>/finetune/<name>/       the base model fine-tuned on: selection, all, random, grad_sim,
@@ -50,8 +52,8 @@ from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make
 
 log = logging.getLogger("jaxgrad.pipeline")
 
-STAGES = ("base", "meta_train", "gradients", "estimates", "selection", "finetune", "fidelity",
-          "report")
+STAGES = ("base", "meta_train", "gradients", "groups", "estimates", "selection", "finetune",
+          "fidelity", "report")
 assert STAGES == STAGE_ORDER  # jaxgrad.fingerprint declares each stage's inputs and config keys
 BAD_KINDS = ("noisy", "unrelated")
 
@@ -244,6 +246,55 @@ def _store_complete(path: str) -> bool:
         return False
 
 
+def groups_enabled(config) -> bool:
+    """Whether the optional groups stage runs (``groups.by = "cluster"``)."""
+    from jaxgrad.groups import GroupsSpec
+
+    return GroupsSpec.from_config(config.get("groups")).clustered
+
+
+def stage_groups(config, workdir: str) -> dict | None:
+    """Optional (``groups.by = "cluster"``): clusters of train samples by their projected gradients,
+    the units every later stage selects among (:mod:`jaxgrad.groups`); ``groups/groups.json``."""
+    from jaxgrad.groups import GROUPS_FILE, GroupsSpec, make_groups
+    from jaxgrad.store import GradientStore
+    from jaxgrad.train import load_data
+
+    spec = GroupsSpec.from_config(config.get("groups"))
+    if not spec.clustered:
+        return None
+    out = os.path.join(workdir, GROUPS_FILE)
+    if not os.path.isfile(out):
+        train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
+        t0 = time.time()
+        data = load_data(config.data)
+        record = make_groups(spec, train.feats(), train.example_ids, train.source_ids,
+                             data.sources)
+        record["seconds"] = round(time.time() - t0, 3)
+        prompts = {e["example_id"]: e["prompt"] for e in data.examples("train")}
+        for u in record["units"]:  # for the report: what a unit holds, at a glance
+            u["example_prompts"] = [prompts[e][:300] for e in u["example_ids"][:3]]
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        _write_json(out, record)
+    record = _read_json(out)
+    return {"units": len(record["units"]), "sizes": [u["size"] for u in record["units"]]}
+
+
+def pipeline_units(config, workdir: str, sources: Sequence[str] | None = None):
+    """The units the estimates, selection and fine-tunes choose among (:class:`jaxgrad.groups.Units`):
+    the data's sources, or with ``groups.by = "cluster"`` the groups stage's record."""
+    from jaxgrad.groups import GROUPS_FILE, GroupsSpec, Units
+
+    if GroupsSpec.from_config(config.get("groups")).clustered:
+        path = os.path.join(workdir, GROUPS_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"groups.by = 'cluster' but {path} does not exist: run the "
+                                    "groups stage first (--stages=groups)")
+        return Units.from_file(path)
+    return Units.of_sources(list(dict.fromkeys(sources if sources is not None
+                                               else _data_sources(config))))
+
+
 ESTIMATE_FIELDS = ("subset", "sources", "n_samples", "converged", "n_iter", "loss", "accuracy",
                    "mean_output", "exact_loss")
 
@@ -270,7 +321,7 @@ def stage_estimates(config, workdir: str) -> str:
     out_dir = os.path.join(workdir, "estimates")
     os.makedirs(out_dir, exist_ok=True)
     table = os.path.join(out_dir, "estimates.csv")
-    sources = list(dict.fromkeys(_data_sources(config)))
+    sources = pipeline_units(config, workdir).names
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
     subsets = sample_subsets(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
     # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
@@ -324,8 +375,11 @@ class SurrogateScorer:
             feats = -feats
         self.feats = feats
         self.offsets = train.f() if s["objective"] == "taylor" else None
-        src_index = {name: i for i, name in enumerate(self.sources)}
-        self.ids = np.array([src_index[x] for x in train.source_ids])
+        units = pipeline_units(config, workdir, self.sources)
+        if units.names != self.sources:
+            raise ValueError(f"SurrogateScorer: sources {self.sources} are not the run's units "
+                             f"{units.names}")
+        self.ids = units.row_ids(train.example_ids, train.source_ids)
         model, _ = _load_theta_star(config, workdir)
         self.theta_norm, theta = _theta_norm_and_state(model)
         self.projector = _projector(config, sum(int(np.prod(x.shape))
@@ -476,9 +530,9 @@ def selection_metric(config) -> str:
 
 def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
-    from jaxgrad.selection import (baseline_all, baseline_random, ensemble_scores,
-                                   gradient_similarity_scores, select_threshold, select_top,
-                                   subset_size)
+    from jaxgrad.selection import (baseline_all, baseline_random, baseline_random_total,
+                                   ensemble_scores, gradient_similarity_scores, select_threshold,
+                                   select_top, subset_size)
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
 
@@ -495,7 +549,8 @@ def stage_selection(config, workdir: str) -> dict:
         return result
     sel = _section(config, "selection")
     data = load_data(config.data)
-    sources = data.sources
+    units = pipeline_units(config, workdir, data.sources)
+    sources = units.names
     rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
     metric = selection_metric(config)
     if rows and any(r.get(metric, "") == "" for r in rows):
@@ -528,27 +583,35 @@ def stage_selection(config, workdir: str) -> dict:
     chosen = [sources[i] for i in sorted(int(i) for i in picked)]
     train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
     target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
-    src_index = {name: i for i, name in enumerate(sources)}
-    ids = np.array([src_index[x] for x in train.source_ids])
+    ids = units.row_ids(train.example_ids, train.source_ids)
     sim = np.asarray(gradient_similarity_scores(train.feats(), ids, target.feats(), n_sources=len(sources)))
-    rep = representation_similarity(config, workdir, data)
+    rep = representation_similarity(config, workdir, data, units)
     k = len(chosen)
     names = lambda idx: [sources[i] for i in sorted(int(i) for i in idx)]  # noqa: E731
+    sizes = units.sizes()
+    if sizes is None:  # whole sources: the same number of sources as the selection
+        random_pick = baseline_random(len(sources), k, seed=int(sel["seed"]))
+    else:  # clusters of unequal sizes: random units of the selection's number of samples
+        random_pick = baseline_random_total([sizes[u] for u in sources],
+                                            sum(sizes[u] for u in chosen), seed=int(sel["seed"]))
     baselines = {  # the same number of sources as the selection (all: every one)
         "all": names(baseline_all(len(sources))),
-        "random": names(baseline_random(len(sources), k, seed=int(sel["seed"]))),
+        "random": names(random_pick),
         "grad_sim": names(select_top(sim, k)),
         "repr_sim": names(select_top(rep, k)),
     }
     ranking = [sources[i] for i in np.argsort(-scores)]
+    kinds = units.kinds(dict(data.kinds or {}))
     result = {
         "method": method, "stepwise": stepwise,
         "metric": metric, "higher_is_better": higher_is_better, "sources": sources,
         "scores": scores, "ci_low": np.asarray(ens.ci_low), "ci_high": np.asarray(ens.ci_high),
         "counts": np.asarray(ens.counts), "ranking": ranking, "selected": chosen,
-        "grad_sim_scores": sim, "repr_sim_scores": rep, "baselines": baselines, "kinds": dict(data.kinds or {}),
-        "ranking_auc": ranking_auc(ranking, data.kinds or {}),
+        "grad_sim_scores": sim, "repr_sim_scores": rep, "baselines": baselines, "kinds": kinds,
+        "ranking_auc": ranking_auc(ranking, kinds),
     }
+    if sizes is not None:
+        result["groups"] = {"by": "cluster", "sizes": [sizes[u] for u in sources]}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     _write_json(out, result)
     return _read_json(out)
@@ -584,21 +647,24 @@ def _stepwise_selection(config, workdir, sources, scores, metric, top):
     return np.asarray(res.selected, int), record
 
 
-def representation_similarity(config, workdir: str, data) -> np.ndarray:
-    """The representation-similarity baseline's scores: per source, the cosine between its train
-    examples' mean last-layer hidden state at θ* and the target validation examples' (the
-    examples the target gradients are taken on); :mod:`jaxgrad.representations`."""
+def representation_similarity(config, workdir: str, data, units=None) -> np.ndarray:
+    """The representation-similarity baseline's scores: per unit (source, or group of
+    ``units``), the cosine between its train examples' mean last-layer hidden state at θ* and
+    the target validation examples' (the examples the target gradients are taken on);
+    :mod:`jaxgrad.representations`."""
+    from jaxgrad.groups import Units
     from jaxgrad.representations import mean_representations
     from jaxgrad.selection import gradient_similarity_scores
 
+    units = units or Units.of_sources(data.sources)
     model, tokenizer = _load_theta_star(config, workdir)
     kw = dict(sources=data.sources, max_length=int(config.train.max_length),
               batch_size=int(_section(config, "gradients")["batch_size"]))
     train = data.examples("train")
     reps = mean_representations(model, tokenizer, train, **kw)
     target = mean_representations(model, tokenizer, data.examples("validation", [data.target]), **kw)
-    ids = np.array([data.sources.index(e["source"]) for e in train])
-    return np.asarray(gradient_similarity_scores(reps, ids, target, n_sources=len(data.sources)))
+    ids = units.row_ids([e["example_id"] for e in train], [e["source"] for e in train])
+    return np.asarray(gradient_similarity_scores(reps, ids, target, n_sources=len(units.names)))
 
 
 def ranking_auc(ranking: Sequence[str], kinds: dict) -> float | None:
@@ -617,8 +683,11 @@ def stage_finetune(config, workdir: str) -> dict:
     """Final step: fine-tune the base model on the selection and on each baseline; test metrics."""
     from jaxgrad.train import finetune
 
+    from jaxgrad.groups import GROUPS_FILE
+
     selection = _read_json(os.path.join(workdir, "selection", "selection.json"))
     runs = {"selection": selection["selected"], **selection["baselines"]}
+    units = pipeline_units(config, workdir)
     wanted = list(config.pipeline.finetune_runs)
     results = {}
     for name in wanted:
@@ -629,6 +698,9 @@ def stage_finetune(config, workdir: str) -> dict:
             cfg.finetune.sources = json.dumps(list(runs[name]))  # names may hold commas
             cfg.finetune.selection_file = ""
             cfg.finetune.name = name
+            # Units that are clusters of samples: finetune() reads their sample ids.
+            cfg.finetune.groups_file = (os.path.join(workdir, GROUPS_FILE)
+                                        if units.members is not None else "")
             steps = int(config.pipeline.get("finetune_steps", 0))
             if steps > 0:  # the same optimisation budget for every choice of sources
                 cfg.train.num_steps = steps
@@ -637,7 +709,8 @@ def stage_finetune(config, workdir: str) -> dict:
                 cfg.train.seed = seed
                 cfg.lora.seed = seed
             result = finetune(cfg, workdir)
-            if _stopped_early(cfg, result.step, lambda data: data.examples("train", runs[name])):
+            if _stopped_early(cfg, result.step,
+                              lambda data: units.examples(data, "train", runs[name])):
                 if jax.process_index() == 0 and os.path.isfile(done):
                     os.remove(done)  # not done: the next run resumes this fine-tune
                 return {**results, name: {"step": result.step}, "stopped_early": True}
@@ -698,6 +771,7 @@ def validate_config(config, stages: Sequence[str] | None = None):
       TypeError / ValueError: naming the setting (``config.selection.top``) and what it expects.
     """
     from jaxgrad.counts import check_fraction_or_count, fraction_or_count
+    from jaxgrad.groups import GroupsSpec
     from jaxgrad.train import load_data
 
     def get(path):
@@ -731,13 +805,18 @@ def validate_config(config, stages: Sequence[str] | None = None):
         field = "data.synthetic.target" if data_kind == "synthetic" else "data.files.target"
         raise ValueError(f"config.{field} is not set: the pipeline scores sources by the loss on "
                          f"a target's validation split; name one of {list(data.sources)}")
+    spec = GroupsSpec.from_config(get("groups"))
+    spec.check({s: data.n("train", s) for s in data.sources})
+    n_units = len(data.sources)
+    if spec.clustered:
+        n_units += spec.num_clusters - len(spec.clustered_sources(data.sources))
     for key in ("surrogate.subset_size", "selection.top"):
         if get(key) is not None:
-            fraction_or_count(get(key), len(data.sources), name=f"config.{key}", at_least_one=True)
+            fraction_or_count(get(key), n_units, name=f"config.{key}", at_least_one=True)
     return data
 
 
-DATA_STAGES = ("meta_train", "gradients", "estimates", "selection", "finetune", "fidelity")
+DATA_STAGES = ("meta_train", "gradients", "groups", "estimates", "selection", "finetune", "fidelity")
 SPLITS_FILE = "data_splits.json"
 
 
@@ -849,11 +928,12 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     if data is not None:
         check_data_splits(workdir, data, str(on_config_change))
     fingerprints = stage_fingerprints(config)
-    skip = () if fidelity_enabled(config) else ("fidelity",)
+    skip = (() if fidelity_enabled(config) else ("fidelity",)) + (
+        () if groups_enabled(config) else ("groups",))
     records = reconcile(workdir, fingerprints, stages, str(on_config_change), skip=skip)
     timings = {}
     fns = {"base": stage_base, "meta_train": stage_meta_train, "gradients": stage_gradients,
-           "estimates": stage_estimates, "selection": stage_selection, "finetune": stage_finetune,
+           "groups": stage_groups, "estimates": stage_estimates, "selection": stage_selection, "finetune": stage_finetune,
            "fidelity": stage_fidelity, "report": stage_report}
     out = {}
     for name in STAGES:

@@ -187,15 +187,23 @@ def write_report(config, workdir: str) -> str:
         lines += ["", f"Ranking AUC (a target/related source ranks above a noisy/unrelated one): "
                       f"**{selection['ranking_auc']:.3f}**"]
     lines += ["", "![scores](scores.png)", ""]
+    groups_path = os.path.join(workdir, "groups", "groups.json")
+    if selection.get("groups") and os.path.isfile(groups_path):
+        groups = _read_json(groups_path)
+        plot_clusters(selection, os.path.join(workdir, "clusters.png"))
+        lines += cluster_lines(groups, selection) + ["", "![clusters](clusters.png)", ""]
+    sizes = dict(zip(selection["sources"], (selection.get("groups") or {}).get("sizes") or []))
     if runs:
         lines += ["## Fine-tuning the base model on each choice of sources", "",
                   f"Target **{target}**, test split (never used for selection).", "",
-                  "| run | sources | test loss | test accuracy (generated answer) | test accuracy "
-                  "(most likely choice) |", "|---|---|---|---|---|"]
+                  "| run | sources | train samples | test loss | test accuracy (generated "
+                  "answer) | test accuracy (most likely choice) |", "|---|---|---|---|---|---|"]
         for name, run in runs.items():
             m = target_metrics(run, target)
-            lines.append(f"| {_cell(name)} | {_names(run['sources'])} | {_fmt(m['test_loss'])} | "
-                         f"{_fmt(m['test_acc'], 3)} | {_fmt(m.get('test_choice_acc'), 3)} |")
+            n = sum(sizes[u] for u in run["sources"]) if sizes else run.get("n_train", "")
+            lines.append(f"| {_cell(name)} | {_names(run['sources'])} | {n} | "
+                         f"{_fmt(m['test_loss'])} | {_fmt(m['test_acc'], 3)} | "
+                         f"{_fmt(m.get('test_choice_acc'), 3)} |")
         lines.append("")
     fid_path = os.path.join(workdir, "fidelity", "fidelity.json")
     if os.path.isfile(fid_path) and _fidelity_current(config, workdir):
@@ -207,6 +215,57 @@ def write_report(config, workdir: str) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def cluster_lines(groups: dict, selection: dict) -> list[str]:
+    """The report's cluster view: per unit its size, sources, score with interval, whether it was
+    kept, and the start of a few of its prompts."""
+    lines = ["## Clusters", "",
+             f"{groups['num_clusters']} clusters of the train samples of "
+             f"{_names(groups['clustered_sources'])} by their projected gradients "
+             f"({groups['method']}, {groups['metric']} distance; `groups/groups.json`); "
+             "the other sources stay whole. Sorted by score.", "",
+             "| unit | samples | sources | score | 95% CI | kept | example prompts |",
+             "|---|---|---|---|---|---|---|"]
+    units = {u["name"]: u for u in groups["units"]}
+    for name in selection["ranking"]:
+        i = selection["sources"].index(name)
+        u = units.get(name, {})
+        src = ", ".join(f"{_cell(s)} ({n})" for s, n in (u.get("sources") or {}).items())
+        prompts = " / ".join(_cell(" ".join(p.split())[:60]) for p in u.get("example_prompts", [])[:2])
+        lines.append(f"| {_name(name)} | {u.get('size', '')} | {src} | "
+                     f"{_fmt(selection['scores'][i])} | [{_fmt(selection['ci_low'][i])}, "
+                     f"{_fmt(selection['ci_high'][i])}] | "
+                     f"{'✓' if name in selection['selected'] else ''} | {prompts} |")
+    return lines
+
+
+def plot_clusters(selection: dict, path: str) -> None:
+    """Each unit's score (with its 95% interval) against its number of samples, kept ones marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = np.array(selection["groups"]["sizes"], float)
+    scores = np.array(selection["scores"], float)
+    lo, hi = np.array(selection["ci_low"], float), np.array(selection["ci_high"], float)
+    kept = np.array([s in selection["selected"] for s in selection["sources"]])
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for mask, color, label in ((kept, "#2ca02c", "kept"), (~kept, "#7f7f7f", "not kept")):
+        if mask.any():
+            ax.errorbar(sizes[mask], scores[mask],
+                        yerr=[scores[mask] - lo[mask], hi[mask] - scores[mask]], fmt="o",
+                        color=color, ms=4, lw=0.8, capsize=2, label=label)
+    for x, y, name in zip(sizes, scores, selection["sources"]):
+        ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("samples in the unit")
+    ax.set_ylabel("ensemble score (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def fidelity_lines(fid: dict) -> list[str]:

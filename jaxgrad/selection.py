@@ -559,6 +559,33 @@ def baseline_random(n_sources: int, size: float | int, seed: int = 0) -> np.ndar
     return np.sort(np.random.default_rng(seed).choice(n_sources, size=count, replace=False))
 
 
+def baseline_random_total(sizes: Sequence[int], total: int, seed: int = 0) -> np.ndarray:
+    """Random units whose sizes add up to about ``total`` samples, sorted (the random baseline
+    when units are clusters of unequal sizes: the same amount of data as the selection).
+
+    The units are taken in a random order (``seed``) until the next one would take the sum
+    farther from ``total`` than it is; at least one unit.
+
+    Args:
+      sizes: samples per unit (U non-negative ints).
+      total: the number of samples wanted.
+
+    Returns:
+      Sorted unit indices.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    if sizes.ndim != 1 or sizes.size == 0 or np.any(sizes < 0):
+        raise ValueError(f"sizes must be a non-empty list of sample counts >= 0, got {sizes}")
+    order = np.random.default_rng(seed).permutation(sizes.size)
+    picked, acc = [], 0
+    for i in order:
+        if picked and abs(acc + sizes[i] - total) >= abs(acc - total):
+            continue
+        picked.append(int(i))
+        acc += int(sizes[i])
+    return np.sort(np.asarray(picked, int))
+
+
 def gradient_similarity_scores(feats_NxK: jax.typing.ArrayLike,
                                source_ids_N: np.typing.ArrayLike,
                                target_feats_JxK: jax.typing.ArrayLike,

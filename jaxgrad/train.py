@@ -1147,8 +1147,10 @@ def _choice_metrics(model, tokenizer, data, cfg: TrainConfig, *, prefix: str) ->
 def finetune(config: Any, workdir: str) -> TrainResult:
     """Final stage: fine-tune the *base* model (fresh adapters) on the selected sources.
 
-    Trains on the train splits of ``config.finetune.sources``, validates on the target's
-    validation split (the selected sources' when there is no target), evaluates the target's test
+    Trains on the train splits of ``config.finetune.sources`` (with ``finetune.groups_file``,
+    a groups record of the pipeline: on the train samples of the units named, clusters or
+    sources), validates on the target's validation split (the selected sources' when there is
+    no target), evaluates the target's test
     split at the end (``test_*`` metrics, also in ``metrics.jsonl``). Output: ``<workdir>/
     finetune/<name>/`` with ``name`` = ``config.finetune.name`` or
     :func:`finetune_run_name` of the sources.
@@ -1158,7 +1160,16 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     _describe_devices()
     spec = ModelSpec.from_config(config.model)
     data = load_data(config.data)
-    selected = finetune_sources(config.finetune, data.sources)
+    groups_file = config.finetune.get("groups_file", "") or ""
+    if groups_file:  # names are units of a groups record: clusters of samples, or sources
+        from jaxgrad.groups import Units
+
+        units = Units.from_file(groups_file)
+    else:
+        units = None
+    selected = finetune_sources(config.finetune, units.names if units else data.sources)
+    train_examples = (units.examples(data, "train", selected) if units
+                      else data.examples("train", selected))
     name = config.finetune.name or finetune_run_name(selected)
     if name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"config.finetune.name={name!r} must be one directory name under "
@@ -1166,9 +1177,10 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     model, tokenizer = load_model(spec, lora_from_config(config.lora))
     run_dir = os.path.join(workdir, "finetune", name)
     _save_config(config, run_dir)
-    eval_sources = [data.target] if data.target else selected
+    trained_on = {e["source"] for e in train_examples}
+    eval_sources = [data.target] if data.target else [s for s in data.sources if s in trained_on]
     extract = data.extract_answer if data.answer_format else None
-    result = fit(model, tokenizer, data.examples("train", selected), cfg, run_dir,
+    result = fit(model, tokenizer, train_examples, cfg, run_dir,
                  val_examples=data.examples("validation", eval_sources), sources=data.sources,
                  extract_answer=extract)
     if data.target and data.n("test", data.target) > 0:  # data.files.test = 0: no test split
@@ -1182,5 +1194,6 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     save_adapter(result.model, run_dir, base_model_name_or_path=spec.name_or_path or None)
     if jax.process_index() == 0:
         with open(os.path.join(run_dir, "sources.json"), "w") as f:
-            json.dump({"sources": selected, "metrics": result.metrics}, f, indent=1)
+            json.dump({"sources": selected, "n_train": len(train_examples),
+                       "metrics": result.metrics}, f, indent=1)
     return result

@@ -1,0 +1,108 @@
+"""Tests for jaxgrad.groups: the groups section's checks, units made of clusters and whole
+sources, their sample ids, and the size-matched random baseline (jaxgrad.selection)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxgrad.groups import AGGLOMERATIVE_MAX_SAMPLES, GroupsSpec, Units, cluster_names, make_groups
+from jaxgrad.selection import baseline_random_total
+
+
+def _store(seed=0):
+    """Three sources; ``a`` and ``b`` hold two planted directions each (norms over 3 decades)."""
+    rng = np.random.default_rng(seed)
+    dirs = rng.normal(size=(4, 16))
+    feats, ids, srcs, truth = [], [], [], []
+    for i in range(40):
+        d = i % 4
+        src = "a" if d < 2 else "b"
+        feats.append(dirs[d] * 10.0 ** rng.uniform(-1.5, 1.5) + 0.01 * rng.normal(size=16))
+        ids.append(f"{src}/{i}")
+        srcs.append(src)
+        truth.append(d)
+    for i in range(7):
+        feats.append(rng.normal(size=16))
+        ids.append(f"c/{i}")
+        srcs.append("c")
+        truth.append(-1)
+    return np.array(feats), ids, srcs, np.array(truth)
+
+
+@pytest.mark.parametrize("method", ["agglomerative", "kmeans"])
+def test_clusters_of_chosen_sources_and_whole_others(method):
+    feats, ids, srcs, truth = _store()
+    spec = GroupsSpec.from_config(dict(by="cluster", sources=("a", "b"), num_clusters=4,
+                                       method=method))
+    rec = make_groups(spec, feats, ids, srcs, ["a", "b", "c"])
+    names = [u["name"] for u in rec["units"]]
+    assert names == ["c00", "c01", "c02", "c03", "c"], names
+    got = {frozenset(u["example_ids"]) for u in rec["units"][:4]}
+    want = {frozenset(np.array(ids)[truth == d]) for d in range(4)}
+    assert got == want, f"{method}: the clusters are not the planted directions"
+    assert rec["units"][4]["example_ids"] == [f"c/{i}" for i in range(7)]
+    assert rec["units"][4]["kind"] == "source" and rec["units"][0]["kind"] == "cluster"
+    assert rec["clustered_sources"] == ["a", "b"]
+
+
+def test_units_map_rows_and_examples():
+    feats, ids, srcs, truth = _store()
+    rec = make_groups(GroupsSpec(by="cluster", num_clusters=3), feats, ids, srcs, ["a", "b", "c"])
+    units = Units.from_record(rec)
+    rows = units.row_ids(ids, srcs)
+    for i, u in enumerate(rec["units"]):
+        assert sorted(np.array(ids)[rows == i]) == sorted(u["example_ids"])
+    with pytest.raises(ValueError, match="belong to no unit"):
+        units.row_ids(ids + ["z/0"], srcs + ["z"])
+
+    class Data:  # the one method Units.examples reads
+        def examples(self, split, sources=None):
+            return [{"example_id": e, "source": s} for e, s in zip(ids, srcs)]
+
+    picked = units.examples(Data(), "train", ["c01"])
+    assert [e["example_id"] for e in picked] == [e for e in ids if e in rec["units"][1]["example_ids"]]
+    with pytest.raises(ValueError, match="unknown units"):
+        units.examples(Data(), "train", ["c99"])
+    assert units.kinds({"a": "target", "b": "related", "c": "noisy"})["c00"] in (
+        "target", "related", "noisy", "mixed")
+    by_source = Units.of_sources(["a", "b", "c"])
+    assert by_source.row_ids(ids, srcs).tolist() == [["a", "b", "c"].index(s) for s in srcs]
+
+
+def test_groups_section_refusals():
+    with pytest.raises(ValueError, match=r"config.groups: unknown keys \['num_cluster'\]"):
+        GroupsSpec.from_config(dict(num_cluster=3))
+    with pytest.raises(ValueError, match="config.groups.by must be one of"):
+        GroupsSpec.from_config(dict(by="clusters"))
+    with pytest.raises(ValueError, match="config.groups.metric must be one of"):
+        GroupsSpec.from_config(dict(metric="euclidean"))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="config.groups.num_clusters must be a whole number"):
+            GroupsSpec.from_config(dict(num_clusters=bad))
+    assert GroupsSpec.from_config(dict(sources="a, b")).sources == ("a", "b")
+    spec = GroupsSpec(by="cluster", num_clusters=3)
+    n = AGGLOMERATIVE_MAX_SAMPLES + 1
+    with pytest.raises(ValueError, match=r"needs their .* pairwise distances .*Use groups.method = "
+                                         r"'kmeans'"):
+        spec.check({"a": n})
+    GroupsSpec(by="cluster", num_clusters=3, method="kmeans").check({"a": n})  # no N×N: allowed
+    with pytest.raises(ValueError, match=r"cluster names \['c01'\] are also names of unclustered"):
+        GroupsSpec(by="cluster", sources=("a",), num_clusters=3).check({"a": 10, "c01": 5})
+    GroupsSpec().check({"a": 1})  # by = "source": nothing to check
+    assert cluster_names(3) == ["c00", "c01", "c02"] and cluster_names(101)[-1] == "c100"
+
+
+def test_random_baseline_matches_the_selections_size():
+    sizes = [50, 3, 7, 12, 1, 30, 9]
+    for seed in range(20):
+        picked = baseline_random_total(sizes, 40, seed=seed)
+        total = sum(sizes[i] for i in picked)
+        # Greedy in a random order: no unit left out would bring the total closer to 40.
+        left = [sizes[i] for i in range(len(sizes)) if i not in picked]
+        assert all(abs(total + s - 40) >= abs(total - 40) for s in left), (seed, picked)
+        assert list(picked) == sorted(picked)
+    assert baseline_random_total(sizes, 40, seed=3).tolist() == \
+        baseline_random_total(sizes, 40, seed=3).tolist()
+    with pytest.raises(ValueError, match="sizes must be"):
+        baseline_random_total([], 3)
