@@ -33,8 +33,18 @@ Commands (from the repository root):
   python scripts/run_pipeline.py --config=configs/smollm2_bigbench.py:cpu --workdir=checkpoints/real
 
 Variants: ``cpu`` (sized for 2 CPU cores: 32 training examples per source, sequences of at most
-96 tokens, two epochs of meta-training, the whole pipeline in under an hour) and the default
-(sized for one GPU: up to 1,000 examples per source, 256 tokens, 10 epochs).
+96 tokens, two epochs of meta-training, the whole pipeline in under an hour), the default
+(sized for one GPU: up to 1,000 examples per source, 256 tokens, 10 epochs) and ``clusters``.
+
+``clusters``: the paper's chain-of-thought protocol (§5) on StrategyQA alone. Its 200 training
+samples are grouped into 20 clusters by their projected gradients at θ* (average linkage, cosine;
+``groups.by = "cluster"``), 300 random subsets of half the clusters are scored, the top 80% of
+clusters by random-ensemble score are kept (the paper keeps 70–95%), and the base is fine-tuned
+on them against all clusters, random clusters of the same number of samples and the clusters
+most gradient-similar to the target; 100 test questions. The paper uses 100 clusters of a few
+thousand samples; 20 clusters of 10 samples on average is what 2 CPU cores fit in about 30
+minutes (meta-training, gradients and each of the four final fine-tunes cost about 25 steps of
+8 sequences). ``benchmarks/real_clusters.py`` runs it and records the figures.
 
 LoRA on q, k, v (the paper's default), rank 8. Expected runtime and results: README, section "On a
 real model", and benchmarks/RESULTS.md.
@@ -56,9 +66,9 @@ TASKS_DIR = "checkpoints/assets/bigbench"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The real-model config; ``arg``: None / "default" (one GPU) or "cpu" (2 CPU cores)."""
     variant = arg or "default"
-    if variant not in ("default", "cpu"):
+    if variant not in ("default", "cpu", "clusters"):
         raise ValueError(f"configs/smollm2_bigbench.py: unknown variant {variant!r}; expected "
-                         "'default' or 'cpu'")
+                         "'default', 'cpu' or 'clusters'")
     c = default_config()  # every key with its meaning: jaxgrad/config_sections.py
 
     c.model.name_or_path = MODEL_FILE  # a .gguf: converted once to a float32 HF dir beside it
@@ -115,4 +125,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.gradients.batch_size = 16
         c.surrogate.num_subsets = 300
         c.pipeline.finetune_steps = 48  # each final fine-tune: 48 x 8 examples (1 epoch of "all")
+    if variant == "clusters":
+        c.data.files.sources = (TARGET,)  # the target's own training samples, in clusters
+        c.data.files.noisy = ()
+        c.data.files.kinds = {}
+        c.data.files.validation = 32  # the target gradients' samples
+        c.data.files.test = 100
+        c.data.files.max_examples = 332  # 200 train + 32 validation + 100 test
+        c.train.batch_size = 8
+        c.train.max_length = 96
+        c.train.epochs = 1  # 25 steps
+        c.train.warmup_steps = 5
+        c.train.log_every = 5
+        c.gradients.projection_dim = 2048
+        c.gradients.batch_size = 16
+        c.groups.by = "cluster"
+        c.groups.num_clusters = 20
+        c.groups.method = "agglomerative"
+        c.surrogate.num_subsets = 300
+        c.surrogate.subset_size = 0.5  # half the clusters, as the paper
+        c.selection.top = 0.8  # keep 16 of 20 clusters
+        c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim")
+        c.pipeline.finetune_steps = 25  # one epoch of all 200 samples, for every run
     return c
