@@ -137,7 +137,10 @@ def write_report(config, workdir: str) -> str:
         "synthetic", {}).get("target")
     plot_scores(selection, os.path.join(workdir, "scores.png"))
     lines = ["# jaxgrad run report", ""]
-    lines += [f"Run directory: `{workdir}`. Target: **{target}**. Sources: {len(selection['sources'])}.", ""]
+    units = (f"Units: {len(selection['sources'])} (clusters of samples and whole sources, see "
+             "Clusters; every table's \"source\" is a unit)" if selection.get("groups")
+             else f"Sources: {len(selection['sources'])}")
+    lines += [f"Run directory: `{workdir}`. Target: **{target}**. {units}.", ""]
     timings = os.path.join(workdir, "timings.jsonl")
     if os.path.isfile(timings):
         rows = [json.loads(l) for l in open(timings)]
