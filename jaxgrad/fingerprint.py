@@ -51,7 +51,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "base": (),
     "meta_train": ("base",),
     "gradients": ("meta_train",),
-    # Optional: only with groups.by = "cluster"; off, it is no input of any stage (OPTIONAL_INPUT).
+    # Optional: only with groups.by = "cluster"; off, it is no input of any stage (_off).
     "groups": ("gradients",),
     "estimates": ("gradients", "groups"),
     "selection": ("estimates", "gradients", "groups"),

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+log = logging.getLogger("jaxgrad.groups")
 
 GROUP_BY = ("source", "cluster")
 METHODS = ("agglomerative", "kmeans")
@@ -53,7 +56,7 @@ class GroupsSpec:
         (spherical k-means in JAX; O(N·(k + C)) memory).
       metric: ``"cosine"`` (the only one: projected gradients differ mostly in norm across
         samples, so only their direction is compared).
-      seed: k-means seeding.
+      seed: k-means seeding (int >= 0).
       max_iter: k-means Lloyd iterations at most.
     """
 
@@ -86,10 +89,12 @@ class GroupsSpec:
         sources = spec.sources
         if isinstance(sources, str):
             sources = tuple(s.strip() for s in sources.split(",") if s.strip())
-        for key in ("num_clusters", "max_iter"):
+        for key in ("num_clusters", "max_iter", "seed"):
             value = getattr(spec, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"config.groups.{key} must be a whole number >= 1, got {value!r}")
+            low = 0 if key == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"config.groups.{key} must be a whole number >= {low}, got "
+                                 f"{value!r}")
         return dataclasses.replace(spec, sources=tuple(str(s) for s in sources),
                                    num_clusters=int(spec.num_clusters), seed=int(spec.seed),
                                    max_iter=int(spec.max_iter))
@@ -155,7 +160,9 @@ def make_groups(spec: GroupsSpec, feats_NxK: np.ndarray, example_ids: Sequence[s
       sources: the data's train sources, in order.
 
     Returns:
-      ``{"by", "method", "metric", "num_clusters", "seed", "clustered_sources", "units"}``,
+      ``{"by", "method", "metric", "num_clusters", "clusters_made", "seed",
+      "clustered_sources", "units"}`` (``clusters_made`` < ``num_clusters`` when k-means left
+      clusters empty: they are dropped),
       ``units`` a list of ``{"name", "kind": "cluster" | "source", "sources": {source: count},
       "size", "example_ids"}``: the clusters first (numbered by their first sample in store
       order), then the unclustered sources in ``sources`` order.
@@ -167,10 +174,23 @@ def make_groups(spec: GroupsSpec, feats_NxK: np.ndarray, example_ids: Sequence[s
     rows = np.flatnonzero(np.isin(source_ids, chosen))
     spec.check({s: int(np.sum(source_ids == s)) for s in sources})
     feats = np.asarray(feats_NxK, np.float64 if spec.method == "agglomerative" else np.float32)
+    zero = rows[np.linalg.norm(feats[rows], axis=1) == 0]
+    if spec.method == "agglomerative" and zero.size:
+        raise ValueError(f"groups.method = 'agglomerative': {zero.size} train samples have a "
+                         f"projected gradient of norm 0 (no cosine distance), e.g. "
+                         f"{[example_ids[int(r)] for r in zero[:3]]} (a completion cut off by "
+                         "train.max_length, or a gradient that vanishes at θ*); use groups.method "
+                         "= 'kmeans', which puts them in one cluster. The gradients are kept.")
     labels = np.asarray(cluster_samples(feats[rows], spec.num_clusters, method=spec.method,
                                         seed=spec.seed, max_iter=spec.max_iter))
+    # k-means can leave a cluster empty (repeated rows, fewer directions than clusters): a unit
+    # without samples cannot be fine-tuned on, so it is dropped and the others renumbered.
+    made = [c for c in range(spec.num_clusters) if np.any(labels == c)]
+    if len(made) < spec.num_clusters:
+        log.warning("groups: %d of the %d k-means clusters are empty; %d clusters made",
+                    spec.num_clusters - len(made), spec.num_clusters, len(made))
     units = []
-    for c, name in enumerate(cluster_names(spec.num_clusters)):
+    for c, name in zip(made, cluster_names(len(made))):
         members = rows[labels == c]
         units.append(_unit(name, "cluster", members, example_ids, source_ids))
     for s in sources:
@@ -178,8 +198,8 @@ def make_groups(spec: GroupsSpec, feats_NxK: np.ndarray, example_ids: Sequence[s
             units.append(_unit(s, "source", np.flatnonzero(source_ids == s), example_ids,
                                source_ids))
     return {"by": spec.by, "method": spec.method, "metric": spec.metric,
-            "num_clusters": spec.num_clusters, "seed": spec.seed, "clustered_sources": chosen,
-            "units": units}
+            "num_clusters": spec.num_clusters, "clusters_made": len(made), "seed": spec.seed,
+            "clustered_sources": chosen, "units": units}
 
 
 def _unit(name, kind, rows, example_ids, source_ids) -> dict:
@@ -256,8 +276,17 @@ class Units:
             raise ValueError(f"unknown units {unknown}; available: {self.names}")
         if self.members is None:
             return data.examples(split, list(names))
+        if split != "train":
+            raise ValueError(f"units that are clusters hold train samples only, not {split!r}")
         wanted = {e for n in names for e in self.members[n]}
-        return [e for e in data.examples(split) if e["example_id"] in wanted]
+        out = [e for e in data.examples(split) if e["example_id"] in wanted]
+        if len(out) != len(wanted):
+            found = {e["example_id"] for e in out}
+            missing = sorted(wanted - found)
+            raise ValueError(f"{len(missing)} samples of units {list(names)} are not in the data's "
+                             f"train split (first: {missing[:3]}): the groups record was made "
+                             "from other data")
+        return out
 
     def kinds(self, source_kinds: Mapping[str, str]) -> dict[str, str]:
         """A unit's kind (target / related / noisy / unrelated): its sources' kind when they

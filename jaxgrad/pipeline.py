@@ -78,6 +78,17 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _write_shared_json(path: str, obj: Any, barrier: str) -> Any:
+    """Write ``obj`` (process 0) and read it back on every process, after a barrier when there
+    are several (the others must not read before process 0 has written)."""
+    _write_json(path, obj)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(barrier)
+    return _read_json(path)
+
+
 def _read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -275,7 +286,7 @@ def stage_groups(config, workdir: str) -> dict | None:
         for u in record["units"]:  # for the report: what a unit holds, at a glance
             u["example_prompts"] = [prompts[e][:300] for e in u["example_ids"][:3]]
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        _write_json(out, record)
+        _write_shared_json(out, record, "groups")  # every process computed the same record
     record = _read_json(out)
     return {"units": len(record["units"]), "sizes": [u["size"] for u in record["units"]]}
 
@@ -540,12 +551,13 @@ def stage_selection(config, workdir: str) -> dict:
     if os.path.isfile(out):
         result = _read_json(out)
         if "repr_sim" not in result["baselines"]:  # made before the repr_sim baseline existed
-            rep = representation_similarity(config, workdir, load_data(config.data))
+            data = load_data(config.data)
+            rep = representation_similarity(config, workdir, data,
+                                            pipeline_units(config, workdir, data.sources))
             k, sources = len(result["selected"]), result["sources"]
             result["repr_sim_scores"] = rep
             result["baselines"]["repr_sim"] = [sources[i] for i in sorted(np.argsort(-rep)[:k])]
-            _write_json(out, result)
-            result = _read_json(out)
+            result = _write_shared_json(out, result, "selection/repr_sim")
         return result
     sel = _section(config, "selection")
     data = load_data(config.data)
@@ -604,7 +616,8 @@ def stage_selection(config, workdir: str) -> dict:
     kinds = units.kinds(dict(data.kinds or {}))
     result = {
         "method": method, "stepwise": stepwise,
-        "metric": metric, "higher_is_better": higher_is_better, "sources": sources,
+        "metric": metric, "higher_is_better": higher_is_better, "target": data.target,
+        "sources": sources,
         "scores": scores, "ci_low": np.asarray(ens.ci_low), "ci_high": np.asarray(ens.ci_high),
         "counts": np.asarray(ens.counts), "ranking": ranking, "selected": chosen,
         "grad_sim_scores": sim, "repr_sim_scores": rep, "baselines": baselines, "kinds": kinds,
@@ -613,8 +626,7 @@ def stage_selection(config, workdir: str) -> dict:
     if sizes is not None:
         result["groups"] = {"by": "cluster", "sizes": [sizes[u] for u in sources]}
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    _write_json(out, result)
-    return _read_json(out)
+    return _write_shared_json(out, result, "selection")
 
 
 SELECTION_METHODS = ("ensemble", "threshold", "forward", "ordered")

@@ -133,7 +133,10 @@ def write_report(config, workdir: str) -> str:
     est_rows = list(csv.DictReader(open(os.path.join(workdir, "estimates", "estimates.csv"))))
     runs = _finetune_rows(workdir)
     kinds = selection.get("kinds", {})
-    target = next((s for s, k in kinds.items() if k == "target"), None) or config.data.get(
+    # Recorded since units can be clusters (several of kind "target"); before, the one source
+    # of kind "target".
+    target = selection.get("target") or next(
+        (s for s, k in kinds.items() if k == "target"), None) or config.data.get(
         "synthetic", {}).get("target")
     plot_scores(selection, os.path.join(workdir, "scores.png"))
     lines = ["# jaxgrad run report", ""]

@@ -563,15 +563,19 @@ def baseline_random_total(sizes: Sequence[int], total: int, seed: int = 0) -> np
     """Random units whose sizes add up to about ``total`` samples, sorted (the random baseline
     when units are clusters of unequal sizes: the same amount of data as the selection).
 
-    The units are taken in a random order (``seed``) until the next one would take the sum
-    farther from ``total`` than it is; at least one unit.
+    The units are visited in a random order (``seed``); each one is added when it brings the sum
+    strictly closer to ``total``, so no unit left out would. When none does (every unit is
+    larger than twice ``total``), the one whose size is closest to ``total`` is taken.
 
     Args:
       sizes: samples per unit (U non-negative ints).
       total: the number of samples wanted.
 
     Returns:
-      Sorted unit indices.
+      Sorted unit indices (at least one).
+
+    Raises:
+      ValueError: ``sizes`` empty or negative.
     """
     sizes = np.asarray(sizes, np.int64)
     if sizes.ndim != 1 or sizes.size == 0 or np.any(sizes < 0):
@@ -579,10 +583,11 @@ def baseline_random_total(sizes: Sequence[int], total: int, seed: int = 0) -> np
     order = np.random.default_rng(seed).permutation(sizes.size)
     picked, acc = [], 0
     for i in order:
-        if picked and abs(acc + sizes[i] - total) >= abs(acc - total):
-            continue
-        picked.append(int(i))
-        acc += int(sizes[i])
+        if abs(acc + sizes[i] - total) < abs(acc - total):
+            picked.append(int(i))
+            acc += int(sizes[i])
+    if not picked:
+        picked = [int(order[np.argmin(np.abs(sizes[order] - total))])]
     return np.sort(np.asarray(picked, int))
 
 

@@ -104,5 +104,40 @@ def test_random_baseline_matches_the_selections_size():
         assert list(picked) == sorted(picked)
     assert baseline_random_total(sizes, 40, seed=3).tolist() == \
         baseline_random_total(sizes, 40, seed=3).tolist()
+    for seed in range(8):  # a huge unit first in the random order is not kept
+        assert baseline_random_total([5, 5, 5, 1000], 10, seed=seed).tolist() in (
+            [0, 1], [0, 2], [1, 2]), seed
+    assert baseline_random_total([300, 500], 10).tolist() == [0]  # none fits: the closest
     with pytest.raises(ValueError, match="sizes must be"):
         baseline_random_total([], 3)
+
+
+def test_empty_kmeans_clusters_are_dropped_and_zero_gradients_named():
+    rng = np.random.default_rng(0)
+    dirs = rng.normal(size=(3, 8))
+    feats = np.repeat(dirs, 4, axis=0)  # 12 rows, 3 distinct directions, 5 clusters asked for
+    ids, srcs = [f"a/{i}" for i in range(12)], ["a"] * 12
+    rec = make_groups(GroupsSpec(by="cluster", num_clusters=5, method="kmeans"), feats, ids, srcs,
+                      ["a"])
+    sizes = [u["size"] for u in rec["units"]]
+    assert all(n > 0 for n in sizes) and sum(sizes) == 12, sizes
+    assert rec["clusters_made"] == len(sizes) and [u["name"] for u in rec["units"]] == \
+        cluster_names(len(sizes))
+    feats[5] = 0.0
+    with pytest.raises(ValueError, match=r"1 train samples have a projected gradient of norm 0.*"
+                                         r"a/5"):
+        make_groups(GroupsSpec(by="cluster", num_clusters=3), feats, ids, srcs, ["a"])
+
+
+def test_cluster_units_refuse_other_splits_and_missing_samples():
+    units = Units.from_record({"units": [{"name": "c00", "example_ids": ["a/0", "a/1"],
+                                          "sources": {"a": 2}, "size": 2}]})
+
+    class Data:
+        def examples(self, split, sources=None):
+            return [{"example_id": "a/0", "source": "a"}]
+
+    with pytest.raises(ValueError, match="hold train samples only"):
+        units.examples(Data(), "validation", ["c00"])
+    with pytest.raises(ValueError, match=r"1 samples of units \['c00'\] are not in the data"):
+        units.examples(Data(), "train", ["c00"])

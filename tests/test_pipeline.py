@@ -648,6 +648,7 @@ def test_finetunes_train_on_the_clusters_samples_and_report_shows_them(cluster_d
         want = out["selected"] if name == "selection" else out["baselines"]["random"]
         assert run["sources"] == want and run["n_train"] == sum(size[u] for u in want), name
     report = open(os.path.join(cluster_dir, "report.md")).read()
+    assert "Target: **add**. Units: 6" in report  # not the first cluster of kind "target"
     assert "## Clusters" in report and os.path.isfile(os.path.join(cluster_dir, "clusters.png"))
     for u in groups["units"]:
         assert re.search(rf"\| {u['name']} \| {u['size']} \|", report), u["name"]
