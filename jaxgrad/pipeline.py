@@ -226,7 +226,9 @@ def stage_gradients(config, workdir: str) -> dict:
         return {k: GradientStore.open(p).num_examples for k, p in paths.items()}
     model, tokenizer = _load_theta_star(config, workdir)
     projector = _projector(config, num_trainable(model))
-    kw = dict(sources=data.sources, output_fn=g["output_fn"], eps=float(g["eps"]),
+    # Each process computes its own rows (process_index / process_count) on its own devices:
+    # every chunk of samples sharded over them (jaxgrad.per_sample).
+    kw = dict(mesh=local_data_mesh(), sources=data.sources, output_fn=g["output_fn"], eps=float(g["eps"]),
               batch_size=int(g["batch_size"]), chunk_size=int(g["chunk_size"]),
               max_length=int(config.train.max_length), shard_size=int(g["shard_size"]),
               dtype=g["dtype"], model_id=config.model.name_or_path or "scratch",
@@ -244,6 +246,24 @@ def stage_gradients(config, workdir: str) -> dict:
                 store = GradientStore.merge(paths[name])
         counts[name] = store.num_examples
     return counts
+
+
+def local_data_mesh():
+    """A ``data`` mesh over this process's devices (None with one): per-sample work shards its
+    samples over them. Per-sample gradients are independent, so this changes no result beyond
+    float32 rounding (a device's matmuls cover fewer samples and may sum in another order)."""
+    from jaxgrad.sharding import make_mesh
+
+    devices = jax.local_devices()
+    return make_mesh(len(devices), 1, devices=devices) if len(devices) > 1 else None
+
+
+def global_data_mesh():
+    """A ``data`` mesh over every device of every process (None with one device): the surrogate
+    fits shard their subsets over it (``jaxgrad.surrogate.fit_subsets``)."""
+    from jaxgrad.sharding import make_mesh
+
+    return make_mesh(-1, 1) if jax.device_count() > 1 else None
 
 
 def _store_complete(path: str) -> bool:
@@ -398,6 +418,7 @@ class SurrogateScorer:
         self.gram = self.projector.gram()
         self.t_feats, self.t_f = target.feats(), target.f()
         self.exact_fn = _exact_loss_fn(config, workdir, model) if s["mode"] == "exact" else None
+        self.mesh = global_data_mesh()
 
     def __call__(self, rows) -> dict[str, Sequence]:
         from jaxgrad.selection import masks_from_sources
@@ -418,7 +439,7 @@ class SurrogateScorer:
         n = rows.shape[0]
         masks = masks_from_sources(self.ids, rows, n_sources=len(self.sources))
         fits = fit_subsets(self.feats, masks, objective=s["objective"], C=float(s["C"]),
-                           seed=int(s["seed"]), offsets=self.offsets)
+                           seed=int(s["seed"]), offsets=self.offsets, mesh=self.mesh)
         scale = None if float(s["scale"]) <= 0 else float(s["scale"])
         c = rescale_factors(fits.coef, self.gram, self.theta_norm, scale=scale)
         est = estimate_subsets(fits.coef, c, self.t_feats, self.t_f, output=self.output_fn)
@@ -482,8 +503,10 @@ def _exact_loss_fn(config, workdir, model):
         logits = model_logits(nnx.merge(graphdef, params, rest), batch)
         return outputs_loss(out_fn(logits, batch["targets"], batch["target_mask"]), output)
 
+    mesh = global_data_mesh()
+
     def run(coef, c, projector):
-        return np.asarray(exact_estimates(loss_fn, theta, coef, c, projector,
+        return np.asarray(exact_estimates(loss_fn, theta, coef, c, projector, mesh=mesh,
                                           chunk_size=int(config.surrogate.exact_chunk)))
     return run
 

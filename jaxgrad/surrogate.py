@@ -177,6 +177,7 @@ def fit_subsets(
     chunk_size: int | None = None,
     precondition: str = "auto",
     init: SubsetFits | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SubsetFits:
     """Fits one L2-regularised logistic regression per subset of samples, batched.
 
@@ -203,6 +204,12 @@ def fit_subsets(
         ``"none"``. "auto": "none" when the diagonal preconditioner is within 5% of the
         identity for every subset, else "eig" up to k' = 2048 columns, else "diag".
       init: warm start, e.g. the fits of parent subsets (same S, k and intercept setting).
+      mesh: shard each chunk's subsets over this mesh's ``data`` axis (the features are
+        replicated; every device solves its own subsets, and the iteration stops when every
+        device's subsets have converged). With several processes the mesh spans them all and
+        every process passes the same masks and gets every subset's fit back. Each subset's
+        fit is the one-device fit up to float32 rounding (the matmuls of a smaller chunk may
+        sum in another order): ``tests/test_surrogate.py`` on 8 fake devices.
 
     Returns:
       ``SubsetFits`` with S×k ``coef`` and S-vectors ``intercept``, ``converged``, ``n_iter``
@@ -270,6 +277,13 @@ def fit_subsets(
     # 2000 subsets in chunks of at most 1904 are two chunks of 1000, not 1904 + 96 padded to 1904.
     n_chunks = max(1, -(-n_subsets // chunk_size))
     chunk = min(chunk_size, max(-(-n_subsets // n_chunks), 1))
+    shard = _subset_sharding(mesh)
+    c_arr, tol_arr = jnp.asarray(C, dtype), jnp.asarray(tol, dtype)
+    if shard is not None:  # every device gets the same number of subsets
+        ways = mesh.shape["data"]
+        chunk = -(-chunk // ways) * ways
+        replicated = jax.sharding.NamedSharding(shard.mesh, jax.sharding.PartitionSpec())
+        b_NxK, o_N, c_arr, tol_arr = (_to_mesh(x, replicated) for x in (b_NxK, o_N, c_arr, tol_arr))
     # Boolean masks stay boolean on the device (a quarter of the memory traffic of floats).
     mask_dtype = bool if masks.dtype == bool else dtype
     outs = []
@@ -280,9 +294,12 @@ def fit_subsets(
         if rows < chunk:  # pad the last chunk with empty subsets: one compiled shape
             m_CxN = jnp.pad(m_CxN, ((0, chunk - rows), (0, 0)))  # False / 0
             v_CxK = jnp.pad(v_CxK, ((0, chunk - rows), (0, 0)))
-        out = _solve_chunk(b_NxK, o_N, m_CxN, v_CxK, jnp.asarray(C, dtype),
-                           jnp.asarray(tol, dtype), max_iter=max_iter, warm=v0 is not None,
-                           diag=precondition != "none")
+        if shard is not None:
+            m_CxN, v_CxK = _to_mesh(m_CxN, shard), _to_mesh(v_CxK, shard)
+        out = _solve_chunk(b_NxK, o_N, m_CxN, v_CxK, c_arr, tol_arr, max_iter=max_iter,
+                           warm=v0 is not None, diag=precondition != "none")
+        if shard is not None:
+            out = _from_mesh(out)
         outs.append(jax.tree_util.tree_map(lambda x, rows=rows: x[:rows], out))
     if outs:
         v, converged, n_iter, grad_norm = (jnp.concatenate(p) for p in zip(*outs, strict=True))
@@ -294,6 +311,36 @@ def fit_subsets(
         v = _mm(v, q_KxK.T)
     intercept = v[:, k] * intercept_scaling if fit_intercept else jnp.zeros((n_subsets,), dtype)
     return SubsetFits(v[:, :k], intercept, converged, n_iter, grad_norm)
+
+
+def _subset_sharding(mesh):
+    """Rows (subsets) over the mesh's ``data`` axis; None without a mesh or with one device."""
+    if mesh is None or mesh.shape.get("data", 1) * mesh.shape.get("model", 1) <= 1:
+        return None
+    if mesh.shape.get("model", 1) > 1:
+        raise ValueError(f"fit_subsets: mesh {dict(mesh.shape)}: subsets shard over 'data' only; "
+                         "give a mesh whose 'model' axis has size 1")
+    # Auto axes: the solver's while_loop carries unannotated arrays (an Explicit-axes mesh, the
+    # default of jax.make_mesh, would type them as sharded and refuse the loop).
+    auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    return jax.sharding.NamedSharding(auto, jax.sharding.PartitionSpec("data", None))
+
+
+def _to_mesh(x: jax.Array, sharding) -> jax.Array:
+    """``x`` (the same on every process) as a global array sharded by ``sharding``."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _from_mesh(tree):
+    """Every entry of a sharded result on this process (gathered from the other processes)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree_util.tree_map(
+            lambda x: jnp.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, jax.devices()[0]), tree)
 
 
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -567,7 +614,7 @@ def _linearized(w_SxK, c_S, x_JxK, f_J, *, output):
 
 def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
                     coef_SxK: jax.typing.ArrayLike, c_S: jax.typing.ArrayLike, projector: Any,
-                    *, chunk_size: int = 8) -> Any:
+                    *, chunk_size: int = 8, mesh: jax.sharding.Mesh | None = None) -> Any:
     """``loss_fn(θ* + Δ_s)`` for every subset s, with Δ_s = c_s·P w_s written into the tree.
 
     Model-agnostic: θ* is any pytree of trainable parameters laid out in ``jaxgrad.flat`` order
@@ -575,6 +622,9 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
     function returning a scalar (or a pytree of arrays). Each chunk of subsets is lifted
     (``chunk_size``×D floats), cut into the tree with ``flat.unflatten`` (cast to each leaf's
     dtype), added to θ*, and evaluated with ``jax.vmap(loss_fn)`` in one jitted call.
+
+    ``mesh``: shard each chunk's subsets over the mesh's ``data`` axis (θ* replicated; the
+    chunk is rounded up to a multiple of the axis), as :func:`fit_subsets` does.
 
     Returns:
       ``loss_fn``'s output with a leading axis of S.
@@ -591,6 +641,12 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
         raise ValueError("exact_estimates needs at least one subset (coef_SxK has S = 0)")
     evaluate = _vmapped_loss(loss_fn, spec)
     chunk = min(chunk_size, n_subsets)
+    shard = _subset_sharding(mesh)
+    if shard is not None:
+        ways = mesh.shape["data"]
+        chunk = -(-chunk // ways) * ways
+        replicated = jax.sharding.NamedSharding(shard.mesh, jax.sharding.PartitionSpec())
+        theta_star = jax.tree_util.tree_map(lambda x: _to_mesh(x, replicated), theta_star)
     parts = []
     for i in range(0, n_subsets, chunk):
         w_chunk, c_chunk = w[i:i + chunk], c[i:i + chunk]
@@ -598,7 +654,11 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
         if rows < chunk:  # pad with Δ = 0 rows: one compiled shape
             w_chunk = jnp.pad(w_chunk, ((0, chunk - rows), (0, 0)))
             c_chunk = jnp.pad(c_chunk, (0, chunk - rows))
-        out = evaluate(theta_star, lift_updates(w_chunk, c_chunk, projector))
+        delta = lift_updates(w_chunk, c_chunk, projector)
+        if shard is not None:
+            out = _from_mesh(evaluate(theta_star, _to_mesh(delta, shard)))
+        else:
+            out = evaluate(theta_star, delta)
         parts.append(jax.tree_util.tree_map(lambda x, rows=rows: x[:rows], out))
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
 

@@ -338,3 +338,62 @@ def test_exact_estimates_equal_a_hand_loop():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     with pytest.raises(ValueError, match="D = 17 parameters but the projector has dim = 300"):
         exact_estimates(loss_fn, theta, coef, c, Projector(seed=1, dim=D, k=K))
+
+
+def test_subsets_sharded_over_8_devices_equal_one_device(tmp_path):
+    """fit_subsets(mesh=...) on 8 fake CPU devices: every subset's fit (coef, intercept, the
+    iteration count and convergence) as on one device, up to float32 rounding (a device's
+    matmuls run over fewer subsets and may sum in another order)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    x, y, masks = _data(seed=3)
+    rng = np.random.default_rng(0)
+    many = rng.random((37, N)) < 0.5  # 37 subsets: not a multiple of 8, padded per device
+    np.savez(tmp_path / "in.npz", x=x, y=y, masks=np.concatenate([masks, many]))
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, jax, numpy as np
+        from jaxgrad.surrogate import fit_subsets
+        assert jax.device_count() == 8
+        d = np.load({str(tmp_path / "in.npz")!r})
+        mesh = jax.make_mesh((8, 1), ("data", "model"))
+        fits = fit_subsets(d["x"], d["masks"], C=1.0, labels=d["y"], chunk_size=16, mesh=mesh)
+        from test_surrogate import _exact_case
+        exact = _exact_case(mesh)
+        np.savez(sys.argv[1], coef=np.asarray(fits.coef), b=np.asarray(fits.intercept),
+                 it=np.asarray(fits.n_iter), conv=np.asarray(fits.converged), exact=exact)
+    """))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                   [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out.npz")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    d = np.load(tmp_path / "in.npz")
+    ref = fit_subsets(d["x"], d["masks"], C=1.0, labels=d["y"], chunk_size=16)
+    np.testing.assert_allclose(got["coef"], np.asarray(ref.coef), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["b"], np.asarray(ref.intercept), rtol=1e-4, atol=1e-6)
+    assert got["conv"].all() and np.asarray(ref.converged).all()
+    assert np.abs(got["it"] - np.asarray(ref.n_iter)).max() <= 1, "iteration counts differ"
+    np.testing.assert_allclose(got["exact"], _exact_case(None), rtol=1e-5,
+                               err_msg="exact_estimates on 8 devices differ from one device")
+
+
+def _exact_case(mesh):
+    """exact_estimates of 11 subsets (chunks of 3, rounded up to the mesh) on a small tree."""
+    rng = np.random.default_rng(5)
+    theta = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+             "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+    proj = Projector(seed=3, dim=flat.flat_spec(theta).size, k=K)
+    inputs = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
+
+    def loss_fn(params):
+        return jnp.mean(jnp.tanh(inputs @ params["a"].T).sum(1) * params["b"].sum())
+
+    coef = rng.normal(size=(11, K)).astype(np.float32)
+    c = np.full(11, 0.1, np.float32)
+    return np.asarray(exact_estimates(loss_fn, theta, coef, c, proj, chunk_size=3, mesh=mesh))
