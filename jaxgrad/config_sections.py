@@ -165,7 +165,9 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # The units selected among (jaxgrad.groups): "source" (each train source) | "cluster" (the
     # paper's CoT protocol: clusters of samples by projected gradient, made after the gradients)
     c.groups.by = "source"
-    c.groups.sources = ()  # sources whose train samples are clustered together (() = all)
+    # Sources whose train samples are clustered together (() = all); on the command line
+    # --config.groups.sources="('a', 'b')" (a tuple: names may hold commas); read only with by=cluster
+    c.groups.sources = ()
     c.groups.num_clusters = 20  # C clusters of those samples, named c00, c01, ...
     # "agglomerative" (average linkage, scipy; N(N-1)/2 float64 distances: up to 20k samples) |
     # "kmeans" (spherical k-means in JAX; no N x N matrix)

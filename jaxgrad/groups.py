@@ -122,9 +122,13 @@ class GroupsSpec:
           ValueError: more clusters than samples; agglomerative clustering over more than
             :data:`AGGLOMERATIVE_MAX_SAMPLES` samples; a cluster name taken by a source.
         """
-        if not self.clustered:
-            return
         names = list(n_samples_by_source)
+        if not self.clustered:
+            if self.sources:
+                raise ValueError(f"config.groups.sources = {list(self.sources)} is read only with "
+                                 "groups.by = 'cluster' (groups.by is 'source'); set one or clear "
+                                 "the other")
+            return
         chosen = self.clustered_sources(names)
         n = sum(int(n_samples_by_source[s]) for s in chosen)
         if self.num_clusters > n:

@@ -142,6 +142,9 @@ def per_sample_projected_grads(model: nnx.Module, batch: dict, projector, output
         data_size = mesh.shape["data"]
         chunk = int(np.ceil(chunk / data_size) * data_size)
         data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        # Parameters (restored onto one device, say) replicated over the mesh's devices.
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params, rest = jax.device_put((params, rest), replicated)
     pad = (-n) % chunk
     if pad:
         mb = {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)]) for k, v in mb.items()}

@@ -611,7 +611,11 @@ def stage_selection(config, workdir: str) -> dict:
     if len(picked) == 0:
         raise ValueError(f"config.selection.method = {method!r} selected no source ("
                          + ("no ensemble score reaches selection.threshold = "
-                            f"{float(sel['threshold'])}" if method == "threshold" else
+                            f"{float(sel['threshold'])}; the scores range from "
+                            f"{np.nanmin(scores):.6g} to {np.nanmax(scores):.6g}, higher is "
+                            "better" + ("" if higher_is_better else
+                                        f": the negated estimated {metric}")
+                            if method == "threshold" else
                             "no source improves the estimated target metric at θ* by more than "
                             f"selection.min_gain = {float(sel['min_gain'])}") + "); the estimates "
                          f"in {workdir}/estimates are kept")

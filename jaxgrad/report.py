@@ -264,10 +264,13 @@ def plot_clusters(selection: dict, path: str) -> None:
                         yerr=[scores[mask] - lo[mask], hi[mask] - scores[mask]], fmt="o",
                         color=color, ms=4, lw=0.8, capsize=2, label=label)
     for x, y, name in zip(sizes, scores, selection["sources"]):
-        ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    ax.axhline(0, color="grey", lw=0.5)
+        if np.isfinite(y):
+            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    missing = int(np.sum(~np.isfinite(scores)))
     ax.set_xlabel("samples in the unit")
     ax.set_ylabel("ensemble score (higher is better)")
+    ax.set_title(f"{len(scores)} units" + (f"; {missing} in no sampled subset (no score, not "
+                                            "shown)" if missing else ""), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

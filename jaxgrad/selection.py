@@ -559,17 +559,20 @@ def baseline_random(n_sources: int, size: float | int, seed: int = 0) -> np.ndar
     return np.sort(np.random.default_rng(seed).choice(n_sources, size=count, replace=False))
 
 
-def baseline_random_total(sizes: Sequence[int], total: int, seed: int = 0) -> np.ndarray:
+def baseline_random_total(sizes: Sequence[int], total: int, seed: int = 0,
+                          tries: int = 256) -> np.ndarray:
     """Random units whose sizes add up to about ``total`` samples, sorted (the random baseline
     when units are clusters of unequal sizes: the same amount of data as the selection).
 
-    The units are visited in a random order (``seed``); each one is added when it brings the sum
-    strictly closer to ``total``, so no unit left out would. When none does (every unit is
-    larger than twice ``total``), the one whose size is closest to ``total`` is taken.
+    ``tries`` random orders of the units are drawn (``seed``); in each, the prefix whose total is
+    closest to ``total`` is a candidate, and the first candidate of the smallest error is
+    returned. A random prefix is a uniformly random set of its size, so the choice is random
+    among sets of about the right size (exactly ``total`` whenever some random prefix hits it).
 
     Args:
       sizes: samples per unit (U non-negative ints).
       total: the number of samples wanted.
+      tries: random orders drawn.
 
     Returns:
       Sorted unit indices (at least one).
@@ -580,15 +583,17 @@ def baseline_random_total(sizes: Sequence[int], total: int, seed: int = 0) -> np
     sizes = np.asarray(sizes, np.int64)
     if sizes.ndim != 1 or sizes.size == 0 or np.any(sizes < 0):
         raise ValueError(f"sizes must be a non-empty list of sample counts >= 0, got {sizes}")
-    order = np.random.default_rng(seed).permutation(sizes.size)
-    picked, acc = [], 0
-    for i in order:
-        if abs(acc + sizes[i] - total) < abs(acc - total):
-            picked.append(int(i))
-            acc += int(sizes[i])
-    if not picked:
-        picked = [int(order[np.argmin(np.abs(sizes[order] - total))])]
-    return np.sort(np.asarray(picked, int))
+    rng = np.random.default_rng(seed)
+    best, best_err = None, None
+    for _ in range(_positive_int("tries", tries)):
+        order = rng.permutation(sizes.size)
+        err = np.abs(np.cumsum(sizes[order]) - int(total))
+        j = int(np.argmin(err))
+        if best_err is None or err[j] < best_err:
+            best, best_err = order[: j + 1], err[j]
+            if best_err == 0:
+                break
+    return np.sort(best.astype(int))
 
 
 def gradient_similarity_scores(feats_NxK: jax.typing.ArrayLike,

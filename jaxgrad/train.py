@@ -1125,8 +1125,14 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
                          "finetune.selection_file)")
     unknown = [s for s in names if s not in available]
     if unknown:
+        import re
+
+        hint = ""
+        if not d.get("groups_file") and any(re.fullmatch(r"c\d{2,}", s) for s in unknown):
+            hint = (" (clusters of a pipeline run are units of its groups record: set "
+                    "finetune.groups_file=<workdir>/groups/groups.json)")
         raise ValueError(f"config.finetune: unknown sources {unknown}; available: "
-                         f"{list(available)}")
+                         f"{list(available)}{hint}")
     return names
 
 

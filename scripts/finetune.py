@@ -4,6 +4,10 @@ r"""Final GradEx stage: fine-tune the *base* model (fresh LoRA adapters) on sele
       --config.finetune.sources=add,successor,sub
   python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
       --config.finetune.selection_file=checkpoints/demo/selection/selection.json
+  # a run with groups.by = cluster: its clusters (and unclustered sources) by name
+  python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
+      --config.finetune.sources=c01,c03 \
+      --config.finetune.groups_file=checkpoints/demo/groups/groups.json
 
 Validates on the target's validation split, reports the target's test split at the end, and
 writes ``<workdir>/finetune/<name>/{ckpt/, metrics.jsonl, adapter/, sources.json, config.json}``.

@@ -90,21 +90,29 @@ def test_groups_section_refusals():
     with pytest.raises(ValueError, match=r"cluster names \['c01'\] are also names of unclustered"):
         GroupsSpec(by="cluster", sources=("a",), num_clusters=3).check({"a": 10, "c01": 5})
     GroupsSpec().check({"a": 1})  # by = "source": nothing to check
+    with pytest.raises(ValueError, match=r"groups.sources = \['a'\] is read only with groups.by"):
+        GroupsSpec(sources=("a",)).check({"a": 1})  # set but not read: refused, not ignored
+    from jaxgrad.train import finetune_sources
+
+    with pytest.raises(ValueError, match="set finetune.groups_file="):
+        finetune_sources({"sources": "c01,c03"}, ["add", "copy"])
     assert cluster_names(3) == ["c00", "c01", "c02"] and cluster_names(101)[-1] == "c100"
 
 
 def test_random_baseline_matches_the_selections_size():
-    sizes = [50, 3, 7, 12, 1, 30, 9]
-    for seed in range(20):
-        picked = baseline_random_total(sizes, 40, seed=seed)
-        total = sum(sizes[i] for i in picked)
-        # Greedy in a random order: no unit left out would bring the total closer to 40.
-        left = [sizes[i] for i in range(len(sizes)) if i not in picked]
-        assert all(abs(total + s - 40) >= abs(total - 40) for s in left), (seed, picked)
-        assert list(picked) == sorted(picked)
-    assert baseline_random_total(sizes, 40, seed=3).tolist() == \
-        baseline_random_total(sizes, 40, seed=3).tolist()
-    for seed in range(8):  # a huge unit first in the random order is not kept
+    # One large cluster and small ones, as average linkage makes them: the size of the
+    # selection is hit whenever a random order reaches it.
+    sizes = [60, 1, 2, 4, 3, 4, 2, 1, 3, 5, 2, 4, 1]
+    for total in (64, 60, 20, 13, 1):
+        picks = {tuple(baseline_random_total(sizes, total, seed=s)) for s in range(10)}
+        for p in picks:
+            assert sum(sizes[i] for i in p) == total, (total, p)
+            assert list(p) == sorted(p)
+        if total == 20:
+            assert len(picks) > 1, "the same units every seed: not random"
+    assert baseline_random_total(sizes, 64, seed=3).tolist() == \
+        baseline_random_total(sizes, 64, seed=3).tolist()
+    for seed in range(8):  # a huge unit is not kept when small ones reach the total
         assert baseline_random_total([5, 5, 5, 1000], 10, seed=seed).tolist() in (
             [0, 1], [0, 2], [1, 2]), seed
     assert baseline_random_total([300, 500], 10).tolist() == [0]  # none fits: the closest

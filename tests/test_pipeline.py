@@ -676,3 +676,78 @@ def test_bad_groups_settings_refused_before_any_stage(tmp_path):
         with pytest.raises(ValueError, match=match):
             run_pipeline(_cluster_config(**groups), str(tmp_path / "run"))
         assert not os.path.exists(tmp_path / "run" / "meta_train")
+
+
+# ------------------------------------------------------------------------------------------------
+# Every stage on 8 (fake CPU) devices against the 1-device run
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def test_every_stage_on_8_devices_matches_one_device(run_dir, tmp_path):
+    """The whole tiny pipeline in a process with 8 CPU devices: base pretraining, meta-training,
+    final fine-tunes and fidelity fine-tunes on an (8, 1) mesh, gradients sharded over the 8
+    devices, subsets of the fits sharded over them. Every artefact equals the 1-device run's up to
+    float32 rounding (sharded matmuls and all-reduces sum in another order; 24 pretraining and
+    training steps carry the ~1e-7 differences forward), and the selection is the same."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from jaxgrad.store import GradientStore
+
+    workdir = str(tmp_path / "run8")
+    script = tmp_path / "run8.py"
+    script.write_text(textwrap.dedent(f"""
+        import jax
+        from configs import demo
+        from jaxgrad.pipeline import run_pipeline
+        assert jax.device_count() == 8, jax.devices()
+        run_pipeline(demo.get_config("tiny"), {workdir!r})
+        print("devices", jax.device_count())
+    """))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          cwd=repo, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("devices 8")
+
+    def close(a, b, what, rtol=1e-3):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)
+        assert err < rtol, f"{what}: 8 devices differ from 1 by {err:.2e} (relative to max)"
+
+    for rel in ("base/model.safetensors", "meta_train/adapter/adapter_model.safetensors"):
+        one, eight = _tensors(os.path.join(run_dir, rel)), _tensors(os.path.join(workdir, rel))
+        assert one.keys() == eight.keys()
+        for k in one:
+            close(eight[k], one[k], f"{rel}:{k}")
+    for name in ("train", "target"):
+        one = GradientStore.open(os.path.join(run_dir, "gradients", name))
+        eight = GradientStore.open(os.path.join(workdir, "gradients", name))
+        assert one.example_ids == eight.example_ids
+        close(eight.feats(), one.feats(), f"gradients/{name}", rtol=5e-3)
+    with open(os.path.join(run_dir, "estimates", "estimates.csv")) as f1, \
+            open(os.path.join(workdir, "estimates", "estimates.csv")) as f8:
+        one, eight = list(csv.DictReader(f1)), list(csv.DictReader(f8))
+    assert [r["sources"] for r in one] == [r["sources"] for r in eight]
+    close([float(r["loss"]) for r in eight], [float(r["loss"]) for r in one], "estimates loss",
+          rtol=1e-4)
+    s1 = json.load(open(os.path.join(run_dir, "selection", "selection.json")))
+    s8 = json.load(open(os.path.join(workdir, "selection", "selection.json")))
+    assert s8["selected"] == s1["selected"] and s8["baselines"] == s1["baselines"]
+    close(np.nan_to_num(s8["scores"]), np.nan_to_num(s1["scores"]), "selection scores", rtol=1e-4)
+    for name in demo.get_config("tiny").pipeline.finetune_runs:
+        m1 = json.load(open(os.path.join(run_dir, "finetune", name, "sources.json")))["metrics"]
+        m8 = json.load(open(os.path.join(workdir, "finetune", name, "sources.json")))["metrics"]
+        close(m8["test_loss"], m1["test_loss"], f"finetune/{name} test loss")
+    f1 = json.load(open(os.path.join(run_dir, "fidelity", "fidelity.json")))
+    f8 = json.load(open(os.path.join(workdir, "fidelity", "fidelity.json")))
+    close([r["true_loss"] for r in f8["rows"]], [r["true_loss"] for r in f1["rows"]],
+          "fidelity true losses")
