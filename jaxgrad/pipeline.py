@@ -364,7 +364,10 @@ def stage_estimates(config, workdir: str) -> str:
     score = SurrogateScorer(config, workdir, sources)
     chunk = int(s["chunk_subsets"])
     new_file = not done_rows
-    with open(table, "a", newline="") as fh:
+    # Every process fits every chunk (the subsets are sharded over all devices of all
+    # processes); process 0 writes the table, the others wait for it at the end.
+    writes = jax.process_index() == 0
+    with open(table if writes else os.devnull, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=ESTIMATE_FIELDS)
         if new_file:
             writer.writeheader()
@@ -378,6 +381,10 @@ def stage_estimates(config, workdir: str) -> str:
                     **{k: v[r] for k, v in out.items()},
                 })
             fh.flush()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("estimates")
     return table
 
 
@@ -779,6 +786,10 @@ def stage_fidelity(config, workdir: str) -> dict | None:
     if os.path.isfile(out):
         return _read_json(out)
     result = run_fidelity(config, workdir)
+    if jax.process_count() > 1:  # process 0 wrote fidelity.json; the report reads it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fidelity")
     return {k: v for k, v in result.items() if k != "rows"}
 
 
@@ -786,6 +797,8 @@ def stage_report(config, workdir: str) -> str:
     """``report.md`` and plots from the artefacts of the earlier stages (nothing recomputed)."""
     from jaxgrad.report import write_report
 
+    if jax.process_index() != 0:  # one process writes the report
+        return os.path.join(workdir, "report.md")
     return write_report(config, workdir)
 
 
@@ -1007,12 +1020,18 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
             records[name] = make_record(fp, complete=True, legacy=records[name].get("legacy", False))
             write_records(workdir, records)
     out["timings"] = timings
+    if jax.process_count() > 1:  # no process leaves (and shuts down) while another still writes
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pipeline/done")
     return out
 
 
 def _append_timing(workdir: str, stage: str, seconds: float, reused: bool = False) -> None:
     """One row per stage run; ``reused``: its artefacts existed under the same fingerprint, or it
     had nothing to do (a stage switched off): the report shows the seconds of computing runs."""
+    if jax.process_index() != 0:
+        return
     row = {"stage": stage, "seconds": round(seconds, 2), "time": time.time(), "reused": reused}
     with open(os.path.join(workdir, "timings.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -701,16 +701,16 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
     trainable_sh = sharding_lib.state_shardings(trainable, mesh, rules, fsdp=cfg.mesh.fsdp)
     frozen_sh = sharding_lib.state_shardings(frozen, mesh, rules, fsdp=cfg.mesh.fsdp)
     # A jitted copy: fresh buffers, so donating them never invalidates the caller's model.
-    trainable = jax.device_put(trainable, trainable_sh)
+    trainable = _place(trainable, trainable_sh)
     trainable = jax.jit(lambda t: jax.tree.map(jnp.copy, t), in_shardings=(trainable_sh,),
                         out_shardings=trainable_sh)(trainable)
-    frozen = jax.device_put(frozen, frozen_sh)
+    frozen = _place(frozen, frozen_sh)
     tx = make_optimizer(cfg, total)
     schedule = make_schedule(cfg, total)
     opt_sh = _opt_shardings(tx, jax.eval_shape(tx.init, trainable), trainable_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     repl = sharding_lib.replicated(mesh)
-    rng_data = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), repl)
+    rng_data = _replicated_from_host(jax.random.key_data(jax.random.key(cfg.seed)), repl)
     step = 0
     resumed_metrics: dict[str, float] = {}
 
@@ -820,8 +820,9 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
                         raise ValueError(f"best_metric {best_metric!r} is not among the metrics "
                                          f"{sorted(metrics)}")
                     ckpt_lib.save(mngr, step, params=trainable, opt_state=opt_state,
-                                  train_state={"rng": rng_data,
-                                               "step": jnp.asarray(step, jnp.int32)},
+                                  train_state={"rng": rng_data,  # global arrays (multi-host)
+                                               "step": _replicated_from_host(
+                                                   np.asarray(step, np.int32), repl)},
                                   meta={"step": step, "epoch": step // spe,
                                         "step_in_epoch": step % spe, "steps_per_epoch": spe,
                                         "trainable": trainable_kind, "metrics": metrics,
@@ -1013,6 +1014,30 @@ def load_data(section: Any):
     raise ValueError(f"config.data.kind must be 'synthetic' or 'files', got {kind!r}")
 
 
+def _place(tree, shardings):
+    """``jax.device_put(tree, shardings)``, also across processes: with several processes a
+    leaf that this process holds whole (the same value on every process, e.g. restored onto
+    one device) becomes a global array from its host copy, and a global leaf is resharded by a
+    jitted identity (device_put cannot move data between hosts)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == sharding else jax.jit(lambda a: a,
+                                                            out_shardings=sharding)(x)
+        return _replicated_from_host(x, sharding)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def _replicated_from_host(x, sharding):
+    """A value every process holds, as one global array laid out by ``sharding`` (orbax saves
+    only global arrays in a multi-process run)."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def initialize_distributed(enabled: bool) -> None:
     """``jax.distributed.initialize()`` once, before any computation, when ``enabled``."""
     if enabled and not jax.distributed.is_initialized():
@@ -1202,4 +1227,8 @@ def finetune(config: Any, workdir: str) -> TrainResult:
         with open(os.path.join(run_dir, "sources.json"), "w") as f:
             json.dump({"sources": selected, "n_train": len(train_examples),
                        "metrics": result.metrics}, f, indent=1)
+    if jax.process_count() > 1:  # the other processes read sources.json next
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"finetune/{name}")
     return result
