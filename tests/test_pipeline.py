@@ -733,39 +733,13 @@ def _assert_same_artefacts(run_dir, workdir, what):
     assert os.path.isfile(os.path.join(workdir, "report.md"))
 
 
-def test_every_stage_on_8_devices_matches_one_device(run_dir, tmp_path):
-    """The whole tiny pipeline in a process with 8 CPU devices: base pretraining, meta-training,
-    final fine-tunes and fidelity fine-tunes on an (8, 1) mesh, gradients sharded over the 8
-    devices, subsets of the fits sharded over them; every artefact as on one device."""
-    import subprocess
-    import sys
-    import textwrap
-
-    workdir = str(tmp_path / "run8")
-    script = tmp_path / "run8.py"
-    script.write_text(textwrap.dedent(f"""
-        import jax
-        from configs import demo
-        from jaxgrad.pipeline import run_pipeline
-        assert jax.device_count() == 8, jax.devices()
-        run_pipeline(demo.get_config("tiny"), {workdir!r})
-        print("devices", jax.device_count())
-    """))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=repo)
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          cwd=repo, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("devices 8")
-    _assert_same_artefacts(run_dir, workdir, "8 devices")
-
-
-def test_whole_pipeline_as_two_processes_matches_one(run_dir, tmp_path):
-    """The tiny pipeline as 2 jax.distributed processes on this machine (CPU collectives over
-    gloo), one run directory: meta-training and fine-tunes on a mesh over both processes'
-    devices, each process computing its rows of the gradient stores, the fits sharded over both;
-    process 0 writes the shared files. Every artefact as in the 1-process run."""
+def test_whole_pipeline_on_8_devices_in_two_processes_matches_one_device(run_dir, tmp_path):
+    """The tiny pipeline as 2 jax.distributed processes of 4 CPU devices each (collectives over
+    gloo), one run directory: base pretraining, meta-training, the final and the fidelity
+    fine-tunes on an (8, 1) mesh over both processes' devices; each process computing its rows
+    of the gradient stores with every chunk sharded over its 4 devices; the surrogate fits'
+    subsets sharded over all 8; process 0 writing the shared files. Every artefact as in the
+    1-device, 1-process run (one test for both: a pipeline run costs minutes on 2 cores)."""
     import socket
     import subprocess
     import sys
@@ -781,6 +755,7 @@ def test_whole_pipeline_as_two_processes_matches_one(run_dir, tmp_path):
                                    process_id=pid)
         from configs import demo
         from jaxgrad.pipeline import run_pipeline
+        assert jax.device_count() == 8 and jax.local_device_count() == 4, jax.devices()
         run_pipeline(demo.get_config("tiny"), {workdir!r})
         print("process", jax.process_index(), "of", jax.process_count(), flush=True)
         jax.distributed.shutdown()
@@ -789,7 +764,8 @@ def test_whole_pipeline_as_two_processes_matches_one(run_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [subprocess.Popen([sys.executable, str(script), str(p), str(port)], env=env,
                               cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for p in (0, 1)]
@@ -797,4 +773,4 @@ def test_whole_pipeline_as_two_processes_matches_one(run_dir, tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     assert [o.strip().splitlines()[-1] for o, _ in outs] == ["process 0 of 2", "process 1 of 2"]
-    _assert_same_artefacts(run_dir, workdir, "2 processes")
+    _assert_same_artefacts(run_dir, workdir, "2 processes x 4 devices")
