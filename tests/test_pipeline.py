@@ -91,8 +91,9 @@ def test_report_scores_agree_with_estimates_table(run_dir):
         assert float(line.group(1)) == pytest.approx(expected, abs=1e-4)
     selected = json.load(open(os.path.join(run_dir, "finetune", "selection", "sources.json")))
     assert selected["sources"] == selection["selected"]
-    m = re.search(r"\| selection \| [^|]+ \| ([\d.]+) \|", report)
-    assert float(m.group(1)) == pytest.approx(selected["metrics"]["test_loss"], abs=1e-4)
+    m = re.search(r"\| selection \| [^|]+ \| (\d+) \| ([\d.]+) \|", report)
+    assert int(m.group(1)) == selected["n_train"] == 32 * len(selected["sources"])
+    assert float(m.group(2)) == pytest.approx(selected["metrics"]["test_loss"], abs=1e-4)
 
 
 def test_estimates_resume_does_not_recompute(run_dir):
