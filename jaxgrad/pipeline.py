@@ -225,7 +225,12 @@ def stage_gradients(config, workdir: str) -> dict:
     if all(_store_complete(p) for p in paths.values()):
         return {k: GradientStore.open(p).num_examples for k, p in paths.items()}
     model, tokenizer = _load_theta_star(config, workdir)
-    projector = _projector(config, num_trainable(model))
+    dim = num_trainable(model)
+    if int(g["projection_dim"]) > dim:  # θ* is kept: only this stage's settings must change
+        raise ValueError(f"config.gradients.projection_dim = k = {int(g['projection_dim'])} is "
+                         f"more than the D = {dim} trainable parameters of θ*: a projection "
+                         f"cannot add information; set k <= {dim}")
+    projector = _projector(config, dim)
     # Each process computes its own rows (process_index / process_count) on its own devices:
     # every chunk of samples sharded over them (jaxgrad.per_sample).
     kw = dict(mesh=local_data_mesh(), sources=data.sources, output_fn=g["output_fn"], eps=float(g["eps"]),
@@ -839,10 +844,7 @@ def validate_config(config, stages: Sequence[str] | None = None):
             from jaxgrad.models.llama import resolve_dtype
 
             resolve_dtype(get(key), f"config.{key}")
-    method = get("selection.method")
-    if method is not None and method not in SELECTION_METHODS:
-        raise ValueError(f"config.selection.method must be one of {SELECTION_METHODS}, got "
-                         f"{method!r}")
+    check_method_sections(config)
     data_kind = get("data.kind")
     for key, (_, allow_zero) in FRACTION_OR_COUNT.items():
         value = get(key)
@@ -866,6 +868,73 @@ def validate_config(config, stages: Sequence[str] | None = None):
         if get(key) is not None:
             fraction_or_count(get(key), n_units, name=f"config.{key}", at_least_one=True)
     return data
+
+
+SURROGATE_MODES = ("linearized", "exact")
+FINETUNE_RUNS = ("selection", "all", "random", "grad_sim", "repr_sim")
+
+
+def _choices() -> dict[str, tuple]:
+    """The allowed values of the method sections' option keys."""
+    from jaxgrad.fidelity import OPTIMIZERS
+    from jaxgrad.fingerprint import MODES
+    from jaxgrad.outputs import OUTPUT_FUNCTIONS
+    from jaxgrad.projection import _KINDS
+    from jaxgrad.store import STORAGE_DTYPES
+    from jaxgrad.surrogate import OBJECTIVES
+
+    return {"gradients.output_fn": OUTPUT_FUNCTIONS, "gradients.projection_kind": _KINDS,
+            "gradients.dtype": STORAGE_DTYPES, "surrogate.objective": OBJECTIVES,
+            "surrogate.mode": SURROGATE_MODES, "selection.method": SELECTION_METHODS,
+            "selection.metric": SELECTION_METRICS, "fidelity.optimizer": OPTIMIZERS,
+            "pipeline.on_config_change": MODES}
+
+
+def check_method_sections(config) -> None:
+    """The GradEx sections (``base``, ``gradients``, ``surrogate``, ``selection``, ``pipeline``,
+    ``fidelity``) hold only the keys of ``jaxgrad.config_sections`` (a misspelt key would be
+    ignored and its default used), and their option keys one of their values (a value outside
+    the set would silently take another branch).
+
+    Raises:
+      ValueError: naming every unknown key (with the closest known one) or the value and the
+        values allowed.
+    """
+    import difflib
+
+    import ml_collections
+
+    from jaxgrad.config_sections import add_method_sections
+
+    defaults = add_method_sections(ml_collections.ConfigDict())
+    problems = []
+    for name in ("base", "gradients", "surrogate", "selection", "pipeline", "fidelity"):
+        section = config.get(name) if hasattr(config, "get") else None
+        if section is None:
+            continue
+        known = set(defaults[name].keys())
+        for key in sorted(set(section.keys()) - known):
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            problems.append(f"config.{name}.{key} is not a key of config.{name}"
+                            + (f" (did you mean {name}.{near[0]}?)" if near else "")
+                            + f"; known: {sorted(known)}")
+    for key, allowed in _choices().items():
+        name, field = key.split(".")
+        section = config.get(name) if hasattr(config, "get") else None
+        if section is None or field not in section:
+            continue
+        if section[field] not in allowed:
+            problems.append(f"config.{key} must be one of {tuple(allowed)}, got {section[field]!r}")
+    pipe = config.get("pipeline") if hasattr(config, "get") else None
+    if pipe is not None and "finetune_runs" in pipe:
+        runs = pipe["finetune_runs"]
+        runs = [runs] if isinstance(runs, str) else list(runs)
+        bad = [r for r in runs if r not in FINETUNE_RUNS]
+        if bad:
+            problems.append(f"config.pipeline.finetune_runs: unknown runs {bad}; each one of "
+                            f"{FINETUNE_RUNS}")
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 DATA_STAGES = ("meta_train", "gradients", "groups", "estimates", "selection", "finetune", "fidelity")

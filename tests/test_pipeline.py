@@ -557,6 +557,26 @@ def test_unknown_selection_method_refused_before_any_stage(tmp_path):
         run_pipeline(config, str(tmp_path / "run"))
 
 
+def test_misspelt_keys_and_values_outside_their_set_refused_before_any_stage(tmp_path):
+    """A misspelt key of a method section would be ignored (its default used) and a value
+    outside an option's set would take another branch: both are refused, all at once."""
+    config = demo.get_config("tiny")
+    config.surrogate.num_subset = 3
+    config.selection.topp = 0.3
+    config.surrogate.mode = "exct"
+    config.gradients.output_fn = "logits"
+    config.pipeline.finetune_runs = ("selection", "alll")
+    with pytest.raises(ValueError) as e:
+        run_pipeline(config, str(tmp_path / "run"))
+    msg = str(e.value)
+    for want in ("config.surrogate.num_subset is not a key of config.surrogate (did you mean "
+                 "surrogate.num_subsets?)", "config.selection.topp is not a key",
+                 "config.surrogate.mode must be one of ('linearized', 'exact'), got 'exct'",
+                 "config.gradients.output_fn must be one of", "unknown runs ['alll']"):
+        assert want in msg, f"{want!r} not in:\n{msg}"
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_report_names_the_stepwise_search(run_dir, tmp_path):
     from jaxgrad.report import write_report
 
