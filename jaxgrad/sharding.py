@@ -181,6 +181,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def from_host(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """``x``, a value every process holds whole, as one global array laid out by ``sharding``
+    (each process fills its own shards from its host copy; ``jax.device_put`` cannot move data
+    between hosts, and orbax saves only global arrays in a multi-process run)."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Shard the leading (batch) axis over ``"data"``; other axes replicated."""
     return NamedSharding(mesh, P(DATA_AXIS))

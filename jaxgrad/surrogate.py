@@ -104,6 +104,7 @@ import numpy as np
 from jax import lax
 
 from jaxgrad import flat
+from jaxgrad.sharding import from_host
 from jaxgrad.outputs import outputs_loss
 
 OBJECTIVES = ("gradex", "one_class", "taylor")
@@ -283,7 +284,7 @@ def fit_subsets(
         ways = mesh.shape["data"]
         chunk = -(-chunk // ways) * ways
         replicated = jax.sharding.NamedSharding(shard.mesh, jax.sharding.PartitionSpec())
-        b_NxK, o_N, c_arr, tol_arr = (_to_mesh(x, replicated) for x in (b_NxK, o_N, c_arr, tol_arr))
+        b_NxK, o_N, c_arr, tol_arr = (from_host(x, replicated) for x in (b_NxK, o_N, c_arr, tol_arr))
     # Boolean masks stay boolean on the device (a quarter of the memory traffic of floats).
     mask_dtype = bool if masks.dtype == bool else dtype
     outs = []
@@ -295,7 +296,7 @@ def fit_subsets(
             m_CxN = jnp.pad(m_CxN, ((0, chunk - rows), (0, 0)))  # False / 0
             v_CxK = jnp.pad(v_CxK, ((0, chunk - rows), (0, 0)))
         if shard is not None:
-            m_CxN, v_CxK = _to_mesh(m_CxN, shard), _to_mesh(v_CxK, shard)
+            m_CxN, v_CxK = from_host(m_CxN, shard), from_host(v_CxK, shard)
         out = _solve_chunk(b_NxK, o_N, m_CxN, v_CxK, c_arr, tol_arr, max_iter=max_iter,
                            warm=v0 is not None, diag=precondition != "none")
         if shard is not None:
@@ -325,12 +326,6 @@ def _subset_sharding(mesh):
     auto = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
     return jax.sharding.NamedSharding(auto, jax.sharding.PartitionSpec("data", None))
-
-
-def _to_mesh(x: jax.Array, sharding) -> jax.Array:
-    """``x`` (the same on every process) as a global array sharded by ``sharding``."""
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _from_mesh(tree):
@@ -646,7 +641,7 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
         ways = mesh.shape["data"]
         chunk = -(-chunk // ways) * ways
         replicated = jax.sharding.NamedSharding(shard.mesh, jax.sharding.PartitionSpec())
-        theta_star = jax.tree_util.tree_map(lambda x: _to_mesh(x, replicated), theta_star)
+        theta_star = jax.tree_util.tree_map(lambda x: from_host(x, replicated), theta_star)
     parts = []
     for i in range(0, n_subsets, chunk):
         w_chunk, c_chunk = w[i:i + chunk], c[i:i + chunk]
@@ -656,7 +651,7 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
             c_chunk = jnp.pad(c_chunk, (0, chunk - rows))
         delta = lift_updates(w_chunk, c_chunk, projector)
         if shard is not None:
-            out = _from_mesh(evaluate(theta_star, _to_mesh(delta, shard)))
+            out = _from_mesh(evaluate(theta_star, from_host(delta, shard)))
         else:
             out = evaluate(theta_star, delta)
         parts.append(jax.tree_util.tree_map(lambda x, rows=rows: x[:rows], out))

@@ -710,7 +710,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
     opt_sh = _opt_shardings(tx, jax.eval_shape(tx.init, trainable), trainable_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     repl = sharding_lib.replicated(mesh)
-    rng_data = _replicated_from_host(jax.random.key_data(jax.random.key(cfg.seed)), repl)
+    rng_data = sharding_lib.from_host(jax.random.key_data(jax.random.key(cfg.seed)), repl)
     step = 0
     resumed_metrics: dict[str, float] = {}
 
@@ -821,7 +821,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
                                          f"{sorted(metrics)}")
                     ckpt_lib.save(mngr, step, params=trainable, opt_state=opt_state,
                                   train_state={"rng": rng_data,  # global arrays (multi-host)
-                                               "step": _replicated_from_host(
+                                               "step": sharding_lib.from_host(
                                                    np.asarray(step, np.int32), repl)},
                                   meta={"step": step, "epoch": step // spe,
                                         "step_in_epoch": step % spe, "steps_per_epoch": spe,
@@ -1026,16 +1026,9 @@ def _place(tree, shardings):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return x if x.sharding == sharding else jax.jit(lambda a: a,
                                                             out_shardings=sharding)(x)
-        return _replicated_from_host(x, sharding)
+        return sharding_lib.from_host(x, sharding)
 
     return jax.tree.map(one, tree, shardings)
-
-
-def _replicated_from_host(x, sharding):
-    """A value every process holds, as one global array laid out by ``sharding`` (orbax saves
-    only global arrays in a multi-process run)."""
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def initialize_distributed(enabled: bool) -> None:

@@ -513,18 +513,26 @@ def _rerun_selection(run_dir, tmp_path, **selection):
     return out, sources, lambda rows: -np.asarray(scorer(np.asarray(rows, bool))["loss"])
 
 
-def test_forward_selection_is_greedy_on_the_surrogate(run_dir, tmp_path):
-    """selection.method = "forward" against greedy forward selection done by hand."""
-    out, sources, score = _rerun_selection(run_dir, tmp_path, method="forward", top=3)
-    current, want, best = np.zeros(len(sources), bool), [], score([np.zeros(len(sources), bool)])[0]
-    while len(want) < 3:
-        gains = {j: score([current | (np.arange(len(sources)) == j)])[0]
-                 for j in range(len(sources)) if not current[j]}
+def _greedy_by_hand(score, names, max_size):
+    """Greedy forward selection as a plain loop: add the name whose addition scores best while
+    it beats the current set, at most ``max_size``; (names in the order added, final score)."""
+    current, want = np.zeros(len(names), bool), []
+    best = score([current])[0]
+    while len(want) < max_size:
+        gains = {j: score([current | (np.arange(len(names)) == j)])[0]
+                 for j in range(len(names)) if not current[j]}
         j = max(gains, key=gains.get)
         if not gains[j] > best:
             break
         current[j], best = True, gains[j]
-        want.append(sources[j])
+        want.append(names[j])
+    return want, best
+
+
+def test_forward_selection_is_greedy_on_the_surrogate(run_dir, tmp_path):
+    """selection.method = "forward" against greedy forward selection done by hand."""
+    out, sources, score = _rerun_selection(run_dir, tmp_path, method="forward", top=3)
+    want, best = _greedy_by_hand(score, sources, 3)
     assert out["method"] == "forward" and out["stepwise"]["order"] == want
     assert out["selected"] == [s for s in sources if s in want]
     assert out["stepwise"]["path_scores"][-1] == pytest.approx(best, rel=1e-5)
@@ -646,16 +654,7 @@ def test_estimates_and_forward_selection_over_clusters(cluster_dir):
     assert out["sources"] == units and out["groups"]["sizes"] == [size[u] for u in units]
     scorer = SurrogateScorer(resolved_config(config, cluster_dir), cluster_dir, units)
     score = lambda rows: -np.asarray(scorer(np.asarray(rows, bool))["loss"])  # noqa: E731
-    current, want = np.zeros(len(units), bool), []
-    best = score([current])[0]
-    while len(want) < 3:  # selection.top = 0.5 of 6 units
-        gains = {j: score([current | (np.arange(len(units)) == j)])[0]
-                 for j in range(len(units)) if not current[j]}
-        j = max(gains, key=gains.get)
-        if not gains[j] > best:
-            break
-        current[j], best = True, gains[j]
-        want.append(units[j])
+    want, _ = _greedy_by_hand(score, units, 3)  # selection.top = 0.5 of 6 units
     assert out["stepwise"]["order"] == want
     assert out["selected"] == [u for u in units if u in want]
 
