@@ -28,16 +28,16 @@ def last_hidden_states(model: Any, batch: Mapping[str, Any]) -> tuple[jax.Array,
     """``(hidden [B, L, H] float32, mask [B, L])`` of ``model`` on ``batch``.
 
     Raises:
-      TypeError: the model exposes neither a decoder stack (``model.model``) nor ``encode``.
+      TypeError: the model exposes neither ``hidden_states`` (decoders) nor ``encode`` (T5).
     """
     if getattr(model, "is_encoder_decoder", False):
         h = model.encode(batch["input_ids"], batch["attention_mask"])
         return h.astype(jnp.float32), batch["attention_mask"]
-    inner = getattr(model, "model", None)
-    if inner is None or not callable(inner):
-        raise TypeError(f"last_hidden_states: {type(model).__name__} has no decoder stack "
-                        "`.model` (LlamaForCausalLM layout) or `encode` (T5 layout)")
-    return inner(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32), \
+    hidden = getattr(model, "hidden_states", None)
+    if hidden is None or not callable(hidden):
+        raise TypeError(f"last_hidden_states: {type(model).__name__} has neither "
+                        "`hidden_states` (decoder families) nor `encode` (T5)")
+    return hidden(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32), \
         batch["attention_mask"]
 
 

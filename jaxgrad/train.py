@@ -929,7 +929,7 @@ class ModelSpec:
     """Which model to load or build; ``ModelSpec.from_config(config.model)``."""
 
     name_or_path: str = ""  # Hugging Face directory or Hub name; "" = build from `scratch`
-    family: str = "llama"  # from scratch: "llama" (LlamaConfig) or "t5" (T5Config)
+    family: str = "llama"  # from scratch: a model_type of jaxgrad.models.hub.FAMILIES ("llama", "t5", ...)
     scratch: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config fields (scratch)
     tokenizer: str = ""  # "" = the model directory's; "char" = jaxgrad's char tokenizer; or a path
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
@@ -959,21 +959,21 @@ def lora_from_config(section: Any):
 
 def load_model(spec: ModelSpec, lora: Any = None):
     """``(model, tokenizer)`` for a :class:`ModelSpec`; LoRA adapters when ``lora`` is given."""
-    from jaxgrad.models import LlamaConfig, T5Config, apply_lora, build_model, load_pretrained
+    from jaxgrad.models import apply_lora, build_model, load_pretrained
+    from jaxgrad.models.hub import FAMILIES, family_classes
 
     if spec.name_or_path:
         model, tokenizer = load_pretrained(spec.name_or_path, dtype=spec.dtype,
                                            param_dtype=spec.param_dtype, lora=lora,
                                            with_tokenizer=not spec.tokenizer)
     else:
-        families = {"llama": LlamaConfig, "t5": T5Config}
-        if spec.family not in families:
-            raise ValueError(f"model.family must be one of {sorted(families)}, got {spec.family!r}")
+        if spec.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {sorted(FAMILIES)}, got {spec.family!r}")
         if not spec.scratch:
             raise ValueError("model: give name_or_path, or the `scratch` config fields of a "
                              "from-scratch model")
-        config = families[spec.family](**dict(spec.scratch), dtype=jnp.dtype(spec.dtype),
-                                       param_dtype=jnp.dtype(spec.param_dtype))
+        config = family_classes(spec.family)[0](**dict(spec.scratch), dtype=jnp.dtype(spec.dtype),
+                                                param_dtype=jnp.dtype(spec.param_dtype))
         model, tokenizer = build_model(config, seed=spec.seed), None
         if lora is not None:
             apply_lora(model, lora)

@@ -226,8 +226,9 @@ def test_missing_directory_error(tmp_path):
 
 def test_unsupported_architecture_error(tmp_path):
     d = _copy_fixture("tiny-qwen2", tmp_path)
-    _edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    with pytest.raises(ValueError, match=r"unsupported architecture.*gpt2.*llama, mistral, qwen2, t5"):
+    _edit_config(d, model_type="bloom", architectures=["BloomForCausalLM"])
+    with pytest.raises(ValueError, match=r"unsupported architecture.*bloom.*llama, mistral, qwen2, t5, "
+                                         r"gpt2, gpt_neox, gemma3_text"):
         load_pretrained(str(d))
 
 

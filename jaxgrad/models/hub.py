@@ -9,7 +9,7 @@ aliases (tied embeddings saved twice with equal values, rotary caches, the cross
 table transformers ignores). The tokenizer is loaded with ``transformers.AutoTokenizer``
 (imported lazily) when the directory has tokenizer files.
 
-Config keys are read by ``LlamaConfig.from_hf`` / ``T5Config.from_hf`` under the rules of
+Config keys are read by each family's ``from_hf`` (:data:`FAMILIES`) under the rules of
 ``docs/config_fields.md``: computed exactly, or refused by name. Tied output embeddings follow
 transformers 5's ``PreTrainedModel.tie_weights``: a checkpoint whose ``lm_head.weight`` differs
 from the input embeddings is loaded untied whatever the config says; a tied checkpoint may hold
@@ -24,8 +24,10 @@ is then loaded like any other.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,17 +36,45 @@ from flax import nnx
 
 from jaxgrad.models.gguf import find_gguf, gguf_to_hf
 from jaxgrad.models.layers import named_variables
-from jaxgrad.models.llama import LlamaConfig, LlamaForCausalLM, resolve_dtype
+from jaxgrad.models.llama import resolve_dtype
 from jaxgrad.models.lora import LoraConfig, apply_lora
-from jaxgrad.models.t5 import T5Config, T5ForConditionalGeneration
+from jaxgrad.models.t5 import T5Config
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+# model_type -> (module, config class, model class). A family's module is imported when a
+# checkpoint of it is first loaded, so `import jaxgrad.models` stays light. A config class reads
+# config.json with ``from_hf(cfg, dtype=, param_dtype=, source=)``; a model class is built as
+# ``ModelClass(config, rngs=)`` and names its checkpoint keys (BASE_PREFIX, EMBED_KEYS,
+# OUTPUT_HEAD, IGNORED_KEYS) and LoRA defaults (LORA_TARGETS, PEFT_TARGETS).
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "llama": ("jaxgrad.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("jaxgrad.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("jaxgrad.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "t5": ("jaxgrad.models.t5", "T5Config", "T5ForConditionalGeneration"),
+    "gpt2": ("jaxgrad.models.gpt2", "GPT2Config", "GPT2LMHeadModel"),
+    "gpt_neox": ("jaxgrad.models.gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "gemma3_text": ("jaxgrad.models.gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
+SUPPORTED = tuple(FAMILIES)
+LLAMA_TYPES = tuple(t for t, f in FAMILIES.items() if f[1] == "LlamaConfig")
 T5_TYPES = ("t5",)
-SUPPORTED = LLAMA_TYPES + T5_TYPES
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
                    "vocab.json")
-# Tensors transformers drops on load (T5ForConditionalGeneration._keys_to_ignore_on_load_unexpected).
-_IGNORED_TENSORS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+
+def family_classes(model_type: str) -> tuple[type, type]:
+    """``(config class, model class)`` of a Hugging Face ``model_type`` (KeyError if unknown)."""
+    module, config_name, model_name = FAMILIES[model_type]
+    mod = importlib.import_module(module)
+    return getattr(mod, config_name), getattr(mod, model_name)
+
+
+def model_class(config) -> type:
+    """The model class built from a typed config (the registry entry of its config class)."""
+    for module, config_name, model_name in FAMILIES.values():
+        if type(config).__module__ == module and type(config).__name__ == config_name:
+            return getattr(importlib.import_module(module), model_name)
+    raise TypeError(f"build_model: {type(config).__name__} is no jaxgrad model config; expected "
+                    f"one of {sorted({f[1] for f in FAMILIES.values()})}")
 
 
 def read_config(directory: str) -> dict:
@@ -56,7 +86,8 @@ def read_config(directory: str) -> dict:
 
 
 def config_from_hf(cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, source: str = "config"):
-    """Our typed config (LlamaConfig or T5Config) for a Hugging Face config dictionary.
+    """Our typed config (``LlamaConfig``, ``T5Config``, ``GPT2Config``, ...) for a Hugging Face
+    config dictionary, chosen by its ``model_type`` (:data:`FAMILIES`).
 
     ``dtype`` / ``param_dtype``: float32 or bfloat16 (a name or a numpy/JAX dtype); anything else
     raises ValueError. Config values jaxgrad does not compute raise ValueError naming ``source``,
@@ -65,23 +96,17 @@ def config_from_hf(cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, sou
     dtype = resolve_dtype(dtype, "dtype")
     param_dtype = resolve_dtype(param_dtype, "param_dtype")
     model_type = cfg.get("model_type")
-    if model_type in LLAMA_TYPES:
-        return LlamaConfig.from_hf(cfg, dtype=dtype, param_dtype=param_dtype, source=source)
-    if model_type in T5_TYPES:
-        return T5Config.from_hf(cfg, dtype=dtype, param_dtype=param_dtype, source=source)
-    archs = cfg.get("architectures")
-    raise ValueError(f"{source}: unsupported architecture (model_type={model_type!r}, "
-                     f"architectures={archs}); supported model types: {', '.join(SUPPORTED)}")
+    if model_type not in FAMILIES:
+        archs = cfg.get("architectures")
+        raise ValueError(f"{source}: unsupported architecture (model_type={model_type!r}, "
+                         f"architectures={archs}); supported model types: {', '.join(SUPPORTED)}")
+    config_cls, _ = family_classes(model_type)
+    return config_cls.from_hf(cfg, dtype=dtype, param_dtype=param_dtype, source=source)
 
 
 def build_model(config, *, seed: int = 0) -> nnx.Module:
     """A randomly initialised model for a typed config (training from scratch, tests)."""
-    rngs = nnx.Rngs(params=seed)
-    if isinstance(config, LlamaConfig):
-        return LlamaForCausalLM(config, rngs=rngs)
-    if isinstance(config, T5Config):
-        return T5ForConditionalGeneration(config, rngs=rngs)
-    raise TypeError(f"build_model: expected LlamaConfig or T5Config, got {type(config).__name__}")
+    return model_class(config)(config, rngs=nnx.Rngs(params=seed))
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -101,13 +126,33 @@ def _weight_files(directory: str) -> list[str]:
     raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
+def ignored_keys(model_cls: type, names) -> set[str]:
+    """Checkpoint tensors transformers drops on load for this family (``IGNORED_KEYS``
+    regexes, its ``_keys_to_ignore_on_load_unexpected``: attention-mask buffers, rotary caches)."""
+    patterns = tuple(getattr(model_cls, "IGNORED_KEYS", ())) + (r"(.*\.)?rotary_emb\.inv_freq",)
+    return {k for k in names if any(re.fullmatch(p, k) for p in patterns)}
+
+
 def _aliases(model: nnx.Module) -> set[str]:
     """Tensor names a checkpoint may carry that duplicate a parameter we hold once (the default
     of :func:`load_weights`; :func:`load_pretrained` checks the duplicates' values instead)."""
-    names = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", *_IGNORED_TENSORS}
-    if getattr(model, "lm_head", None) is None:
-        names.add("lm_head.weight")
+    cls = type(model)
+    names = set(getattr(cls, "EMBED_KEYS", ())[1:])
+    head = getattr(cls, "OUTPUT_HEAD", "lm_head")
+    if getattr(model, head, None) is None:
+        names.add(f"{head}.weight")
     return names
+
+
+def prefix_renames(model_cls: type, names) -> dict[str, str]:
+    """``{our name: checkpoint name}`` for a checkpoint saved from the bare base model, whose keys
+    lack the head model's ``base_model_prefix`` (GPT-2's ``h.0.attn.c_attn.weight`` for our
+    ``transformer.h.0.attn.c_attn.weight``): transformers' own prefix rule on load."""
+    prefix = getattr(model_cls, "BASE_PREFIX", "")
+    names = list(names)
+    if not prefix or any(k.startswith(prefix + ".") for k in names):
+        return {}
+    return {f"{prefix}.{k}": k for k in names}
 
 
 def tensor_index(files: list[str]) -> dict[str, tuple[str, tuple]]:
@@ -128,8 +173,9 @@ def _equal(index: dict, a: str, b: str) -> bool:
     from safetensors import safe_open
 
     def read(name):
-        with safe_open(index[name][0], framework="numpy") as f:
-            return f.get_tensor(name)
+        entry = index[name]  # (file, shape[, checkpoint name])
+        with safe_open(entry[0], framework="numpy") as f:
+            return f.get_tensor(entry[2] if len(entry) > 2 else name)
 
     return bool(np.array_equal(read(a), read(b)))
 
@@ -137,8 +183,11 @@ def _equal(index: dict, a: str, b: str) -> bool:
 def resolve_tying(config, index: dict[str, tuple[str, tuple]], *, source: str):
     """``(config, renames, aliases)`` for a checkpoint, as transformers 5's ``tie_weights`` ties.
 
-    - tied config, ``lm_head.weight`` present and different from the embeddings: untied (the
-      checkpoint wins; transformers warns and does not tie);
+    ``index`` is keyed by our names (:func:`prefix_renames` applied). The model class names the
+    input embedding (``EMBED_KEYS[0]``; T5's other two are copies) and the head (``OUTPUT_HEAD``):
+
+    - tied config, the head present and different from the embedding: untied (the checkpoint
+      wins; transformers warns and does not tie);
     - tied config, only one of the two tensors present: both read from it (``renames``: our
       name -> checkpoint name);
     - T5: transformers 5 always ties, so a T5 without ``lm_head.weight`` is tied whatever
@@ -146,31 +195,28 @@ def resolve_tying(config, index: dict[str, tuple[str, tuple]], *, source: str):
       equal to ``shared.weight`` and refused otherwise (separate tables are not implemented).
 
     ``aliases``: checkpoint tensors that duplicate one we read (equal values) or that
-    transformers ignores.
+    transformers ignores (``IGNORED_KEYS``).
     """
+    cls = model_class(config)
     renames: dict[str, str] = {}
-    aliases: set[str] = {k for k in index if k in _IGNORED_TENSORS}
-    head = "lm_head.weight"
-    if isinstance(config, T5Config):
-        group = [k for k in ("shared.weight", "encoder.embed_tokens.weight",
-                             "decoder.embed_tokens.weight") if k in index]
-        if group:
-            if group[0] != "shared.weight":
-                renames["shared.weight"] = group[0]
-            for other in group[1:]:
-                if not _equal(index, group[0], other):
-                    raise ValueError(f"{source}: {other} differs from {group[0]}: separate "
-                                     "encoder/decoder embedding tables are not supported")
-                aliases.add(other)
-        embed = group[0] if group else None
-        if head not in index and not config.tie_word_embeddings:
-            config = dataclasses.replace(config, tie_word_embeddings=True)
-    else:
-        embed = "model.embed_tokens.weight" if "model.embed_tokens.weight" in index else None
+    aliases: set[str] = ignored_keys(cls, index)
+    head = f"{getattr(cls, 'OUTPUT_HEAD', 'lm_head')}.weight"
+    embeds = tuple(getattr(cls, "EMBED_KEYS", ()))
+    group = [k for k in embeds if k in index]
+    if group:
+        if group[0] != embeds[0]:
+            renames[embeds[0]] = group[0]
+        for other in group[1:]:
+            if not _equal(index, group[0], other):
+                raise ValueError(f"{source}: {other} differs from {group[0]}: separate "
+                                 "encoder/decoder embedding tables are not supported")
+            aliases.add(other)
+    embed = group[0] if group else None
+    if isinstance(config, T5Config) and head not in index and not config.tie_word_embeddings:
+        config = dataclasses.replace(config, tie_word_embeddings=True)
     if config.tie_word_embeddings and head in index:
         if embed is None:
-            renames["model.embed_tokens.weight" if isinstance(config, LlamaConfig)
-                    else "shared.weight"] = head
+            renames[embeds[0]] = head
         elif _equal(index, embed, head):
             aliases.add(head)
         else:
@@ -192,8 +238,8 @@ def load_weights(model: nnx.Module, files: list[str], *, source: str,
     expected = {k: v for k, v in named_variables(model).items() if not isinstance(v, nnx.LoRAParam)}
     found = tensor_index(files)
     wanted = {renames.get(k, k): k for k in expected}
-    unexpected = sorted(k for k in found if k not in wanted and k not in aliases
-                        and not k.endswith("rotary_emb.inv_freq"))
+    aliases |= ignored_keys(type(model), found)
+    unexpected = sorted(k for k in found if k not in wanted and k not in aliases)
     missing = sorted(k for k in expected if renames.get(k, k) not in found)
     problems = []
     if missing:
@@ -307,7 +353,14 @@ def load_pretrained(name_or_path: str, *, dtype: Any = jnp.float32, param_dtype:
     config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype,
                             source=os.path.join(directory, "config.json"))
     files = _weight_files(directory)
-    config, renames, aliases = resolve_tying(config, tensor_index(files), source=directory)
+    found = tensor_index(files)
+    prefix = prefix_renames(model_class(config), found)  # ours -> checkpoint
+    ours = {v: k for k, v in prefix.items()}
+    index = {ours.get(k, k): (f, shape, k) for k, (f, shape) in found.items()}
+    config, renames, aliases = resolve_tying(config, index, source=directory)
+    renames = {k: prefix.get(v, v) for k, v in renames.items()}
+    renames.update({k: v for k, v in prefix.items() if k not in renames})
+    aliases = {prefix.get(a, a) for a in aliases}
     # eval_shape leaves ShapeDtypeStructs; load_weights replaces every one with its tensor.
     model = nnx.eval_shape(lambda: build_model(config))
     load_weights(model, files, source=directory, renames=renames, aliases=aliases)

@@ -33,7 +33,13 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
 
 
 class Linear(nnx.Module):
-    """``y = x Wᵀ + b`` with an optional LoRA branch ``scaling · dropout(x) Aᵀ Bᵀ``."""
+    """``y = x Wᵀ + b`` with an optional LoRA branch ``scaling · dropout(x) Aᵀ Bᵀ``.
+
+    ``weight`` is ``[out, in]`` (``torch.nn.Linear``), or ``[in, out]`` with ``transposed=True``:
+    the layout of transformers' ``Conv1D`` (GPT-2), so its checkpoint tensors load unchanged.
+    The adapter's ``lora_A [r, in]`` / ``lora_B [out, r]`` are the same in both layouts, as in
+    peft (whose ``fan_in_fan_out=True`` transposes only the merged delta for ``Conv1D``).
+    """
 
     def __init__(
         self,
@@ -41,14 +47,17 @@ class Linear(nnx.Module):
         out_features: int,
         *,
         use_bias: bool = False,
+        transposed: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
         self.out_features = out_features
+        self.transposed = bool(transposed)
         self.dtype = dtype
-        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), param_dtype))
+        shape = (in_features, out_features) if transposed else (out_features, in_features)
+        self.weight = nnx.Param(_normal(rngs, shape, param_dtype))
         self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None)
         # LoRA state; filled in by `add_lora`.
         self.lora_A = nnx.data(None)
@@ -80,7 +89,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
+        w = self.weight[...].astype(self.dtype)
+        y = jnp.einsum("...i,io->...o" if self.transposed else "...i,oi->...o", x, w)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_A is not None:
@@ -124,6 +134,27 @@ class RMSNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
         return self.weight[...].astype(self.dtype) * normed
+
+
+class LayerNorm(nnx.Module):
+    """``torch.nn.LayerNorm`` over the last axis (mean and variance in float32), with ``weight``
+    and, when ``use_bias``, ``bias`` (GPT-2's ``ln_1``, GPT-NeoX's ``input_layernorm``)."""
+
+    def __init__(self, features: int, eps: float, *, use_bias: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.eps = float(eps)
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.data(nnx.Param(jnp.zeros((features,), param_dtype)) if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:

@@ -714,6 +714,12 @@ class LlamaForCausalLM(nnx.Module):
     """Causal LM head over :class:`LlamaModel`; returns float32 logits ``[B, L, V]``."""
 
     is_encoder_decoder = False
+    # the family's checkpoint and LoRA names (jaxgrad.models.hub, jaxgrad.models.lora)
+    BASE_PREFIX = "model"  # transformers' base_model_prefix
+    EMBED_KEYS = ("model.embed_tokens.weight",)
+    OUTPUT_HEAD = "lm_head"
+    LORA_TARGETS = ("q_proj", "k_proj", "v_proj")  # the paper's q, k, v
+    PEFT_TARGETS = ("q_proj", "v_proj")  # peft's mapping for llama, mistral, qwen2
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -724,8 +730,12 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
                                   param_dtype=cfg.param_dtype, rngs=rngs)
 
+    def hidden_states(self, input_ids, attention_mask=None, dropout_rng=None) -> jax.Array:
+        """The final normed hidden states ``[B, L, hidden]`` (compute dtype)."""
+        return self.model(input_ids, attention_mask, dropout_rng)
+
     def __call__(self, input_ids, attention_mask=None, *, dropout_rng=None) -> jax.Array:
-        h = self.model(input_ids, attention_mask, dropout_rng)
+        h = self.hidden_states(input_ids, attention_mask, dropout_rng)
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(h)
         else:

@@ -52,8 +52,11 @@ Honoured
   (:class:`PeftBaseTensors`) and written back by :func:`save_peft_adapter`; a tensor that neither
   field explains is refused.
   ``lora_dropout``: dropout on the adapter input in training (no effect on evaluation).
-  ``fan_in_fan_out``: peft resets it to false for ``torch.nn.Linear``, the only layer kind jaxgrad
-  adapts: no effect.
+  ``fan_in_fan_out``: peft resets it to false for ``torch.nn.Linear`` and to true for
+  transformers' ``Conv1D`` (GPT-2), whatever the file says; jaxgrad's ``Linear(transposed=True)``
+  is that Conv1D layout and its A/B tensors are the same as for ``nn.Linear``. It only says how
+  peft merges the delta into a stored weight: no effect on what the adapter computes. Exported
+  files say true exactly when an adapted layer is a Conv1D.
   ``init_lora_weights``: ``true``, ``false``, ``"gaussian"``, ``"orthogonal"``, ``"eva"`` only
   initialise A and B, which the file overwrites: no effect. ``loftq_config``, ``eva_config``,
   ``corda_config``, ``lora_ga_config`` are read only by their ``init_lora_weights``: ignored.
@@ -89,13 +92,13 @@ from flax import nnx
 
 from jaxgrad.models.layers import Linear, lora_scaling, named_variables
 
-DEFAULT_TARGETS = {
-    "llama": ("q_proj", "k_proj", "v_proj"),
-    "t5": ("q", "k", "v"),
-}
-# peft's own defaults when an adapter_config.json has no target_modules
-# (peft TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for llama, mistral, qwen2, t5).
-PEFT_DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "t5": ("q", "v")}
+# Each model class names its own defaults (class attributes, so a new family needs no edit here):
+#   LORA_TARGETS  jaxgrad's default, the paper's: the attention's query, key and value
+#                 projections (the fused q/k/v layer where the family has one);
+#   PEFT_TARGETS  peft's default when an adapter_config.json has no target_modules
+#                 (peft TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING);
+#   OUTPUT_HEAD   the output head's module path, which "all-linear" leaves out (peft
+#                 ``_maybe_include_all_linear_layers`` drops ``get_output_embeddings()``).
 PEFT_PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"
@@ -231,12 +234,12 @@ class LoraConfig:
         return float(_pattern_value(self.alpha_pattern, path, self.alpha))
 
     def selects(self, path: str, targets: tuple[str, ...] | None = None,
-                modules_to_save: tuple[str, ...] = ()) -> bool:
+                modules_to_save: tuple[str, ...] = (), head: str = OUTPUT_HEAD) -> bool:
         """Whether the module at ``path`` gets an adapter, by peft's rules (module docstring).
 
         ``targets`` replaces ``target_modules`` (:func:`select_modules` passes the family's
         defaults when it is None); ``modules_to_save`` names modules peft keeps whole, which are
-        never adapted.
+        never adapted; ``head`` is the output head's path, which "all-linear" leaves out.
         """
         if self.exclude_regex is not None and re.fullmatch(self.exclude_regex, path):
             return False
@@ -248,7 +251,7 @@ class LoraConfig:
             return re.fullmatch(self.target_regex, path) is not None
         targets = (self.target_modules or ()) if targets is None else targets
         if [t.lower() for t in targets] == [ALL_LINEAR]:
-            return path != OUTPUT_HEAD
+            return path != head
         if path in targets:
             return True
         if not _name_matches(targets, path):
@@ -280,12 +283,27 @@ def _pattern_value(pattern, path: str, default):
     return default
 
 
-def model_family(model: nnx.Module) -> str:
-    return "t5" if getattr(model, "is_encoder_decoder", False) else "llama"
+def _family_attr(model: nnx.Module, name: str):
+    value = getattr(type(model), name, None)
+    if value is None:
+        raise TypeError(f"{type(model).__name__} declares no {name} (a jaxgrad model class "
+                        "names its LoRA defaults: LORA_TARGETS, PEFT_TARGETS, OUTPUT_HEAD)")
+    return value
+
+
+def default_targets(model: nnx.Module, *, peft: bool = False) -> tuple[str, ...]:
+    """The model family's default ``target_modules``: jaxgrad's (the paper's q, k, v) or, with
+    ``peft=True``, peft's own (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``)."""
+    return tuple(_family_attr(model, "PEFT_TARGETS" if peft else "LORA_TARGETS"))
+
+
+def output_head(model: nnx.Module) -> str:
+    """Module path of the output head ("all-linear" leaves it out): ``lm_head``, ``embed_out``."""
+    return str(_family_attr(model, "OUTPUT_HEAD"))
 
 
 def resolve_targets(model: nnx.Module, cfg: LoraConfig) -> tuple[str, ...]:
-    return tuple(cfg.target_modules) if cfg.target_modules else DEFAULT_TARGETS[model_family(model)]
+    return tuple(cfg.target_modules) if cfg.target_modules else default_targets(model)
 
 
 def linear_modules(model: nnx.Module) -> dict[str, Linear]:
@@ -313,7 +331,7 @@ def select_modules(model: nnx.Module, cfg: LoraConfig, *, strict: bool = True,
             raise ValueError(f"LoRA target_modules {unknown} match no linear layer of this "
                              f"{type(model).__name__}; available names: {available}")
     chosen = {p: linears[p] for p in sorted(linears)
-              if cfg.selects(p, targets, modules_to_save)}
+              if cfg.selects(p, targets, modules_to_save, output_head(model))}
     if not chosen:
         what = (f"target_regex {cfg.target_regex!r}" if cfg.target_regex is not None
                 else f"target_modules {list(targets)}")
@@ -428,7 +446,8 @@ def lora_config_of(model: nnx.Module) -> LoraConfig:
                   alpha_pattern=[(re.escape(p), a) for p, a in alphas.items() if a != alpha])
     cfg = LoraConfig(target_modules=names, **common)
     linears = linear_modules(model)
-    if {p for p in linears if cfg.selects(p, modules_to_save=base.modules_to_save)} != set(adapted):
+    if {p for p in linears if cfg.selects(p, modules_to_save=base.modules_to_save,
+                                                 head=output_head(model))} != set(adapted):
         cfg = LoraConfig(target_modules=tuple(sorted(adapted)), **common)
     return cfg
 
@@ -454,7 +473,7 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     os.makedirs(directory, exist_ok=True)
     peft_cfg = {
         "peft_type": "LORA",
-        "task_type": "SEQ_2_SEQ_LM" if model_family(model) == "t5" else "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(model, "is_encoder_decoder", False) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
@@ -465,7 +484,9 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         "target_modules": list(cfg.target_modules),
         "bias": base.bias,
         "modules_to_save": list(base.modules_to_save) or None,
-        "fan_in_fan_out": False,
+        # peft sets it for transformers' Conv1D (GPT-2) and warns when it is missing
+        "fan_in_fan_out": any(lin.transposed for lin in linear_modules(model).values()
+                              if lin.lora_A is not None),
         "inference_mode": True,
         "init_lora_weights": True,
         "use_dora": False,
@@ -549,8 +570,9 @@ def _base_tensor_plan(model, tensors: dict, raw: dict, path: str,
     mts = tuple(_names(raw.get("modules_to_save")) or ())
     bias = raw.get("bias") or "none"
     variables = named_variables(model)
-    tied = ({"lm_head.weight", "model.embed_tokens.weight", "shared.weight"}
-            if getattr(model, "lm_head", 0) is None else set())
+    tied = set()
+    if getattr(model, output_head(model), 0) is None:
+        tied = {f"{output_head(model)}.weight", *getattr(type(model), "EMBED_KEYS", ())}
     plan, unexplained, bad = {}, [], []
     for key, value in tensors.items():
         name = key.replace(".base_layer.", ".")
@@ -624,7 +646,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
     if present:
         chosen, attach = present, False
     else:
-        defaults = None if raw.get("target_modules") else PEFT_DEFAULT_TARGETS[model_family(model)]
+        defaults = None if raw.get("target_modules") else default_targets(model, peft=True)
         try:
             chosen = select_modules(model, cfg, strict=False, modules_to_save=mts, targets=defaults)
         except ValueError as e:

@@ -369,6 +369,14 @@ class T5ForConditionalGeneration(nnx.Module):
     """T5 encoder–decoder with LM head; returns float32 logits ``[B, T, V]``."""
 
     is_encoder_decoder = True
+    # the family's checkpoint and LoRA names (jaxgrad.models.hub, jaxgrad.models.lora)
+    BASE_PREFIX = ""  # keys are the model's own
+    EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    # T5ForConditionalGeneration._keys_to_ignore_on_load_unexpected
+    IGNORED_KEYS = (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",)
+    OUTPUT_HEAD = "lm_head"
+    LORA_TARGETS = ("q", "k", "v")  # the paper's q, k, v (self- and cross-attention)
+    PEFT_TARGETS = ("q", "v")  # peft's mapping for t5
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.config = cfg
