@@ -85,6 +85,45 @@ def test_source_defaults_to_file_stem_and_files_combine(tmp_path):
     assert data.sources == ["first", "second"], "without a source column the file stem names it"
 
 
+def test_comma_separated_paths_read_as_a_list(tmp_path):
+    """A command line gives several files as one comma-separated string (issue 16, item 5)."""
+    p1 = _write(_rows(5, ("x",)), tmp_path / "first.jsonl")
+    p2 = _write(_rows(5, ("y",)), tmp_path / "second.csv")
+    data = S.load_sources({"format": "generic", "path": f"{p1},{p2}", "columns": {"source": None},
+                           "validation": 1, "test": 1})
+    assert data.sources == ["first", "second"]
+    odd = _write(_rows(5, ("z",)), tmp_path / "a,b.jsonl")  # an existing name is never split
+    assert S.load_sources({"format": "generic", "path": odd, "columns": {"source": None},
+                           "validation": 1, "test": 1}).sources == ["a,b"]
+
+
+@pytest.mark.parametrize("case", ["empty_jsonl", "blank_jsonl", "empty_csv", "header_only_csv",
+                                  "empty_json_array", "not_utf8", "not_utf8_csv", "bad_json_row",
+                                  "empty_source"])
+def test_data_file_errors_name_the_file_and_row(tmp_path, case):
+    """Bad data files are refused naming the file and, where there is one, the row (issue 16,
+    item 4): before, an empty JSONL raised a bare StopIteration and non-UTF-8 bytes a
+    UnicodeDecodeError that named neither."""
+    good = json.dumps({"prompt": "p", "completion": "c", "task": "t"})
+    files = {"empty_jsonl": ("d.jsonl", b"", "the file is empty"),
+             "blank_jsonl": ("d.jsonl", b"\n  \n", "the file is empty"),
+             "empty_csv": ("d.csv", b"", "the file is empty"),
+             "header_only_csv": ("d.csv", b"prompt,completion,task\n", "holds no rows"),
+             "empty_json_array": ("d.json", b"[]", "holds no rows"),
+             "not_utf8": ("d.jsonl", (good + "\n" + '{"prompt": "caf').encode() + b"\xe9"
+                          + b'", "completion": "c", "task": "t"}\n', "line 2, column 16"),
+             "not_utf8_csv": ("d.csv", b"prompt,completion,task\np,c\xff,t\n", "line 2, column 4"),
+             "bad_json_row": ("d.jsonl", (good + "\n" + good + "\n{oops}\n").encode(), "line 3"),
+             "empty_source": ("d.jsonl", (good + "\n" + good.replace('"t"', '""') + "\n").encode(),
+                              "row 2 of 2 has an empty source")}
+    name, data, expected = files[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as info:
+        S.load_sources({**GENERIC, "path": str(path)})
+    assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
+
+
 def test_splits_are_deterministic_disjoint_and_seeded(tmp_path):
     path = _write(_rows(40), tmp_path / "d.jsonl")
     spec = dict(GENERIC, path=path, validation=0.25, test=5)

@@ -814,6 +814,23 @@ def _typed_text(value: Any) -> str | None:
     return str(value)
 
 
+def read_text(path: str) -> str:
+    """The file's text as UTF-8 (a leading byte-order mark dropped).
+
+    Raises:
+      ValueError: bytes that are not UTF-8, naming the file, the line, the column and the byte.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}: line {line}, column {column} is not UTF-8 text (byte "
+                         f"0x{data[e.start]:02x}: {e.reason}); save the file as UTF-8") from None
+
+
 def _rows_table(rows: list[Mapping], label: str) -> dict[str, list]:
     """Columns (the union of the rows' keys, in order of appearance) of a list of objects."""
     for i, r in enumerate(rows):
@@ -828,8 +845,10 @@ def _read_json(path: str, lines: bool) -> dict[str, list[str | None]]:
     """Columns of a JSON file (an array of objects, or an object of equally long column arrays)
     or a JSON Lines file (one object per line; a ``.json`` file holding JSON Lines is read as
     such), every value turned into its text by :func:`json_text`."""
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; expected "
+                         + ("one JSON object per line" if lines else "a JSON array of objects"))
     table = None
     if not lines:
         try:
@@ -879,7 +898,7 @@ def _read_delimited(path: str, delimiter: str) -> dict[str, list[str]]:
             reader = csv.reader(f, delimiter=delimiter, strict=True)
             header = next(reader, None)
             if header is None:
-                return {}
+                raise ValueError(f"{path}: the file is empty; expected a header row and rows")
             repeated = sorted({h for h in header if header.count(h) > 1})
             if repeated:
                 raise ValueError(f"{path}: the header names columns {repeated} more than once")
@@ -891,6 +910,9 @@ def _read_delimited(path: str, delimiter: str) -> dict[str, list[str]]:
                     raise ValueError(f"{path}: line {reader.line_num} has {len(row)} cells, the "
                                      f"header {len(header)}")
                 rows.append(row + [""] * (len(header) - len(row)))
+    except UnicodeDecodeError:
+        read_text(path)  # raises naming the line, column and byte
+        raise
     except csv.Error as e:
         where = f" at line {reader.line_num}" if "reader" in locals() else ""
         raise ValueError(f"{path}: not a valid {'TSV' if delimiter == chr(9) else 'CSV'} "
@@ -1007,22 +1029,40 @@ def read_examples(spec: Any) -> list[dict]:
     if spec.path is None:
         paths = [None]
     elif isinstance(spec.path, (str, os.PathLike)):
-        paths = [os.fspath(spec.path)]
+        paths = split_paths(os.fspath(spec.path))
     else:
         paths = [os.fspath(p) for p in spec.path]
     rows: list[tuple[str, str, str, str | None]] = []
     for path in paths:
         table, label = _read_columns(spec, path)
         n = len(next(iter(table.values()))) if table else 0
+        if n == 0:
+            raise ValueError(f"{label}: holds no rows (columns: {sorted(table) or 'none'}); "
+                             "expected at least one example")
         if spec.source is not None:
             names = [spec.source] * n
         elif cols["source"] is not None:
             names = [_text(v) for v in _column(table, cols["source"], "source", label)]
+            blank = [i + 1 for i, v in enumerate(names) if not v.strip()]
+            if blank:
+                raise ValueError(f"{label}: row{'s' if len(blank) > 1 else ''} "
+                                 f"{', '.join(map(str, blank[:10]))}{' ...' if len(blank) > 10 else ''}"
+                                 f" of {n} {'have' if len(blank) > 1 else 'has'} an empty source "
+                                 f"(column {cols['source']!r}); give every row a source name, or "
+                                 "set `source` to name them all")
         else:
             stem = spec.hub if path is None else os.path.splitext(os.path.basename(path))[0]
             names = [stem] * n
         rows.extend(_format_rows(spec, cols, table, label, names))
     return make_examples(rows)
+
+
+def split_paths(path: str) -> list[str]:
+    """One path, or several given as a comma-separated list (``a.jsonl,b.jsonl``, as typed on a
+    command line); a name that exists as a file is never split, whatever it contains."""
+    if "," not in path or os.path.exists(path):
+        return [path]
+    return [p.strip() for p in path.split(",") if p.strip()]
 
 
 def _read_bigbench(spec: SourcesSpec) -> list[dict]:
