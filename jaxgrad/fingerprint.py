@@ -21,6 +21,15 @@ stages before them, with the config:
 * artefacts but no record (a run directory from before fingerprints): accepted with a warning and
   recorded with the current config.
 
+Besides config keys, the base model's files are inputs: ``inputs.model.<path>`` holds a sha256 of
+each file of a local ``model.name_or_path`` (a directory's top-level files, or the GGUF file)
+and of a local ``model.tokenizer`` (:func:`model_input_digests`). Hashes are recorded once per
+file in ``<workdir>/input_hashes.json`` and recomputed only when a file's size or modification
+time changes, so a multi-GB checkpoint is read once. A record written before these keys existed
+is adopted when it matches the config alone (the files are assumed unchanged, and recorded now).
+The data's contents are checked by ``jaxgrad.pipeline.check_data_splits`` (the splits' example
+ids hash every prompt and completion).
+
 Keys that cannot change a result are left out (``FINGERPRINT_EXCLUDE`` gives the reason for each),
 as are the sections no stage reads (``mesh``, ``finetune``), the data section of the
 other ``data.kind`` and, with a pretrained base, ``model.name_or_path`` / ``model.tokenizer``
@@ -65,7 +74,7 @@ STAGE_ORDER = tuple(STAGE_INPUTS)
 STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     # base.pretrain False: nothing is built and only that flag counts (see _own_values).
     "base": ("base", "model.scratch", "train.batch_size", "train.max_length"),
-    "meta_train": ("model", "lora", "data", "train"),
+    "meta_train": ("model", "lora", "data", "train", "inputs.model"),
     "gradients": ("gradients", "train.max_length"),
     "groups": ("groups",),
     "estimates": ("surrogate", "gradients.output_fn", "train.max_length"),
@@ -73,7 +82,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     # finetune trains the base on each choice of sources with config.train (num_steps replaced by
     # pipeline.finetune_steps when > 0); config.finetune is overwritten per run by the stage.
     "finetune": ("pipeline.finetune_steps", "pipeline.finetune_seed", "model", "lora", "data",
-                 "train"),
+                 "train", "inputs.model"),
     # Fine-tunes θ* on subsets of the estimates table (only with pipeline.fidelity = True).
     "fidelity": ("fidelity", "surrogate", "gradients.output_fn", "gradients.eps", "train"),
     "report": ("data", "surrogate", "gradients.projection_dim", "gradients.output_fn"),
@@ -218,9 +227,78 @@ def _off(flat: Mapping[str, Any]) -> set[str]:
     return set() if flat.get("groups.by") == "cluster" else {"groups"}
 
 
-def stage_fingerprints(config: Any) -> dict[str, StageFingerprint]:
-    """The fingerprint of every stage under ``config`` (the config as given, not resolved)."""
+HASHES_FILE = "input_hashes.json"
+
+
+def _sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_files(path: str) -> list[str]:
+    """The files of a local model path that decide its weights and tokenizer: a file itself, or
+    a directory's regular top-level files (hidden files and ``*.md`` left out)."""
+    if os.path.isfile(path):
+        return [path]
+    return sorted(os.path.join(path, f) for f in os.listdir(path)
+                  if not f.startswith(".") and not f.endswith(".md")
+                  and os.path.isfile(os.path.join(path, f)))
+
+
+def model_input_digests(config: Any, workdir: str | None = None) -> dict[str, str]:
+    """``{"inputs.model.<file>": "sha256:<hex>"}`` for the local files of the base model and
+    tokenizer (``model.name_or_path``, ``model.tokenizer``); {} for a model built from scratch,
+    a base pretrained by the pipeline (its config keys decide it) or a Hub name.
+
+    With ``workdir``, hashes are cached in ``<workdir>/input_hashes.json`` keyed by the file's
+    absolute path, size and modification time (process 0 writes it).
+    """
     flat = flatten_config(config)
+    if flat.get("base.pretrain"):
+        return {}
+    paths = [str(flat.get(k) or "") for k in ("model.name_or_path", "model.tokenizer")]
+    files = [f for p in paths if p and p != "char" and os.path.exists(os.path.expanduser(p))
+             for f in _model_files(os.path.expanduser(p))]
+    if not files:
+        return {}
+    cache_path = os.path.join(workdir, HASHES_FILE) if workdir else None
+    cache: dict[str, Any] = {}
+    if cache_path and os.path.isfile(cache_path):
+        try:
+            with open(cache_path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    out, dirty = {}, False
+    for f in files:
+        st = os.stat(f)
+        key = os.path.abspath(f)
+        hit = cache.get(key)
+        if not (isinstance(hit, list) and hit[:2] == [st.st_size, st.st_mtime_ns]):
+            hit = [st.st_size, st.st_mtime_ns, _sha256_file(f)]
+            cache[key], dirty = hit, True
+        out[f"inputs.model.{f}"] = f"sha256:{hit[2]}"
+    if dirty and cache_path:
+        import jax
+
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            tmp = f"{cache_path}.tmp{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump(cache, fh, indent=1, sort_keys=True)
+            os.replace(tmp, cache_path)
+    return out
+
+
+def stage_fingerprints(config: Any, inputs: Mapping[str, Any] | None = None
+                       ) -> dict[str, StageFingerprint]:
+    """The fingerprint of every stage under ``config`` (the config as given, not resolved) and
+    ``inputs`` (``inputs.*`` values: :func:`model_input_digests`; None: config keys only)."""
+    flat = flatten_config(config)
+    flat.update(inputs or {})
     off = _off(flat)
     out: dict[str, StageFingerprint] = {}
     for stage in STAGE_ORDER:
@@ -369,11 +447,13 @@ def downstream(stage: str) -> list[str]:
 
 
 def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequence[str],
-              mode: str = "error", skip: Sequence[str] = ()) -> dict[str, dict]:
+              mode: str = "error", skip: Sequence[str] = (),
+              config_only: Mapping[str, StageFingerprint] | None = None) -> dict[str, dict]:
     """Check the stages to run (and those before them) against their records; the records.
 
     ``skip``: stages not checked (an optional stage switched off); their artefacts are still
-    deleted in "rerun" mode when a stage they read changed.
+    deleted in "rerun" mode when a stage they read changed. ``config_only``: the fingerprints
+    without ``inputs.*`` keys; a record from before those keys that matches them is adopted.
 
     Raises:
       ConfigChangedError: some stage's artefacts were computed under another config and ``mode``
@@ -387,6 +467,7 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
     last = max(STAGE_ORDER.index(s) for s in stages)
     changed: list[tuple[str, dict]] = []
     adopted: list[str] = []
+    upgraded: list[str] = []
     for stage in STAGE_ORDER[: last + 1]:
         if stage in REGENERATED or stage in skip or not artefacts_exist(workdir, stage):
             continue
@@ -397,7 +478,14 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
                 adopted.append(stage)
                 continue
         if rec.get("fingerprint") != fps[stage].fingerprint:
+            if (config_only is not None and rec.get("fingerprint") == config_only[stage].fingerprint
+                    and not any(k.startswith("inputs.") for k in rec.get("config", {}))):
+                upgraded.append(stage)
+                continue
             changed.append((stage, rec))
+    for stage in upgraded:  # the files are assumed unchanged, their hashes recorded now
+        records[stage] = make_record(fps[stage], complete=records[stage].get("complete"),
+                                     legacy=records[stage].get("legacy", False))
     deleted: list[str] = []
     if changed:
         first, rec = changed[0]
@@ -437,10 +525,100 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
                     "fingerprint (a run directory from before %s existed); assuming they match "
                     "the current config and recording it", workdir, stage, RECORDS_FILE)
         records[stage] = make_record(fps[stage], complete=None, legacy=True)
-    if adopted or changed:
+    if upgraded:
+        log.warning("jaxgrad pipeline: recorded the base model's file hashes for %s in %s "
+                    "(its records predate them; the files are assumed unchanged)",
+                    ", ".join(upgraded), workdir)
+    if adopted or changed or upgraded:
         write_records(workdir, records)
     if changed and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("pipeline/cleaned")
     return records
+
+
+# ------------------------------------------------------------------------------------------------
+# Final fine-tunes made one at a time (scripts/finetune.py, and each run of the finetune stage)
+
+RUN_FILE = "run.json"
+RUN_SECTIONS = ("model", "lora", "data", "train", "inputs")
+
+
+def finetune_run_values(config: Any, workdir: str, units: Sequence[str],
+                        train_ids: Sequence[str]) -> dict[str, Any]:
+    """What a fine-tune's result depends on: the config keys of ``model``, ``lora``, ``data``,
+    ``train`` (the exclusions of the stage fingerprints apply), the base model's file hashes,
+    the units trained on (``finetune.units``) and a sha256 of their train example ids
+    (``finetune.train_examples``: it changes with the data or a groups file)."""
+    flat = flatten_config(config)
+    flat.update(model_input_digests(config, workdir))
+    values = {k: v for k, v in flat.items()
+              if k.split(".", 1)[0] in RUN_SECTIONS and not _excluded(k, flat)}
+    values["finetune.units"] = [str(u) for u in units]
+    ids = json.dumps(sorted(str(i) for i in train_ids))
+    values["finetune.train_examples"] = (f"{len(train_ids)} examples, sha256:"
+                                         f"{hashlib.sha256(ids.encode()).hexdigest()[:16]}")
+    return values
+
+
+def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "error") -> str:
+    """Whether the fine-tune in ``run_dir`` was made with ``values`` (:func:`finetune_run_values`).
+
+    Returns "new" (nothing there, or deleted in "rerun" mode: train from scratch), "same"
+    (resume or reuse). ``run_dir/run.json`` is written (process 0) before training starts. A
+    directory from before run records is compared through its ``config.json`` (config keys
+    only) and adopted when they agree.
+
+    Raises:
+      ConfigChangedError: the run was made with other values and ``mode`` is "error"; it names
+        the run directory and the changed keys, and deletes nothing.
+      ValueError: ``mode`` outside :data:`MODES`.
+    """
+    import jax
+
+    if mode not in MODES:
+        raise ValueError(f"pipeline.on_config_change must be one of {MODES}, got {mode!r}")
+    path = os.path.join(run_dir, RUN_FILE)
+    old: dict[str, Any] | None = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)["values"]
+    elif os.path.isfile(os.path.join(run_dir, "config.json")):  # before run records
+        with open(os.path.join(run_dir, "config.json")) as f:
+            flat = flatten_config(json.load(f))
+        old = {k: v for k, v in flat.items()
+               if k.split(".", 1)[0] in RUN_SECTIONS and not _excluded(k, flat)}
+        old.update({k: v for k, v in values.items() if k not in old and
+                    (k.startswith("inputs.") or k.startswith("finetune."))})
+    status = "new" if not os.path.isdir(run_dir) else "same"
+    if old is not None:
+        changes = config_changes(old, dict(values))
+        if changes and mode == "error":
+            lines = [f"jaxgrad finetune: {run_dir} holds a fine-tune made with other settings; "
+                     "it cannot be reused or resumed.", "Changed (old → new):"]
+            lines += [f"  {k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:20]]
+            lines += ["Either give this fine-tune another name (--config.finetune.name=...), or "
+                      "retrain it: --config.pipeline.on_config_change=rerun deletes "
+                      f"{run_dir} first. Nothing was deleted."]
+            raise ConfigChangedError("\n".join(lines), stage="finetune", workdir=run_dir,
+                                     changes=changes)
+        if changes:
+            if jax.process_index() == 0:
+                shutil.rmtree(run_dir)
+            log.warning("jaxgrad finetune: settings changed since %s was trained (%s); "
+                        "on_config_change='rerun': deleted it", run_dir,
+                        "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:5]))
+            status = "new"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"finetune/checked/{os.path.basename(run_dir)}")
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"version": RECORDS_VERSION, "values": dict(sorted(values.items()))}, f,
+                      indent=1)
+        os.replace(tmp, path)
+    return status

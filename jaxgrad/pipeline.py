@@ -48,7 +48,7 @@ import numpy as np
 from jaxgrad import counts
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
-                                 reconcile, stage_fingerprints, write_records)
+                                 model_input_digests, reconcile, stage_fingerprints, write_records)
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -1048,10 +1048,12 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     os.makedirs(workdir, exist_ok=True)
     if data is not None:
         check_data_splits(workdir, data, str(on_config_change))
-    fingerprints = stage_fingerprints(config)
+    inputs = model_input_digests(config, workdir)
+    fingerprints = stage_fingerprints(config, inputs)
     skip = (() if fidelity_enabled(config) else ("fidelity",)) + (
         () if groups_enabled(config) else ("groups",))
-    records = reconcile(workdir, fingerprints, stages, str(on_config_change), skip=skip)
+    records = reconcile(workdir, fingerprints, stages, str(on_config_change), skip=skip,
+                        config_only=stage_fingerprints(config) if inputs else None)
     timings = {}
     fns = {"base": stage_base, "meta_train": stage_meta_train, "gradients": stage_gradients,
            "groups": stage_groups, "estimates": stage_estimates, "selection": stage_selection, "finetune": stage_finetune,

@@ -307,8 +307,9 @@ def fidelity_lines(fid: dict) -> list[str]:
 def _fidelity_current(config, workdir: str) -> bool:
     """Whether ``fidelity/`` was computed under this config (its stages.json record matches):
     with the stage switched off its config is not checked, and an old result is left out."""
-    from jaxgrad.fingerprint import read_records, stage_fingerprints
+    from jaxgrad.fingerprint import model_input_digests, read_records, stage_fingerprints
 
     rec = read_records(workdir).get("fidelity")
-    return bool(rec) and rec.get("fingerprint") == stage_fingerprints(config)["fidelity"].fingerprint
+    fps = stage_fingerprints(config, model_input_digests(config, workdir))
+    return bool(rec) and rec.get("fingerprint") == fps["fidelity"].fingerprint
 

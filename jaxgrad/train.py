@@ -62,6 +62,7 @@ from flax import nnx
 from jaxgrad import checkpoint as ckpt_lib
 from jaxgrad import sharding as sharding_lib
 from jaxgrad.data import batching
+from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
 from jaxgrad.losses import batch_loss, batch_token_count, model_logits, token_ce_sums
 
 log = logging.getLogger(__name__)
@@ -1198,8 +1199,14 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     if name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"config.finetune.name={name!r} must be one directory name under "
                          f"{workdir}/finetune (no '/', not '.' or '..')")
-    model, tokenizer = load_model(spec, lora_from_config(config.lora))
     run_dir = os.path.join(workdir, "finetune", name)
+    # Before anything is loaded or written: a run made with other settings is refused by name
+    # (or deleted with pipeline.on_config_change = "rerun"), never silently resumed or returned.
+    mode = str((config.get("pipeline") or {}).get("on_config_change", "error") or "error")
+    check_finetune_run(run_dir, finetune_run_values(config, workdir, selected,
+                                                    [e["example_id"] for e in train_examples]),
+                       mode)
+    model, tokenizer = load_model(spec, lora_from_config(config.lora))
     _save_config(config, run_dir)
     trained_on = {e["source"] for e in train_examples}
     eval_sources = [data.target] if data.target else [s for s in data.sources if s in trained_on]

@@ -11,10 +11,12 @@ starts).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,6 +32,7 @@ from jaxgrad import sharding as sharding_lib
 from jaxgrad.config_sections import default_config
 from jaxgrad.losses import model_logits
 from jaxgrad.models import LoraConfig, load_pretrained
+from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.train import (Batches, MeshConfig, ModelSpec, TrainConfig, default_extract_answer,
                            example_batches, fit, generate, load_model, loss_and_grads,
                            make_evaluator, make_optimizer, run_training, split_trainable)
@@ -552,6 +555,29 @@ def test_meta_train_and_finetune_stages_on_tiny_demo(tmp_path):
     assert summary["sources"] == ["copy"]
     assert {"test_loss", "test_loss/add", "val_loss/add"} <= set(summary["metrics"])
     assert "val_loss/copy" not in summary["metrics"], "finetune must validate on the target only"
+
+    # issue 16, item 2: a fine-tune is reused only under the settings it was made with
+    again = finetune(config, str(tmp_path))
+    assert again.step == result.step and again.metrics["test_loss"] == result.metrics["test_loss"]
+    cases = [("train.learning_rate", lambda c: setattr(c.train, "learning_rate", 0.5)),
+             ("lora.rank", lambda c: setattr(c.lora, "rank", 2)),
+             ("finetune.units", lambda c: (setattr(c.finetune, "selection_file", ""),
+                                           setattr(c.finetune, "sources", "add"),
+                                           setattr(c.finetune, "name", "copy")))]
+    for key, change in cases:
+        changed = copy.deepcopy(config)
+        change(changed)
+        before = (tmp_path / "finetune" / "copy" / "config.json").read_text()
+        with pytest.raises(ConfigChangedError, match=re.escape(key)):
+            finetune(changed, str(tmp_path))
+        assert (tmp_path / "finetune" / "copy" / "config.json").read_text() == before, \
+            f"a refused fine-tune ({key}) must leave the old run as it was"
+    changed = copy.deepcopy(config)
+    changed.train.learning_rate = 0.5
+    changed.pipeline.on_config_change = "rerun"
+    finetune(changed, str(tmp_path))
+    run_record = json.loads((tmp_path / "finetune" / "copy" / "run.json").read_text())
+    assert run_record["values"]["train.learning_rate"] == 0.5
 
 
 def test_finetune_sources_from_a_selection_file(tmp_path):
