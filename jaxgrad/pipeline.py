@@ -890,11 +890,39 @@ def _choices() -> dict[str, tuple]:
             "pipeline.on_config_change": MODES}
 
 
+def known_config_keys() -> dict[str, set[str]]:
+    """``{section: its keys}`` for every section of a pipeline config: the method sections of
+    ``jaxgrad.config_sections``, and the fields of the dataclass each other section fills
+    (``TrainConfig``, ``LoraConfig``, ``ModelSpec``, ``MeshConfig``, ``SourcesSpec`` for
+    ``data.files``, ``SyntheticSpec`` for ``data.synthetic``). ``""``: the top-level sections."""
+    import dataclasses
+
+    from jaxgrad.config_sections import default_config
+    from jaxgrad.data import SourcesSpec, SyntheticSpec
+    from jaxgrad.models import LoraConfig
+    from jaxgrad.train import MeshConfig, ModelSpec, TrainConfig
+
+    defaults = default_config()
+    known = {name: set(defaults[name].keys()) for name in defaults.keys()}
+    known[""] = set(defaults.keys())
+
+    def fields(cls, exclude=()):
+        return {f.name for f in dataclasses.fields(cls) if f.name not in exclude}
+
+    known["train"] |= fields(TrainConfig, ("mesh",))
+    known["lora"] |= fields(LoraConfig)
+    known["model"] |= fields(ModelSpec)
+    known["mesh"] |= fields(MeshConfig)
+    known["data.files"] = fields(SourcesSpec)
+    known["data.synthetic"] = fields(SyntheticSpec)
+    return known
+
+
 def check_method_sections(config) -> None:
-    """The GradEx sections (``base``, ``gradients``, ``surrogate``, ``selection``, ``pipeline``,
-    ``fidelity``) hold only the keys of ``jaxgrad.config_sections`` (a misspelt key would be
-    ignored and its default used), and their option keys one of their values (a value outside
-    the set would silently take another branch).
+    """Every section of the config holds only known keys (:func:`known_config_keys`: a misspelt
+    key would be ignored and its default used, or found only when its stage starts, hours in),
+    and the option keys one of their values (a value outside the set would silently take
+    another branch).
 
     Raises:
       ValueError: naming every unknown key (with the closest known one) or the value and the
@@ -902,21 +930,19 @@ def check_method_sections(config) -> None:
     """
     import difflib
 
-    import ml_collections
-
-    from jaxgrad.config_sections import add_method_sections
-
-    defaults = add_method_sections(ml_collections.ConfigDict())
     problems = []
-    for name in ("base", "gradients", "surrogate", "selection", "pipeline", "fidelity"):
-        section = config.get(name) if hasattr(config, "get") else None
-        if section is None:
+    for name, known in known_config_keys().items():
+        section = config
+        for part in name.split(".") if name else ():
+            section = section.get(part) if hasattr(section, "get") else None
+        if section is None or not hasattr(section, "keys"):
             continue
-        known = set(defaults[name].keys())
+        where = f"config.{name}" if name else "config"
         for key in sorted(set(section.keys()) - known):
             near = difflib.get_close_matches(key, sorted(known), n=1)
-            problems.append(f"config.{name}.{key} is not a key of config.{name}"
-                            + (f" (did you mean {name}.{near[0]}?)" if near else "")
+            prefix = f"{name}." if name else ""
+            problems.append(f"{where}.{key} is not a key of {where}"
+                            + (f" (did you mean {prefix}{near[0]}?)" if near else "")
                             + f"; known: {sorted(known)}")
     for key, allowed in _choices().items():
         name, field = key.split(".")

@@ -574,10 +574,21 @@ def test_misspelt_keys_and_values_outside_their_set_refused_before_any_stage(tmp
     config.surrogate.mode = "exct"
     config.gradients.output_fn = "logits"
     config.pipeline.finetune_runs = ("selection", "alll")
+    # every other section too (issue 16, item 3): read late by their stages, or never
+    config.train.lerning_rate = 0.1
+    config.lora.rnak = 2
+    config.data.synthetic.n_trian = 5
+    config.mesh.dta = 2
+    config.finetune.nmae = "x"
+    config.trian = 1
     with pytest.raises(ValueError) as e:
         run_pipeline(config, str(tmp_path / "run"))
     msg = str(e.value)
-    for want in ("config.surrogate.num_subset is not a key of config.surrogate (did you mean "
+    for want in ("config.train.lerning_rate is not a key of config.train (did you mean "
+                 "train.learning_rate?)", "config.lora.rnak is not a key", "(did you mean lora.rank?)",
+                 "config.data.synthetic.n_trian is not a key", "config.mesh.dta is not a key",
+                 "config.finetune.nmae is not a key", "config.trian is not a key of config (did "
+                 "you mean train?)","config.surrogate.num_subset is not a key of config.surrogate (did you mean "
                  "surrogate.num_subsets?)", "config.selection.topp is not a key",
                  "config.surrogate.mode must be one of ('linearized', 'exact'), got 'exct'",
                  "config.gradients.output_fn must be one of", "unknown runs ['alll']"):
