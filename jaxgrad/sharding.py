@@ -10,11 +10,14 @@ Parameters are partitioned by regular expressions over their Hugging Face names 
 safetensors key, ``model.layers.0.self_attn.q_proj.weight``), in the style of t5x /
 big_vision: an ordered list of ``(regex, PartitionSpec)``, the first rule whose regex
 ``fullmatch``-es the name wins. Rules live in the config; :data:`DEFAULT_RULES` covers the
-Llama and T5 families with Megatron-style tensor parallelism over ``"model"`` (weights are in torch
-layout ``[out, in]``):
+Llama (Gemma 3 shares its names), T5, GPT-2 and GPT-NeoX families with Megatron-style tensor
+parallelism over ``"model"`` (weights in torch layout ``[out, in]``; GPT-2's Conv1D ``[in, out]``
+takes the same splits on the other axis):
 
-- column-parallel (q/k/v, gate/up; T5 q/k/v, wi*): ``P("model", None)``, split the outputs;
-- row-parallel (o, down; T5 o, wo): ``P(None, "model")``, split the inputs;
+- column-parallel (q/k/v, gate/up; T5 q/k/v, wi*; GPT-2 c_attn, c_fc; GPT-NeoX
+  query_key_value, dense_h_to_4h): split the outputs;
+- row-parallel (o, down; T5 o, wo; GPT-2 c_proj; GPT-NeoX attention.dense, dense_4h_to_h):
+  split the inputs;
 - embeddings and the LM head ``[vocab, hidden]``: split the vocabulary;
 - LoRA: ``lora_B [out, r]`` follows a column-parallel weight's output split, ``lora_A [r, in]``
   a row-parallel weight's input split; the other factor is replicated (it is tiny);
@@ -43,19 +46,26 @@ AXIS_NAMES = (DATA_AXIS, MODEL_AXIS)
 
 Rules = Sequence[tuple[str, P]]
 
-_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|q|k|v|wi|wi_0|wi_1)"
-_ROW = r"(o_proj|down_proj|o|wo)"
+_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|q|k|v|wi|wi_0|wi_1|query_key_value|dense_h_to_4h)"
+_ROW = r"(o_proj|down_proj|o|wo|attention\.dense|dense_4h_to_h)"
+# GPT-2's Conv1D layers store [in, out]: the same splits on the other axis.
+_CONV_COLUMN = r"(attn\.c_attn|mlp\.c_fc)"
+_CONV_ROW = r"(attn\.c_proj|mlp\.c_proj)"
 
 DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     # LoRA factors first: they sit under the same module names as the weights.
     (rf".*\.{_COLUMN}\.lora_B", P(MODEL_AXIS, None)),
     (rf".*\.{_ROW}\.lora_A", P(None, MODEL_AXIS)),
+    (rf".*\.{_CONV_COLUMN}\.lora_B", P(MODEL_AXIS, None)),
+    (rf".*\.{_CONV_ROW}\.lora_A", P(None, MODEL_AXIS)),
     (r".*\.lora_[AB]", P()),
+    (rf".*\.{_CONV_COLUMN}\.weight", P(None, MODEL_AXIS)),
+    (rf".*\.{_CONV_ROW}\.weight", P(MODEL_AXIS, None)),
     # Llama family and T5 family, torch layout [out, in].
     (rf".*\.{_COLUMN}\.weight", P(MODEL_AXIS, None)),
     (rf".*\.{_ROW}\.weight", P(None, MODEL_AXIS)),
     # Embedding tables and LM heads [vocab, hidden]: split the vocabulary.
-    (r"(.*\.)?(embed_tokens|shared|lm_head)\.weight", P(MODEL_AXIS, None)),
+    (r"(.*\.)?(embed_tokens|shared|lm_head|wte|embed_in|embed_out)\.weight", P(MODEL_AXIS, None)),
     # Norms, biases, relative attention bias tables, ...
     (r".*", P()),
 )

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgrad.models import llama
 from jaxgrad.models.layers import Embed, LayerNorm, Linear, mask_value, split_rng
 from jaxgrad.models.llama import (
-    ACTIVATIONS as _LLAMA_ACTIVATIONS,
     COMPUTED,
     GENERIC_EXTRAS,
     GENERIC_FIELDS,
@@ -64,7 +64,7 @@ def _gelu_tanh_fast(x):  # FastGELUActivation: 0.5 x (1 + tanh(x 0.7978845608 (1
 # against ACT2FN by tests/test_gpt2.py). Others (`laplace`, `sqrtsoftplus`, `xielu`, `prelu`
 # with its learned slope, ...) are refused by name.
 ACTIVATIONS = {
-    **_LLAMA_ACTIVATIONS,  # silu, swish, relu, gelu (erf), gelu_new, gelu_pytorch_tanh
+    **llama.ACTIVATIONS,  # silu, swish, relu, gelu (erf), gelu_new, gelu_pytorch_tanh
     "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_accurate": functools.partial(jax.nn.gelu, approximate=True),
@@ -193,7 +193,7 @@ class GPT2Config:
 
     @classmethod
     def from_hf(cls, cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                source: str = "config.json") -> "GPT2Config":
+                source: str = "config.json") -> GPT2Config:
         """Build from a Hugging Face ``config.json`` dictionary (transformers 5 semantics).
 
         Missing keys take GPT2Config's defaults, an ``attribute_map`` alias (``hidden_size``,
