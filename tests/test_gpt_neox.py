@@ -14,17 +14,25 @@ import os
 import re
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import test_model_configs as mc
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import test_model_configs as mc
-from jaxgrad.models import (LoraConfig, apply_lora, config_from_hf, load_peft_adapter,
-                            load_pretrained, save_peft_adapter)
+from jaxgrad.models import (
+    LoraConfig,
+    apply_lora,
+    config_from_hf,
+    load_peft_adapter,
+    load_pretrained,
+    save_peft_adapter,
+)
 from jaxgrad.models import gpt_neox as neox
 from jaxgrad.models.llama import RULES
 from jaxgrad.models.lora import linear_modules
@@ -218,11 +226,11 @@ def test_bfloat16_close_to_float32(base_dir):
     ref = _run_torch(_torch(base_dir), ids, mask)
     model, _ = load_pretrained(base_dir, with_tokenizer=False, dtype="bfloat16")
     assert model.config.dtype is jnp.bfloat16
-    ours = np.asarray(model(ids, mask))
+    ours = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask))  # jit: fewer compiles
     err = float(np.abs(ours - ref)[mask > 0].max())
     scale = float(np.abs(ref).max())
     print(f"max |jaxgrad bfloat16 - torch float32|: {err:.2e} (logit scale {scale:.2f})")
-    h = model.hidden_states(ids, mask)
+    h = jax.eval_shape(model.hidden_states, ids, mask)
     assert h.shape == (2, 12, 32) and h.dtype == jnp.bfloat16
     assert ours.dtype == np.float32 and np.isfinite(ours).all()
     assert 0 < err < 0.05 * scale, f"bfloat16 logits off by {err:.3f} (scale {scale:.2f})"
@@ -315,6 +323,17 @@ def test_to_hf_config_roundtrip(rope):
     assert not theirs.use_parallel_residual and not theirs.attention_bias
 
 
+def test_save_pretrained_loads_in_transformers(base_dir, tmp_path):
+    """hub.save_pretrained with to_hf_config: transformers computes the same logits."""
+    from jaxgrad.models import save_pretrained
+
+    model, _ = load_pretrained(base_dir, with_tokenizer=False)
+    save_pretrained(model, tmp_path / "out", neox.to_hf_config(model.config))
+    ids, mask = mc._batch()
+    ref = _run_torch(_torch(tmp_path / "out"), ids, mask)
+    assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc._tol(ref, ATOL)
+
+
 # ---- LoRA and peft -----------------------------------------------------------------------------------
 
 def _adapted(model):
@@ -345,7 +364,7 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
     print(f"max |jaxgrad - torch| peft adapter torch -> jaxgrad: {err:.2e}")
     assert err < mc._tol(ref, ATOL), err
 
-    for p, lin in linear_modules(model).items():  # new values, then export
+    for lin in linear_modules(model).values():  # new values, then export
         if lin.lora_B is not None:
             lin.lora_B[...] = -2.0 * lin.lora_B[...] + 0.1
     ours = np.asarray(model(ids, mask))
@@ -384,17 +403,20 @@ def test_apply_lora_targets(base_dir):
     assert ours == theirs and len(ours) == 8
 
 
-def test_per_sample_projected_grads_equal_one_at_a_time(base_dir):
-    from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-    from jaxgrad.projection import Projector
+def test_per_sample_projected_grads_equal_one_at_a_time(tmp_path):
+    """vmap(grad) + projection against jax.grad one example at a time, projected densely. One
+    layer: the two jit compilations dominate this file's time, and a layer adds nothing here."""
     from test_per_sample import one_at_a_time
 
-    model, _ = load_pretrained(base_dir, with_tokenizer=False)
-    apply_lora(model, LoraConfig(rank=2, target_modules=("query_key_value", "dense_4h_to_h")))
+    from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
+    from jaxgrad.projection import Projector
+
+    model, _ = load_pretrained(_save(tmp_path / "m", num_hidden_layers=1), with_tokenizer=False)
+    apply_lora(model, LoraConfig(rank=2))
     for lin in linear_modules(model).values():
         if lin.lora_B is not None:  # nonzero B: the A gradients are informative too
             lin.lora_B[...] = 0.1 * jnp.ones_like(lin.lora_B[...])
-    ids, mask = mc._batch(width=8)
+    ids, mask = mc._batch()
     ids, mask = np.concatenate([ids, ids[:1, ::-1]]), np.concatenate([mask, mask[:1]])
     ids, mask = ids.astype(np.int32), mask.astype(np.int32)
     b = ids.shape[0]

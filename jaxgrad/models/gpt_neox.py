@@ -56,7 +56,6 @@ from jaxgrad.models.llama import (
     GENERIC_FIELDS,
     INERT,
     NOT_APPLIED,
-    REFUSED,
     ROPE_TYPES,
     _Reader,
     _rope_from_hf,
@@ -215,7 +214,7 @@ class GPTNeoXConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                source: str = "config.json") -> "GPTNeoXConfig":
+                source: str = "config.json") -> GPTNeoXConfig:
         """Build from a Hugging Face ``config.json`` dictionary (transformers 5 semantics).
 
         Missing keys take ``GPTNeoXConfig``'s defaults; keys that change the computation in a way
@@ -429,7 +428,7 @@ class GPTNeoXModel(nnx.Module):
         cos = (jnp.cos(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype)
         sin = (jnp.sin(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype)
         x = self.embed_in(input_ids)
-        for layer, r in zip(self.layers, split_rng(dropout_rng, len(self.layers))):
+        for layer, r in zip(self.layers, split_rng(dropout_rng, len(self.layers)), strict=True):
             x = layer(x, cos, sin, mask, r)
         return self.final_layer_norm(x)
 
