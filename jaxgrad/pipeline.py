@@ -1153,6 +1153,9 @@ def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = 
     def main(argv):
         del argv
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
+        from jaxgrad.runtime import enable_compilation_cache
+
+        enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla
         config = config_flag.value
         for key, value in (overrides or {}).items():
             section, name = key.rsplit(".", 1)

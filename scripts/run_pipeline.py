@@ -13,6 +13,7 @@ stage's artefacts and everything downstream and recomputes them (or use a new --
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxgrad.runtime import enable_compilation_cache
 from jaxgrad.pipeline import STAGES, define_on_config_change_flag, run_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
@@ -25,6 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla
     out = run_pipeline(_CONFIG.value, _WORKDIR.value, _STAGES.value,
                        on_config_change=_ON_CHANGE.value)
     if "report" in out:

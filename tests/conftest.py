@@ -1,0 +1,12 @@
+"""Test-session set-up: JAX's persistent compilation cache (jaxgrad.runtime), shared by the tests
+and the subprocesses they start (through the environment), so the tiny pipeline's programs are
+compiled once per session rather than once per fixture, test and process. Results do not depend
+on it; a fresh checkout starts with an empty cache under the system's temporary directory."""
+
+import os
+import tempfile
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"jaxgrad-tests-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")

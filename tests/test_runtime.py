@@ -1,0 +1,45 @@
+"""jaxgrad.runtime: the persistent compilation cache the command-line entry points turn on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code, env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
+                          capture_output=True, timeout=300)
+
+
+def test_a_second_process_reads_the_compiled_program_from_the_cache(tmp_path):
+    """What makes the demo's second and later runs fast: the first process writes the
+    executable, the second finds it (jax's persistent-cache hit counter) and computes the same."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAXGRAD_COMPILATION_CACHE"] = str(tmp_path / "cache")
+    code = """
+        import jax, jax.numpy as jnp
+        from jax._src import monitoring
+        from jaxgrad.runtime import enable_compilation_cache
+        hits = []
+        monitoring.register_event_listener(
+            lambda e, **kw: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
+        print(enable_compilation_cache())
+        f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * 3.0)
+        print(float(f(jnp.arange(64.0).reshape(8, 8) / 64)), len(hits))
+    """
+    first, second = _run(code, env), _run(code, env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    path, value1, hits1 = first.stdout.split()
+    _, value2, hits2 = second.stdout.split()
+    assert path == str(tmp_path / "cache") and os.listdir(path), "nothing written to the cache"
+    assert hits1 == "0" and int(hits2) >= 1 and value1 == value2, (hits1, hits2)
+
+
+def test_cache_can_be_switched_off(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAXGRAD_COMPILATION_CACHE"] = "off"
+    out = _run("from jaxgrad.runtime import enable_compilation_cache as e; print(e())", env)
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
