@@ -741,9 +741,20 @@ def stage_finetune(config, workdir: str) -> dict:
     units = pipeline_units(config, workdir)
     wanted = list(config.pipeline.finetune_runs)
     results = {}
+    trained: dict[str, str] = {}  # units (JSON) -> the run that trained on exactly them
     for name in wanted:
         run_dir = os.path.join(workdir, "finetune", name)
         done = os.path.join(run_dir, "sources.json")
+        key = json.dumps(sorted(str(u) for u in runs[name]))
+        twin = trained.get(key)
+        if not os.path.isfile(done) and twin is not None:
+            # The same units under the same settings and seed: the same fine-tune (training is
+            # deterministic), recorded once more instead of trained twice.
+            if jax.process_index() == 0:
+                os.makedirs(run_dir, exist_ok=True)
+            _write_shared_json(done, {**_read_json(os.path.join(workdir, "finetune", twin,
+                                                                "sources.json")),
+                                      "same_as": twin}, f"finetune/{name}/same_as")
         if not os.path.isfile(done):
             cfg = copy.deepcopy(config)
             cfg.finetune.sources = json.dumps(list(runs[name]))  # names may hold commas
@@ -766,6 +777,7 @@ def stage_finetune(config, workdir: str) -> dict:
                     os.remove(done)  # not done: the next run resumes this fine-tune
                 return {**results, name: {"step": result.step}, "stopped_early": True}
         results[name] = _read_json(done)
+        trained.setdefault(key, results[name].get("same_as", name))
     return results
 
 

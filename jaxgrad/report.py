@@ -207,7 +207,9 @@ def write_report(config, workdir: str) -> str:
         for name, run in runs.items():
             m = target_metrics(run, target)
             n = sum(sizes[u] for u in run["sources"]) if sizes else run.get("n_train", "")
-            lines.append(f"| {_cell(name)} | {_names(run['sources'])} | {n} | "
+            same = f" (= {_cell(run['same_as'])}: the same sources, trained once)" \
+                if run.get("same_as") else ""
+            lines.append(f"| {_cell(name)}{same} | {_names(run['sources'])} | {n} | "
                          f"{_fmt(m['test_loss'])} | {_fmt(m['test_acc'], 3)} | "
                          f"{_fmt(m.get('test_choice_acc'), 3)} |")
         lines.append("")

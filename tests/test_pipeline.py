@@ -513,6 +513,26 @@ def _rerun_selection(run_dir, tmp_path, **selection):
     return out, sources, lambda rows: -np.asarray(scorer(np.asarray(rows, bool))["loss"])
 
 
+def test_a_baseline_with_the_selections_sources_is_not_trained_twice(run_dir, tmp_path):
+    """issue 16, item 6: when a baseline picks exactly the selection's sources, the final
+    fine-tune (deterministic under one seed) is recorded for it, not trained a second time."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    path = os.path.join(workdir, "selection", "selection.json")
+    selection = json.load(open(path))
+    selection["baselines"]["random"] = list(reversed(selection["selected"]))
+    json.dump(selection, open(path, "w"))
+    shutil.rmtree(os.path.join(workdir, "finetune", "random"))
+    run_pipeline(demo.get_config("tiny"), workdir, stages=["finetune", "report"])
+    twin = json.load(open(os.path.join(workdir, "finetune", "random", "sources.json")))
+    first = json.load(open(os.path.join(workdir, "finetune", "selection", "sources.json")))
+    assert twin["same_as"] == "selection" and twin["metrics"] == first["metrics"]
+    assert os.listdir(os.path.join(workdir, "finetune", "random")) == ["sources.json"], \
+        "nothing was trained for the twin"
+    assert "| random (= selection: the same sources, trained once) |" in \
+        open(os.path.join(workdir, "report.md")).read()
+
+
 def _greedy_by_hand(score, names, max_size):
     """Greedy forward selection as a plain loop: add the name whose addition scores best while
     it beats the current set, at most ``max_size``; (names in the order added, final score)."""
