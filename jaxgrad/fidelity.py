@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad.progress import progress_bar
+
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -269,7 +271,9 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     x_t = np.asarray(target.feats())
 
     results = []
-    for i, row in enumerate(rows):
+    show = bool(config.train.get("progress", True)) and jax.process_index() == 0
+    for i, row in enumerate(progress_bar(rows, desc="fidelity fine-tunes", unit="subset",
+                                         disable=not show)):
         chosen = row["source_list"]
         run_dir = os.path.join(out_dir, f"subset_{int(row['subset'])}")
         truth_path = os.path.join(run_dir, "truth.npz")

@@ -49,6 +49,7 @@ from jaxgrad import counts
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  model_input_digests, reconcile, stage_fingerprints, write_records)
+from jaxgrad.progress import progress_bar
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -376,9 +377,14 @@ def stage_estimates(config, workdir: str) -> str:
         writer = csv.DictWriter(fh, fieldnames=ESTIMATE_FIELDS)
         if new_file:
             writer.writeheader()
-        for c0 in range(todo[0], len(subsets), chunk):
+        starts = range(todo[0], len(subsets), chunk)
+        bar = (progress_bar(total=len(subsets), initial=todo[0], desc="estimates",
+                            unit="subset", disable=not config.train.get("progress", True)
+                            or jax.process_index() != 0))
+        for c0 in starts:
             rows = subsets[c0 : c0 + chunk]
             out = score(rows)
+            bar.update(rows.shape[0])
             for r in range(rows.shape[0]):
                 writer.writerow({
                     "subset": c0 + r,
@@ -386,6 +392,7 @@ def stage_estimates(config, workdir: str) -> str:
                     **{k: v[r] for k, v in out.items()},
                 })
             fh.flush()
+        bar.close()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -1115,7 +1122,9 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
             write_records(workdir, records)
         cfg = config if name == "base" else resolved_config(config, workdir)
         t0 = time.time()
-        print(f"[jaxgrad] stage {name} ...", flush=True)
+        if not (name == "base" and not (config.get("base") or {}).get("pretrain", False)):
+            # (no line for a base that is not built: a pretrained model is the base)
+            print(f"[jaxgrad] stage {name} ..." + (" reused" if reused else ""), flush=True)
         out[name] = fns[name](cfg, workdir)
         timings[name] = time.time() - t0
         _append_timing(workdir, name, timings[name], reused or out[name] is None)
@@ -1124,7 +1133,8 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
                   f"{timings[name]:.1f}s; run again to resume", flush=True)
             out["stopped_early"] = name
             break
-        print(f"[jaxgrad] stage {name} done in {timings[name]:.1f}s", flush=True)
+        if not reused and out[name] is not None:
+            print(f"[jaxgrad] stage {name} done in {timings[name]:.1f}s", flush=True)
         if records[name].get("complete") is not True:
             records[name] = make_record(fp, complete=True, legacy=records[name].get("legacy", False))
             write_records(workdir, records)
@@ -1157,6 +1167,9 @@ def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = 
     from absl import logging as absl_logging
     from ml_collections import config_flags
 
+    from jaxgrad.runtime import make_configs_importable
+
+    make_configs_importable()  # user configs may `from configs import demo`
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
     workdir_flag = flags.DEFINE_string("workdir", None, "Run directory.")
     change_flag = define_on_config_change_flag()
@@ -1165,15 +1178,16 @@ def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = 
     def main(argv):
         del argv
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint at INFO
-        from jaxgrad.runtime import enable_compilation_cache
+        from jaxgrad.runtime import enable_compilation_cache, resume_hint_on_interrupt
 
         enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla
         config = config_flag.value
         for key, value in (overrides or {}).items():
             section, name = key.rsplit(".", 1)
             config[section][name] = value
-        out = run_pipeline(config, workdir_flag.value, stages,
-                           on_config_change=change_flag.value).get(stages[-1])
+        with resume_hint_on_interrupt():
+            out = run_pipeline(config, workdir_flag.value, stages,
+                               on_config_change=change_flag.value).get(stages[-1])
         print(out if isinstance(out, str) else json.dumps(out, indent=1, default=str)[:4000])
 
     app.run(main)

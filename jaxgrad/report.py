@@ -47,8 +47,26 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{float(x):.{digits}f}"
 
 
-def plot_scores(selection: dict, path: str) -> None:
-    """Per-source ensemble scores with bootstrap intervals, coloured by planted kind."""
+def estimated_quantity(metric: str, output_fn: str, short: bool = False) -> str:
+    """The name of what the surrogate estimates for ``metric`` under ``output_fn``: one name per
+    quantity, so the estimate is never called by the fine-tunes' test cross-entropy's name
+    (``jaxgrad.surrogate.target_metrics``)."""
+    if short:
+        return {"loss": "est. logistic loss" if output_fn == "logit_odds" else "est. token CE",
+                "accuracy": "est. accuracy", "mean_output": "est. logit odds"}.get(metric, metric)
+    if metric == "loss":
+        return ("logistic loss of the target's logit odds, mean log(1 + e^−f̂)"
+                if output_fn == "logit_odds" else "linearised token cross-entropy on the target")
+    if metric == "accuracy":
+        return "share of target samples with positive logit odds (f̂ > 0)"
+    if metric == "mean_output":
+        return "mean logit odds of the target"
+    return str(metric)
+
+
+def plot_scores(selection: dict, path: str, quantity: str | None = None) -> None:
+    """Per-source ensemble scores with bootstrap intervals, coloured by planted kind; selected
+    sources ringed, and the cut drawn where the selection keeps a prefix of the ranking."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,14 +85,28 @@ def plot_scores(selection: dict, path: str) -> None:
     x = np.arange(len(sources))
     ax.errorbar(x, scores, yerr=[scores - lo, hi - scores], fmt="none", ecolor="k", capsize=3, lw=1)
     ax.scatter(x, scores, c=colors, s=60, zorder=3)
+    chosen = [i for i, name in enumerate(sources) if name in selection["selected"]]
+    if chosen:
+        ax.scatter(x[chosen], scores[chosen], s=160, facecolors="none", edgecolors="k", lw=1.2,
+                   zorder=4, label="selected")
+    if chosen and chosen == list(range(len(chosen))) and len(chosen) < len(sources):
+        ax.axvline(len(chosen) - 0.5, color="k", ls="--", lw=1)
+        ax.annotate("selection cut", (len(chosen) - 0.5, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -10), textcoords="offset points", fontsize=7)
     ax.set_xticks(x)
     ax.set_xticklabels(sources, rotation=45, ha="right")
     sign = "" if selection["higher_is_better"] else "−"
-    ax.set_ylabel(f"score ({sign}estimated {selection['metric']})")
+    ax.set_ylabel(f"score ({sign}{quantity or 'estimated ' + selection['metric']})")
     ax.set_title("Per-source ensemble scores, best first (95% CI)", fontsize=10)
     present = [k for k in KIND_COLORS if k in kinds.values()]
-    if present:
-        ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in present], fontsize=8)
+    handles = [Patch(color=KIND_COLORS[k], label=k) for k in present]
+    if chosen:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec="k", ms=10,
+                              label="selected"))
+    if handles:
+        ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -111,12 +143,84 @@ def plot_fidelity(fidelity: dict, path: str) -> None:
 
 
 def _finetune_rows(workdir: str) -> dict[str, dict]:
+    """The pipeline's fine-tunes (in :data:`RUN_ORDER`), then those made under other names
+    (``scripts/finetune.py``), marked ``"by_hand": True``."""
     out = {}
-    for name in RUN_ORDER:
-        path = os.path.join(workdir, "finetune", name, "sources.json")
+    root = os.path.join(workdir, "finetune")
+    others = sorted(set(os.listdir(root)) - set(RUN_ORDER)) if os.path.isdir(root) else []
+    for name in list(RUN_ORDER) + others:
+        path = os.path.join(root, name, "sources.json")
         if os.path.isfile(path):
-            out[name] = _read_json(path)
+            out[name] = {**_read_json(path), **({"by_hand": True} if name in others else {})}
     return out
+
+
+def theta_star_lines(workdir: str) -> list[str]:
+    """θ*'s quality per source: the last validation row of ``meta_train/metrics.jsonl``."""
+    path = os.path.join(workdir, "meta_train", "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    last = next((r for r in reversed(rows) if any(k.startswith("val_loss/") for k in r)), None)
+    if last is None:
+        return []
+    sources = [k.split("/", 1)[1] for k in last if k.startswith("val_loss/")]
+    lines = ["## θ* (meta-training)", "",
+             f"The adapters all estimates start from, after step {last.get('step')}: validation "
+             "token cross-entropy (and accuracy of the generated answer, where the source has "
+             "answers) per source. A source θ* fits badly is estimated from a poor expansion "
+             "point.", "", "| source | validation token cross-entropy | validation accuracy |",
+             "|---|---|---|"]
+    lines += [f"| {_name(s)} | {_fmt(last[f'val_loss/{s}'])} | {_fmt(last.get(f'val_acc/{s}'), 3)} |"
+              for s in sources]
+    return lines + [""]
+
+
+def significance_line(selection: dict) -> str:
+    """Which neighbouring ranks (and which side of the selection) the 95% intervals separate."""
+    ranking = [s for s in selection["ranking"]
+               if np.isfinite(selection["scores"][selection["sources"].index(s)])]
+    ci = {s: (selection["ci_low"][selection["sources"].index(s)],
+              selection["ci_high"][selection["sources"].index(s)]) for s in ranking}
+    separated = [(a, b) for a, b in zip(ranking, ranking[1:]) if ci[a][0] > ci[b][1]]
+    text = ("Significance: the 95% intervals separate "
+            + (", ".join(f"{_name(a)} > {_name(b)}" for a, b in separated) if separated
+               else "no two neighbouring ranks")
+            + (f"; the other {len(ranking) - 1 - len(separated)} neighbouring pairs overlap "
+               "(their order may be noise)" if len(ranking) - 1 > len(separated) else "") + ".")
+    kept = [s for s in ranking if s in selection["selected"]]
+    dropped = [s for s in ranking if s not in selection["selected"]]
+    if kept and dropped:
+        worst_kept = min(kept, key=lambda s: ci[s][0])
+        best_dropped = max(dropped, key=lambda s: ci[s][1])
+        clear = ci[worst_kept][0] > ci[best_dropped][1]
+        text += (f" The selection cut is {'' if clear else 'not '}significant: the lowest "
+                 f"interval kept ({_name(worst_kept)}, from {_fmt(ci[worst_kept][0])}) "
+                 f"{'lies above' if clear else 'overlaps'} the highest dropped "
+                 f"({_name(best_dropped)}, up to {_fmt(ci[best_dropped][1])}).")
+    return text
+
+
+def next_steps_lines(workdir: str, selection: dict) -> list[str]:
+    """The command that fine-tunes the base model on the selection (the config as this run got
+    it on the command line, when it did)."""
+    import shlex
+    import sys
+
+    config = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                  "<your config>")
+    sel = os.path.join(workdir, "selection", "selection.json")
+    cmd = (f"python scripts/finetune.py --config={shlex.quote(config)} "
+           f"--workdir={shlex.quote(workdir)} "
+           f"--config.finetune.selection_file={shlex.quote(sel)}")
+    if selection.get("groups"):
+        cmd += (" --config.finetune.groups_file="
+                + shlex.quote(os.path.join(workdir, "groups", "groups.json")))
+    return ["## Next", "", f"Fine-tune the base model on the {len(selection['selected'])} "
+            f"selected {'units' if selection.get('groups') else 'sources'} (give it more "
+            "steps with `--config.train.num_steps=...`; the run goes to "
+            f"`{workdir}/finetune/<name>/`, `--config.finetune.name=...`):", "",
+            f"    {cmd}", ""]
 
 
 def target_metrics(run: dict, target: str | None) -> dict[str, float | None]:
@@ -138,7 +242,9 @@ def write_report(config, workdir: str) -> str:
     target = selection.get("target") or next(
         (s for s, k in kinds.items() if k == "target"), None) or config.data.get(
         "synthetic", {}).get("target")
-    plot_scores(selection, os.path.join(workdir, "scores.png"))
+    quantity = estimated_quantity(selection["metric"], str(config.gradients.output_fn))
+    plot_scores(selection, os.path.join(workdir, "scores.png"),
+                estimated_quantity(selection["metric"], str(config.gradients.output_fn), True))
     lines = ["# jaxgrad run report", ""]
     units = (f"Units: {len(selection['sources'])} (clusters of samples and whole sources, see "
              "Clusters; every table's \"source\" is a unit)" if selection.get("groups")
@@ -163,8 +269,9 @@ def write_report(config, workdir: str) -> str:
               f"k={config.gradients.projection_dim}, output `{config.gradients.output_fn}`); "
               f"solver converged on {100 * conv:.0f}% of them. Table: `estimates/estimates.csv`.", ""]
     lines += ["## Selection", "",
-              f"Score = mean estimated target {selection['metric']} over the subsets containing the "
-              f"source ({'higher' if selection['higher_is_better'] else 'lower'} is better; shown "
+              f"Score = mean over the subsets containing the source of the estimated {quantity} "
+              f"(the surrogate's estimate for fine-tuning on the subset; "
+              f"{'higher' if selection['higher_is_better'] else 'lower'} is better; shown "
               f"{'as is' if selection['higher_is_better'] else 'negated'} so higher is better), "
               "95% bootstrap interval over subsets.", "",
               "| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | repr-sim cosine "
@@ -189,10 +296,12 @@ def write_report(config, workdir: str) -> str:
                       + " → ".join(_fmt(v) for v in step["path_scores"])
                       + f"; {step['n_evaluated']} subsets scored in {step['n_calls']} batched "
                       f"calls, {step['seconds']:.1f} s."]
+    lines += ["", significance_line(selection)]
     if selection.get("ranking_auc") is not None:
         lines += ["", f"Ranking AUC (a target/related source ranks above a noisy/unrelated one): "
                       f"**{selection['ranking_auc']:.3f}**"]
     lines += ["", "![scores](scores.png)", ""]
+    lines += theta_star_lines(workdir)
     groups_path = os.path.join(workdir, "groups", "groups.json")
     if selection.get("groups") and os.path.isfile(groups_path):
         groups = _read_json(groups_path)
@@ -201,24 +310,34 @@ def write_report(config, workdir: str) -> str:
     sizes = dict(zip(selection["sources"], (selection.get("groups") or {}).get("sizes") or []))
     if runs:
         lines += ["## Fine-tuning the base model on each choice of sources", "",
-                  f"Target **{target}**, test split (never used for selection).", "",
-                  "| run | sources | train samples | test loss | test accuracy (generated "
+                  f"Target **{target}**, test split (never used for selection). Test loss: "
+                  "the token cross-entropy of the completions (not the surrogate's estimate "
+                  "above).", "",
+                  "| run | sources | train samples | test token cross-entropy | test accuracy (generated "
                   "answer) | test accuracy (most likely choice) |", "|---|---|---|---|---|---|"]
         for name, run in runs.items():
             m = target_metrics(run, target)
             n = sum(sizes[u] for u in run["sources"]) if sizes else run.get("n_train", "")
             same = f" (= {_cell(run['same_as'])}: the same sources, trained once)" \
-                if run.get("same_as") else ""
+                if run.get("same_as") else (" (by scripts/finetune.py)" if run.get("by_hand") else "")
             lines.append(f"| {_cell(name)}{same} | {_names(run['sources'])} | {n} | "
                          f"{_fmt(m['test_loss'])} | {_fmt(m['test_acc'], 3)} | "
                          f"{_fmt(m.get('test_choice_acc'), 3)} |")
         lines.append("")
     fid_path = os.path.join(workdir, "fidelity", "fidelity.json")
-    if os.path.isfile(fid_path) and _fidelity_current(config, workdir):
+    stale = _fidelity_changes(config, workdir) if os.path.isfile(fid_path) else None
+    if os.path.isfile(fid_path) and not stale:
         fid = _read_json(fid_path)
         plot_fidelity(fid, os.path.join(workdir, "fidelity.png"))
         lines += fidelity_lines(fid)
         lines += ["", "![fidelity](fidelity.png)", ""]
+    elif stale:
+        lines += ["## Fidelity", "", "`fidelity/fidelity.json` was computed under other "
+                  "settings than this config's, so it is not shown: "
+                  + "; ".join(f"`{k}`: {json.dumps(a)} → {json.dumps(b)}" for k, a, b in stale[:8])
+                  + ". Run the fidelity stage with this config (`pipeline.fidelity = True`, "
+                  "`--on_config_change=rerun`) to measure it again.", ""]
+    lines += next_steps_lines(workdir, selection)
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -306,12 +425,19 @@ def fidelity_lines(fid: dict) -> list[str]:
     return lines
 
 
-def _fidelity_current(config, workdir: str) -> bool:
-    """Whether ``fidelity/`` was computed under this config (its stages.json record matches):
-    with the stage switched off its config is not checked, and an old result is left out."""
-    from jaxgrad.fingerprint import model_input_digests, read_records, stage_fingerprints
+def _fidelity_changes(config, workdir: str) -> list[tuple[str, Any, Any]]:
+    """``[]`` when ``fidelity/`` was computed under this config (its stages.json record matches);
+    otherwise what changed (old → new; with the stage switched off its config is not checked
+    by the pipeline, and an old result is not shown)."""
+    from jaxgrad.fingerprint import (config_changes, model_input_digests, read_records,
+                                     stage_fingerprints)
 
     rec = read_records(workdir).get("fidelity")
-    fps = stage_fingerprints(config, model_input_digests(config, workdir))
-    return bool(rec) and rec.get("fingerprint") == fps["fidelity"].fingerprint
+    fp = stage_fingerprints(config, model_input_digests(config, workdir))["fidelity"]
+    if rec and rec.get("fingerprint") == fp.fingerprint:
+        return []
+    if not rec:
+        return [("fidelity record", "(none in stages.json)", "(this config)")]
+    return config_changes(rec.get("config", {}), fp.config) or [
+        ("inputs of fidelity", "(earlier stages)", "(recomputed since)")]
 

@@ -12,7 +12,9 @@ compile.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 ENV = "JAXGRAD_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "jaxgrad", "xla")
@@ -44,3 +46,28 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+@contextlib.contextmanager
+def resume_hint_on_interrupt():
+    """Turn Ctrl-C into one line and exit status 130 instead of a traceback: stages already
+    done and the last training checkpoint are kept, and the same command resumes from them."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\n[jaxgrad] interrupted — rerun the same command to resume (finished stages and "
+              "the last checkpoint are kept)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def make_configs_importable() -> str | None:
+    """Put the repository root on ``sys.path`` so that a user's config file can ``from configs
+    import demo`` (the shipped configs) from any directory, without ``PYTHONPATH``. The root is
+    the directory above the ``jaxgrad`` package when it holds ``configs/__init__.py`` (a
+    checkout, installed editable); the root added, or None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "configs", "__init__.py")):
+        return None
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return root

@@ -18,6 +18,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxgrad.runtime import make_configs_importable
+
+make_configs_importable()  # user configs may `from configs import demo`
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, e.g. checkpoints/demo.")
@@ -32,7 +36,7 @@ def main(argv):
     import jax
 
     from jaxgrad import train
-    from jaxgrad.runtime import enable_compilation_cache
+    from jaxgrad.runtime import enable_compilation_cache, resume_hint_on_interrupt
     from jaxgrad.pipeline import resolved_config
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
@@ -48,7 +52,8 @@ def main(argv):
         raise app.UsageError(f"--workdir={_WORKDIR.value} has no pretrained base "
                              f"({config.model.name_or_path}): run scripts/meta_train.py (or "
                              "scripts/run_pipeline.py --stages=base) with this workdir first")
-    result = train.finetune(config, _WORKDIR.value)
+    with resume_hint_on_interrupt():
+        result = train.finetune(config, _WORKDIR.value)
     print(json.dumps({"step": result.step, "metrics": result.metrics}, indent=1, default=float))
 
 

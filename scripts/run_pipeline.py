@@ -13,8 +13,11 @@ stage's artefacts and everything downstream and recomputes them (or use a new --
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxgrad.runtime import enable_compilation_cache
+from jaxgrad.runtime import (enable_compilation_cache, make_configs_importable,
+                             resume_hint_on_interrupt)
 from jaxgrad.pipeline import STAGES, define_on_config_change_flag, run_pipeline
+
+make_configs_importable()  # user configs may `from configs import demo`
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
@@ -27,8 +30,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla
-    out = run_pipeline(_CONFIG.value, _WORKDIR.value, _STAGES.value,
-                       on_config_change=_ON_CHANGE.value)
+    with resume_hint_on_interrupt():
+        out = run_pipeline(_CONFIG.value, _WORKDIR.value, _STAGES.value,
+                           on_config_change=_ON_CHANGE.value)
     if "report" in out:
         print(open(out["report"]).read())
 

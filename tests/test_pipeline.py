@@ -96,6 +96,54 @@ def test_report_scores_agree_with_estimates_table(run_dir):
     assert float(m.group(2)) == pytest.approx(selected["metrics"]["test_loss"], abs=1e-4)
 
 
+def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(run_dir, tmp_path):
+    """issue 16, item 7: the report gives the next command, which ranks the intervals separate,
+    θ*'s validation loss per source, one name per quantity, and lists hand-made fine-tunes."""
+    from jaxgrad.report import write_report
+
+    report = open(os.path.join(run_dir, "report.md")).read()
+    sel = os.path.join(run_dir, "selection", "selection.json")
+    assert "python scripts/finetune.py --config=" in report
+    assert f"--config.finetune.selection_file={sel}" in report
+    assert "Significance: the 95% intervals separate" in report
+    assert re.search(r"The selection cut is (not )?significant", report)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "meta_train", "metrics.jsonl"))]
+    last = [r for r in rows if "val_loss/add" in r][-1]
+    for source in ("add", "copy", "noisy_add"):
+        m = re.search(rf"\| {source} \| ([\d.]+) \|", report.split("## θ* (meta-training)")[1])
+        assert m and float(m.group(1)) == pytest.approx(last[f"val_loss/{source}"], abs=1e-4)
+    from jaxgrad.report import estimated_quantity
+
+    output_fn = demo.get_config("tiny").gradients.output_fn
+    assert f"of the estimated {estimated_quantity('loss', output_fn)}" in report  # the estimate's
+    assert "logistic loss" in estimated_quantity("loss", "logit_odds")  # name ...
+    assert "test token cross-entropy" in report  # ... is not the fine-tunes' test loss's
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    os.makedirs(os.path.join(workdir, "finetune", "mine"))
+    shutil.copy(os.path.join(workdir, "finetune", "all", "sources.json"),
+                os.path.join(workdir, "finetune", "mine", "sources.json"))
+    write_report(demo.get_config("tiny"), workdir)
+    assert "| mine (by scripts/finetune.py) |" in open(os.path.join(workdir, "report.md")).read()
+
+
+def test_reused_stages_say_so_and_an_unbuilt_base_prints_nothing(run_dir, tmp_path, capsys):
+    """issue 16, item 8: a reused stage prints "reused", not "done in 0.0s"; with a pretrained
+    model there is no base stage to announce."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    run_pipeline(demo.get_config("tiny"), workdir, stages=UP_TO_SELECTION)
+    out = capsys.readouterr().out
+    for stage in UP_TO_SELECTION:
+        assert f"[jaxgrad] stage {stage} ... reused" in out, out
+        assert f"stage {stage} done in" not in out, out
+    config = demo.get_config("tiny")
+    config.base.pretrain = False
+    config.model.name_or_path = os.path.join(workdir, "base")
+    run_pipeline(config, str(tmp_path / "other"), stages=["base"])
+    assert "stage base" not in capsys.readouterr().out
+
+
 def test_estimates_resume_does_not_recompute(run_dir):
     table = os.path.join(run_dir, "estimates", "estimates.csv")
     before = open(table).read()
@@ -271,7 +319,10 @@ def test_fidelity_switched_off_is_not_checked_and_not_reported(run_dir, tmp_path
     config.fidelity.steps = 2  # would not match the recorded fine-tunes
     run_pipeline(config, workdir, stages=["fidelity", "report"])
     assert os.path.isfile(os.path.join(workdir, "fidelity", "fidelity.json"))  # nothing deleted
-    assert "## Fidelity" not in open(os.path.join(workdir, "report.md")).read()
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "## Fidelity: estimates against" not in report, "stale fidelity figures shown"
+    assert "`fidelity/fidelity.json` was computed under other settings" in report  # said, not hidden
+    assert "`fidelity.steps`: 1 → 2" in report
     config.pipeline.fidelity = True  # switched back on: now the change counts
     with pytest.raises(ConfigChangedError, match=r"fidelity\.steps: 1 → 2"):
         run_pipeline(config, workdir, stages=["fidelity", "report"])

@@ -43,3 +43,31 @@ def test_cache_can_be_switched_off(tmp_path):
     env["JAXGRAD_COMPILATION_CACHE"] = "off"
     out = _run("from jaxgrad.runtime import enable_compilation_cache as e; print(e())", env)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
+
+
+def test_ctrl_c_gives_one_line_and_status_130():
+    """issue 16, item 8: an interrupted run says how to resume instead of printing a traceback."""
+    code = """
+        from jaxgrad.runtime import resume_hint_on_interrupt
+        with resume_hint_on_interrupt():
+            raise KeyboardInterrupt
+    """
+    out = _run(code, dict(os.environ))
+    assert out.returncode == 130, out.stderr
+    assert "interrupted — rerun the same command to resume" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_user_config_importing_the_shipped_ones_needs_no_pythonpath(tmp_path):
+    """issue 16, item 5: `from configs import demo` in a config outside the repository works
+    when the scripts are run from another directory without PYTHONPATH."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "mine.py").write_text("from configs import demo\n\n\ndef get_config():\n"
+                                      "    return demo.get_config('tiny')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, os.path.join(repo, "scripts", "run_pipeline.py"),
+                          f"--config={tmp_path / 'mine.py'}", f"--workdir={tmp_path / 'run'}",
+                          "--stages=nope"], cwd=tmp_path, env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert "No module named 'configs'" not in out.stderr, out.stderr[-2000:]
+    assert "unknown pipeline stages ['nope']" in out.stderr, out.stderr[-2000:]  # config loaded
