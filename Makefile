@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install fixtures real clean
+.PHONY: demo demo-check test install fixtures real clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ DEMO_FLAGS ?=
 
 demo: $(STAMP)
 	$(BIN)/python scripts/run_pipeline.py --config=configs/demo.py --workdir=checkpoints/demo $(DEMO_FLAGS)
+
+# The README's demo tables against the last `make demo` run's report (scripts/check_readme.py).
+demo-check: $(STAMP)
+	$(BIN)/python scripts/check_readme.py --report=checkpoints/demo/report.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -441,3 +441,54 @@ def _fidelity_changes(config, workdir: str) -> list[tuple[str, Any, Any]]:
     return config_changes(rec.get("config", {}), fp.config) or [
         ("inputs of fidelity", "(earlier stages)", "(recomputed since)")]
 
+
+
+# ---- the README's demo excerpt against a run's report ---------------------------------------------
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table of ``text``: a list of rows (the header first, the ``|---|`` rule
+    dropped), each a list of stripped cell texts."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|") and line.rstrip().endswith("|"):
+            if not set(line.strip()) <= set("|-: "):  # not the |---|---| rule
+                current.append([c.strip() for c in line.strip()[1:-1].split(" | ")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def compare_tables(excerpt: str, report: str, atol: float = 0.0) -> list[str]:
+    """Differences between the tables of ``excerpt`` (the README's demo section) and the tables
+    of ``report`` with the same header: ``[]`` when every cell of every excerpt table matches
+    (numbers within ``atol``, text exactly). A table of the excerpt missing from the report, or
+    a row missing, is a difference too."""
+    by_header = {tuple(t[0]): t for t in markdown_tables(report)}
+    problems = []
+    for table in markdown_tables(excerpt):
+        header = tuple(table[0])
+        theirs = by_header.get(header)
+        if theirs is None:
+            problems.append(f"table with header {list(header)} is not in the report")
+            continue
+        rows = {r[0]: r for r in theirs[1:]}
+        for row in table[1:]:
+            other = rows.get(row[0])
+            if other is None:
+                problems.append(f"{header[0]} {row[0]!r}: no such row in the report")
+                continue
+            for name, a, b in zip(header, row, other):
+                x, y = _number(a), _number(b)
+                same = (abs(x - y) <= atol + 1e-12) if x is not None and y is not None else a == b
+                if not same:
+                    problems.append(f"{header[0]} {row[0]!r}, {name}: README {a!r}, report {b!r}")
+    return problems
