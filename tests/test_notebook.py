@@ -69,6 +69,8 @@ def test_committed_notebook_is_clean():
     code = [c for c in nb.cells if c.cell_type == "code"]
     dirty = [c.get("id") for c in code if c.outputs or c.execution_count is not None]
     assert not dirty, f"cells {dirty} carry outputs or execution counts: clear them before committing"
+    ids = [c.get("id") for c in nb.cells]
+    assert None not in ids and len(set(ids)) == len(ids), f"every cell needs its own id: {ids}"
     assert re.search(r"^TINY = (True|False)\b", code[0].source, re.M), \
         f"the first code cell must hold the TINY switch; it is:\n{code[0].source}"
 
@@ -81,6 +83,13 @@ def test_tiny_forced_by_environment_and_install_skipped(executed):
     assert "install skipped" in install, f"the install cell did not skip the install:\n{install}"
     assert f"run directory: {workdir}" in _stdout(_cell(nb, "config")), \
         "JAXGRAD_NOTEBOOK_WORKDIR was not used as the run directory"
+
+
+def test_tiny_says_it_is_a_smoke_run_and_downloads_nothing(executed):
+    """issue 16, item 9: the tiny run's ranking is noise; the notebook says so where it shows it."""
+    nb, _ = executed
+    assert "smoke run" in _stdout(_cell(nb, "sel")), _stdout(_cell(nb, "sel"))
+    assert "nothing to download" in _stdout(_cell(nb, "data"))
 
 
 def test_stages_wrote_their_artefacts_to_the_workdir(executed):
