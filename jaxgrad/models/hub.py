@@ -311,12 +311,13 @@ def resolve_checkpoint(name_or_path: str, *, revision: str | None = None,
 def load_pretrained(name_or_path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None,
                     lora: LoraConfig | None = None, revision: str | None = None,
                     with_tokenizer: bool = True, gguf_cache_dir: str | None = None):
-    """Load a Llama-family or T5-family checkpoint (Hugging Face or GGUF) as a Flax NNX model.
+    """Load a checkpoint of a family in :data:`FAMILIES` (Llama, Mistral, Qwen2, T5, GPT-2,
+    GPT-NeoX, Gemma 3; Hugging Face or GGUF) as a Flax NNX model.
 
     Args:
       name_or_path: a local Hugging Face model directory; a Hub repository name (needs network);
         or a GGUF checkpoint: a ``.gguf`` file, or a directory with exactly one ``.gguf`` and no
-        config.json (architectures llama, qwen2; needs ``pip install -e ".[gguf]"``). A GGUF is
+        config.json (architectures llama, qwen2, gemma3; needs ``pip install -e ".[gguf]"``). A GGUF is
         dequantised to float32 by transformers once and cached as a Hugging Face directory
         (``<stem>.hf/`` next to it; see ``jaxgrad.models.gguf``), rebuilt when the file changes.
         Its config.json records the GGUF's quantisation under ``"gguf_source"``.
