@@ -22,6 +22,8 @@ process, without optimizer state: what evaluation and the gradient stage need.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Mapping
 
@@ -55,9 +57,36 @@ def make_manager(directory: str | os.PathLike, *, keep: int = 2, best_metric: st
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode,
         preservation_policy=ocm.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), item_names=ITEMS,
-                                 options=options)
+        enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+        # read-only: no saves (orbax warns that it sets this itself otherwise)
+        **({"save_interval_steps": 0} if read_only else {}))
+    with _quiet_read_only(read_only):
+        return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), item_names=ITEMS,
+                                     options=options)
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns "Given directory is read only" whenever a manager is opened read-only, which
+    is how jaxgrad restores θ* (several times a run): expected, so not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is read only" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_read_only(read_only: bool):
+    if not read_only:
+        yield
+        return
+    notice = _DropReadOnlyNotice()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for lg in loggers:
+        lg.addFilter(notice)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(notice)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,

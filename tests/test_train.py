@@ -620,3 +620,16 @@ def test_accuracy_with_filler_rows_in_the_last_batch():
     ev = make_evaluator(model, tok, exs, cfg, sources=d.sources, extract_answer=lambda t: "yes")
     metrics = ev(model, sharding_lib.make_mesh(1, 1))
     assert metrics["val_acc"] == pytest.approx(1.0)
+
+
+def test_opening_a_checkpoint_read_only_logs_no_orbax_notice(tmp_path, caplog):
+    """issue 16, item 8: restoring θ* (read-only) does not print orbax's read-only warnings."""
+    import logging
+
+    writer = ckpt_lib.make_manager(tmp_path / "ckpt", async_save=False)
+    writer.close()
+    with caplog.at_level(logging.WARNING):
+        reader = ckpt_lib.make_manager(tmp_path / "ckpt", read_only=True, async_save=False)
+        reader.close()
+    noisy = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noisy, noisy
