@@ -97,6 +97,16 @@ def test_comma_separated_paths_read_as_a_list(tmp_path):
                            "validation": 1, "test": 1}).sources == ["a,b"]
 
 
+def test_every_missing_file_named_at_once(tmp_path):
+    """issue 16, item 5: a config naming several files that are not there (the CoT config before
+    its data are fetched) gets one error listing them all."""
+    p1 = _write(_rows(5, ("x",)), tmp_path / "first.jsonl")
+    with pytest.raises(FileNotFoundError) as info:
+        S.load_sources({**GENERIC, "path": [p1, str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]})
+    msg = str(info.value)
+    assert "a.jsonl" in msg and "b.jsonl" in msg and "2 of the 3" in msg, msg
+
+
 @pytest.mark.parametrize("case", ["empty_jsonl", "blank_jsonl", "empty_csv", "header_only_csv",
                                   "empty_json_array", "not_utf8", "not_utf8_csv", "bad_json_row",
                                   "empty_source"])

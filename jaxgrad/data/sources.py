@@ -1032,6 +1032,11 @@ def read_examples(spec: Any) -> list[dict]:
         paths = split_paths(os.fspath(spec.path))
     else:
         paths = [os.fspath(p) for p in spec.path]
+    missing = [p for p in paths if p is not None and not os.path.isfile(p)]
+    if missing:  # all of them at once, not the first one per attempt
+        raise FileNotFoundError(f"data file{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(missing)} {'do' if len(missing) > 1 else 'does'} "
+                                f"not exist ({len(missing)} of the {len(paths)} in data.files.path)")
     rows: list[tuple[str, str, str, str | None]] = []
     for path in paths:
         table, label = _read_columns(spec, path)
