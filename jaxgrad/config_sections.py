@@ -46,7 +46,8 @@ def add_model_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def files_section(**fields) -> ml_collections.ConfigDict:
-    """``data.files`` (SourcesSpec fields) with ``validation`` / ``test`` held as floats.
+    """``data.files`` (SourcesSpec fields) with ``validation`` / ``test`` held as floats and
+    ``columns`` holding every role (``""``: the format's default column).
 
     ml_collections fixes a field's type from its first value, so a count written as ``100`` in a
     config file would refuse ``--config.data.files.validation=0.1`` on the command line. Held as
@@ -54,6 +55,12 @@ def files_section(**fields) -> ml_collections.ConfigDict:
     :mod:`jaxgrad.counts`; the config fingerprints treat ``100`` and ``100.0`` alike).
     """
     fields = {"validation": 0.1, "test": 0.1, **fields}
+    # Every column role of every format, "" = the format's default column, so that any of them
+    # can be set on the command line (--config.data.files.columns.source=task): ml_collections
+    # refuses keys a config does not hold.
+    from jaxgrad.data.sources import COLUMN_ROLES
+
+    fields["columns"] = {**{role: "" for role in COLUMN_ROLES}, **dict(fields.get("columns") or {})}
     for key in ("validation", "test"):
         value = fields[key]
         if isinstance(value, (int, float)) and not isinstance(value, bool):

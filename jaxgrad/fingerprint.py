@@ -48,6 +48,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from jaxgrad import counts
+from jaxgrad.data.sources import COLUMN_ROLES
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -143,6 +144,9 @@ INERT_DEFAULTS: dict[str, Any] = {
     "selection.method": "ensemble",  # today's selection, as before the key existed
     "selection.threshold": 0.0,  # read by method "threshold" only
     "selection.min_gain": 0.0,  # read by methods "forward" / "ordered" only
+    # configs list every column role since they became settable on the command line;
+    # "" keeps the format's default column, as a role left out did
+    **{f"data.files.columns.{role}": "" for role in COLUMN_ROLES},
 }
 # Sections no stage reads: mesh (device layout: the same computation), finetune (set per run by
 # the finetune stage). Not in STAGE_CONFIG.

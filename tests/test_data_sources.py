@@ -97,6 +97,23 @@ def test_comma_separated_paths_read_as_a_list(tmp_path):
                            "validation": 1, "test": 1}).sources == ["a,b"]
 
 
+def test_any_column_role_settable_on_a_shipped_config(tmp_path):
+    """issue 16, item 5: data.files from configs holds every column role ("" = the format's
+    default), so --config.data.files.columns.source=task works on a locked config."""
+    from jaxgrad.config_sections import files_section
+
+    path = _write(_rows(10), tmp_path / "d.jsonl")
+    files = files_section(format="generic", path=path, validation=2, test=2, source="",
+                          hub="", hub_config="", file_type="", answer_format="")
+    files.lock()
+    files.columns.source = "task"  # what the command-line flag does
+    spec = {k: (None if v == "" else v) for k, v in files.to_dict().items()}
+    assert S.load_sources(spec).sources == ["alpha", "beta", "gamma"]
+    files.format = "alpaca"  # the roles of other formats left at "" are not refused
+    with pytest.raises(ValueError, match="missing column 'instruction'"):
+        S.load_sources({k: (None if v == "" else v) for k, v in files.to_dict().items()})
+
+
 def test_every_missing_file_named_at_once(tmp_path):
     """issue 16, item 5: a config naming several files that are not there (the CoT config before
     its data are fetched) gets one error listing them all."""

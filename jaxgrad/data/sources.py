@@ -112,6 +112,9 @@ DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
     "cot": {"question": "question", "rationale": "rationale", "answer": "answer", "source": None},
 }
 
+# Every role any format has (a config may name each; "" keeps the format's default column).
+COLUMN_ROLES = tuple(dict.fromkeys(r for roles in DEFAULT_COLUMNS.values() for r in roles))
+
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -666,7 +669,9 @@ class SourcesSpec:
         ``.jsonl``, ``.csv``, ``.tsv``, ``.parquet``/``.pq``, ``.pkl``/``.pickle``). Text is kept
         as written (module docstring, **Text as written**).
       columns: role -> column name, overriding :data:`DEFAULT_COLUMNS` of the format (set
-        ``source`` to None to name the source after ``source``/the file instead of a column).
+        ``source`` to None to name the source after ``source``/the file instead of a column;
+        ``""`` keeps the format's default, so a config can list every role of
+        :data:`COLUMN_ROLES`).
       source: a fixed source name for every row (overrides the source column).
       answer_format: for ``generic`` with an answer column, how answers are extracted from
         generations (:data:`ANSWER_FORMATS`; default "full"). ``cot`` always uses "cot".
@@ -1020,11 +1025,12 @@ def read_examples(spec: Any) -> list[dict]:
         raise ValueError("spec needs exactly one of path (local files) and hub (a dataset name), "
                          f"got path={spec.path!r}, hub={spec.hub!r}")
     roles = DEFAULT_COLUMNS[spec.format]
-    unknown = sorted(set(spec.columns) - set(roles))
+    columns = _given_columns(spec)
+    unknown = sorted(set(columns) - set(roles))
     if unknown:
         raise ValueError(f"columns has unknown roles {unknown} for format {spec.format!r}; its "
                          f"roles are {sorted(roles)}")
-    cols = dict(roles, **spec.columns)
+    cols = dict(roles, **columns)
     paths: list[str | None]
     if spec.path is None:
         paths = [None]
@@ -1062,6 +1068,11 @@ def read_examples(spec: Any) -> list[dict]:
     return make_examples(rows)
 
 
+def _given_columns(spec: SourcesSpec) -> dict[str, str | None]:
+    """The roles ``spec.columns`` sets (``""``: the format's default column, so left out)."""
+    return {k: v for k, v in (spec.columns or {}).items() if v != ""}
+
+
 def split_paths(path: str) -> list[str]:
     """One path, or several given as a comma-separated list (``a.jsonl,b.jsonl``, as typed on a
     command line); a name that exists as a file is never split, whatever it contains."""
@@ -1076,7 +1087,7 @@ def _read_bigbench(spec: SourcesSpec) -> list[dict]:
     if spec.path is None or spec.hub is not None:
         raise ValueError("format 'bigbench' reads local task files: set path (a task directory, "
                          "a task.json, a directory of tasks, or a list); hub is not supported")
-    for field, value in (("columns", spec.columns), ("source", spec.source),
+    for field, value in (("columns", _given_columns(spec)), ("source", spec.source),
                          ("file_type", spec.file_type)):
         if value:
             raise ValueError(f"format 'bigbench' takes no {field} (got {value!r}): sources are "
@@ -1145,7 +1156,7 @@ def load_sources(spec: Any) -> MultiSourceData:
     elif spec.format == "bigbench":
         answer_format = spec.answer_format or "leading"
     elif spec.format == "generic" and dict(DEFAULT_COLUMNS["generic"],
-                                           **spec.columns)["answer"] is not None:
+                                           **_given_columns(spec))["answer"] is not None:
         answer_format = spec.answer_format or "full"
     else:
         answer_format = spec.answer_format
