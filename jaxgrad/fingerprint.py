@@ -419,7 +419,8 @@ def _fmt(value: Any) -> str:
 def _message(workdir: str, stage: str, rec: dict, fp: StageFingerprint, changes, stale: list[str],
              needed: Sequence[str], missing: Sequence[str], why: str = "") -> str:
     lines = [f"jaxgrad pipeline: stage {stage!r} in run directory {workdir} was computed with "
-             f"another config than the one given now; its artefacts cannot be reused."]
+             f"another config or other input files than those given now; its artefacts cannot "
+             "be reused."]
     if changes:
         lines.append("Changed config keys (old → new):")
         lines += [f"  {k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes]
@@ -610,9 +611,9 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
         if changes:
             if jax.process_index() == 0:
                 shutil.rmtree(run_dir)
-            log.warning("jaxgrad finetune: settings changed since %s was trained (%s); "
-                        "on_config_change='rerun': deleted it", run_dir,
-                        "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:5]))
+                print(f"[jaxgrad] finetune: settings changed since {run_dir} was trained ("
+                      + "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:5])
+                      + "); on_config_change='rerun': deleted it, training again", flush=True)
             status = "new"
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -182,45 +182,70 @@ def significance_line(selection: dict) -> str:
                if np.isfinite(selection["scores"][selection["sources"].index(s)])]
     ci = {s: (selection["ci_low"][selection["sources"].index(s)],
               selection["ci_high"][selection["sources"].index(s)]) for s in ranking}
-    separated = [(a, b) for a, b in zip(ranking, ranking[1:]) if ci[a][0] > ci[b][1]]
+    # A zero-width interval (every subset holding the source is the same subset) is no
+    # evidence of a difference: never counted as separating.
+    wide = {s for s in ranking if ci[s][1] > ci[s][0]}
+    separated = [(a, b) for a, b in zip(ranking, ranking[1:])
+                 if ci[a][0] > ci[b][1] and a in wide and b in wide]
     text = ("Significance: the 95% intervals separate "
             + (", ".join(f"{_name(a)} > {_name(b)}" for a, b in separated) if separated
                else "no two neighbouring ranks")
-            + (f"; the other {len(ranking) - 1 - len(separated)} neighbouring pairs overlap "
-               "(their order may be noise)" if len(ranking) - 1 > len(separated) else "") + ".")
+            + (f"; the other {len(ranking) - 1 - len(separated)} neighbouring pairs are not "
+               "separated (their order may be noise)" if len(ranking) - 1 > len(separated) else "") + ".")
     kept = [s for s in ranking if s in selection["selected"]]
     dropped = [s for s in ranking if s not in selection["selected"]]
     if kept and dropped:
         worst_kept = min(kept, key=lambda s: ci[s][0])
         best_dropped = max(dropped, key=lambda s: ci[s][1])
-        clear = ci[worst_kept][0] > ci[best_dropped][1]
+        clear = (ci[worst_kept][0] > ci[best_dropped][1] and worst_kept in wide
+                 and best_dropped in wide)
         text += (f" The selection cut is {'' if clear else 'not '}significant: the lowest "
                  f"interval kept ({_name(worst_kept)}, from {_fmt(ci[worst_kept][0])}) "
-                 f"{'lies above' if clear else 'overlaps'} the highest dropped "
+                 f"{'lies above' if clear else 'overlaps' if ci[worst_kept][0] <= ci[best_dropped][1] else 'is, by zero-width intervals only, above'} the highest dropped "
                  f"({_name(best_dropped)}, up to {_fmt(ci[best_dropped][1])}).")
+    if len(wide) < len(ranking):
+        text += (f" {len(ranking) - len(wide)} of the intervals have zero width (each of those "
+                 "sources is in one distinct subset only): no evidence either way; more "
+                 "`surrogate.num_subsets` (or larger subsets) give them a width.")
     return text
 
 
-def next_steps_lines(workdir: str, selection: dict) -> list[str]:
-    """The command that fine-tunes the base model on the selection (the config as this run got
-    it on the command line, when it did)."""
+def next_steps_lines(config, workdir: str, selection: dict,
+                     argv: list[str] | None = None) -> list[str]:
+    """The command that fine-tunes the base model on the selection: this run's ``--config`` and
+    every ``--config.*`` override of its command line (``argv``, default ``sys.argv``; the
+    ``finetune`` section is set by the command itself), for the full ``train.num_steps``."""
     import shlex
     import sys
 
-    config = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
-                  "<your config>")
+    argv = sys.argv if argv is None else argv
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                       "<your config>")
+    overrides = [a for a in argv if a.startswith("--config.")
+                 and not a.startswith("--config.finetune.")]
     sel = os.path.join(workdir, "selection", "selection.json")
-    cmd = (f"python scripts/finetune.py --config={shlex.quote(config)} "
-           f"--workdir={shlex.quote(workdir)} "
-           f"--config.finetune.selection_file={shlex.quote(sel)}")
+    parts = ["python scripts/finetune.py", f"--config={shlex.quote(config_file)}",
+             f"--workdir={shlex.quote(workdir)}", *map(shlex.quote, overrides),
+             f"--config.finetune.selection_file={shlex.quote(sel)}"]
     if selection.get("groups"):
-        cmd += (" --config.finetune.groups_file="
-                + shlex.quote(os.path.join(workdir, "groups", "groups.json")))
-    return ["## Next", "", f"Fine-tune the base model on the {len(selection['selected'])} "
-            f"selected {'units' if selection.get('groups') else 'sources'} (give it more "
-            "steps with `--config.train.num_steps=...`; the run goes to "
-            f"`{workdir}/finetune/<name>/`, `--config.finetune.name=...`):", "",
-            f"    {cmd}", ""]
+        parts.append("--config.finetune.groups_file="
+                     + shlex.quote(os.path.join(workdir, "groups", "groups.json")))
+    n = len(selection["selected"])
+    what = ("unit" if selection.get("groups") else "source") + ("" if n == 1 else "s")
+    steps = int((config.get("pipeline") or {}).get("finetune_steps", 0) or 0)
+    total = config.train.get("num_steps", 0)
+    budget = f"{total} steps" if total else f"{config.train.get('epochs', 1)} epoch(s)"
+    if steps > 0 and steps != total:
+        parts.append(f"--config.finetune.name=selection_{budget.split()[0]}")
+        note = (f"The table's `selection` run trained on them for `pipeline.finetune_steps` = "
+                f"{steps} steps, the budget every compared run got; this trains for "
+                f"`train.num_steps`, {budget} (change it with `--config.train.num_steps=...`).")
+    else:
+        note = ("The table's `selection` run is already this fine-tune (same settings; its "
+                f"adapter is `{workdir}/finetune/selection/adapter/`): run the command with "
+                "other `--config.train.*` settings and a new `--config.finetune.name`.")
+    return ["## Next", "", f"Fine-tune the base model on the {n} selected {what}. {note}", "",
+            "    " + " ".join(parts), ""]
 
 
 def target_metrics(run: dict, target: str | None) -> dict[str, float | None]:
@@ -337,7 +362,7 @@ def write_report(config, workdir: str) -> str:
                   + "; ".join(f"`{k}`: {json.dumps(a)} → {json.dumps(b)}" for k, a, b in stale[:8])
                   + ". Run the fidelity stage with this config (`pipeline.fidelity = True`, "
                   "`--on_config_change=rerun`) to measure it again.", ""]
-    lines += next_steps_lines(workdir, selection)
+    lines += next_steps_lines(config, workdir, selection)
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

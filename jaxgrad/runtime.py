@@ -50,14 +50,21 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 
 @contextlib.contextmanager
 def resume_hint_on_interrupt():
-    """Turn Ctrl-C into one line and exit status 130 instead of a traceback: stages already
-    done and the last training checkpoint are kept, and the same command resumes from them."""
+    """For the command-line scripts: Ctrl-C becomes one line and exit status 130 (stages already
+    done and the last training checkpoint are kept, and the same command resumes from them); a
+    run directory computed under other settings (``ConfigChangedError``) prints its message,
+    which names the changes and the ways out, and exits with status 2, without a traceback."""
+    from jaxgrad.fingerprint import ConfigChangedError
+
     try:
         yield
     except KeyboardInterrupt:
         print("\n[jaxgrad] interrupted — rerun the same command to resume (finished stages and "
               "the last checkpoint are kept)", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except ConfigChangedError as e:
+        print(f"\n{e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def make_configs_importable() -> str | None:

@@ -55,6 +55,8 @@ def main(argv):
     with resume_hint_on_interrupt():
         result = train.finetune(config, _WORKDIR.value)
     print(json.dumps({"step": result.step, "metrics": result.metrics}, indent=1, default=float))
+    print(f"[jaxgrad] fine-tune in {result.workdir} (adapter/ in PEFT format, metrics.jsonl, "
+          "sources.json)", flush=True)
 
 
 if __name__ == "__main__":

@@ -387,7 +387,7 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
     assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc._tol(ref, ATOL)
 
 
-def test_apply_lora_targets(base_dir):
+def test_apply_lora_targets(base_dir, tmp_path):
     model, _ = load_pretrained(base_dir, with_tokenizer=False)
     apply_lora(model, LoraConfig(rank=4))
     assert _adapted(model) == QKV
@@ -401,6 +401,12 @@ def test_apply_lora_targets(base_dir):
     theirs = {n[len("base_model.model."):-len(".lora_A")] for n, _ in theirs.named_modules()
               if n.endswith(".lora_A")}
     assert ours == theirs and len(ours) == 8
+
+    # an adapter on the head trains, but cannot go to peft (its model calls the head lm_head)
+    model, _ = load_pretrained(base_dir, with_tokenizer=False)
+    apply_lora(model, LoraConfig(rank=4, target_modules=("embed_out",)))
+    with pytest.raises(ValueError, match="output head 'embed_out', which peft's model calls 'lm_head'"):
+        save_peft_adapter(model, tmp_path / "head")
 
 
 def test_per_sample_projected_grads_equal_one_at_a_time(tmp_path):

@@ -71,3 +71,16 @@ def test_a_user_config_importing_the_shipped_ones_needs_no_pythonpath(tmp_path):
                          capture_output=True, timeout=300)
     assert "No module named 'configs'" not in out.stderr, out.stderr[-2000:]
     assert "unknown pipeline stages ['nope']" in out.stderr, out.stderr[-2000:]  # config loaded
+
+
+def test_a_changed_config_prints_its_message_without_a_traceback():
+    code = """
+        from jaxgrad.fingerprint import ConfigChangedError
+        from jaxgrad.runtime import resume_hint_on_interrupt
+        with resume_hint_on_interrupt():
+            raise ConfigChangedError("train.learning_rate: 0.1 → 0.5", stage="finetune",
+                                     workdir="w", changes=[])
+    """
+    out = _run(code, dict(os.environ))
+    assert out.returncode == 2 and "train.learning_rate: 0.1 → 0.5" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr

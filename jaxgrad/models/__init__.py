@@ -1,4 +1,6 @@
-"""Flax NNX Llama-family and T5-family models over Hugging Face (or GGUF) weights, with LoRA adapters."""
+"""Flax NNX models over Hugging Face (or GGUF) weights, with LoRA adapters: the Llama family
+(Llama, Mistral, Qwen2), T5, GPT-2, GPT-NeoX and Gemma 3 (``jaxgrad.models.hub.FAMILIES``; each
+family's module is imported when a checkpoint of it is loaded)."""
 
 from jaxgrad.models.gguf import describe_gguf_source, gguf_source, gguf_to_hf
 from jaxgrad.models.hub import build_model, config_from_hf, load_pretrained, save_pretrained

@@ -441,6 +441,7 @@ class GPTNeoXForCausalLM(nnx.Module):
     BASE_PREFIX = "gpt_neox"  # transformers' base_model_prefix
     EMBED_KEYS = ("gpt_neox.embed_in.weight",)
     OUTPUT_HEAD = "embed_out"  # the checkpoint's name (transformers 5 renames it lm_head in memory)
+    PEFT_OUTPUT_HEAD = "lm_head"  # peft's name for it: head adapters cannot be exchanged
     # GPTNeoXPreTrainedModel._keys_to_ignore_on_load_unexpected (old Pythia buffers) and the
     # rotary cache older transformers saved
     IGNORED_KEYS = (r"(.*\.)?attention\.bias", r"(.*\.)?attention\.masked_bias",

@@ -9,7 +9,9 @@ Which layers get an adapter
 - ``exclude_modules`` (names, the rule below) or ``exclude_regex`` (``re.fullmatch``) drop a path.
 - ``target_modules`` names: a name selects the path equal to it or ending in ``"." + name``, so
   ``q_proj``, ``self_attn.q_proj`` and ``model.layers.0.self_attn.q_proj`` all work, and ``q`` in
-  T5 matches self- and cross-attention. ``None``: the paper's defaults (q, k, v).
+  T5 matches self- and cross-attention. ``None``: the paper's defaults, the attention's q, k, v
+  (the model class's ``LORA_TARGETS``: ``q_proj, k_proj, v_proj``; T5 ``q, k, v``; the fused
+  ``c_attn`` of GPT-2 and ``query_key_value`` of GPT-NeoX).
   ``("all-linear",)``: every linear layer but the output head ``lm_head``.
 - ``target_regex``: peft's *string* ``target_modules``, ``re.fullmatch`` over the full path.
 - ``layers_to_transform``: keep a suffix-matched path only if its layer index (the number after
@@ -470,6 +472,12 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
     cfg = lora_config_of(model)
     base = _base_tensors(model) or PeftBaseTensors()
+    head, peft_head = output_head(model), getattr(type(model), "PEFT_OUTPUT_HEAD", None)
+    if peft_head and peft_head != head and any(
+            p == head and lin.lora_A is not None for p, lin in linear_modules(model).items()):
+        raise ValueError(f"save_peft_adapter: {type(model).__name__} has an adapter on its output "
+                         f"head {head!r}, which peft's model calls {peft_head!r}: peft could not "
+                         "place it; leave the head out of target_modules to exchange adapters")
     os.makedirs(directory, exist_ok=True)
     peft_cfg = {
         "peft_type": "LORA",
