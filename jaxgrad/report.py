@@ -155,6 +155,23 @@ def _finetune_rows(workdir: str) -> dict[str, dict]:
     return out
 
 
+def _by_hand_label(workdir: str, name: str) -> str:
+    """" (by scripts/finetune.py; <settings that differ from the pipeline's selection run>)"."""
+    def values(run):
+        path = os.path.join(workdir, "finetune", run, "run.json")
+        return _read_json(path)["values"] if os.path.isfile(path) else None
+
+    mine, theirs = values(name), values("selection")
+    if mine is None or theirs is None:
+        return " (by scripts/finetune.py)"
+    diff = [f"{k} {json.dumps(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
+            if not k.startswith(("finetune.", "inputs.")) and mine.get(k) != theirs.get(k)]
+    if not diff:
+        return " (by scripts/finetune.py; the pipeline runs' settings)"
+    more = f", +{len(diff) - 3} more" if len(diff) > 3 else ""
+    return f" (by scripts/finetune.py; unlike the runs above: {_cell(', '.join(diff[:3]))}{more})"
+
+
 def theta_star_lines(workdir: str) -> list[str]:
     """θ*'s quality per source: the last validation row of ``meta_train/metrics.jsonl``."""
     path = os.path.join(workdir, "meta_train", "metrics.jsonl")
@@ -344,7 +361,8 @@ def write_report(config, workdir: str) -> str:
             m = target_metrics(run, target)
             n = sum(sizes[u] for u in run["sources"]) if sizes else run.get("n_train", "")
             same = f" (= {_cell(run['same_as'])}: the same sources, trained once)" \
-                if run.get("same_as") else (" (by scripts/finetune.py)" if run.get("by_hand") else "")
+                if run.get("same_as") else (_by_hand_label(workdir, name) if run.get("by_hand")
+                                            else "")
             lines.append(f"| {_cell(name)}{same} | {_names(run['sources'])} | {n} | "
                          f"{_fmt(m['test_loss'])} | {_fmt(m['test_acc'], 3)} | "
                          f"{_fmt(m.get('test_choice_acc'), 3)} |")

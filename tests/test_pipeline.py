@@ -125,6 +125,12 @@ def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(ru
                 os.path.join(workdir, "finetune", "mine", "sources.json"))
     write_report(demo.get_config("tiny"), workdir)
     assert "| mine (by scripts/finetune.py) |" in open(os.path.join(workdir, "report.md")).read()
+    record = json.load(open(os.path.join(workdir, "finetune", "all", "run.json")))
+    record["values"]["train.learning_rate"] = 0.5  # made with another learning rate
+    json.dump(record, open(os.path.join(workdir, "finetune", "mine", "run.json"), "w"))
+    write_report(demo.get_config("tiny"), workdir)
+    assert ("| mine (by scripts/finetune.py; unlike the runs above: train.learning_rate 0.5) |"
+            in open(os.path.join(workdir, "report.md")).read())
 
 
 def test_reused_stages_say_so_and_an_unbuilt_base_prints_nothing(run_dir, tmp_path, capsys):
