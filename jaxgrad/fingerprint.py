@@ -609,21 +609,25 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
             raise ConfigChangedError("\n".join(lines), stage="finetune", workdir=run_dir,
                                      changes=changes)
         if changes:
-            if jax.process_index() == 0:
-                shutil.rmtree(run_dir)
-                print(f"[jaxgrad] finetune: settings changed since {run_dir} was trained ("
-                      + "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:5])
-                      + "); on_config_change='rerun': deleted it, training again", flush=True)
             status = "new"
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:  # every process has read the old record before it changes
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"finetune/checked/{os.path.basename(run_dir)}")
     if jax.process_index() == 0:
+        if old is not None and changes:
+            shutil.rmtree(run_dir)
+            print(f"[jaxgrad] finetune: settings changed since {run_dir} was trained ("
+                  + "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:5])
+                  + "); on_config_change='rerun': deleted it, training again", flush=True)
         os.makedirs(run_dir, exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump({"version": RECORDS_VERSION, "values": dict(sorted(values.items()))}, f,
                       indent=1)
         os.replace(tmp, path)
+    if jax.process_count() > 1:  # nobody trains in the directory before it is ready
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"finetune/recorded/{os.path.basename(run_dir)}")
     return status

@@ -754,15 +754,21 @@ def stage_finetune(config, workdir: str) -> dict:
         done = os.path.join(run_dir, "sources.json")
         key = json.dumps(sorted(str(u) for u in runs[name]))
         twin = trained.get(key)
-        if not os.path.isfile(done) and twin is not None:
+        # Decided once per process before anything is written (process 0 writes `done`).
+        exists = os.path.isfile(done)
+        if not exists and twin is not None:
             # The same units under the same settings and seed: the same fine-tune (training is
             # deterministic), recorded once more instead of trained twice.
+            if jax.process_count() > 1:  # every process has looked before process 0 writes
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"finetune/{name}/looked")
             if jax.process_index() == 0:
                 os.makedirs(run_dir, exist_ok=True)
             _write_shared_json(done, {**_read_json(os.path.join(workdir, "finetune", twin,
                                                                 "sources.json")),
                                       "same_as": twin}, f"finetune/{name}/same_as")
-        if not os.path.isfile(done):
+        elif not exists:
             cfg = copy.deepcopy(config)
             cfg.finetune.sources = json.dumps(list(runs[name]))  # names may hold commas
             cfg.finetune.selection_file = ""
