@@ -5,9 +5,9 @@
 JAX/XLA version, the compile options and the devices, and read back by later processes instead of
 being compiled again. A pipeline compiles the same train, evaluation, per-sample-gradient and
 surrogate programs in every run and in every fine-tune; on 2 CPU cores compilation is most of a
-small run's time (the tiny demo pipeline: 208 s with an empty cache, 67 s with a warm one,
-measured in one session). Results do not depend on it: a cached executable is the one XLA would
-compile.
+small run's time (the tiny demo pipeline in a fresh process: 50 s with the cache off, 44 s with an
+empty cache, 21 s with a warm one; ``benchmarks/compile_cache.py``). Results do not depend on
+it: a cached executable is the one XLA would compile.
 """
 
 from __future__ import annotations
