@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrad.models.layers import Embed, Linear, mask_value, split_rng
+from jaxgrad.models.layers import CausalLM, Embed, Linear, mask_value, split_rng
 from jaxgrad.models.llama import (
     ACTIVATIONS,
     COMPUTED,
@@ -530,10 +530,9 @@ class Gemma3TextModel(nnx.Module):
         return self.norm(x)
 
 
-class Gemma3ForCausalLM(nnx.Module):
+class Gemma3ForCausalLM(CausalLM, nnx.Module):
     """Causal LM head over :class:`Gemma3TextModel`; returns float32 logits ``[B, L, V]``."""
 
-    is_encoder_decoder = False
     # the family's checkpoint and LoRA names (jaxgrad.models.hub, jaxgrad.models.lora)
     BASE_PREFIX = "model"  # transformers' base_model_prefix
     EMBED_KEYS = ("model.embed_tokens.weight",)
@@ -545,23 +544,12 @@ class Gemma3ForCausalLM(nnx.Module):
     def __init__(self, cfg: Gemma3TextConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.model = Gemma3TextModel(cfg, rngs=rngs)
-        if cfg.tie_word_embeddings:
-            self.lm_head = nnx.data(None)
-        else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, rngs=rngs)
+        self._init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings,
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
-    def hidden_states(self, input_ids, attention_mask=None, dropout_rng=None) -> jax.Array:
-        """The final normed hidden states ``[B, L, hidden]`` (compute dtype)."""
-        return self.model(input_ids, attention_mask, dropout_rng)
-
-    def __call__(self, input_ids, attention_mask=None, *, dropout_rng=None) -> jax.Array:
-        h = self.hidden_states(input_ids, attention_mask, dropout_rng)
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
+    def output_logits(self, h: jax.Array) -> jax.Array:
+        """The head's logits, then ``final_logit_softcapping`` when configured (in the compute
+        dtype, as transformers)."""
+        logits = super().output_logits(h)
         cap = self.config.final_logit_softcapping
-        if cap is not None:  # in the compute dtype, as transformers
-            logits = jnp.tanh(logits / cap) * cap
-        return logits.astype(jnp.float32)
+        return logits if cap is None else jnp.tanh(logits / cap) * cap

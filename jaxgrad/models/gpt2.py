@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models import llama
-from jaxgrad.models.layers import Embed, LayerNorm, Linear, mask_value, split_rng
+from jaxgrad.models.layers import CausalLM, Embed, LayerNorm, Linear, mask_value, split_rng
 from jaxgrad.models.llama import (
     COMPUTED,
     GENERIC_EXTRAS,
@@ -351,10 +351,9 @@ class GPT2Model(nnx.Module):
         return self.ln_f(x)
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(CausalLM, nnx.Module):
     """Causal LM head over :class:`GPT2Model`; returns float32 logits ``[B, L, V]``."""
 
-    is_encoder_decoder = False
     # the family's checkpoint and LoRA names (jaxgrad.models.hub, jaxgrad.models.lora)
     BASE_PREFIX = "transformer"  # transformers' base_model_prefix
     EMBED_KEYS = ("transformer.wte.weight",)
@@ -370,11 +369,9 @@ class GPT2LMHeadModel(nnx.Module):
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         self.config = cfg
         self.transformer = GPT2Model(cfg, rngs=rngs)
-        if cfg.tie_word_embeddings:
-            self.lm_head = nnx.data(None)
-        else:  # nn.Linear(n_embd, vocab_size, bias=False)
-            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, rngs=rngs)
+        # nn.Linear(n_embd, vocab_size, bias=False), or tied to wte
+        self._init_head(cfg.n_embd, cfg.vocab_size, cfg.tie_word_embeddings, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, rngs=rngs)
 
     def hidden_states(self, input_ids, attention_mask=None, dropout_rng=None) -> jax.Array:
         """The final normed hidden states ``[B, L, n_embd]`` (after ``ln_f``, compute dtype).
@@ -383,11 +380,3 @@ class GPT2LMHeadModel(nnx.Module):
           ValueError: ``L`` exceeds ``n_positions``.
         """
         return self.transformer(input_ids, attention_mask, dropout_rng)
-
-    def __call__(self, input_ids, attention_mask=None, *, dropout_rng=None) -> jax.Array:
-        h = self.hidden_states(input_ids, attention_mask, dropout_rng)
-        if self.lm_head is None:
-            logits = self.transformer.wte.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models import llama as _llama
-from jaxgrad.models.layers import Embed, LayerNorm, Linear, mask_value, split_rng
+from jaxgrad.models.layers import CausalLM, Embed, LayerNorm, Linear, mask_value, split_rng
 from jaxgrad.models.llama import (
     ACTIVATIONS,
     COMPUTED,
@@ -433,10 +433,9 @@ class GPTNeoXModel(nnx.Module):
         return self.final_layer_norm(x)
 
 
-class GPTNeoXForCausalLM(nnx.Module):
+class GPTNeoXForCausalLM(CausalLM, nnx.Module):
     """Causal LM head over :class:`GPTNeoXModel`; returns float32 logits ``[B, L, V]``."""
 
-    is_encoder_decoder = False
     # the family's checkpoint and LoRA names (jaxgrad.models.hub, jaxgrad.models.lora)
     BASE_PREFIX = "gpt_neox"  # transformers' base_model_prefix
     EMBED_KEYS = ("gpt_neox.embed_in.weight",)
@@ -452,20 +451,5 @@ class GPTNeoXForCausalLM(nnx.Module):
     def __init__(self, cfg: GPTNeoXConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.gpt_neox = GPTNeoXModel(cfg, rngs=rngs)
-        if cfg.tie_word_embeddings:
-            self.embed_out = nnx.data(None)
-        else:
-            self.embed_out = Linear(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
-                                    param_dtype=cfg.param_dtype, rngs=rngs)
-
-    def hidden_states(self, input_ids, attention_mask=None, dropout_rng=None) -> jax.Array:
-        """The hidden states after ``final_layer_norm``, ``[B, L, hidden]`` (compute dtype)."""
-        return self.gpt_neox(input_ids, attention_mask, dropout_rng)
-
-    def __call__(self, input_ids, attention_mask=None, *, dropout_rng=None) -> jax.Array:
-        h = self.hidden_states(input_ids, attention_mask, dropout_rng)
-        if self.embed_out is None:
-            logits = self.gpt_neox.embed_in.attend(h)
-        else:
-            logits = self.embed_out(h)
-        return logits.astype(jnp.float32)
+        self._init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings,
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)

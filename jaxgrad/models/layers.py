@@ -176,3 +176,45 @@ def named_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
         if isinstance(node, nnx.Variable):
             out[".".join(str(p) for p in path)] = node
     return out
+
+
+class CausalLM:
+    """What every decoder family's LM class shares (mix in before ``nnx.Module``): the output
+    head, tied or untied, over the decoder stack.
+
+    The class names its parts as the checkpoint does: ``BASE_PREFIX`` the decoder stack (called
+    as ``stack(input_ids, attention_mask, dropout_rng)``, returning the final normed hidden
+    states), ``EMBED_KEYS[0]`` the input embedding's weight, ``OUTPUT_HEAD`` the head (``None``
+    when tied: the logits are then the embedding's ``attend``). Logits are float32 ``[B, L, V]``.
+    """
+
+    is_encoder_decoder = False
+    BASE_PREFIX: str
+    EMBED_KEYS: tuple[str, ...]
+    OUTPUT_HEAD = "lm_head"
+
+    def _init_head(self, hidden: int, vocab: int, tied: bool, *, dtype, param_dtype,
+                   rngs: nnx.Rngs) -> None:
+        """Set ``OUTPUT_HEAD``: ``None`` when tied, else a bias-free ``Linear(hidden, vocab)``."""
+        head = nnx.data(None) if tied else Linear(hidden, vocab, dtype=dtype,
+                                                  param_dtype=param_dtype, rngs=rngs)
+        setattr(self, self.OUTPUT_HEAD, head)
+
+    def input_embedding(self) -> Embed:
+        node = self
+        for part in self.EMBED_KEYS[0].split(".")[:-1]:
+            node = getattr(node, part)
+        return node
+
+    def hidden_states(self, input_ids, attention_mask=None, dropout_rng=None) -> jax.Array:
+        """The decoder stack's final normed hidden states ``[B, L, hidden]`` (compute dtype)."""
+        return getattr(self, self.BASE_PREFIX)(input_ids, attention_mask, dropout_rng)
+
+    def output_logits(self, h: jax.Array) -> jax.Array:
+        """Logits of hidden states ``h`` in the compute dtype (a family may post-process them)."""
+        head = getattr(self, self.OUTPUT_HEAD)
+        return self.input_embedding().attend(h) if head is None else head(h)
+
+    def __call__(self, input_ids, attention_mask=None, *, dropout_rng=None) -> jax.Array:
+        h = self.hidden_states(input_ids, attention_mask, dropout_rng)
+        return self.output_logits(h).astype(jnp.float32)

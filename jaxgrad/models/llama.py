@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.models.layers import Embed, Linear, RMSNorm, mask_value, split_rng
+from jaxgrad.models.layers import CausalLM, Embed, Linear, RMSNorm, mask_value, split_rng
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
@@ -710,10 +710,9 @@ class LlamaModel(nnx.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLM, nnx.Module):
     """Causal LM head over :class:`LlamaModel`; returns float32 logits ``[B, L, V]``."""
 
-    is_encoder_decoder = False
     # the family's checkpoint and LoRA names (jaxgrad.models.hub, jaxgrad.models.lora)
     BASE_PREFIX = "model"  # transformers' base_model_prefix
     EMBED_KEYS = ("model.embed_tokens.weight",)
@@ -724,20 +723,5 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.model = LlamaModel(cfg, rngs=rngs)
-        if cfg.tie_word_embeddings:
-            self.lm_head = nnx.data(None)
-        else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, rngs=rngs)
-
-    def hidden_states(self, input_ids, attention_mask=None, dropout_rng=None) -> jax.Array:
-        """The final normed hidden states ``[B, L, hidden]`` (compute dtype)."""
-        return self.model(input_ids, attention_mask, dropout_rng)
-
-    def __call__(self, input_ids, attention_mask=None, *, dropout_rng=None) -> jax.Array:
-        h = self.hidden_states(input_ids, attention_mask, dropout_rng)
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        self._init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings,
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
