@@ -285,3 +285,16 @@ def test_save_pretrained_roundtrip(tmp_path):
     ref = reference("tiny-qwen2")
     a, mask = run(again, ref)
     assert max_err(a, ref["logits"], mask) < ATOL
+
+
+@pytest.mark.parametrize("model_type,doc", [("llama", "docs/config_fields.md"),
+                                            ("gpt2", "docs/models/gpt2.md"),
+                                            ("gpt_neox", "docs/models/gpt_neox.md"),
+                                            ("gemma3_text", "docs/models/gemma3.md")])
+def test_refusals_point_to_the_familys_table_of_keys(model_type, doc):
+    """A refused config.json key names the file where the family's keys are listed."""
+    from jaxgrad.models import config_from_hf
+
+    with pytest.raises(ValueError, match=rf"x/config\.json: is_causal=False .*\(see {doc}\)"):
+        config_from_hf({"model_type": model_type, "is_causal": False}, source="x/config.json")
+    assert os.path.isfile(os.path.join(os.path.dirname(FIXTURES), "..", doc))

@@ -61,10 +61,15 @@ from jaxgrad.models.llama import (
     _Reader,
     _rope_from_hf,
     apply_rope,
-    check_refused_fields,
-    refuse,
+    check_refused_fields as _check_refused_fields,
+    refuse as _refuse,
     resolve_dtype,
 )
+
+# Refusals point to this family's table of config.json keys.
+DOC = "docs/models/gemma3.md"
+refuse = functools.partial(_refuse, doc=DOC)
+check_refused_fields = functools.partial(_check_refused_fields, doc=DOC)
 from jaxgrad.models.llama import rope_frequencies as _llama_rope_frequencies
 
 MODEL_TYPE = "gemma3_text"

@@ -48,10 +48,15 @@ from jaxgrad.models.llama import (
     NOT_APPLIED,
     REFUSED,
     _Reader,
-    check_refused_fields,
-    refuse,
+    check_refused_fields as _check_refused_fields,
+    refuse as _refuse,
     resolve_dtype,
 )
+
+# Refusals point to this family's table of config.json keys.
+DOC = "docs/models/gpt2.md"
+refuse = functools.partial(_refuse, doc=DOC)
+check_refused_fields = functools.partial(_check_refused_fields, doc=DOC)
 
 MODEL_TYPE = "gpt2"
 

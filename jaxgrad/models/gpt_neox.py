@@ -60,11 +60,16 @@ from jaxgrad.models.llama import (
     _Reader,
     _rope_from_hf,
     apply_rope,
-    check_refused_fields,
-    refuse,
+    check_refused_fields as _check_refused_fields,
+    refuse as _refuse,
     resolve_dtype,
     rope_frequencies,
 )
+
+# Refusals point to this family's table of config.json keys.
+DOC = "docs/models/gpt_neox.md"
+refuse = functools.partial(_refuse, doc=DOC)
+check_refused_fields = functools.partial(_check_refused_fields, doc=DOC)
 
 MODEL_TYPE = "gpt_neox"
 DEFAULT_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta

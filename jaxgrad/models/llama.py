@@ -192,20 +192,22 @@ HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
 }
 
 
-def refuse(source: str, field: str, value: Any, why: str) -> None:
-    """Raise the ValueError every unsupported config value gets: file, field, value, reason."""
-    raise ValueError(f"{source}: {field}={value!r} is not supported: {why} "
-                     "(see docs/config_fields.md)")
+def refuse(source: str, field: str, value: Any, why: str, *,
+           doc: str = "docs/config_fields.md") -> None:
+    """Raise the ValueError every unsupported config value gets: file, field, value, reason, and
+    ``doc``, the family's table of config keys."""
+    raise ValueError(f"{source}: {field}={value!r} is not supported: {why} (see {doc})")
 
 
-def check_refused_fields(cfg: dict, fields: dict[str, tuple[Any, str]], source: str) -> None:
+def check_refused_fields(cfg: dict, fields: dict[str, tuple[Any, str]], source: str, *,
+                         doc: str = "docs/config_fields.md") -> None:
     """Refuse every key whose rule is ``refused`` and whose value is not the default."""
     for name, (default, rule) in fields.items():
         if rule == REFUSED and name in cfg and cfg[name] != default:
             why = {"is_causal": "a bidirectional decoder (is_causal=false) is not implemented",
                    "quantization_config": "quantized checkpoints are not supported; use a float "
                                           "checkpoint (or a GGUF, which jaxgrad dequantizes)"}
-            refuse(source, name, cfg[name], why.get(name, "not implemented"))
+            refuse(source, name, cfg[name], why.get(name, "not implemented"), doc=doc)
 
 
 class _Reader:
