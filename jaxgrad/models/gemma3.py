@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrad.models.layers import CausalLM, Embed, Linear, mask_value, split_rng
+from jaxgrad.models.layers import CausalLM, Embed, Linear, dot_product_attention, split_rng
 from jaxgrad.models.llama import (
     ACTIVATIONS,
     COMPUTED,
@@ -458,13 +458,8 @@ class Gemma3Attention(nnx.Module):
         k = self.k_norm(self.k_proj(x, rk).reshape(b, l, nkv, dh))
         v = self.v_proj(x, rv).reshape(b, l, nkv, dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = nh // nkv
-        q = q.reshape(b, l, nkv, groups, dh)
-        scale = float(cfg.query_pre_attn_scalar) ** -0.5
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
-        scores = jnp.where(mask_BxLxL[:, None, None], scores, mask_value(jnp.float32))
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, l, nh * dh)
+        out = dot_product_attention(q, k, v, mask_BxLxL,
+                                    scale=float(cfg.query_pre_attn_scalar) ** -0.5, dtype=cfg.dtype)
         return self.o_proj(out, ro)
 
 

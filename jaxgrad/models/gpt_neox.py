@@ -48,7 +48,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models import llama as _llama
-from jaxgrad.models.layers import CausalLM, Embed, LayerNorm, Linear, mask_value, split_rng
+from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, dot_product_attention,
+                                   split_rng)
 from jaxgrad.models.llama import (
     ACTIVATIONS,
     COMPUTED,
@@ -374,10 +375,7 @@ class GPTNeoXAttention(nnx.Module):
         qkv = self.query_key_value(x, r_qkv).reshape(b, l, nh, 3, hs)  # per head [q | k | v]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hs)
-        scores = jnp.where(mask_BxLxL[:, None], scores, mask_value(jnp.float32))
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, nh * hs)
+        out = dot_product_attention(q, k, v, mask_BxLxL, divisor=math.sqrt(hs), dtype=cfg.dtype)
         return self.dense(out, r_dense)
 
 

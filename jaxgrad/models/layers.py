@@ -157,6 +157,32 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, dtype,
+                          scale: float | None = None, divisor: float | None = None) -> jax.Array:
+    """Masked softmax attention with grouped key/value heads (transformers' ``eager_attention_
+    forward`` with ``repeat_kv``), scores and softmax in float32.
+
+    ``q [B, L, H, D]``, ``k, v [B, S, KV, D]`` with ``H`` a multiple of ``KV``; ``mask
+    [B, L, S]`` bool (True: attend); the scores are multiplied by ``scale`` or divided by
+    ``divisor``, exactly one given (the two round differently; each family keeps the form it was
+    validated with). Returns ``[B, L, H·D]`` in ``dtype`` (the probabilities are cast to it
+    before they weight ``v``).
+
+    Raises:
+      ValueError: both or neither of ``scale`` and ``divisor``.
+    """
+    if (scale is None) == (divisor is None):
+        raise ValueError("dot_product_attention: give exactly one of scale and divisor")
+    b, l, nh, dh = q.shape
+    nkv = k.shape[2]
+    q = q.reshape(b, l, nkv, nh // nkv, dh)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32)
+    scores = scores * scale if divisor is None else scores / divisor
+    scores = jnp.where(mask[:, None, None], scores, mask_value(jnp.float32))
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, l, nh * dh)
+
+
 def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
     """``n`` independent keys from ``rng``, or ``n`` Nones when dropout is off."""
     if rng is None:

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.models.layers import CausalLM, Embed, Linear, RMSNorm, mask_value, split_rng
+from jaxgrad.models.layers import (CausalLM, Embed, Linear, RMSNorm, dot_product_attention,
+                                   split_rng)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
@@ -644,12 +645,7 @@ class LlamaAttention(nnx.Module):
         k = self.k_proj(x, rk).reshape(b, l, nkv, dh)
         v = self.v_proj(x, rv).reshape(b, l, nkv, dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = nh // nkv
-        q = q.reshape(b, l, nkv, groups, dh)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(dh)
-        scores = jnp.where(mask_BxLxL[:, None, None], scores, mask_value(jnp.float32))
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, l, nh * dh)
+        out = dot_product_attention(q, k, v, mask_BxLxL, divisor=math.sqrt(dh), dtype=cfg.dtype)
         return self.o_proj(out, ro)
 
 
