@@ -51,6 +51,9 @@ from flax import nnx
 from jaxgrad.progress import progress_bar
 
 OPTIMIZERS = ("adamw", "sgd")
+# One-step fine-tunes on subsets that fit one batch are computed from per-unit gradient sums
+# (run_fidelity); False forces `fit` for every subset (the tests compare the two).
+ONE_BATCH_SHORTCUT = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +178,65 @@ def _target_outputs(config, data, model, tokenizer, graphdef, rest):
     return examples, f
 
 
+def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, filt):
+    """``gradient_sums(unit) -> (G, T)``: the gradient at θ* of the unit's summed training
+    token cross-entropy (a trainable-state tree, float32) and its target-token count.
+
+    One full-batch step on a union of units has the token-mean gradient ``ΣG / ΣT`` over its
+    units, so the fidelity stage's one-step fine-tunes need one pass over each unit's examples
+    instead of one per subset (see :func:`run_fidelity`). Results are cached per unit.
+    """
+    from jaxgrad.data.batching import collate, encode_for_model
+    from jaxgrad.losses import model_logits, token_ce_sums
+
+    max_length, chunk = int(config.train.max_length), 256
+
+    @jax.jit
+    def sums(params, batch):
+        def total(p):
+            logits = model_logits(nnx.merge(graphdef, p, rest), batch)
+            ce, tokens = token_ce_sums(logits, batch["targets"], batch["target_mask"])
+            valid = batch["valid"].astype(jnp.float32)
+            return jnp.sum(ce * valid), jnp.sum(tokens * valid)
+
+        (_, tokens), grads = jax.value_and_grad(total, has_aux=True)(params)
+        return grads, tokens
+
+    params = nnx.state(model, filt)
+    cache: dict[str, tuple] = {}
+
+    def gradient_sums(unit: str):
+        if unit not in cache:
+            examples = units.examples(data, "train", [unit])
+            enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
+            g_total, t_total = None, 0.0
+            for start in range(0, len(examples), chunk):
+                idx = list(range(start, min(start + chunk, len(examples))))
+                batch = collate(enc, idx, max_length=max_length, arch=arch, batch_size=chunk)
+                g, t = sums(params, {k: jnp.asarray(v) for k, v in batch.items()})
+                g_total = g if g_total is None else jax.tree.map(jnp.add, g_total, g)
+                t_total += float(t)
+            cache[unit] = (g_total, t_total)
+        return cache[unit]
+
+    return gradient_sums
+
+
+def _one_step_update(tc, theta_star, unit_sums):
+    """θ_S after one step of ``make_optimizer(tc)`` on the token-mean gradient of the units
+    whose ``(G, T)`` sums are given, and that gradient's global norm (before clipping): what
+    ``fit`` computes from one batch holding every example of the units."""
+    import optax
+
+    from jaxgrad.train import make_optimizer
+
+    tokens = max(sum(t for _, t in unit_sums), 1.0)
+    grads = jax.tree.map(lambda *g: sum(g) / tokens, *[g for g, _ in unit_sums])
+    tx = make_optimizer(tc, 1)
+    updates, _ = tx.update(grads, tx.init(theta_star), theta_star)
+    return optax.apply_updates(theta_star, updates), float(optax.global_norm(grads))
+
+
 def _refit(config, workdir: str, data, rows):
     """The surrogate fits (config.surrogate) of the subsets named by estimates-table ``rows``."""
     from jaxgrad.selection import masks_from_sources
@@ -270,6 +332,12 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     table_base = float(metric(np.asarray(target.f(), np.float64)))
     x_t = np.asarray(target.feats())
 
+    # fidelity.steps = 1 with LoRA dropout off: a subset whose examples fit one batch gets the
+    # exact one-step update from per-unit gradient sums (fit's result up to float rounding).
+    one_batch = (ONE_BATCH_SHORTCUT and tc.num_steps == 1
+                 and float(config.lora.get("dropout", 0.0)) == 0.0)
+    gradient_sums = _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest,
+                                        filt)
     results = []
     show = bool(config.train.get("progress", True)) and jax.process_index() == 0
     for i, row in enumerate(progress_bar(rows, desc="fidelity fine-tunes", unit="subset",
@@ -289,14 +357,26 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
             acc_true, grad_norms = float(truth["accuracy"]), list(truth["grad_norms"])
         else:
             nnx.update(model, theta_star)
-            grad_norms = []
-            trained = fit(model, tokenizer, units.examples(data, "train", chosen), tc, run_dir,
-                          sources=data.sources,
-                          callback=lambda step, m: grad_norms.append(float(m["grad_norm"]))).model
-            theta_s = nnx.state(trained, filt)
+            train_examples = units.examples(data, "train", chosen)
+            counts = [len(units.examples(data, "train", [n])) for n in chosen]
+            if one_batch and len(train_examples) <= tc.batch_size and sum(counts) == len(train_examples):
+                # One step on one batch holding the whole subset: the same update as `fit`, from
+                # the units' gradient sums (computed once per unit, not once per subset).
+                theta_s, norm = _one_step_update(tc, theta_star,
+                                                 [gradient_sums(n) for n in chosen])
+                grad_norms = [norm]
+                nnx.update(model, theta_s)
+                trained = model
+            else:
+                grad_norms = []
+                trained = fit(model, tokenizer, train_examples, tc, run_dir, sources=data.sources,
+                              callback=lambda step, m: grad_norms.append(float(m["grad_norm"]))
+                              ).model
+                theta_s = nnx.state(trained, filt)
             f_true = np.asarray(target_f(theta_s))
             u = np.asarray(flatten(theta_s)) - theta_np
             acc_true = accuracy(trained)
+            os.makedirs(run_dir, exist_ok=True)
             if jax.process_index() == 0:
                 tmp = os.path.join(run_dir, f"truth.tmp{os.getpid()}.npz")
                 np.savez(tmp, key=np.str_(key), f_true=f_true, update=u.astype(np.float32),

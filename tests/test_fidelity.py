@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import demo
+from jaxgrad import fidelity
 from jaxgrad.fidelity import (FidelityConfig, _summary, first_order_error, run_fidelity,
                               suggest_scale)
 from jaxgrad.pipeline import run_pipeline
@@ -148,3 +150,35 @@ def test_spearman_averages_ties_and_refuses_constant_or_missing_values():
     assert _spearman(a, b) == pytest.approx(spearmanr(a, b)[0])
     assert np.isnan(_spearman(a, [0.5] * 5))  # constant: no ranking, not a correlation with order
     assert np.isnan(_spearman(a, [np.nan] * 5))
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_one_step_from_unit_gradient_sums_equals_fit(run_dir, tmp_path, monkeypatch, clip):
+    """fidelity.steps = 1 on subsets that fit one batch: the update built from each unit's
+    gradient sum (ΣG / ΣT, one pass per unit) is the one `fit` makes, up to float rounding, and
+    no training run is written."""
+    settings = dict(num_subsets=3, steps=1, learning_rate=0.5, optimizer="sgd", batch_size=64,
+                    max_grad_norm=clip)
+
+    def run(shortcut: bool, name: str):
+        workdir = tmp_path / name
+        shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("fidelity"))
+        monkeypatch.setattr(fidelity, "ONE_BATCH_SHORTCUT", shortcut)
+        out = run_fidelity(_config(**settings), str(workdir))
+        subsets = [workdir / "fidelity" / f"subset_{r['subset']}" for r in out["rows"]]
+        return out, [np.load(d / "truth.npz")["update"] for d in subsets], subsets
+
+    fast, fast_updates, fast_dirs = run(True, "shortcut")
+    slow, slow_updates, slow_dirs = run(False, "fit")
+    assert not any((d / "ckpt").exists() for d in fast_dirs), "the shortcut trained a run"
+    assert all((d / "ckpt").exists() for d in slow_dirs)
+    for a, b, r in zip(fast_updates, slow_updates, fast["rows"]):
+        assert np.abs(b).max() > 0
+        # u = θ_S − θ* in float32 carries the rounding of θ_S: up to an ulp of a parameter
+        # (2^-23 at magnitude 1; the adapters' entries are below 1) on top of the update's own.
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max() + 2.0**-22,
+                                   err_msg=f"subset {r['sources']}: update differs from fit's")
+    for a, b in zip(fast["rows"], slow["rows"]):
+        assert a["sources"] == b["sources"]
+        assert a["true_loss"] == pytest.approx(b["true_loss"], rel=1e-5)
+        assert a["grad_norm_mean"] == pytest.approx(b["grad_norm_mean"], rel=1e-4)

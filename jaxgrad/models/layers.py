@@ -88,9 +88,10 @@ class Linear(nnx.Module):
         self.lora_scaling = lora_scaling(alpha, int(self.lora_A.shape[0]), use_rslora)
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-        x = x.astype(self.dtype)
+        lead = x.shape[:-1]
+        x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         w = self.weight[...].astype(self.dtype)
-        y = jnp.einsum("...i,io->...o" if self.transposed else "...i,oi->...o", x, w)
+        y = jnp.dot(x, w) if self.transposed else jnp.dot(x, w.T)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_A is not None:
@@ -101,9 +102,9 @@ class Linear(nnx.Module):
                 h = jnp.where(mask, h / keep, 0).astype(h.dtype)
             a = self.lora_A[...].astype(self.dtype)
             b = self.lora_B[...].astype(self.dtype)
-            lora = jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", h, a), b)
+            lora = jnp.dot(jnp.dot(h, a.T), b.T)
             y = y + (self.lora_scaling * lora).astype(y.dtype)
-        return y
+        return y.reshape(lead + (y.shape[-1],))
 
 
 class Embed(nnx.Module):
