@@ -10,8 +10,8 @@ sources.
 
 What the settings are for. θ* must have learnt the target, otherwise clean and noisy ``add`` look
 alike to it (same format, same digits): 4000 steps at lr 5e-3 over 600 examples per source bring
-``add`` to validation loss 0.37, and ``noisy_add``'s mean gradient then points against the
-target's (cosine -0.55). ``token_ce`` drops what θ* already predicts (the format) from the
+``add`` to validation loss 0.25, and ``noisy_add``'s mean gradient then points against the
+target's (cosine -0.39). ``token_ce`` drops what θ* already predicts (the format) from the
 gradients; k = 2048 keeps projection noise (about 1/sqrt(k) of a cosine) below the small cosines
 that order the middle ranks; subsets of two sources let each source's own effect show.
 
@@ -27,14 +27,15 @@ Command (from the repository root):
 
 Variants: ``configs/demo.py:tiny`` (3 sources, a few steps: what the tests and CI run).
 
-Expected runtime and result (2 AMD EPYC cores, jax 0.10.2, 2026-11-24): 3 min 48 s for `make demo`
-(4 min 19 s in a second run; base 16 s for 1500 steps, meta_train 58 s for 4000 steps, gradients
-11 s, estimates 3 s, four final fine-tunes of 1250 steps 87 s, fidelity 46 s); ranking AUC 1.0 (``noisy_add`` last, both
-unrelated sources below the related ones); target test loss 0.32 and accuracy 0.21 after
-fine-tuning on the selection against 0.67 and 0.05 on all sources; fidelity against one clipped
-SGD step from θ* per pair: linearized estimates within 0.8% of the true loss, Spearman 0.96.
-With every seed set to 1 or 2 instead: ranking AUC 0.833 / 1.0, ``noisy_add`` last, selection
-test loss 0.36 against 0.66 / 0.67 for all sources.
+Expected runtime and result (2 idle Intel Xeon cores, jax 0.10.2, 2026-11-30; README "What
+`make demo` shows"): 6 min 31 s for a fresh `make demo` (base 44 s for 1500 steps, meta_train
+125 s for 4000 steps, gradients 24 s, estimates 6 s, selection 8 s, four final fine-tunes of
+1250 steps 159 s, fidelity 20 s); ranking AUC 1.0 (``noisy_add`` last, both unrelated sources
+below the related ones); target test loss 0.33 and accuracy 0.22 after fine-tuning on the
+selection against 0.51 and 0.14 on all sources; fidelity against one clipped SGD step from θ* per
+pair: linearized estimates within 2.1% of the true loss, Spearman 0.92. With every seed set to 1
+or 2 instead (AMD EPYC, 2026-11-24, that day's code): ranking AUC 0.833 / 1.0, ``noisy_add``
+last, selection test loss 0.36 against 0.66 / 0.67 for all sources.
 """
 
 import ml_collections
@@ -109,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ||Delta|| / ||theta*_LoRA||: the size of the fine-tuning step the estimates stand for. The
     # ranking does not depend on it (every c_S scales alike). 0.008 is what jaxgrad.fidelity's
     # suggest_scale measured against one clipped SGD step from θ* per pair (the fidelity section
-    # below): estimates then within 1% of the true loss, Spearman 0.96 (benchmarks/RESULTS.md).
+    # below) on 2026-11-24 (benchmarks/RESULTS.md); today's run calibrates to 0.0084.
     c.surrogate.scale = 0.008
     c.surrogate.num_subsets = 21  # 21 = every pair of the 7 sources
     # 0.3 of 7 sources = pairs. Small subsets let each source's own effect show; in half-subsets
@@ -119,8 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.pipeline.finetune_steps = 1250  # steps of every final fine-tune (same budget for each run)
 
-    # Fidelity stage (about a minute): every pair really fine-tuned from θ* by one full-batch SGD step (2 x 600
-    # examples) clipped to norm 0.1, so every pair moves the same distance, as Delta_S does.
+    # Fidelity stage (20 s): every pair really fine-tuned from θ* by one full-batch SGD step (2 x 600
+    # examples) clipped to norm 0.1, so every pair moves the same distance, as Delta_S does. One
+    # step on one batch is computed from the 7 sources' gradient sums (jaxgrad.fidelity).
     c.pipeline.fidelity = True
     c.fidelity.num_subsets = 21
     c.fidelity.steps = 1
