@@ -839,6 +839,7 @@ def validate_config(config, stages: Sequence[str] | None = None):
     """Checks, before the first stage, what would otherwise fail only after hours of training.
 
     * ``model.dtype`` / ``model.param_dtype`` (float32 or bfloat16);
+    * ``train.full_finetune`` only without adapters (``lora.rank = 0``);
     * every "fraction or count" setting (:data:`FRACTION_OR_COUNT`) under the one rule of
       :mod:`jaxgrad.counts`, whether it came from Python, a config file or the command line;
     * the data load: every source's splits and the target's validation/test split non-empty
@@ -870,6 +871,14 @@ def validate_config(config, stages: Sequence[str] | None = None):
 
             resolve_dtype(get(key), f"config.{key}")
     check_method_sections(config)
+    if get("train.full_finetune") and int(get("lora.rank") or 0) > 0:
+        # Meta-training would train every parameter while the gradients, estimates and fidelity
+        # stages see the adapters only (their trainable set is the adapters whenever there are
+        # some): θ* and its gradients would describe different parameters.
+        raise ValueError(f"config.train.full_finetune=True with config.lora.rank="
+                         f"{get('lora.rank')}: the pipeline's gradients are taken w.r.t. the "
+                         "parameters meta-training trains; set lora.rank=0 to meta-train and "
+                         "score every parameter, or full_finetune=False for the adapters")
     data_kind = get("data.kind")
     for key, (_, allow_zero) in FRACTION_OR_COUNT.items():
         value = get(key)

@@ -673,6 +673,22 @@ def test_misspelt_keys_and_values_outside_their_set_refused_before_any_stage(tmp
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_full_finetune_with_adapters_refused_before_any_stage(tmp_path):
+    """train.full_finetune=True meta-trains every parameter, but with adapters on the model the
+    gradients, estimates and fidelity stages differentiate w.r.t. the adapters only: refused by
+    name before anything is written; without adapters (lora.rank=0) it is accepted."""
+    config = demo.get_config("tiny")
+    config.train.full_finetune = True
+    with pytest.raises(ValueError, match=r"config.train.full_finetune=True with "
+                                         r"config.lora.rank=16.*set lora.rank=0"):
+        run_pipeline(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    config.lora.rank = 0
+    from jaxgrad.pipeline import validate_config
+
+    assert validate_config(config, stages=["base"]) is None
+
+
 def test_report_names_the_stepwise_search(run_dir, tmp_path):
     from jaxgrad.report import write_report
 
