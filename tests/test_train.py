@@ -303,7 +303,10 @@ def test_grad_accumulation_equals_one_big_batch():
     loss4, g4 = grads(graphdef, trainable, frozen, batch, None, grad_accum_steps=4)
     assert float(loss4) == pytest.approx(float(loss1), rel=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree.leaves(g4)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-8,
+        # Micro-batches sum in another order: float32 rounding of the largest terms (~1e-7 of
+        # the leaf's largest entry) can dominate an entry that cancels to near zero.
+        a = np.asarray(a)
+        np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5, atol=1e-6 * np.abs(a).max(),
                                    err_msg=f"gradient of {sharding_lib.path_name(path)}")
 
 
