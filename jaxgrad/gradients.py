@@ -13,6 +13,8 @@ With several processes (``jax.distributed``), process p computes the shards i wi
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from typing import Any, Sequence
 
 import jax
@@ -21,7 +23,7 @@ from flax import nnx
 
 from jaxgrad.data.batching import collate, encode_for_model
 from jaxgrad.per_sample import per_sample_projected_grads, trainable_filter
-from jaxgrad.store import GradientStore
+from jaxgrad.store import MANIFEST_NAME, GradientStore
 
 
 def params_fingerprint(state: Any) -> str:
@@ -83,3 +85,20 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
             fs.append(np.asarray(res.f)[:n])
         store.write_shard(i, np.concatenate(feats), np.concatenate(fs))
     return store
+
+
+def store_model_id(name_or_path: str, workdir: str, store_path: str) -> str:
+    """The ``model`` a gradient store records: a base model inside the run directory (the demo's
+    ``<workdir>/base``) relative to it, so that a copied or moved run directory still resumes an
+    interrupted store (θ* itself is identified by the ``checkpoint`` fingerprint). A partial
+    store written before this rule, with the absolute form of the same path, keeps its value."""
+    full, root = os.path.abspath(os.path.expanduser(name_or_path)), os.path.abspath(workdir)
+    if not (os.path.exists(full) and os.path.commonpath([full, root]) == root):
+        return name_or_path
+    manifest = os.path.join(store_path, MANIFEST_NAME)
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            recorded = json.load(f).get("model")
+        if recorded == full:
+            return recorded
+    return os.path.relpath(full, root)

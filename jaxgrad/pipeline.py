@@ -211,7 +211,7 @@ def _projector(config, dim: int):
 
 def stage_gradients(config, workdir: str) -> dict:
     """Step 2: projected per-sample gradients of all train splits and the target's validation."""
-    from jaxgrad.gradients import compute_gradient_store
+    from jaxgrad.gradients import compute_gradient_store, store_model_id
     from jaxgrad.per_sample import num_trainable
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
@@ -237,13 +237,14 @@ def stage_gradients(config, workdir: str) -> dict:
     kw = dict(mesh=local_data_mesh(), sources=data.sources, output_fn=g["output_fn"], eps=float(g["eps"]),
               batch_size=int(g["batch_size"]), chunk_size=int(g["chunk_size"]),
               max_length=int(config.train.max_length), shard_size=int(g["shard_size"]),
-              dtype=g["dtype"], model_id=config.model.name_or_path or "scratch",
-              progress=bool(config.train.progress), process_index=jax.process_index(),
-              process_count=jax.process_count())
+              dtype=g["dtype"], progress=bool(config.train.progress),
+              process_index=jax.process_index(), process_count=jax.process_count())
     counts = {}
     for name, split, sources in (("train", "train", None), ("target", "validation", [data.target])):
         examples = data.examples(split, sources)
-        store = compute_gradient_store(model, examples, tokenizer, projector, paths[name], split=split, **kw)
+        model_id = store_model_id(config.model.name_or_path or "scratch", workdir, paths[name])
+        store = compute_gradient_store(model, examples, tokenizer, projector, paths[name],
+                                       split=split, model_id=model_id, **kw)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -872,9 +873,8 @@ def validate_config(config, stages: Sequence[str] | None = None):
             resolve_dtype(get(key), f"config.{key}")
     check_method_sections(config)
     if get("train.full_finetune") and int(get("lora.rank") or 0) > 0:
-        # Meta-training would train every parameter while the gradients, estimates and fidelity
-        # stages see the adapters only (their trainable set is the adapters whenever there are
-        # some): θ* and its gradients would describe different parameters.
+        # Meta-training would train every parameter, the later stages differentiate w.r.t. the
+        # adapters whenever there are some: θ* and its gradients would differ in parameters.
         raise ValueError(f"config.train.full_finetune=True with config.lora.rank="
                          f"{get('lora.rank')}: the pipeline's gradients are taken w.r.t. the "
                          "parameters meta-training trains; set lora.rank=0 to meta-train and "

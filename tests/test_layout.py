@@ -1,0 +1,548 @@
+"""The package layout, checked statically (issue 17): no import cycle, no import hidden inside a
+function except of an optional or heavy dependency, no module over 500 lines, no function over 80.
+
+Every check reads the source of ``jaxgrad/`` with :mod:`ast`; no jaxgrad module is imported, so
+the file runs in a fraction of a second and cannot be fooled by what an import happens to execute.
+``JAXGRAD_LAYOUT_ROOT`` points the checks at another copy of the package directory (used to show
+that each check fails on a planted violation).
+
+The rules:
+
+* **No import cycle.** The graph has an edge A -> B when module A imports jaxgrad module B, and
+  A -> P for each package P above B that is not a package above A: importing ``jaxgrad.x.y``
+  first runs ``jaxgrad/x/__init__.py``, while a module's own packages are already being imported
+  when it runs (an edge from each submodule to its own package would make every package that
+  re-exports its submodules, ``data`` and ``models`` today, a cycle by construction). A module that
+  imports a name from its own package's ``__init__`` does depend on it, and gets the edge.
+  Imports under ``if TYPE_CHECKING:`` do not run and are skipped. Cycles are the strongly
+  connected components of more than one module (Tarjan). They are checked twice: over module-level
+  imports (what ``import jaxgrad.x`` executes), and over all imports including those inside
+  functions, since hiding an import in a function only postpones a cycle to call time.
+* **No function-local imports**, except of the optional or heavy dependencies in
+  ``OPTIONAL_DEPENDENCIES`` (``import jaxgrad`` must stay light, and the jitted core must run on
+  machines without them). Anything else, jaxgrad's own modules included, goes at the top of the
+  module; if that makes a cycle, the shared code moves down the method.
+* **No module over ``MAX_MODULE_LINES`` lines, no function or method (nested ones included) over
+  ``MAX_FUNCTION_LINES``** (``def`` line to last line, decorators excluded).
+
+The ``*_TODAY`` allow-lists below are today's debt, to be paid off by issue 17 (plan:
+``docs/dev/layout_plan.md`` §6.2): they may only shrink. A new violation fails; a module or
+function may shrink but not grow past its ceiling (today's length); an entry that no longer
+applies fails too, with the advice to remove it (or lower its count), so the lists follow the code
+down to empty, when issue 17 is done and they are deleted. Local imports are allow-listed by
+(module, imported module) with a count, not by line, so unrelated edits do not break the test.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import functools
+import os
+import pathlib
+import sys
+from typing import NamedTuple
+
+ROOT = pathlib.Path(
+    os.environ.get("JAXGRAD_LAYOUT_ROOT") or pathlib.Path(__file__).resolve().parents[1] / "jaxgrad"
+).resolve()
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+# Dependencies a function may import when it needs them (prefix match on the dotted name). Each is
+# either an optional extra, or slow to import (hundreds of milliseconds to seconds, or it pulls in
+# a UI/back-end stack) and needed only by one loader, reader, plot or entry point, so importing it
+# at module level would make `import jaxgrad` heavy (its docstring promises jax, flax, numpy only):
+#   tqdm            tqdm.auto probes IPython / ipywidgets to pick a notebook bar
+#   matplotlib      plots in the report only
+#   scipy, sklearn  statistics / clustering helpers of single functions (scipy.stats, .cluster)
+#   datasets, pyarrow, pandas   file readers of data.sources (parquet, pickle, HF datasets)
+#   tokenizers, transformers, safetensors, huggingface_hub   model and tokenizer loading
+#   gguf, torch, accelerate, peft   the [gguf] extra / torch-side tools, optional
+#   absl, ml_collections   command-line entry points only (stage scripts, flags)
+#   orbax           checkpointing (pulls in tensorstore and friends)
+#   jax.experimental.pallas   Triton / Mosaic kernel back-ends, platform-specific and heavy
+#   IPython         notebook-only helpers
+# NOT listed, on purpose: jax, flax, optax, numpy and the standard library (already imported or
+# cheap), and jax.experimental.multihost_utils, which imports only jax internals that `import jax`
+# has already loaded (no back-end start-up): its 14 local imports today are debt (plan §1.3: move
+# to module level, one `barrier(name)` helper).
+OPTIONAL_DEPENDENCIES = (
+    "tqdm", "matplotlib", "scipy", "sklearn", "datasets", "pyarrow", "pandas", "tokenizers",
+    "transformers", "safetensors", "huggingface_hub", "gguf", "torch", "accelerate", "peft",
+    "absl", "ml_collections", "orbax", "jax.experimental.pallas", "IPython",
+)
+
+ADVICE = "(issue 17; plan: docs/dev/layout_plan.md)"
+
+# ---------------------------------------------------------------------------------------------
+# Allow-lists: today's violations, to be removed by issue 17. They may only shrink.
+# ---------------------------------------------------------------------------------------------
+
+# Cycles among module-level imports: none today, keep it so.
+CYCLES_TODAY_MODULE_LEVEL: set[frozenset[str]] = set()
+
+# Cycles that exist only through imports inside functions.
+CYCLES_TODAY_WITH_LOCAL_IMPORTS: set[frozenset[str]] = {
+    # fidelity's functions import pipeline's private helpers; pipeline's import fidelity.
+    frozenset({"jaxgrad.fidelity", "jaxgrad.pipeline"}),
+    # bigbench imports sources at module level; sources._read_bigbench imports bigbench.
+    frozenset({"jaxgrad.data.bigbench", "jaxgrad.data.sources"}),
+}
+
+# (module, imported module) -> number of import statements inside functions of that module.
+LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
+    # jaxgrad's own modules
+    ("jaxgrad.choices", "jaxgrad.data.batching"): 1,
+    ("jaxgrad.choices", "jaxgrad.losses"): 1,
+    ("jaxgrad.config_sections", "jaxgrad.data.sources"): 1,
+    ("jaxgrad.data.sources", "jaxgrad.data.bigbench"): 1,
+    ("jaxgrad.fidelity", "jaxgrad.choices"): 1,
+    ("jaxgrad.fidelity", "jaxgrad.data.batching"): 2,
+    ("jaxgrad.fidelity", "jaxgrad.flat"): 2,
+    ("jaxgrad.fidelity", "jaxgrad.losses"): 2,
+    ("jaxgrad.fidelity", "jaxgrad.outputs"): 2,
+    ("jaxgrad.fidelity", "jaxgrad.per_sample"): 2,
+    ("jaxgrad.fidelity", "jaxgrad.pipeline"): 3,
+    ("jaxgrad.fidelity", "jaxgrad.selection"): 1,
+    ("jaxgrad.fidelity", "jaxgrad.store"): 2,
+    ("jaxgrad.fidelity", "jaxgrad.surrogate"): 2,
+    ("jaxgrad.fidelity", "jaxgrad.train"): 3,
+    ("jaxgrad.fingerprint", "jaxgrad.checkpoint"): 1,
+    ("jaxgrad.gradients", "jaxgrad.progress"): 1,
+    ("jaxgrad.groups", "jaxgrad.selection"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.checkpoint"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.config_sections"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.counts"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.data"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.data.batching"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.data.sources"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.data.synthetic"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.fidelity"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.fingerprint"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.flat"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.gradients"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.groups"): 6,
+    ("jaxgrad.pipeline", "jaxgrad.losses"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.models"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.models.llama"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.outputs"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.per_sample"): 3,
+    ("jaxgrad.pipeline", "jaxgrad.projection"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.report"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.representations"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.runtime"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.selection"): 5,
+    ("jaxgrad.pipeline", "jaxgrad.sharding"): 2,
+    ("jaxgrad.pipeline", "jaxgrad.store"): 6,
+    ("jaxgrad.pipeline", "jaxgrad.surrogate"): 4,
+    ("jaxgrad.pipeline", "jaxgrad.train"): 13,
+    ("jaxgrad.report", "jaxgrad.fingerprint"): 1,
+    ("jaxgrad.representations", "jaxgrad.data.batching"): 1,
+    ("jaxgrad.runtime", "jaxgrad.fingerprint"): 1,
+    ("jaxgrad.store", "jaxgrad"): 1,
+    ("jaxgrad.train", "jaxgrad.choices"): 1,
+    ("jaxgrad.train", "jaxgrad.data"): 2,
+    ("jaxgrad.train", "jaxgrad.data.batching"): 1,
+    ("jaxgrad.train", "jaxgrad.groups"): 1,
+    ("jaxgrad.train", "jaxgrad.models"): 3,
+    ("jaxgrad.train", "jaxgrad.models.hub"): 1,
+    ("jaxgrad.train", "jaxgrad.progress"): 1,
+    # not optional and cheap (the standard library, jax, flax, optax): move to module level
+    ("jaxgrad.fidelity", "optax"): 1,
+    ("jaxgrad.fingerprint", "jax"): 4,
+    ("jaxgrad.fingerprint", "jax.experimental.multihost_utils"): 4,
+    ("jaxgrad.models.gguf", "importlib.metadata"): 1,
+    ("jaxgrad.pipeline", "dataclasses"): 1,
+    ("jaxgrad.pipeline", "difflib"): 1,
+    ("jaxgrad.pipeline", "flax.nnx"): 2,
+    ("jaxgrad.pipeline", "hashlib"): 1,
+    ("jaxgrad.pipeline", "jax.experimental.multihost_utils"): 7,
+    ("jaxgrad.report", "shlex"): 1,
+    ("jaxgrad.report", "sys"): 1,
+    ("jaxgrad.runtime", "jax"): 1,
+    ("jaxgrad.selection", "itertools"): 1,
+    ("jaxgrad.surrogate", "jax.experimental.multihost_utils"): 1,
+    ("jaxgrad.train", "hashlib"): 1,
+    ("jaxgrad.train", "jax.experimental.multihost_utils"): 2,
+    ("jaxgrad.train", "re"): 2,
+}
+
+# module -> its line count today (a ceiling).
+MODULE_LINES_TODAY: dict[str, int] = {
+    "jaxgrad.data.sources": 1170,
+    "jaxgrad.fidelity": 569,
+    "jaxgrad.fingerprint": 633,
+    "jaxgrad.models.gemma3": 555,
+    "jaxgrad.models.llama": 725,
+    "jaxgrad.models.lora": 696,
+    "jaxgrad.pipeline": 1220,
+    "jaxgrad.projection": 746,
+    "jaxgrad.report": 537,
+    "jaxgrad.selection": 670,
+    "jaxgrad.store": 1045,
+    "jaxgrad.surrogate": 782,
+    "jaxgrad.train": 1234,
+}
+
+# "module:qualified.name" -> its length today (a ceiling).
+FUNCTION_LINES_TODAY: dict[str, int] = {
+    "jaxgrad.config_sections:add_method_sections": 89,
+    "jaxgrad.data.sources:MultiSourceData.from_examples": 145,
+    "jaxgrad.fidelity:first_order_error": 88,
+    "jaxgrad.fidelity:run_fidelity": 195,
+    "jaxgrad.fingerprint:reconcile": 90,
+    "jaxgrad.models.lora:load_peft_adapter": 83,
+    "jaxgrad.pipeline:run_pipeline": 85,
+    "jaxgrad.pipeline:stage_selection": 92,
+    "jaxgrad.report:write_report": 113,
+    "jaxgrad.store:GradientStore.create_or_resume": 102,
+    "jaxgrad.store:_new_manifest": 89,
+    "jaxgrad.surrogate:fit_subsets": 150,
+    "jaxgrad.train:run_training": 188,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Reading the source
+# ---------------------------------------------------------------------------------------------
+
+
+class Import(NamedTuple):
+    module: str        # the importing jaxgrad module
+    target: str        # the imported module, resolved ("jaxgrad.data.sources", "scipy.stats")
+    spelled: tuple[str, ...]  # "base.name" for each name of a `from base import name`
+    line: int
+    function: str | None  # qualified name of the enclosing function; None at module level
+    text: str          # the statement, as written
+
+
+class Function(NamedTuple):
+    module: str
+    qualname: str      # as Python's __qualname__: "Class.method", "outer.<locals>.inner"
+    line: int
+    length: int
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = ("jaxgrad",) + path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _rel(path: pathlib.Path) -> str:
+    return str(pathlib.Path("jaxgrad") / path.relative_to(ROOT))
+
+
+@functools.lru_cache(maxsize=None)
+def _modules() -> dict[str, pathlib.Path]:
+    return {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+@functools.lru_cache(maxsize=None)
+def _source(name: str) -> tuple[str, ast.Module]:
+    text = _modules()[name].read_text(encoding="utf-8")
+    return text, ast.parse(text, filename=str(_modules()[name]))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_external_module(dotted: str) -> bool:
+    """Whether ``dotted`` names a module of an installed package (file system only, no import)."""
+    *parents, last = dotted.split(".")
+    for entry in sys.path:
+        base = pathlib.Path(entry or ".").joinpath(*parents)
+        if (base / f"{last}.py").is_file() or (base / last).is_dir():
+            return True
+        if base.is_dir() and (any(base.glob(f"{last}.*.so")) or any(base.glob(f"{last}.*.pyd"))):
+            return True
+    return False
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return ast.unparse(test).split(".")[-1] == "TYPE_CHECKING"
+
+
+def _resolve_from(name: str, node: ast.ImportFrom) -> str:
+    base = node.module or ""
+    if node.level:  # relative import, from the package that contains `name`
+        pkg = name.split(".") if _modules()[name].name == "__init__.py" else name.split(".")[:-1]
+        pkg = pkg[: len(pkg) - node.level + 1]
+        base = ".".join(pkg + ([base] if base else []))
+    return base
+
+
+def _targets(name: str, node: ast.Import | ast.ImportFrom) -> dict[str, list[str]]:
+    """Resolved imported module -> the names spelled "base.name" that it stands for."""
+    mods = _modules()
+    out: dict[str, list[str]] = {}
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            out.setdefault(alias.name, []).append(alias.name)
+        return out
+    base = _resolve_from(name, node)
+    for alias in node.names:
+        full = f"{base}.{alias.name}"
+        if base == "jaxgrad" or base.startswith("jaxgrad."):
+            target = full if full in mods else base
+        else:
+            target = full if _is_external_module(full) else base
+        out.setdefault(target, []).append(full)
+    return out
+
+
+def _statements(node: ast.AST) -> list[ast.stmt]:
+    """The statements directly inside ``node`` (imports and defs are statements: expressions need
+    no visit, which keeps the walk fast)."""
+    out = []
+    for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+        for child in getattr(node, field, None) or ():
+            out.extend(_statements(child) if isinstance(child, (ast.excepthandler,
+                                                                ast.match_case)) else [child])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(name: str) -> tuple[Import, ...]:
+    found: list[Import] = []
+
+    def visit(statements: list[ast.stmt], prefix: str, function: str | None) -> None:
+        for child in statements:
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                text = ast.unparse(child)
+                for target, spelled in _targets(name, child).items():
+                    found.append(Import(name, target, tuple(spelled), child.lineno, function, text))
+            elif isinstance(child, ast.If) and _is_type_checking(child.test):
+                visit(child.orelse, prefix, function)  # the body never runs; `else:` does
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                qual = prefix + child.name
+                visit(_statements(child), qual + ".<locals>.", qual)
+            elif isinstance(child, ast.ClassDef):
+                visit(_statements(child), prefix + child.name + ".", function)
+            else:
+                visit(_statements(child), prefix, function)
+
+    visit(_source(name)[1].body, "", None)
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=None)
+def _functions(name: str) -> tuple[Function, ...]:
+    found: list[Function] = []
+
+    def visit(statements: list[ast.stmt], prefix: str) -> None:
+        for child in statements:
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                qual = prefix + child.name
+                found.append(Function(name, qual, child.lineno,
+                                      child.end_lineno - child.lineno + 1))
+                visit(_statements(child), qual + ".<locals>.")
+            elif isinstance(child, ast.ClassDef):
+                visit(_statements(child), prefix + child.name + ".")
+            else:
+                visit(_statements(child), prefix)
+
+    visit(_source(name)[1].body, "")
+    return tuple(found)
+
+
+def _is_internal(target: str) -> bool:
+    return target == "jaxgrad" or target.startswith("jaxgrad.")
+
+
+def _ancestors(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _where(imp: Import) -> str:
+    place = f"inside {imp.function}()" if imp.function else "at module level"
+    text = imp.text if len(imp.text) <= 100 else imp.text[:97] + "..."
+    return f"{_rel(_modules()[imp.module])}:{imp.line} {place}: `{text}`"
+
+
+def _graph(with_local: bool) -> dict[str, dict[str, list[Import]]]:
+    """module -> module it depends on -> the import statements that make the edge."""
+    graph: dict[str, dict[str, list[Import]]] = {m: {} for m in _modules()}
+    for name in _modules():
+        own = set(_ancestors(name)) | {name}
+        for imp in _imports(name):
+            if not _is_internal(imp.target) or (imp.function and not with_local):
+                continue
+            implied = [p for p in _ancestors(imp.target) if p not in own]
+            for dep in [imp.target, *implied]:
+                if dep != name and dep in graph:
+                    graph[name].setdefault(dep, []).append(imp)
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, list[Import]]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    out.append(sorted(component))
+    return sorted(out)
+
+
+def _fail(problems: list[str], title: str) -> None:
+    if problems:
+        raise AssertionError(f"{title}:\n\n" + "\n\n".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_cycles(with_local: bool, allowed: set[frozenset[str]], allow_list: str) -> None:
+    graph = _graph(with_local)
+    found = {frozenset(c): c for c in _cycles(graph)}
+    kind = "imports (module-level and inside functions)" if with_local else "module-level imports"
+    problems = []
+    for key, members in found.items():
+        if key in allowed:
+            continue
+        edges = [f"    {a} -> {b}: " + "; ".join(_where(i) for i in graph[a][b])
+                 for a in members for b in sorted(graph[a]) if b in key]
+        grown = [sorted(old) for old in allowed if old < key]
+        was = f" (it grew out of the allow-listed {grown}, which may not grow)" if grown else ""
+        problems.append(
+            f"import cycle among {', '.join(members)} through {kind}{was}:\n" + "\n".join(edges)
+            + "\n  Make imports point one way, down the method (data, models, train, gradients, "
+            "estimate, select, pipeline): move the code both sides need into the lower module "
+            f"(or a common one), and do not hide the import inside a function {ADVICE}.")
+    for key in sorted(allowed - set(found), key=sorted):
+        if any(key < new for new in found):
+            continue  # reported above, as part of the larger cycle
+        problems.append(
+            f"the allow-listed import cycle {{{', '.join(sorted(key))}}} no longer exists "
+            f"through {kind}: remove it from the allow-list {allow_list} in tests/test_layout.py.")
+    _fail(problems, f"import cycles in {ROOT}")
+
+
+def test_no_import_cycle():
+    """Module-level imports form no cycle (what `import jaxgrad.x` runs)."""
+    _check_cycles(False, CYCLES_TODAY_MODULE_LEVEL, "CYCLES_TODAY_MODULE_LEVEL")
+
+
+def test_no_import_cycle_through_function_local_imports():
+    """Counting the imports hidden inside functions too (they run at call time), no new cycle."""
+    _check_cycles(True, CYCLES_TODAY_WITH_LOCAL_IMPORTS, "CYCLES_TODAY_WITH_LOCAL_IMPORTS")
+
+
+def _is_optional(imp: Import) -> bool:
+    return any(n == p or n.startswith(p + ".")
+               for n in (imp.target, *imp.spelled) for p in OPTIONAL_DEPENDENCIES)
+
+
+def test_no_function_local_imports_except_optional_dependencies():
+    found: dict[tuple[str, str], list[Import]] = collections.defaultdict(list)
+    for name in _modules():
+        for imp in _imports(name):
+            if imp.function and not _is_optional(imp):
+                found[imp.module, imp.target].append(imp)
+    problems = []
+    for key, imps in sorted(found.items()):
+        allowed = LOCAL_IMPORTS_TODAY.get(key, 0)
+        if len(imps) > allowed:
+            where = "\n".join(f"    {_where(i)}" for i in imps)
+            problems.append(
+                f"{key[0]} imports {key[1]} inside a function {len(imps)} time(s); "
+                f"the allow-list permits {allowed}:\n{where}\n"
+                f"  Move the import to the top of the module (if that makes a cycle, move the "
+                f"shared code down the method instead). Only the optional or heavy dependencies of "
+                f"OPTIONAL_DEPENDENCIES may be imported inside a function {ADVICE}.")
+    for key, allowed in sorted(LOCAL_IMPORTS_TODAY.items()):
+        count = len(found.get(key, ()))
+        if count == 0:
+            problems.append(
+                f"{key[0]} no longer imports {key[1]} inside a function: remove {key!r} from "
+                f"the allow-list LOCAL_IMPORTS_TODAY in tests/test_layout.py.")
+        elif count < allowed:
+            problems.append(
+                f"{key[0]} imports {key[1]} inside a function {count} time(s), fewer than the "
+                f"{allowed} allow-listed: lower its count to {count} in LOCAL_IMPORTS_TODAY "
+                f"(tests/test_layout.py), so that the list keeps shrinking.")
+    _fail(problems, f"function-local imports in {ROOT}")
+
+
+def _check_sizes(sizes: dict[str, tuple[int, str]], limit: int, allowed: dict[str, int],
+                 allow_list: str, what: str, fix: str) -> list[str]:
+    problems = []
+    for key, (size, where) in sorted(sizes.items()):
+        if size <= limit:
+            continue
+        ceiling = allowed.get(key)
+        if ceiling is None:
+            problems.append(f"{where}: {what} {key} is {size} lines, over the limit of {limit}. "
+                            f"{fix} {ADVICE}.")
+        elif size > ceiling:
+            problems.append(
+                f"{where}: {what} {key} grew to {size} lines; it is allow-listed in {allow_list} "
+                f"at {ceiling} (today's debt, over the limit of {limit}) and may only shrink. "
+                f"{fix} {ADVICE}.")
+    for key, ceiling in sorted(allowed.items()):
+        if key not in sizes:
+            problems.append(f"the allow-listed {what} {key} no longer exists: remove it from "
+                            f"{allow_list} in tests/test_layout.py (if it moved and is still over "
+                            f"{limit} lines, the new name is reported above).")
+        elif sizes[key][0] <= limit:
+            problems.append(f"{what} {key} is now {sizes[key][0]} lines, within the limit of "
+                            f"{limit}: remove it from the allow-list {allow_list} in "
+                            f"tests/test_layout.py.")
+    return problems
+
+
+def test_module_sizes():
+    sizes = {}
+    for name, path in _modules().items():
+        sizes[name] = (len(_source(name)[0].splitlines()), _rel(path))
+    _fail(_check_sizes(
+        sizes, MAX_MODULE_LINES, MODULE_LINES_TODAY, "MODULE_LINES_TODAY", "module",
+        "Split it into modules of one concern each, in the package of its stage of the method"),
+        f"modules over {MAX_MODULE_LINES} lines in {ROOT}")
+
+
+def test_function_sizes():
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, path in _modules().items():
+        for fn in _functions(name):
+            key = f"{name}:{fn.qualname}"
+            if fn.length >= sizes.get(key, (0, ""))[0]:
+                sizes[key] = (fn.length, f"{_rel(path)}:{fn.line}")
+    _fail(_check_sizes(
+        sizes, MAX_FUNCTION_LINES, FUNCTION_LINES_TODAY, "FUNCTION_LINES_TODAY", "function",
+        "Split it into named steps (e.g. set-up, loop body, write-out), each a function of its "
+        "own"), f"functions over {MAX_FUNCTION_LINES} lines in {ROOT}")
