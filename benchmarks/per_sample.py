@@ -95,7 +95,7 @@ def make_model(vocab: int, seed: int = 0) -> tuple[nnx.Module, LlamaConfig]:
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                       head_dim=32)
     model = build_model(cfg, seed=seed)
-    apply_lora(model, LoraConfig(rank=8, target_modules=("q_proj", "k_proj", "v_proj"),
+    apply_lora(model, LoraConfig(rank=8, alpha=16.0, target_modules=("q_proj", "k_proj", "v_proj"),
                                  seed=seed))
     rng = np.random.default_rng(seed)
     for _, lin in sorted(linear_modules(model).items()):

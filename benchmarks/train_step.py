@@ -79,7 +79,7 @@ def measure(config, batch_size: int, steps: int) -> dict:
              "valid": np.ones((batch_size,), np.int32)}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     tcfg = train.TrainConfig(learning_rate=float(config.train.learning_rate),
-                             batch_size=batch_size)
+                             batch_size=batch_size, schedule="cosine")
     tx = train.make_optimizer(tcfg, steps + 1)
     graphdef, trainable, frozen = train.split_trainable(model)
     opt = tx.init(trainable)

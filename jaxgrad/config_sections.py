@@ -6,9 +6,34 @@ and the GradEx method's ``base``, ``gradients``, ``surrogate``, ``selection``, `
 ``fidelity``. Method defaults follow the paper's code: logit-odds outputs, a Rademacher
 projection, the gradex surrogate objective with C = 1e-4, the update rescaled to ``scale`` times
 the LoRA norm, 1000 random subsets of half the sources, random-ensemble scores.
+
+Every default is declared once. A section that a dataclass reads is built from that dataclass's
+field defaults, and each field's meaning is documented there: ``model``
+(:class:`jaxgrad.train.ModelSpec`), ``lora`` (:class:`jaxgrad.models.lora.LoraConfig`), ``train``
+(:class:`jaxgrad.train.TrainConfig`), ``mesh`` (:class:`jaxgrad.train.MeshConfig`) and ``groups``
+(:class:`jaxgrad.groups.GroupsSpec`); the ``gradients`` keys that
+:func:`jaxgrad.gradients.compute_gradient_store` takes are its keyword defaults. Every other key
+is declared here, its meaning in a comment. So is ``fidelity``: its dataclass,
+:class:`jaxgrad.fidelity.FidelityConfig`, takes its defaults from :func:`fidelity_section`, since
+importing jaxgrad.fidelity here would close an import cycle (it imports jaxgrad.pipeline, which
+imports this module).
 """
 
+import dataclasses
+import inspect
+from typing import Sequence
+
 import ml_collections
+
+from jaxgrad.data.sources import COLUMN_ROLES, SourcesSpec
+from jaxgrad.gradients import compute_gradient_store
+from jaxgrad.groups import GroupsSpec
+from jaxgrad.models.lora import LoraConfig
+from jaxgrad.train import MeshConfig, ModelSpec, TrainConfig
+
+# LoraConfig's PEFT fields that no config declares (a config may set them: known_config_keys).
+LORA_PEFT_ONLY = ("target_regex", "exclude_modules", "exclude_regex", "layers_to_transform",
+                  "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -20,23 +45,30 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _section(cls: type, exclude: Sequence[str] = (),
+             **config_spelling) -> ml_collections.ConfigDict:
+    """The field defaults of the dataclass ``cls`` (but ``exclude``), in field order, as a config
+    section; ``config_spelling`` gives a default as a config holds it (``""`` for None: a command
+    line can then set a string)."""
+    fields = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(cls) if f.name not in exclude}
+    assert set(config_spelling) <= set(fields), (cls.__name__, sorted(config_spelling))
+    return ml_collections.ConfigDict({**fields, **config_spelling})
+
+
+def _keyword_defaults(fn) -> dict:
+    """``{name: default}`` of the parameters of ``fn`` that have a default."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.default is not p.empty}
+
+
 def add_model_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``model``, ``lora`` and ``data``."""
-    c.model = ml_collections.ConfigDict()
-    c.model.name_or_path = ""  # Hugging Face dir / Hub name; "" = from scratch (model.scratch)
-    c.model.family = "llama"  # from-scratch family: "llama" or "t5" (unused with name_or_path)
-    c.model.scratch = {}  # config fields of the from-scratch model (unused with name_or_path)
-    c.model.tokenizer = ""  # "" = the model directory's; "char" = jaxgrad's char tokenizer
-    c.model.dtype = "float32"  # compute dtype: "float32" | "bfloat16"
-    c.model.param_dtype = "float32"  # storage dtype of the frozen base weights
-    c.model.seed = 0  # initialisation seed (from scratch only)
-
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 16  # adapter rank r (0 = no adapters: set train.full_finetune)
-    c.lora.alpha = 32.0  # scaling numerator: update = (alpha / r) B A
-    c.lora.dropout = 0.0  # dropout on the adapter input while training
-    c.lora.target_modules = ""  # comma-separated adapted layers ("" = the family's default)
-    c.lora.seed = 0  # seed of the lora_A initialisation
+    c.model = _section(ModelSpec)  # the fields of jaxgrad.train.ModelSpec
+    # The fields of jaxgrad.models.lora.LoraConfig but its PEFT ones, as a config spells them:
+    # rank 0 = no adapters (set train.full_finetune); target_modules "a,b", "" = the family's
+    # default (None).
+    c.lora = _section(LoraConfig, exclude=LORA_PEFT_ONLY, target_modules="")
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "synthetic"  # "synthetic" (embedded tasks, data.synthetic) | "files" (data.files)
@@ -54,12 +86,10 @@ def files_section(**fields) -> ml_collections.ConfigDict:
     floats, both a fraction and a count can be given (``100.0`` is the count 100:
     :mod:`jaxgrad.counts`; the config fingerprints treat ``100`` and ``100.0`` alike).
     """
-    fields = {"validation": 0.1, "test": 0.1, **fields}
+    fields = {"validation": SourcesSpec.validation, "test": SourcesSpec.test, **fields}
     # Every column role of every format, "" = the format's default column, so that any of them
     # can be set on the command line (--config.data.files.columns.source=task): ml_collections
     # refuses keys a config does not hold.
-    from jaxgrad.data.sources import COLUMN_ROLES
-
     fields["columns"] = {**{role: "" for role in COLUMN_ROLES}, **dict(fields.get("columns") or {})}
     for key in ("validation", "test"):
         value = fields[key]
@@ -70,42 +100,8 @@ def files_section(**fields) -> ml_collections.ConfigDict:
 
 def add_train_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``train`` (optimizer, schedule, evaluation, checkpoints), ``mesh`` and ``finetune``."""
-    c.train = ml_collections.ConfigDict()
-    c.train.optimizer = "adamw"  # "adamw" | "sgd" (plain gradient descent)
-    c.train.learning_rate = 1e-4  # peak learning rate
-    c.train.schedule = "linear"  # "cosine" | "linear" | "constant" after warmup
-    c.train.warmup_steps = 0  # linear warmup steps
-    c.train.end_lr_ratio = 0.0  # final lr / peak lr
-    c.train.weight_decay = 0.0  # decoupled weight decay, matrices only (AdamW, and SGD too)
-    c.train.adam_b1 = 0.9  # AdamW beta1
-    c.train.adam_b2 = 0.999  # AdamW beta2
-    c.train.adam_eps = 1e-8  # AdamW epsilon
-    c.train.max_grad_norm = 1.0  # global-norm gradient clipping (0 = off)
-    c.train.batch_size = 32  # global batch size
-    c.train.grad_accum_steps = 1  # micro-batches per step
-    c.train.max_length = 256  # tokens per sequence (encoder and decoder each, for T5)
-    c.train.epochs = 1  # passes over the training data
-    c.train.num_steps = 0  # > 0 overrides epochs
-    c.train.seed = 0  # data order and dropout seed
-    c.train.full_finetune = False  # False: LoRA adapters only
-    c.train.eval_every = 0  # steps between evaluations (0 = every epoch end; always at the end)
-    c.train.eval_batch_size = 0  # 0 = batch_size
-    c.train.max_new_tokens = 0  # greedy generation length for answer accuracy (0 = off)
-    c.train.log_every = 10  # steps between train-loss rows in metrics.jsonl
-    c.train.save_every = 0  # steps between checkpoints (0 = every epoch end; always at the end)
-    c.train.keep_checkpoints = 2  # latest checkpoints kept (plus the best)
-    c.train.best_metric = "val_loss"  # metric choosing the best checkpoint
-    c.train.best_mode = "min"  # "min" | "max"
-    c.train.async_checkpoint = True  # write checkpoints in the background
-    c.train.stop_after_steps = 0  # > 0: save and stop at this step (resume continues)
-    c.train.progress = True  # tqdm progress bar
-    c.train.distributed = False  # jax.distributed.initialize() (multi-host)
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel axis (-1 = all devices left after `model`)
-    c.mesh.model = 1  # tensor-parallel axis
-    c.mesh.fsdp = False  # shard parameters over "data" as well
-    c.mesh.rules = None  # [(regex, axes), ...]; None = jaxgrad.sharding.DEFAULT_RULES
+    c.train = _section(TrainConfig, exclude=("mesh",))  # the fields of jaxgrad.train.TrainConfig
+    c.mesh = _section(MeshConfig)  # the fields of jaxgrad.train.MeshConfig
 
     c.finetune = ml_collections.ConfigDict()
     # Sources to fine-tune the base model on: "a,b", or a JSON list '["a,b", "c++"]' for names
@@ -135,12 +131,15 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.gradients.projection_dim = 8192  # k: numbers stored per sample
     c.gradients.projection_kind = "rademacher"  # "rademacher" (±1/sqrt(k)) | "gaussian"
     c.gradients.projection_seed = 0  # seed of P (same P on every device and chunking)
-    c.gradients.output_fn = "logit_odds"  # f_i: "logit_odds" (paper) | "token_ce"
-    c.gradients.eps = 1e-6  # probability clipping of logit_odds
-    c.gradients.batch_size = 32  # examples per jitted call
-    c.gradients.chunk_size = 8  # examples per vmap chunk (memory: chunk x D gradients)
-    c.gradients.shard_size = 1024  # rows per store shard (the unit of resume)
-    c.gradients.dtype = "float32"  # storage: "float32" | "float16" | "bfloat16"
+    # The keys jaxgrad.gradients.compute_gradient_store takes: its keyword defaults.
+    store = _keyword_defaults(compute_gradient_store)
+    c.gradients.output_fn = store["output_fn"]  # f_i: "logit_odds" (paper) | "token_ce"
+    c.gradients.eps = store["eps"]  # probability clipping of logit_odds
+    c.gradients.batch_size = store["batch_size"]  # examples per jitted call
+    # Examples per vmap chunk (memory: chunk x D gradients).
+    c.gradients.chunk_size = store["chunk_size"]
+    c.gradients.shard_size = store["shard_size"]  # rows per store shard (the unit of resume)
+    c.gradients.dtype = store["dtype"]  # storage: "float32" | "float16" | "bfloat16"
 
     c.surrogate = ml_collections.ConfigDict()
     c.surrogate.objective = "gradex"  # "gradex" (paper) | "one_class" | "taylor"
@@ -168,20 +167,7 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.selection.threshold = 0.0  # method "threshold": the lowest ensemble score kept
     c.selection.min_gain = 0.0  # "forward" / "ordered": the smallest improvement that adds a source
 
-    c.groups = ml_collections.ConfigDict()
-    # The units selected among (jaxgrad.groups): "source" (each train source) | "cluster" (the
-    # paper's CoT protocol: clusters of samples by projected gradient, made after the gradients)
-    c.groups.by = "source"
-    # Sources whose train samples are clustered together (() = all); on the command line
-    # --config.groups.sources="('a', 'b')" (a tuple: names may hold commas); read only with by=cluster
-    c.groups.sources = ()
-    c.groups.num_clusters = 20  # C clusters of those samples, named c00, c01, ...
-    # "agglomerative" (average linkage, scipy; N(N-1)/2 float64 distances: up to 20k samples) |
-    # "kmeans" (spherical k-means in JAX; no N x N matrix)
-    c.groups.method = "agglomerative"
-    c.groups.metric = "cosine"  # the only one: the direction of the projected gradients
-    c.groups.seed = 0  # k-means seeding
-    c.groups.max_iter = 100  # k-means Lloyd iterations at most
+    c.groups = _section(GroupsSpec)  # the fields of jaxgrad.groups.GroupsSpec
 
     c.pipeline = ml_collections.ConfigDict()
     # Final fine-tunes: the selection and the baselines (all sources; random; the top sources by
@@ -199,14 +185,21 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # table, compared with the estimates (the report adds the table and fidelity.png).
     c.pipeline.fidelity = False
 
-    c.fidelity = ml_collections.ConfigDict()
-    c.fidelity.num_subsets = 8  # subsets of the estimates table really fine-tuned from theta*
-    c.fidelity.steps = 8  # fine-tuning steps per subset (short: the first-order regime)
-    c.fidelity.learning_rate = 0.0625  # constant fine-tuning learning rate
-    c.fidelity.optimizer = "sgd"  # "sgd" (gradient steps, what Delta_S approximates) | "adamw"
-    c.fidelity.batch_size = 0  # examples per step (0 = train.batch_size)
+    c.fidelity = fidelity_section()
+    return c
+
+
+def fidelity_section() -> ml_collections.ConfigDict:
+    """``fidelity``, the settings of the fidelity stage (jaxgrad.fidelity.FidelityConfig's
+    defaults)."""
+    f = ml_collections.ConfigDict()
+    f.num_subsets = 8  # subsets of the estimates table really fine-tuned from theta*
+    f.steps = 8  # fine-tuning steps per subset (short: the first-order regime)
+    f.learning_rate = 0.0625  # constant fine-tuning learning rate (no warmup)
+    f.optimizer = "sgd"  # "sgd" (gradient steps, what Delta_S approximates) | "adamw"
+    f.batch_size = 0  # examples per step (0 = train.batch_size)
     # Gradient clipping (< 0 = train.max_grad_norm, 0 = off). Below the gradient norms every step
     # has length learning_rate * max_grad_norm, for every subset, like the surrogate's Delta_S.
-    c.fidelity.max_grad_norm = 0.1
-    c.fidelity.calibrate = True  # also report estimates at jaxgrad.fidelity.suggest_scale
-    return c
+    f.max_grad_norm = 0.1
+    f.calibrate = True  # also report estimates at jaxgrad.fidelity.suggest_scale
+    return f

@@ -56,31 +56,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad.config_sections import fidelity_section
 from jaxgrad.progress import progress_bar
+from jaxgrad.train import OPTIMIZERS
 
-OPTIMIZERS = ("adamw", "sgd")
 # One-step fine-tunes on subsets that fit one batch are computed from per-unit gradient sums
 # (run_fidelity); False forces `fit` for every subset (the tests compare the two).
 ONE_BATCH_SHORTCUT = True
+_DEFAULTS = fidelity_section()
 
 
 @dataclasses.dataclass(frozen=True)
 class FidelityConfig:
-    num_subsets: int = 8  # subsets of the estimates table really fine-tuned from θ*
-    steps: int = 8  # fine-tuning steps per subset (short: the first-order regime)
-    learning_rate: float = 0.0625  # constant learning rate, no warmup
-    optimizer: str = "sgd"  # "sgd" (gradient steps, what Δ_S approximates) | "adamw"
-    batch_size: int = 0  # examples per step; 0 = train.batch_size
-    # Global-norm clipping of the fine-tunes' gradients: < 0 = train.max_grad_norm, 0 = off. A
-    # value below every subset's gradient norm makes each step a fixed-length (normalised)
-    # gradient step, as the surrogate's Δ_S has the same length for every subset.
-    max_grad_norm: float = 0.1
-    calibrate: bool = True  # also report the estimates at suggest_scale's scale
+    """The ``fidelity`` config section, checked (defaults and meanings: :func:`fidelity_section`)."""
+
+    num_subsets: int = _DEFAULTS.num_subsets
+    steps: int = _DEFAULTS.steps
+    learning_rate: float = _DEFAULTS.learning_rate
+    optimizer: str = _DEFAULTS.optimizer
+    batch_size: int = _DEFAULTS.batch_size
+    max_grad_norm: float = _DEFAULTS.max_grad_norm
+    calibrate: bool = _DEFAULTS.calibrate
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"fidelity.optimizer must be one of {OPTIMIZERS}, got "
-                             f"{self.optimizer!r}")
+            raise ValueError(f"fidelity.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in ("num_subsets", "steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"fidelity.{name} must be >= 1, got {getattr(self, name)!r}")

@@ -46,14 +46,18 @@ CLUSTER_PREFIX = "c"
 
 @dataclasses.dataclass(frozen=True)
 class GroupsSpec:
-    """The ``groups`` config section, checked.
+    """The ``groups`` config section, checked; its field defaults are the section's defaults.
 
     Attributes:
-      by: ``"source"`` (each train source is a unit) or ``"cluster"``.
-      sources: the train sources whose samples are clustered (empty: all of them).
-      num_clusters: C, clusters made of those samples (int >= 1).
-      method: ``"agglomerative"`` (average linkage, scipy; exact, O(N²) memory) or ``"kmeans"``
-        (spherical k-means in JAX; O(N·(k + C)) memory).
+      by: ``"source"`` (each train source is a unit) or ``"cluster"`` (the paper's CoT protocol:
+        clusters of samples by projected gradient, made after the gradients stage).
+      sources: the train sources whose samples are clustered (empty: all of them); read only with
+        ``by="cluster"``. On the command line a tuple, as names may hold commas:
+        ``--config.groups.sources="('a', 'b')"``.
+      num_clusters: C, clusters made of those samples (int >= 1), named c00, c01, ...
+      method: ``"agglomerative"`` (average linkage, scipy; exact, N(N-1)/2 float64 distances: up
+        to :data:`AGGLOMERATIVE_MAX_SAMPLES` samples) or ``"kmeans"`` (spherical k-means in JAX;
+        O(N·(k + C)) memory, no N×N matrix).
       metric: ``"cosine"`` (the only one: projected gradients differ mostly in norm across
         samples, so only their direction is compared).
       seed: k-means seeding (int >= 0).

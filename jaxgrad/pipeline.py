@@ -167,7 +167,7 @@ def stage_base(config, workdir: str) -> str | None:
                      batch_size=int(config.train.batch_size), max_length=int(config.train.max_length),
                      num_steps=int(b["steps"]), full_finetune=True, seed=int(b["seed"]),
                      progress=bool(config.train.progress), log_every=50, async_checkpoint=False,
-                     keep_checkpoints=1, best_metric="train_loss")
+                     keep_checkpoints=1, best_metric="train_loss", schedule="cosine")
     result = fit(model, tokenizer, examples, tc, os.path.join(workdir, "base_run"))
     save_pretrained(result.model, out, to_hf_config(cfg), tokenizer)
     _write_json(os.path.join(out, "pretrain.json"), {"steps": tc.num_steps, **result.metrics})

@@ -80,7 +80,7 @@ ADAPTER_DIR = "adapter"
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh and parameter partitioning (see :mod:`jaxgrad.sharding`)."""
+    """Device mesh and parameter partitioning (:mod:`jaxgrad.sharding`): the config's ``mesh``."""
 
     data: int = -1  # data-parallel axis size; -1 = all devices left after `model`
     model: int = 1  # tensor-parallel axis size
@@ -90,7 +90,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything the training loop needs.
+    """Everything the training loop needs; its field defaults are the config's ``train`` section.
 
     Build it from a config with ``TrainConfig.from_config(config.train, config.mesh)``.
     """
@@ -98,18 +98,18 @@ class TrainConfig:
     # Optimizer and schedule.
     optimizer: str = "adamw"  # "adamw" | "sgd" (plain gradient descent, e.g. fidelity checks)
     learning_rate: float = 1e-4  # peak learning rate (after warmup)
-    schedule: str = "cosine"  # decay after warmup: "cosine" | "linear" | "constant"
+    schedule: str = "linear"  # decay after warmup: "cosine" | "linear" | "constant"
     warmup_steps: int = 0  # linear warmup from 0 to learning_rate over this many steps
     end_lr_ratio: float = 0.0  # final learning rate = end_lr_ratio * learning_rate (cosine/linear)
-    weight_decay: float = 0.0  # decoupled weight decay (× learning rate), on matrices only
+    weight_decay: float = 0.0  # decoupled weight decay (× lr), matrices only (AdamW and SGD)
     adam_b1: float = 0.9  # AdamW beta1
     adam_b2: float = 0.999  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip gradients to this global norm; 0 disables clipping
     # Batches and length of training.
-    batch_size: int = 8  # global batch (examples per optimizer step, all processes together)
+    batch_size: int = 32  # global batch (examples per optimizer step, all processes together)
     grad_accum_steps: int = 1  # micro-batches per step (scan); batch_size % (k * data axis) == 0
-    max_length: int = 128  # tokens per sequence (bos/eos included); longer examples are truncated
+    max_length: int = 256  # tokens per sequence with bos/eos (T5: encoder, decoder each), truncated
     epochs: int = 1  # passes over the training data (ignored when num_steps > 0)
     num_steps: int = 0  # > 0: train exactly this many optimizer steps instead of `epochs`
     seed: int = 0  # data order, dropout keys
@@ -927,7 +927,7 @@ def save_adapter(model: nnx.Module, workdir: str, *,
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Which model to load or build; ``ModelSpec.from_config(config.model)``."""
+    """Which model to load or build (the config's ``model``): ``from_config(config.model)``."""
 
     name_or_path: str = ""  # Hugging Face directory or Hub name; "" = build from `scratch`
     family: str = "llama"  # from scratch: a model_type of jaxgrad.models.hub.FAMILIES ("llama", "t5", ...)

@@ -152,7 +152,7 @@ def _is_off(value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    r"""LoRA hyper-parameters (peft's ``LoraConfig`` fields that jaxgrad honours, same rules).
+    r"""LoRA hyper-parameters (peft's fields jaxgrad honours, same rules); the config's ``lora``.
 
     Attributes:
       rank: r, the adapter rank (default for modules ``rank_pattern`` does not name).
@@ -177,8 +177,8 @@ class LoraConfig:
         (both target forms, ``layers_*`` with a regex or all-linear, ``layers_pattern`` alone).
     """
 
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
     seed: int = 0
