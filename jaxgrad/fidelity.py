@@ -48,6 +48,7 @@ runs made with other fine-tuning settings).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -187,35 +188,34 @@ def _target_outputs(config, data, model, tokenizer, graphdef, rest):
 
 
 def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, filt):
-    """``gradient_sums(unit) -> (G, T)``: the gradient at θ* of the unit's summed training
-    token cross-entropy (a trainable-state tree, float32) and its target-token count.
+    """``(unit_examples, gradient_sums)``: ``unit_examples(unit)``, the unit's train examples
+    (cached), and ``gradient_sums(unit) -> (G, T)``, the gradient at θ* of the unit's summed
+    training token cross-entropy (a trainable-state tree, float32) and its target-token count.
 
     One full-batch step on a union of units has the token-mean gradient ``ΣG / ΣT`` over its
     units, so the fidelity stage's one-step fine-tunes need one pass over each unit's examples
     instead of one per subset (see :func:`run_fidelity`). Results are cached per unit.
     """
     from jaxgrad.data.batching import collate, encode_for_model
-    from jaxgrad.losses import model_logits, token_ce_sums
+    from jaxgrad.losses import batch_loss
 
     max_length, chunk = int(config.train.max_length), 256
 
     @jax.jit
     def sums(params, batch):
-        def total(p):
-            logits = model_logits(nnx.merge(graphdef, p, rest), batch)
-            ce, tokens = token_ce_sums(logits, batch["targets"], batch["target_mask"])
-            valid = batch["valid"].astype(jnp.float32)
-            return jnp.sum(ce * valid), jnp.sum(tokens * valid)
-
-        (_, tokens), grads = jax.value_and_grad(total, has_aux=True)(params)
-        return grads, tokens
+        # normalizer 1: the summed (not mean) token cross-entropy of the batch's valid rows
+        grads = jax.grad(lambda p: batch_loss(nnx.merge(graphdef, p, rest), batch,
+                                              normalizer=1.0))(params)
+        valid = batch["valid"].astype(jnp.float32)
+        return grads, jnp.sum(batch["target_mask"].astype(jnp.float32) * valid[:, None])
 
     params = nnx.state(model, filt)
     cache: dict[str, tuple] = {}
+    unit_examples = functools.cache(lambda unit: units.examples(data, "train", [unit]))
 
     def gradient_sums(unit: str):
         if unit not in cache:
-            examples = units.examples(data, "train", [unit])
+            examples = unit_examples(unit)
             enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
             g_total, t_total = None, 0.0
             for start in range(0, len(examples), chunk):
@@ -227,7 +227,7 @@ def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, f
             cache[unit] = (g_total, t_total)
         return cache[unit]
 
-    return gradient_sums
+    return unit_examples, gradient_sums
 
 
 def _one_step_update(tc, theta_star, unit_sums):
@@ -344,8 +344,8 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     # exact one-step update from per-unit gradient sums (fit's result up to float rounding).
     one_batch = (ONE_BATCH_SHORTCUT and tc.num_steps == 1
                  and float(config.lora.get("dropout", 0.0)) == 0.0)
-    gradient_sums = _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest,
-                                        filt)
+    unit_examples, gradient_sums = _unit_gradient_sums(config, data, units, model, tokenizer,
+                                                       graphdef, rest, filt)
     results = []
     show = bool(config.train.get("progress", True)) and jax.process_index() == 0
     for i, row in enumerate(progress_bar(rows, desc="fidelity fine-tunes", unit="subset",
@@ -366,7 +366,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
         else:
             nnx.update(model, theta_star)
             train_examples = units.examples(data, "train", chosen)
-            counts = [len(units.examples(data, "train", [n])) for n in chosen]
+            counts = [len(unit_examples(n)) for n in chosen]
             if one_batch and len(train_examples) <= tc.batch_size and sum(counts) == len(train_examples):
                 # One step on one batch holding the whole subset: the same update as `fit`, from
                 # the units' gradient sums (computed once per unit, not once per subset).

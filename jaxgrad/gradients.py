@@ -13,7 +13,6 @@ With several processes (``jax.distributed``), process p computes the shards i wi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any, Sequence
 
@@ -23,7 +22,7 @@ from flax import nnx
 
 from jaxgrad.data.batching import collate, encode_for_model
 from jaxgrad.per_sample import per_sample_projected_grads, trainable_filter
-from jaxgrad.store import MANIFEST_NAME, GradientStore
+from jaxgrad.store import GradientStore, read_manifest
 from jaxgrad.train import TrainConfig
 
 
@@ -99,10 +98,5 @@ def store_model_id(name_or_path: str, workdir: str, store_path: str) -> str:
     full, root = os.path.abspath(os.path.expanduser(name_or_path)), os.path.abspath(workdir)
     if not (os.path.exists(full) and os.path.commonpath([full, root]) == root):
         return name_or_path
-    manifest = os.path.join(store_path, MANIFEST_NAME)
-    if os.path.isfile(manifest):
-        with open(manifest) as f:
-            recorded = json.load(f).get("model")
-        if recorded == full:
-            return recorded
-    return os.path.relpath(full, root)
+    recorded = (read_manifest(store_path, required=False) or {}).get("model")
+    return recorded if recorded == full else os.path.relpath(full, root)

@@ -215,10 +215,10 @@ class GradientStore:
             raise ValueError(f"path {path!r} exists and is not a directory")
         os.makedirs(path, exist_ok=True)
 
-        found = _read_manifest(path, required=False)
+        found = read_manifest(path, required=False)
         if found is None and _stray_shard_files(path):
             # Another process may have created the store between our two looks.
-            found = _read_manifest(path, required=False)
+            found = read_manifest(path, required=False)
             if found is None:
                 raise StoreMismatchError(
                     f"{path!r} holds shard files but no {MANIFEST_NAME}, so nothing says which "
@@ -282,7 +282,7 @@ class GradientStore:
             merged.
         """
         path = os.fspath(path)
-        manifest = _read_manifest(path, required=True)
+        manifest = read_manifest(path, required=True)
         requested = {
             "projector": projector,
             "checkpoint": checkpoint,
@@ -325,7 +325,7 @@ class GradientStore:
             process that owns each).
         """
         path = os.fspath(path)
-        store = cls(path, _read_manifest(path, required=True))
+        store = cls(path, read_manifest(path, required=True))
         process_count = store._check_process_records(require_all=True)
         missing = store._missing(range(store.num_shards))
         if missing:
@@ -861,7 +861,8 @@ def _canonical(value: Any, name: str) -> Any:
         raise TypeError(f"{name} must be JSON-serialisable: {e}") from None
 
 
-def _read_manifest(path: str, *, required: bool) -> dict[str, Any] | None:
+def read_manifest(path: str, *, required: bool) -> dict[str, Any] | None:
+    """The store manifest at ``path``, fields checked (None: absent and not ``required``)."""
     name = os.path.join(path, MANIFEST_NAME)
     try:
         with open(name, encoding="utf-8") as fh:
@@ -869,10 +870,8 @@ def _read_manifest(path: str, *, required: bool) -> dict[str, Any] | None:
     except FileNotFoundError:
         if not required:
             return None
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in {path!r}: not a gradient store (make one with "
-            f"GradientStore.create_or_resume)"
-        ) from None
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {path!r}: not a gradient store (make one "
+                                "with GradientStore.create_or_resume)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{name} is not valid JSON ({e}); delete the store") from None
     absent = [f for f in _IDENTITY_FIELDS + ("num_shards",) if f not in manifest]
