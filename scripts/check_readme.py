@@ -7,7 +7,7 @@ Every table of the README section "What `make demo` shows" must appear in the re
 same header and rows, numbers equal to the printed digits (or within --atol). Exit status 1 and
 the differences listed otherwise. Figures that depend on floating-point rounding can differ
 between CPU families (XLA emits other vector code for AVX-512 than for AVX2, so sums round
-differently, 4000 training steps carry that forward, and greedy decoding and near-tied ranks
+differently, 1500 training steps carry that forward, and greedy decoding and near-tied ranks
 can flip): the README says which machine printed its figures.
 """
 

@@ -1,7 +1,7 @@
 r"""Final GradEx stage: fine-tune the *base* model (fresh LoRA adapters) on selected sources.
 
   python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
-      --config.finetune.sources=add,successor,sub
+      --config.finetune.sources=add,add_digit,sub
   python scripts/finetune.py --config=configs/demo.py --workdir=checkpoints/demo \
       --config.finetune.selection_file=checkpoints/demo/selection/selection.json
   # a run with groups.by = cluster: its clusters (and unclustered sources) by name

@@ -81,9 +81,10 @@ def _check_add_steps(prompt, completion):
 
 
 def test_addition_steps_write_out_carries(data):
-    for task in ("add", "successor"):
+    for task in ("add", "successor", "add_digit"):
         for e in _all(data, task):
             _check_add_steps(e["prompt"], e["completion"])
+    assert all(1 <= int(e["prompt"].split("+")[1][:-1]) <= 9 for e in _all(data, "add_digit"))
     assert syn.addition(345, 678)[1] == "5+8=13,4+7+1=12,3+6+1=10#1023"
 
 

@@ -6,6 +6,7 @@ completion, with the final answer after ``#`` where the task has intermediate st
     add        "345+678="   -> "5+8=13,4+7+1=12,3+6+1=10#1023"   column sums with carries written
     sub        "745-278="   -> "15-8=7,14-7-1=6,7-2-1=4#467"     borrows written (10+digit, -1)
     successor  "199+1="     -> "9+1=10,9+0+1=10,1+0+1=2#200"     add's format with 1 (close to add)
+    add_digit  "47+8="      -> "7+8=15,4+0+1=5#55"               add's format, a one-digit 1..9 second
     parity     "par 1011>"  -> "1101#1"                          running parity, then the parity
     copy       "copy kxq>"  -> "kxq"
     reverse    "rev kxq>"   -> "qxk"
@@ -43,7 +44,7 @@ import numpy as np
 
 from jaxgrad.data.sources import SPLITS, MultiSourceData, make_examples, seed_for
 
-TASKS = ("add", "sub", "successor", "parity", "copy", "reverse", "sort")
+TASKS = ("add", "sub", "successor", "add_digit", "parity", "copy", "reverse", "sort")
 KINDS = ("target", "related", "noisy", "unrelated")
 # Characters that mark task formats; generic_text never emits them.
 TASK_SYMBOLS = "+-=#>?"
@@ -161,6 +162,10 @@ def _successor(rng, spec):
     return addition(_number(rng, spec.max_digits), 1)
 
 
+def _add_digit(rng, spec):
+    return addition(_number(rng, spec.max_digits), int(rng.integers(1, 10)))
+
+
 def _parity(rng, spec):
     bits = _letters(rng, spec.max_chars, "01")
     running = np.cumsum([int(c) for c in bits]) % 2
@@ -186,6 +191,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator, SyntheticSpec], _Problem]] 
     "add": _add,
     "sub": _sub,
     "successor": _successor,
+    "add_digit": _add_digit,
     "parity": _parity,
     "copy": _string_task("copy", lambda s: s),
     "reverse": _string_task("rev", lambda s: s[::-1]),
