@@ -49,6 +49,7 @@ from jaxgrad import counts
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  model_input_digests, reconcile, stage_fingerprints, write_records)
+from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.progress import progress_bar
 
 log = logging.getLogger("jaxgrad.pipeline")
@@ -868,8 +869,6 @@ def validate_config(config, stages: Sequence[str] | None = None):
 
     for key in ("model.dtype", "model.param_dtype"):
         if get(key) not in (None, ""):
-            from jaxgrad.models.llama import resolve_dtype
-
             resolve_dtype(get(key), f"config.{key}")
     check_method_sections(config)
     if get("train.full_finetune") and int(get("lora.rank") or 0) > 0:

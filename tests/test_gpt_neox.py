@@ -34,7 +34,7 @@ from jaxgrad.models import (
     save_peft_adapter,
 )
 from jaxgrad.models import gpt_neox as neox
-from jaxgrad.models.llama import RULES
+from jaxgrad.models.hf_config import RULES
 from jaxgrad.models.lora import linear_modules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

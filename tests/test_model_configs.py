@@ -30,7 +30,9 @@ from safetensors.numpy import load_file, save_file
 
 from helpers import fixture
 from jaxgrad.models import LlamaConfig, LoraConfig, T5Config, config_from_hf, load_pretrained
+from jaxgrad.models import hf_config
 from jaxgrad.models import llama as llama_lib
+from jaxgrad.models import rope as rope_lib
 from jaxgrad.models import t5 as t5_lib
 
 ATOL = 1e-5  # float32; relative to the logit scale when that exceeds 1
@@ -220,8 +222,8 @@ def test_rope_types_match_torch(tmp_path, name):
     d = _save_decoder(tmp_path / "m", **ROPES[name])
     model, _, _ = _compare_decoder(d)
     cfg = model.config
-    inv, att = llama_lib.rope_frequencies(cfg, 12)
-    plain, _ = llama_lib.rope_frequencies(dataclasses.replace(cfg, rope_type="default"), 12)
+    inv, att = rope_lib.rope_frequencies(cfg, 12)
+    plain, _ = rope_lib.rope_frequencies(dataclasses.replace(cfg, rope_type="default"), 12)
     assert np.abs(np.asarray(inv) - np.asarray(plain)).max() > 1e-4 or att != 1.0, \
         f"{name}: the rope scaling should change the frequencies"
 
@@ -481,7 +483,7 @@ def test_table_covers_every_transformers_config_field_with_its_default(model_typ
         default = f.default if f.default is not dataclasses.MISSING else None
         assert table[f.name][0] == default, \
             f"{model_type}.{f.name}: table default {table[f.name][0]!r} vs transformers {default!r}"
-    assert all(rule in llama_lib.RULES for _, rule in table.values())
+    assert all(rule in hf_config.RULES for _, rule in table.values())
 
 
 # Attribute reads the scan finds that are not config.json keys for these models: methods and

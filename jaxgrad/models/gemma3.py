@@ -19,8 +19,8 @@ computed, as there:
 - one RoPE per layer type (``rope_parameters.{full_attention,sliding_attention}``; from a
   transformers-4 config.json: ``rope_theta`` for full layers, ``rope_local_base_freq`` for sliding
   ones, ``rope_scaling`` merged into the full layers' as ``Gemma3TextConfig`` does), of the types
-  ``default``, ``linear``, ``yarn``, ``llama3`` (:func:`jaxgrad.models.llama.rope_frequencies`);
-- a GELU-tanh gated MLP (``hidden_activation``, any of :data:`jaxgrad.models.llama.ACTIVATIONS`);
+  ``default``, ``linear``, ``yarn``, ``llama3`` (:func:`jaxgrad.models.rope.rope_frequencies`);
+- a GELU-tanh gated MLP (``hidden_activation``, any of :data:`jaxgrad.models.hf_config.ACTIVATIONS`);
 - tied (default) or untied output head, then ``final_logit_softcapping`` when set:
   ``tanh(logits / c) * c``.
 
@@ -49,28 +49,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrad.models.layers import CausalLM, Embed, Linear, dot_product_attention, split_rng
-from jaxgrad.models.llama import (
-    ACTIVATIONS,
-    COMPUTED,
-    GENERIC_EXTRAS,
-    GENERIC_FIELDS,
-    INERT,
-    NOT_APPLIED,
-    REFUSED,
-    _Reader,
-    _rope_from_hf,
-    apply_rope,
-    check_refused_fields as _check_refused_fields,
-    refuse as _refuse,
-    resolve_dtype,
-)
+from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, dot_product_attention,
+                                   split_rng)
+from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
+                                      NOT_APPLIED, REFUSED, Reader, family_refusals, resolve_dtype)
+from jaxgrad.models.rope import apply_rope, rope_from_hf
+from jaxgrad.models.rope import rope_frequencies as _llama_rope_frequencies
 
-# Refusals point to this family's table of config.json keys.
-DOC = "docs/models/gemma3.md"
-refuse = functools.partial(_refuse, doc=DOC)
-check_refused_fields = functools.partial(_check_refused_fields, doc=DOC)
-from jaxgrad.models.llama import rope_frequencies as _llama_rope_frequencies
+DOC = "docs/models/gemma3.md"  # refusals point to this family's table of config.json keys
+refuse, check_refused_fields = family_refusals(DOC)
 
 MODEL_TYPE = "gemma3_text"
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -145,7 +132,7 @@ _REFUSED_WHY = {
 @dataclasses.dataclass(frozen=True)
 class RopeSpec:
     """One layer type's rotary embedding (the fields of :class:`jaxgrad.models.llama.LlamaConfig`
-    that :func:`jaxgrad.models.llama.rope_frequencies` reads)."""
+    that :func:`jaxgrad.models.rope.rope_frequencies` reads)."""
 
     rope_type: str = "default"
     rope_theta: float = 10000.0
@@ -267,7 +254,7 @@ class Gemma3TextConfig:
             refuse(source, "attn_logit_softcapping", cfg["attn_logit_softcapping"],
                    _REFUSED_WHY["attn_logit_softcapping"])
         check_refused_fields(cfg, {k: v for k, v in fields.items() if k not in _REFUSED_WHY}, source)
-        get = _Reader(cfg, fields)
+        get = Reader(cfg, fields)
 
         def positive_int(name):
             value = get(name)
@@ -375,7 +362,7 @@ def _ropes_from_hf(cfg: dict, head_dim: int, max_pos: int, source: str) -> dict[
             refuse(source, f"{field}.rope_type", rope_type,
                    f"supported for Gemma 3: {', '.join(ROPE_TYPES)}")
         try:
-            spec = _rope_from_hf({"rope_parameters": p,
+            spec = rope_from_hf({"rope_parameters": p,
                                   "partial_rotary_factor": cfg.get("partial_rotary_factor")},
                                  head_dim, max_pos, source)
         except ValueError as e:  # name the nested field, not the top-level key
@@ -463,26 +450,13 @@ class Gemma3Attention(nnx.Module):
         return self.o_proj(out, ro)
 
 
-class Gemma3MLP(nnx.Module):
-    def __init__(self, cfg: Gemma3TextConfig, *, rngs: nnx.Rngs):
-        self.hidden_activation = cfg.hidden_activation
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
-
-    def __call__(self, x, dropout_rng=None):
-        rg, ru, rd = split_rng(dropout_rng, 3)
-        act = ACTIVATIONS[self.hidden_activation]
-        return self.down_proj(act(self.gate_proj(x, rg)) * self.up_proj(x, ru), rd)
-
-
 class Gemma3DecoderLayer(nnx.Module):
     def __init__(self, cfg: Gemma3TextConfig, *, rngs: nnx.Rngs):
         norm = functools.partial(Gemma3RMSNorm, cfg.hidden_size, cfg.rms_norm_eps,
                                  param_dtype=cfg.param_dtype)
         self.self_attn = Gemma3Attention(cfg, rngs=rngs)
-        self.mlp = Gemma3MLP(cfg, rngs=rngs)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation,
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()

@@ -38,25 +38,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrad.models import llama
+from jaxgrad.models import hf_config
+from jaxgrad.models.hf_config import (COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT, NOT_APPLIED,
+                                      REFUSED, Reader, family_refusals, resolve_dtype)
 from jaxgrad.models.layers import CausalLM, Embed, LayerNorm, Linear, mask_value, split_rng
-from jaxgrad.models.llama import (
-    COMPUTED,
-    GENERIC_EXTRAS,
-    GENERIC_FIELDS,
-    INERT,
-    NOT_APPLIED,
-    REFUSED,
-    _Reader,
-    check_refused_fields as _check_refused_fields,
-    refuse as _refuse,
-    resolve_dtype,
-)
 
-# Refusals point to this family's table of config.json keys.
-DOC = "docs/models/gpt2.md"
-refuse = functools.partial(_refuse, doc=DOC)
-check_refused_fields = functools.partial(_check_refused_fields, doc=DOC)
+DOC = "docs/models/gpt2.md"  # refusals point to this family's table of config.json keys
+refuse, check_refused_fields = family_refusals(DOC)
 
 MODEL_TYPE = "gpt2"
 
@@ -69,7 +57,7 @@ def _gelu_tanh_fast(x):  # FastGELUActivation: 0.5 x (1 + tanh(x 0.7978845608 (1
 # against ACT2FN by tests/test_gpt2.py). Others (`laplace`, `sqrtsoftplus`, `xielu`, `prelu`
 # with its learned slope, ...) are refused by name.
 ACTIVATIONS = {
-    **llama.ACTIVATIONS,  # silu, swish, relu, gelu (erf), gelu_new, gelu_pytorch_tanh
+    **hf_config.ACTIVATIONS,  # silu, swish, relu, gelu (erf), gelu_new, gelu_pytorch_tanh
     "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_accurate": functools.partial(jax.nn.gelu, approximate=True),
@@ -212,7 +200,7 @@ class GPT2Config:
             if name in cfg and cfg[name] != HF_FIELDS[name][0]:
                 refuse(source, name, cfg[name], why)
         check_refused_fields(cfg, HF_FIELDS, source)
-        get = _Reader(cfg, HF_FIELDS)
+        get = Reader(cfg, HF_FIELDS)
 
         def field(name):  # (value, the key it came from)
             for alias, target in ATTRIBUTE_MAP.items():

@@ -14,7 +14,7 @@ forward pass is that of transformers 5 (``models/gpt_neox/modeling_gpt_neox.py``
   from ``rope_parameters`` (transformers 5), else from the legacy ``rotary_pct`` (default 0.25)
   and ``rotary_emb_base`` (default 10000); ``rope_scaling``, when set, replaces
   ``rope_parameters`` (``GPTNeoXConfig.convert_rope_params_to_dict``). Every rope type of
-  :func:`jaxgrad.models.llama.rope_frequencies` is computed on that rotary dimension, as
+  :func:`jaxgrad.models.rope.rope_frequencies` is computed on that rotary dimension, as
   ``modeling_rope_utils`` does;
 - the fused ``query_key_value`` ``[3 * hidden, hidden]``, whose output is laid out per head as
   ``[q | k | v]`` (``view(B, L, heads, 3 * head_size)`` then ``chunk(3)``); scores scaled by
@@ -50,27 +50,12 @@ from flax import nnx
 from jaxgrad.models import llama as _llama
 from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, dot_product_attention,
                                    split_rng)
-from jaxgrad.models.llama import (
-    ACTIVATIONS,
-    COMPUTED,
-    GENERIC_EXTRAS,
-    GENERIC_FIELDS,
-    INERT,
-    NOT_APPLIED,
-    ROPE_TYPES,
-    _Reader,
-    _rope_from_hf,
-    apply_rope,
-    check_refused_fields as _check_refused_fields,
-    refuse as _refuse,
-    resolve_dtype,
-    rope_frequencies,
-)
+from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
+                                      NOT_APPLIED, Reader, family_refusals, resolve_dtype)
+from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_frequencies, rope_from_hf
 
-# Refusals point to this family's table of config.json keys.
-DOC = "docs/models/gpt_neox.md"
-refuse = functools.partial(_refuse, doc=DOC)
-check_refused_fields = functools.partial(_check_refused_fields, doc=DOC)
+DOC = "docs/models/gpt_neox.md"  # refusals point to this family's table of config.json keys
+refuse, check_refused_fields = family_refusals(DOC)
 
 MODEL_TYPE = "gpt_neox"
 DEFAULT_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta
@@ -207,7 +192,7 @@ class GPTNeoXConfig:
                                self.rope_type)
 
     def rope_view(self) -> _llama.LlamaConfig:
-        """A LlamaConfig whose :func:`~jaxgrad.models.llama.rope_frequencies` are this model's:
+        """A LlamaConfig whose :func:`~jaxgrad.models.rope.rope_frequencies` are this model's:
         head_dim = the rotary dimension (``proportional``: the rope's head_dim and factor)."""
         proportional = self.rope_type == "proportional"
         return _llama.LlamaConfig(
@@ -231,7 +216,7 @@ class GPTNeoXConfig:
             raise ValueError(f"{source}: model_type={model_type!r} is not {MODEL_TYPE!r}")
         fields = HF_FIELDS[MODEL_TYPE]
         check_refused_fields(cfg, fields, source)
-        get = _Reader(cfg, fields)
+        get = Reader(cfg, fields)
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "max_position_embeddings"):
             value = get(key)
@@ -322,7 +307,7 @@ def _neox_rope_from_hf(cfg: dict, head_size: int, max_pos: int, source: str):
     legacy = {field: p}
     if "original_max_position_embeddings" in cfg:
         legacy["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
-    rope = _rope_from_hf(legacy, dim, max_pos, source)
+    rope = rope_from_hf(legacy, dim, max_pos, source)
     rope.pop("rope_partial_rotary_factor", None)
     return rope, partial, partial_field, (head_dim if head_dim is not None else None)
 

@@ -13,7 +13,7 @@ Config keys are read by each family's ``from_hf`` (:data:`FAMILIES`) under the r
 ``docs/config_fields.md``: computed exactly, or refused by name. Tied output embeddings follow
 transformers 5's ``PreTrainedModel.tie_weights``: a checkpoint whose ``lm_head.weight`` differs
 from the input embeddings is loaded untied whatever the config says; a tied checkpoint may hold
-either of the two tensors. dtypes follow one rule (:func:`jaxgrad.models.llama.resolve_dtype`):
+either of the two tensors. dtypes follow one rule (:func:`jaxgrad.models.hf_config.resolve_dtype`):
 float32 or bfloat16, everything else refused by name.
 
 A GGUF checkpoint (a ``.gguf`` file, or a directory holding exactly one and no config.json) is
@@ -36,7 +36,7 @@ from flax import nnx
 
 from jaxgrad.models.gguf import find_gguf, gguf_to_hf
 from jaxgrad.models.layers import named_variables
-from jaxgrad.models.llama import resolve_dtype
+from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.models.lora import LoraConfig, apply_lora
 from jaxgrad.models.t5 import T5Config
 

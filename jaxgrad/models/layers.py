@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgrad.models.hf_config import ACTIVATIONS
+
 INIT_STD = 0.02
 
 
@@ -156,6 +158,32 @@ class LayerNorm(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+class GatedMLP(nnx.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: the gated MLP of Llama, Mistral, Qwen2 and
+    Gemma 3 (``LlamaMLP`` / ``Gemma3MLP`` in transformers; the attribute names are theirs, so
+    module paths equal safetensors keys).
+
+    Args:
+      hidden_size, intermediate_size: widths of ``x [..., hidden]`` and of the gate.
+      activation: a name of :data:`jaxgrad.models.hf_config.ACTIVATIONS` (``hidden_act``).
+      use_bias: biases on the three projections (Llama's ``mlp_bias``).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, *,
+                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.activation = activation
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, **kw)
+
+    def __call__(self, x, dropout_rng=None):
+        rg, ru, rd = split_rng(dropout_rng, 3)
+        act = ACTIVATIONS[self.activation]
+        return self.down_proj(act(self.gate_proj(x, rg)) * self.up_proj(x, ru), rd)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, dtype,

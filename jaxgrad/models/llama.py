@@ -37,88 +37,31 @@ import functools
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxgrad.models.layers import (CausalLM, Embed, Linear, RMSNorm, dot_product_attention,
-                                   split_rng)
+from jaxgrad.models.hf_config import (
+    ACTIVATIONS,
+    COMPUTED,
+    GENERIC_EXTRAS,
+    GENERIC_FIELDS,
+    INERT,
+    NOT_APPLIED,
+    Reader,
+    check_refused_fields,
+    refuse,
+    resolve_dtype,
+)
+from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, RMSNorm,
+                                   dot_product_attention, split_rng)
+from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_frequencies, rope_from_hf
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 SUPPORTED_ROPE_TYPES = ROPE_TYPES  # older name
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# ---- the one dtype rule ---------------------------------------------------------------------------
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def resolve_dtype(dtype: Any, what: str = "dtype"):
-    """``jnp.float32`` or ``jnp.bfloat16`` for ``dtype`` given as a name (``"float32"``,
-    ``"bfloat16"``) or as a numpy / JAX dtype or scalar type.
-
-    Every other dtype is refused with a ValueError naming ``what`` and the value: float16 (T5's
-    activations overflow its range: transformers clamps them and keeps ``wo`` in float32, which
-    jaxgrad does not reproduce), float64, integer types, torch dtypes, unknown names.
-    """
-    if isinstance(dtype, str):
-        name = dtype
-    else:
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            name = None
-    if name in DTYPES:
-        return DTYPES[name]
-    why = ("jaxgrad supports float16 for no model (its range, max 65504, overflows in T5's "
-           "feed-forward activations, which transformers works around with clamps and float32 "
-           "`wo` weights that jaxgrad does not reproduce); use 'bfloat16' for half precision"
-           if name == "float16" else "jaxgrad computes and stores in float32 or bfloat16 only")
-    raise ValueError(f"{what}={dtype!r} is not supported: {why}; expected one of "
-                     f"{sorted(DTYPES)} (a name, or the numpy/JAX dtype)")
-
-
-# ---- activations (transformers.activations.ACT2FN names) -------------------------------------------
-
-ACTIVATIONS = {
-    "silu": jax.nn.silu,  # SiLUActivation: x * sigmoid(x)
-    "swish": jax.nn.silu,  # nn.SiLU
-    "relu": jax.nn.relu,  # nn.ReLU
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # GELUActivation: erf form
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),  # NewGELUActivation: tanh form
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GELUTanh
-}
-
 # ---- config.json keys -------------------------------------------------------------------------------
 
-COMPUTED = "computed"  # read, and its effect on the logits reproduced (some values refused)
-INERT = "inert"  # no effect on transformers' forward pass either (metadata, init, generation)
-NOT_APPLIED = "not applied"  # training-time base-model dropout: jaxgrad applies none
-REFUSED = "refused"  # any value but the default is refused
-RULES = (COMPUTED, INERT, NOT_APPLIED, REFUSED)
-
-# PreTrainedConfig's own dataclass fields (configuration_utils.py), shared by every model type.
-GENERIC_FIELDS = {
-    "transformers_version": (None, INERT),
-    "architectures": (None, INERT),
-    "output_hidden_states": (False, INERT),
-    "return_dict": (True, INERT),
-    "dtype": (None, INERT),
-    "chunk_size_feed_forward": (0, INERT),
-    "is_encoder_decoder": (False, INERT),
-    "id2label": (None, INERT),
-    "label2id": (None, INERT),
-    "problem_type": (None, INERT),
-}
-# Keys no config class declares but that transformers reads for every model type here.
-GENERIC_EXTRAS = {
-    "model_type": (None, COMPUTED),  # picks the architecture
-    "torch_dtype": (None, INERT),  # transformers-4 name of `dtype`
-    "is_causal": (True, REFUSED),  # masking_utils: False makes the causal mask bidirectional
-    "quantization_config": (None, REFUSED),  # from_pretrained dequantizes / replaces layers
-}
 _ROPE_EXTRAS = {  # read by PreTrainedConfig.convert_rope_params_to_dict / standardize_rope_params
     "rope_theta": (10000.0, COMPUTED),
     "rope_scaling": (None, COMPUTED),
@@ -191,34 +134,6 @@ HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
         vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
         max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
 }
-
-
-def refuse(source: str, field: str, value: Any, why: str, *,
-           doc: str = "docs/config_fields.md") -> None:
-    """Raise the ValueError every unsupported config value gets: file, field, value, reason, and
-    ``doc``, the family's table of config keys."""
-    raise ValueError(f"{source}: {field}={value!r} is not supported: {why} (see {doc})")
-
-
-def check_refused_fields(cfg: dict, fields: dict[str, tuple[Any, str]], source: str, *,
-                         doc: str = "docs/config_fields.md") -> None:
-    """Refuse every key whose rule is ``refused`` and whose value is not the default."""
-    for name, (default, rule) in fields.items():
-        if rule == REFUSED and name in cfg and cfg[name] != default:
-            why = {"is_causal": "a bidirectional decoder (is_causal=false) is not implemented",
-                   "quantization_config": "quantized checkpoints are not supported; use a float "
-                                          "checkpoint (or a GGUF, which jaxgrad dequantizes)"}
-            refuse(source, name, cfg[name], why.get(name, "not implemented"), doc=doc)
-
-
-class _Reader:
-    """``config.json`` values with transformers' defaults for the model type."""
-
-    def __init__(self, cfg: dict, fields: dict[str, tuple[Any, str]]):
-        self.cfg, self.fields = cfg, fields
-
-    def __call__(self, name: str) -> Any:
-        return self.cfg[name] if name in self.cfg else self.fields[name][0]
 
 
 # ---- the typed config ------------------------------------------------------------------------------
@@ -305,7 +220,7 @@ class LlamaConfig:
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         fields = HF_FIELDS[model_type]
         check_refused_fields(cfg, fields, source)
-        get = _Reader(cfg, fields)
+        get = Reader(cfg, fields)
         heads = get("num_attention_heads")
         kv = get("num_key_value_heads") or heads
         if heads % kv:
@@ -331,7 +246,7 @@ class LlamaConfig:
             num_key_value_heads=kv,
             head_dim=head_dim,
             rms_norm_eps=float(get("rms_norm_eps")),
-            **_rope_from_hf(cfg, head_dim, max_pos, source),
+            **rope_from_hf(cfg, head_dim, max_pos, source),
             max_position_embeddings=int(max_pos),
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
@@ -384,90 +299,6 @@ def _sliding_from_hf(cfg: dict, model_type: str, get, source: str):
 def _check_window(window: Any, source: str) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         refuse(source, "sliding_window", window, "expected a positive integer or null")
-
-
-_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
-                  "longrope": ("short_factor", "long_factor"),
-                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
-
-
-def _rope_from_hf(cfg: dict, head_dim: int, max_pos: int, source: str) -> dict:
-    """LlamaConfig's rope fields, standardised as ``PreTrainedConfig.convert_rope_params_to_dict``
-    and ``standardize_rope_params`` (modeling_rope_utils.py) do it."""
-    scaling = cfg.get("rope_scaling")
-    field = "rope_scaling" if scaling else "rope_parameters"
-    raw = scaling or cfg.get("rope_parameters") or {}  # rope_scaling, when set, wins entirely
-    if not isinstance(raw, dict):
-        refuse(source, field, raw, "expected a dictionary")
-    if any(isinstance(v, dict) for v in raw.values()):
-        refuse(source, field, raw, "per-layer-type rope parameters are not implemented")
-    p = dict(raw)
-    p.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    if cfg.get("partial_rotary_factor") is not None:
-        p.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
-    rope_type = p["rope_type"] if "rope_type" in p else p.get("type", "default")
-    if rope_type not in ROPE_TYPES:
-        refuse(source, f"{field}.rope_type", rope_type, f"supported: {', '.join(ROPE_TYPES)}")
-    missing = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if k not in p]
-    if missing:
-        refuse(source, field, raw, f"rope type {rope_type!r} needs {missing} (transformers "
-               "raises KeyError too)")
-
-    def number(key, value, allow_none=False):
-        if value is None and allow_none:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            refuse(source, f"{field}.{key}", value, "expected a number")
-        return float(value)
-
-    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": number("rope_theta", p["rope_theta"])}
-    partial = number("partial_rotary_factor", p.get("partial_rotary_factor", 1.0), True)
-    partial = 1.0 if partial is None else partial
-    if partial != 1.0 and rope_type not in ("default", "proportional"):
-        # The default rope of Llama/Mistral/Qwen2 ignores it; these types shorten cos/sin to
-        # int(head_dim * factor) and transformers fails on the shape mismatch.
-        refuse(source, "partial_rotary_factor", partial,
-               f"rope type {rope_type!r} with a partial rotary dimension fails in transformers")
-    if rope_type == "default":
-        return out
-    if rope_type in ("llama3", "yarn", "longrope"):
-        # standardize_rope_params: a top-level original_max_position_embeddings overrides.
-        if "original_max_position_embeddings" in cfg:
-            omp, omp_field = cfg["original_max_position_embeddings"], "original_max_position_embeddings"
-        else:
-            omp = p.get("original_max_position_embeddings", max_pos)
-            omp_field = f"{field}.original_max_position_embeddings"
-        if isinstance(omp, bool) or not isinstance(omp, (int, float)) or omp <= 0:
-            refuse(source, omp_field, omp, "expected a positive number")
-        out["rope_original_max_position"] = omp
-    if rope_type == "proportional":  # _compute_proportional_rope_parameters: factor defaults to 1
-        factor = number("factor", p.get("factor", 1.0))
-    else:
-        factor = number("factor", p.get("factor"), allow_none=rope_type in ("yarn", "longrope"))
-    if factor is None:  # yarn / longrope: the ratio of the context lengths
-        factor = max_pos / out["rope_original_max_position"]
-    out["rope_factor"] = factor
-    if rope_type == "llama3":
-        out["rope_low_freq_factor"] = number("low_freq_factor", p["low_freq_factor"])
-        out["rope_high_freq_factor"] = number("high_freq_factor", p["high_freq_factor"])
-    if rope_type in ("yarn", "longrope"):
-        out["rope_attention_factor"] = number("attention_factor", p.get("attention_factor"), True)
-    if rope_type == "yarn":
-        out["rope_beta_fast"] = number("beta_fast", p.get("beta_fast") or 32)
-        out["rope_beta_slow"] = number("beta_slow", p.get("beta_slow") or 1)
-        out["rope_mscale"] = number("mscale", p.get("mscale"), True)
-        out["rope_mscale_all_dim"] = number("mscale_all_dim", p.get("mscale_all_dim"), True)
-        out["rope_truncate"] = bool(p.get("truncate", True))
-    if rope_type == "longrope":
-        for key in ("short_factor", "long_factor"):
-            values = p[key]
-            if not isinstance(values, (list, tuple)) or len(values) != head_dim // 2:
-                refuse(source, f"{field}.{key}", values,
-                       f"expected a list of head_dim // 2 = {head_dim // 2} numbers")
-            out[f"rope_{key}"] = tuple(number(key, v) for v in values)
-    if rope_type == "proportional":
-        out["rope_partial_rotary_factor"] = partial
-    return out
 
 
 def to_hf_config(cfg: LlamaConfig) -> dict:
@@ -533,96 +364,6 @@ def to_hf_config(cfg: LlamaConfig) -> dict:
     return out
 
 
-# ---- rotary embeddings ------------------------------------------------------------------------------
-
-
-def _get_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def rope_frequencies(cfg: LlamaConfig, seq_len: int) -> tuple[jax.Array, float]:
-    """``(inv_freq [head_dim // 2] float32, attention_factor)`` for a sequence of ``seq_len``.
-
-    Matches transformers' ``ROPE_INIT_FUNCTIONS`` (modeling_rope_utils.py) and the model's own
-    ``compute_default_rope_parameters``, in float32 as there. ``dynamic`` and ``longrope`` depend
-    on the length as in ``dynamic_rope_update`` for a freshly loaded model (transformers keeps the
-    longest dynamic length it has seen; jaxgrad uses each call's own).
-    """
-    dim, base, kind = cfg.head_dim, cfg.rope_theta, cfg.rope_type
-    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-    inv = 1.0 / (base ** exponents)
-    if kind == "default":
-        return inv, 1.0
-    if kind == "linear":
-        return inv / cfg.rope_factor, 1.0
-    if kind == "dynamic":
-        if seq_len <= cfg.max_position_embeddings:
-            return inv, 1.0
-        factor, mpe = cfg.rope_factor, cfg.max_position_embeddings
-        length = jnp.asarray(seq_len, jnp.float32)
-        scaled = base * ((factor * length / mpe) - (factor - 1)) ** (dim / (dim - 2))
-        return 1.0 / (scaled ** exponents), 1.0
-    if kind == "llama3":
-        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        old = cfg.rope_original_max_position
-        low_wavelen, high_wavelen = old / lo, old / hi
-        wavelen = 2 * math.pi / inv
-        scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(medium, smoothed, scaled), 1.0
-    if kind == "yarn":
-        factor, omp = cfg.rope_factor, cfg.rope_original_max_position
-        att = cfg.rope_attention_factor
-        if att is None:
-            if cfg.rope_mscale and cfg.rope_mscale_all_dim:
-                att = _get_mscale(factor, cfg.rope_mscale) / _get_mscale(factor, cfg.rope_mscale_all_dim)
-            else:
-                att = _get_mscale(factor)
-
-        def correction_dim(rotations):
-            return (dim * math.log(omp / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-        low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
-        if cfg.rope_truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        pos_freqs = base ** exponents
-        ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
-        extrapolation = 1 - ramp
-        inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-        return inv, float(att)
-    if kind == "longrope":
-        factor, omp = cfg.rope_factor, cfg.rope_original_max_position
-        att = cfg.rope_attention_factor
-        if att is None:
-            att = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(omp))
-        ext = cfg.rope_long_factor if seq_len > omp else cfg.rope_short_factor
-        return 1.0 / (jnp.asarray(ext, jnp.float32) * base ** exponents), float(att)
-    if kind == "proportional":
-        angles = int(cfg.rope_partial_rotary_factor * dim // 2)
-        rotated = 1.0 / (base ** (jnp.arange(0, 2 * angles, 2, dtype=jnp.float32) / dim))
-        inv = jnp.concatenate([rotated, jnp.zeros((dim // 2 - angles,), jnp.float32)])
-        return inv / cfg.rope_factor, 1.0
-    raise ValueError(f"rope_type {kind!r} is not supported")
-
-
-def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> jax.Array:
-    """Inverse frequencies ``[head_dim // 2]`` after the configured scaling."""
-    return rope_frequencies(cfg, cfg.max_position_embeddings if seq_len is None else seq_len)[0]
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [B, L, H, Dh]`` by half-split RoPE (Hugging Face's ``rotate_half`` layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos + rotated * sin).astype(x.dtype)
-
-
 # ---- modules ----------------------------------------------------------------------------------------
 
 
@@ -649,27 +390,15 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(out, ro)
 
 
-class LlamaMLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.hidden_act = cfg.hidden_act
-        kw = dict(use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
-
-    def __call__(self, x, dropout_rng=None):
-        rg, ru, rd = split_rng(dropout_rng, 3)
-        act = ACTIVATIONS[self.hidden_act]
-        return self.down_proj(act(self.gate_proj(x, rg)) * self.up_proj(x, ru), rd)
-
-
 class LlamaDecoderLayer(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         norm_kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
         self.self_attn = LlamaAttention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
-        self.mlp = LlamaMLP(cfg, rngs=rngs)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
+                            use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, dropout_rng=None):
         ra, rm = split_rng(dropout_rng, 2)

@@ -8,7 +8,7 @@ paths equal safetensors keys. What the config decides (read as transformers 5's
 - the feed-forward: ``dense_act_fn`` and ``is_gated_act``, derived from ``feed_forward_proj``
   (``relu``: ``wi``, ``wo``; ``gated-gelu``: ``wi_0``, ``wi_1``, ``wo`` with ``gelu_new``, the
   tanh-approximated GELU; ``gated-<act>`` / ``<act>`` for the other activations of
-  :data:`jaxgrad.models.llama.ACTIVATIONS`), unless config.json states them itself (it then wins,
+  :data:`jaxgrad.models.hf_config.ACTIVATIONS`), unless config.json states them itself (it then wins,
   as in ``T5Config.__post_init__``);
 - decoder outputs scaled by ``d_model ** -0.5`` before the head (``scale_decoder_outputs``;
   transformers 4 configs imply it by ``tie_word_embeddings``, false for v1.1 / Flan-T5);
@@ -21,7 +21,7 @@ Every config.json key falls under one rule of :data:`HF_FIELDS` (``docs/config_f
 T5 attention has no 1/√d scaling (it is folded into the initialisation). Dropout of the base model
 (``dropout_rate``) is not applied: fine-tuning here trains LoRA adapters, whose own dropout is
 applied when a ``dropout_rng`` is given. Compute dtypes are float32 and bfloat16 only
-(:func:`jaxgrad.models.llama.resolve_dtype`): in float16 T5's activations overflow.
+(:func:`jaxgrad.models.hf_config.resolve_dtype`): in float16 T5's activations overflow.
 
 Call: ``model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask) -> logits``
 (float32 ``[B, T, V]``). :func:`shift_right` builds decoder inputs from labels.
@@ -38,13 +38,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models.layers import Embed, Linear, RMSNorm, mask_value, split_rng
-from jaxgrad.models.llama import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                  NOT_APPLIED, _Reader, check_refused_fields, refuse,
-                                  resolve_dtype)
+from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
+                                      NOT_APPLIED, Reader, check_refused_fields, refuse,
+                                      resolve_dtype)
 
 
 # config.json key -> (transformers' default, rule); class fields of the installed T5Config plus
-# the keys modeling_t5.py reads (see llama.HF_FIELDS for the rules).
+# the keys modeling_t5.py reads (rules: jaxgrad.models.hf_config.RULES).
 HF_FIELDS: dict[str, tuple[Any, str]] = {
     **GENERIC_FIELDS,
     "vocab_size": (32128, COMPUTED),
@@ -146,7 +146,7 @@ class T5Config:
         ValueError naming ``source``, the key and its value.
         """
         check_refused_fields(cfg, HF_FIELDS, source)
-        get = _Reader(cfg, HF_FIELDS)
+        get = Reader(cfg, HF_FIELDS)
 
         def dim(name):  # T5Config.attribute_map: the alias, when present, is what is set last
             for alias, target in ATTRIBUTE_MAP.items():
