@@ -1,41 +1,49 @@
-"""Progress bars redraw rarely when stderr is a log file, as often as tqdm likes on a terminal."""
+"""Progress bars redraw rarely when stderr is a log file, as often as tqdm likes on a terminal.
+
+What is checked is what the stream receives (the number of redraws), not tqdm's settings.
+"""
 
 import io
 import sys
+import time
 
 from jaxgrad import progress
 
 
-def test_log_file_gets_a_long_redraw_interval(monkeypatch):
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _redraws(stream, monkeypatch, updates: int, pause_s: float = 0.0) -> int:
+    """Redraws (carriage returns) a bar writes to ``stream`` for ``updates`` steps ``pause_s``
+    apart, used as train.py uses it: update(1), and a postfix without a refresh every few steps."""
+    monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
-    bar = progress.progress_bar(range(3), file=sys.stderr)
-    assert bar.mininterval == progress.LOG_INTERVAL_S
-    assert list(bar) == [0, 1, 2]
-
-
-def test_terminal_keeps_tqdm_default(monkeypatch):
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr(sys, "stderr", Tty())
-    bar = progress.progress_bar(total=3, file=sys.stderr)
-    assert bar.mininterval < progress.LOG_INTERVAL_S
-    bar.close()
-
-
-def test_training_loop_pattern_writes_few_redraws_to_a_log(monkeypatch):
-    """update(1) every step and set_postfix(..., refresh=False) every few steps, as train.py does:
-    a log file gets a few draws, not one per step."""
-    log = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", log)
-    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
-    bar = progress.progress_bar(total=500, file=log)
-    for step in range(500):
+    bar = progress.progress_bar(total=updates, file=stream)
+    for step in range(updates):
+        if pause_s:
+            time.sleep(pause_s)
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{1.0 / (step + 1):.4f}", refresh=False)
     bar.close()
-    draws = log.getvalue().count("\r")
+    return stream.getvalue().count("\r")
+
+
+def test_training_loop_pattern_writes_few_redraws_to_a_log(monkeypatch):
+    draws = _redraws(io.StringIO(), monkeypatch, 500)
     assert draws <= 4, f"{draws} redraws written to a log file for 500 steps"
+
+
+def test_log_file_is_not_redrawn_for_every_slow_step(monkeypatch):
+    """Steps 0.15 s apart: a terminal shows each one, a log file gets only the first and last."""
+    terminal = _redraws(_Terminal(), monkeypatch, 4, pause_s=0.15)
+    log = _redraws(io.StringIO(), monkeypatch, 4, pause_s=0.15)
+    assert terminal >= 4, f"a terminal bar redrew {terminal} times for 4 steps 0.15 s apart"
+    assert log <= 2, f"a log file got {log} redraws for 4 steps 0.15 s apart"
+
+
+def test_iterating_a_bar_yields_every_item(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert list(progress.progress_bar(range(3), file=sys.stderr)) == [0, 1, 2]
