@@ -52,7 +52,8 @@ from flax import nnx
 from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, dot_product_attention,
                                    split_rng)
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, REFUSED, Reader, family_refusals, resolve_dtype)
+                                      NOT_APPLIED, REFUSED, Reader, family_refusals,
+                                      resolve_config_dtypes)
 from jaxgrad.models.rope import apply_rope, rope_from_hf
 from jaxgrad.models.rope import rope_frequencies as _llama_rope_frequencies
 
@@ -205,9 +206,8 @@ class Gemma3TextConfig:
     model_type = MODEL_TYPE
 
     def __post_init__(self):
+        resolve_config_dtypes(self)
         set_ = functools.partial(object.__setattr__, self)
-        set_("dtype", resolve_dtype(self.dtype, "dtype"))
-        set_("param_dtype", resolve_dtype(self.param_dtype, "param_dtype"))
         if not isinstance(self.hidden_activation, str) or self.hidden_activation not in ACTIVATIONS:
             raise ValueError(f"Gemma3TextConfig: hidden_activation={self.hidden_activation!r} is not "
                              f"supported; supported: {', '.join(ACTIVATIONS)}")

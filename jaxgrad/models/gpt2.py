@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxgrad.models import hf_config
 from jaxgrad.models.hf_config import (COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT, NOT_APPLIED,
-                                      REFUSED, Reader, family_refusals, resolve_dtype)
+                                      REFUSED, Reader, family_refusals, resolve_config_dtypes)
 from jaxgrad.models.layers import CausalLM, Embed, LayerNorm, Linear, mask_value, split_rng
 
 DOC = "docs/models/gpt2.md"  # refusals point to this family's table of config.json keys
@@ -154,9 +154,7 @@ class GPT2Config:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        set_ = functools.partial(object.__setattr__, self)
-        set_("dtype", resolve_dtype(self.dtype, "dtype"))
-        set_("param_dtype", resolve_dtype(self.param_dtype, "param_dtype"))
+        resolve_config_dtypes(self)
         if not isinstance(self.activation_function, str) or \
                 self.activation_function not in ACTIVATIONS:
             raise ValueError(f"GPT2Config: activation_function={self.activation_function!r} is "

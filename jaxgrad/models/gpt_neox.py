@@ -51,7 +51,8 @@ from jaxgrad.models import llama as _llama
 from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, dot_product_attention,
                                    split_rng)
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, Reader, family_refusals, resolve_dtype)
+                                      NOT_APPLIED, Reader, family_refusals,
+                                      resolve_config_dtypes)
 from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_frequencies, rope_from_hf
 
 DOC = "docs/models/gpt_neox.md"  # refusals point to this family's table of config.json keys
@@ -149,9 +150,8 @@ class GPTNeoXConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        resolve_config_dtypes(self)
         set_ = functools.partial(object.__setattr__, self)
-        set_("dtype", resolve_dtype(self.dtype, "dtype"))
-        set_("param_dtype", resolve_dtype(self.param_dtype, "param_dtype"))
         for name in ("rope_short_factor", "rope_long_factor"):
             if getattr(self, name) is not None:
                 set_(name, tuple(getattr(self, name)))

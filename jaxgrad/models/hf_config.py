@@ -51,6 +51,13 @@ def resolve_dtype(dtype: Any, what: str = "dtype"):
                      f"{sorted(DTYPES)} (a name, or the numpy/JAX dtype)")
 
 
+def resolve_config_dtypes(cfg: Any) -> None:
+    """Set a frozen model config's ``dtype`` and ``param_dtype`` to :func:`resolve_dtype` of
+    their values (called from every family config's ``__post_init__``); raises its ValueError."""
+    object.__setattr__(cfg, "dtype", resolve_dtype(cfg.dtype, "dtype"))
+    object.__setattr__(cfg, "param_dtype", resolve_dtype(cfg.param_dtype, "param_dtype"))
+
+
 # ---- activations (transformers.activations.ACT2FN names) -------------------------------------------
 
 ACTIVATIONS = {

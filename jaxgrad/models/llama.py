@@ -50,7 +50,7 @@ from jaxgrad.models.hf_config import (
     Reader,
     check_refused_fields,
     refuse,
-    resolve_dtype,
+    resolve_config_dtypes,
 )
 from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, RMSNorm,
                                    dot_product_attention, split_rng)
@@ -179,9 +179,8 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        resolve_config_dtypes(self)
         set_ = functools.partial(object.__setattr__, self)
-        set_("dtype", resolve_dtype(self.dtype, "dtype"))
-        set_("param_dtype", resolve_dtype(self.param_dtype, "param_dtype"))
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"LlamaConfig: hidden_act={self.hidden_act!r} is not supported; "
                              f"supported: {', '.join(ACTIVATIONS)}")

@@ -40,7 +40,7 @@ from flax import nnx
 from jaxgrad.models.layers import Embed, Linear, RMSNorm, mask_value, split_rng
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
                                       NOT_APPLIED, Reader, check_refused_fields, refuse,
-                                      resolve_dtype)
+                                      resolve_config_dtypes)
 
 
 # config.json key -> (transformers' default, rule); class fields of the installed T5Config plus
@@ -117,8 +117,7 @@ class T5Config:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "dtype", resolve_dtype(self.dtype, "dtype"))
-        set_(self, "param_dtype", resolve_dtype(self.param_dtype, "param_dtype"))
+        resolve_config_dtypes(self)
         act, gated = feed_forward_from_proj(self.feed_forward_proj)
         if self.dense_act_fn is None:
             set_(self, "dense_act_fn", act)
