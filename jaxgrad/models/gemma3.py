@@ -52,7 +52,7 @@ from flax import nnx
 from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, dot_product_attention,
                                    split_rng)
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, REFUSED, Reader, family_refusals,
+                                      NOT_APPLIED, REFUSED, Reader, check_option, family_refusals,
                                       resolve_config_dtypes)
 from jaxgrad.models.rope import apply_rope, rope_from_hf
 from jaxgrad.models.rope import rope_frequencies as _llama_rope_frequencies
@@ -208,9 +208,7 @@ class Gemma3TextConfig:
     def __post_init__(self):
         resolve_config_dtypes(self)
         set_ = functools.partial(object.__setattr__, self)
-        if not isinstance(self.hidden_activation, str) or self.hidden_activation not in ACTIVATIONS:
-            raise ValueError(f"Gemma3TextConfig: hidden_activation={self.hidden_activation!r} is not "
-                             f"supported; supported: {', '.join(ACTIVATIONS)}")
+        check_option("Gemma3TextConfig", "hidden_activation", self.hidden_activation, ACTIVATIONS)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"Gemma3TextConfig: num_attention_heads={self.num_attention_heads} is "
                              f"not a multiple of num_key_value_heads={self.num_key_value_heads}")

@@ -51,7 +51,7 @@ from jaxgrad.models import llama as _llama
 from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, dot_product_attention,
                                    split_rng)
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, Reader, family_refusals,
+                                      NOT_APPLIED, Reader, check_option, family_refusals,
                                       resolve_config_dtypes)
 from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_frequencies, rope_from_hf
 
@@ -155,12 +155,8 @@ class GPTNeoXConfig:
         for name in ("rope_short_factor", "rope_long_factor"):
             if getattr(self, name) is not None:
                 set_(name, tuple(getattr(self, name)))
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"GPTNeoXConfig: hidden_act={self.hidden_act!r} is not supported; "
-                             f"supported: {', '.join(ACTIVATIONS)}")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"GPTNeoXConfig: rope_type={self.rope_type!r} is not supported; "
-                             f"supported: {', '.join(ROPE_TYPES)}")
+        check_option("GPTNeoXConfig", "hidden_act", self.hidden_act, ACTIVATIONS)
+        check_option("GPTNeoXConfig", "rope_type", self.rope_type, ROPE_TYPES)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"GPTNeoXConfig: num_attention_heads={self.num_attention_heads} does "
                              f"not divide hidden_size={self.hidden_size}")

@@ -58,6 +58,17 @@ def resolve_config_dtypes(cfg: Any) -> None:
     object.__setattr__(cfg, "param_dtype", resolve_dtype(cfg.param_dtype, "param_dtype"))
 
 
+def check_option(owner: str, field: str, value: Any, allowed) -> None:
+    """Refuse a model config's option value outside ``allowed`` (names, e.g. :data:`ACTIVATIONS`).
+
+    Raises:
+      ValueError: ``"<owner>: <field>=<value> is not supported; supported: <allowed>"``.
+    """
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{owner}: {field}={value!r} is not supported; "
+                         f"supported: {', '.join(allowed)}")
+
+
 # ---- activations (transformers.activations.ACT2FN names) -------------------------------------------
 
 ACTIVATIONS = {

@@ -48,6 +48,7 @@ from jaxgrad.models.hf_config import (
     INERT,
     NOT_APPLIED,
     Reader,
+    check_option,
     check_refused_fields,
     refuse,
     resolve_config_dtypes,
@@ -181,12 +182,8 @@ class LlamaConfig:
     def __post_init__(self):
         resolve_config_dtypes(self)
         set_ = functools.partial(object.__setattr__, self)
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"LlamaConfig: hidden_act={self.hidden_act!r} is not supported; "
-                             f"supported: {', '.join(ACTIVATIONS)}")
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"LlamaConfig: rope_type={self.rope_type!r} is not supported; "
-                             f"supported: {', '.join(ROPE_TYPES)}")
+        check_option("LlamaConfig", "hidden_act", self.hidden_act, ACTIVATIONS)
+        check_option("LlamaConfig", "rope_type", self.rope_type, ROPE_TYPES)
         for name in ("rope_short_factor", "rope_long_factor", "layer_types"):
             value = getattr(self, name)
             if value is not None:

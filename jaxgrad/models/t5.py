@@ -39,8 +39,8 @@ from flax import nnx
 
 from jaxgrad.models.layers import Embed, Linear, RMSNorm, mask_value, split_rng
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, Reader, check_refused_fields, refuse,
-                                      resolve_config_dtypes)
+                                      NOT_APPLIED, Reader, check_option, check_refused_fields,
+                                      refuse, resolve_config_dtypes)
 
 
 # config.json key -> (transformers' default, rule); class fields of the installed T5Config plus
@@ -124,9 +124,7 @@ class T5Config:
         if self.is_gated_act is None:
             set_(self, "is_gated_act", gated)
         set_(self, "is_gated_act", bool(self.is_gated_act))
-        if not isinstance(self.dense_act_fn, str) or self.dense_act_fn not in ACTIVATIONS:
-            raise ValueError(f"T5Config: dense_act_fn={self.dense_act_fn!r} is not supported; "
-                             f"supported: {', '.join(ACTIVATIONS)}")
+        check_option("T5Config", "dense_act_fn", self.dense_act_fn, ACTIVATIONS)
 
     @property
     def is_gated(self) -> bool:
