@@ -3,7 +3,7 @@
 import io
 import sys
 
-from jaxgrad import progress
+from jaxgrad.common import progress
 
 
 def test_log_file_gets_a_long_redraw_interval(monkeypatch):

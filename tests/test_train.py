@@ -28,14 +28,15 @@ import pytest
 from flax import nnx
 
 from jaxgrad import checkpoint as ckpt_lib
-from jaxgrad import sharding as sharding_lib
-from jaxgrad.config_sections import default_config
+from jaxgrad.common import sharding as sharding_lib
+from jaxgrad.config import default_config
 from jaxgrad.losses import model_logits
 from jaxgrad.models import LoraConfig, load_pretrained
 from jaxgrad.fingerprint import ConfigChangedError
-from jaxgrad.train import (Batches, MeshConfig, ModelSpec, TrainConfig, default_extract_answer,
-                           example_batches, fit, generate, load_model, loss_and_grads,
-                           make_evaluator, make_optimizer, run_training, split_trainable)
+from jaxgrad.config import MeshConfig, ModelSpec, TrainConfig
+from jaxgrad.train import (Batches, default_extract_answer, example_batches, fit, generate,
+                           load_model, loss_and_grads, make_evaluator, make_optimizer, run_training,
+                           split_trainable)
 
 from helpers import fixture, fixture_batch
 
@@ -226,7 +227,7 @@ def test_checkpoint_restores_in_fresh_process(tmp_path):
     assert ours == pytest.approx(result.metrics["val_loss"], abs=1e-6)
     out = run_subprocess(f"""
         import json
-        from jaxgrad import sharding
+        from jaxgrad.common import sharding
         from jaxgrad.checkpoint import restore_params
         from jaxgrad.train import make_evaluator
         from test_train import tiny_data, tiny_model, quick_cfg
@@ -528,7 +529,7 @@ def test_configs_convert_to_typed_configs(name, variants):
         assert set(c) >= {"model", "lora", "data", "train", "mesh", "finetune"}
         unknown = _keys(c) - _keys(default_config())
         assert not unknown, (f"configs/{name}.py:{variant} sets keys that no section defines "
-                             f"(typo? add them to jaxgrad/config_sections.py): {sorted(unknown)}")
+                             f"(typo? add them to jaxgrad/config.py): {sorted(unknown)}")
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("nope")
 
