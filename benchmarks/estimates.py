@@ -48,11 +48,12 @@ def main():
 
     from configs import demo
     from jaxgrad.data.batching import collate, encode_for_model
-    from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
+    from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.losses import model_logits
     from jaxgrad.outputs import get_output_fn, outputs_loss
     from jaxgrad.per_sample import trainable_filter
-    from jaxgrad.pipeline import _load_theta_star, _projector, resolved_config, run_pipeline
+    from jaxgrad.pipeline import _load_theta_star, _projector, run_pipeline
+    from jaxgrad.rundir import resolved_config
     from jaxgrad.selection import masks_from_sources, sample_subsets
     from jaxgrad.store import GradientStore
     from jaxgrad.surrogate import (estimate_subsets, exact_estimates, fit_subsets, gradex_labels,

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.flat import flat_spec
+from jaxgrad.common.flat import flat_spec
 from jaxgrad.losses import model_logits
 from jaxgrad.models import (LlamaConfig, LoraConfig, apply_lora, build_model, save_peft_adapter,
                             save_pretrained)

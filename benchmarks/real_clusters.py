@@ -57,7 +57,8 @@ def per_question_losses(config, run_dir: str) -> np.ndarray:
     from jaxgrad.losses import model_logits
     from jaxgrad.models import load_peft_adapter
     from jaxgrad.outputs import token_ce
-    from jaxgrad.train import ModelSpec, load_data, load_model, lora_from_config
+    from jaxgrad.config import ModelSpec
+    from jaxgrad.train import load_data, load_model, lora_from_config
 
     data = load_data(config.data)
     model, tok = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
@@ -84,7 +85,8 @@ def bootstrap_ci(x: np.ndarray, seed: int = 0) -> tuple[float, float]:
 def compare_selectors(config, workdir: str) -> dict:
     """Random-ensemble and forward stepwise selection on the run's estimates: picks and times."""
     from jaxgrad.pipeline import (SurrogateScorer, _read_estimates, pipeline_units,
-                                  resolved_config, selection_metric)
+                                  selection_metric)
+    from jaxgrad.rundir import resolved_config
     from jaxgrad.selection import ensemble_scores, forward_selection, select_top, subset_size
 
     config = resolved_config(config, workdir)

@@ -54,7 +54,8 @@ def build(config, workdir: str | None):
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.models.lora import linear_modules
     from jaxgrad.projection import Projector
-    from jaxgrad.train import ModelSpec, load_data, load_model, lora_from_config
+    from jaxgrad.config import ModelSpec
+    from jaxgrad.train import load_data, load_model, lora_from_config
 
     model, tokenizer = load_model(ModelSpec.from_config(config.model),
                                   lora_from_config(config.lora))

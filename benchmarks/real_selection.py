@@ -80,7 +80,8 @@ def choice_accuracy_of_run(config, run_dir: str) -> float:
     (for runs made before the finetune stage recorded ``test_choice_acc``)."""
     from jaxgrad.choices import choice_accuracy, target_choices
     from jaxgrad.models import load_peft_adapter
-    from jaxgrad.train import ModelSpec, load_data, load_model, lora_from_config
+    from jaxgrad.config import ModelSpec
+    from jaxgrad.train import load_data, load_model, lora_from_config
 
     data = load_data(config.data)
     model, tok = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))

@@ -61,6 +61,7 @@ def measure(config, batch_size: int, steps: int) -> dict:
     from flax import nnx
 
     from jaxgrad import train
+    from jaxgrad.config import TrainConfig
     from jaxgrad.models import llama
     from jaxgrad.models.lora import LoraConfig, apply_lora
 
@@ -78,8 +79,8 @@ def measure(config, batch_size: int, steps: int) -> dict:
              "target_mask": np.ones((batch_size, length), np.int32),
              "valid": np.ones((batch_size,), np.int32)}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    tcfg = train.TrainConfig(learning_rate=float(config.train.learning_rate),
-                             batch_size=batch_size, schedule="cosine")
+    tcfg = TrainConfig(learning_rate=float(config.train.learning_rate),
+                       batch_size=batch_size, schedule="cosine")
     tx = train.make_optimizer(tcfg, steps + 1)
     graphdef, trainable, frozen = train.split_trainable(model)
     opt = tx.init(trainable)

@@ -41,13 +41,13 @@ the selection against 0.381 and 0.19 on all sources; fidelity against one clippe
 
 import ml_collections
 
-from jaxgrad.config_sections import default_config
+from jaxgrad.config import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The demo config; ``arg`` picks a variant: None / "default", or "tiny".
 
-    Every key with its meaning is in jaxgrad/config_sections.py; only the demo's choices are here.
+    Every key with its meaning is in jaxgrad/config.py; only the demo's choices are here.
     """
     variant = arg or "default"
     if variant not in ("default", "tiny"):

@@ -24,7 +24,7 @@ an hour; float32 is several times slower. On CPU this config is impractical.
 
 import ml_collections
 
-from jaxgrad.config_sections import default_config, files_section
+from jaxgrad.config import default_config, files_section
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The Alpaca config; ``arg``: None / "default", or "bf16"."""
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant not in ("default", "bf16"):
         raise ValueError(f"configs/llama_alpaca.py: unknown variant {variant!r}; expected "
                          "'default' or 'bf16'")
-    c = default_config()  # every key with its meaning: jaxgrad/config_sections.py
+    c = default_config()  # every key with its meaning: jaxgrad/config.py
 
     c.model.name_or_path = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"  # HF name or dir
 

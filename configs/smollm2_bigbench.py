@@ -52,7 +52,7 @@ real model", and benchmarks/RESULTS.md.
 
 import ml_collections
 
-from jaxgrad.config_sections import default_config, files_section
+from jaxgrad.config import default_config, files_section
 
 TARGET = "strategyqa"
 RELATED = ("anachronisms", "sports_understanding", "misconceptions", "date_understanding")
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant not in ("default", "cpu", "clusters"):
         raise ValueError(f"configs/smollm2_bigbench.py: unknown variant {variant!r}; expected "
                          "'default', 'cpu' or 'clusters'")
-    c = default_config()  # every key with its meaning: jaxgrad/config_sections.py
+    c = default_config()  # every key with its meaning: jaxgrad/config.py
 
     c.model.name_or_path = MODEL_FILE  # a .gguf: converted once to a float32 HF dir beside it
 

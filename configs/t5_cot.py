@@ -23,7 +23,7 @@ one H100, so the run is dominated by evaluation and takes on the order of an hou
 
 import ml_collections
 
-from jaxgrad.config_sections import default_config, files_section
+from jaxgrad.config import default_config, files_section
 
 COT_TASKS = ("addsub", "multiarith", "single_eq", "svamp", "gsm8k", "aqua", "date_understanding",
              "coin_flip", "last_letter_concatenation", "commonsense_qa", "strategy_qa",
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant not in ("default", "bf16"):
         raise ValueError(f"configs/t5_cot.py: unknown variant {variant!r}; expected 'default' or "
                          "'bf16'")
-    c = default_config()  # every key with its meaning: jaxgrad/config_sections.py
+    c = default_config()  # every key with its meaning: jaxgrad/config.py
 
     c.model.name_or_path = "google/flan-t5-base"  # HF name or local dir
     c.model.family = "t5"  # from-scratch family (unused with name_or_path)

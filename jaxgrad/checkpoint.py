@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxgrad.common.jsonio import jsonable
+
 ITEMS = ("params", "opt_state", "train_state", "meta")
 TRAINABLE_FILTERS = {"lora": nnx.LoRAParam, "full": nnx.Param}
 
@@ -177,16 +179,3 @@ def restore_params(model: nnx.Module, directory: str | os.PathLike,
         mngr.close()
     nnx.update(model, restored)
     return model, meta
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy/jax scalars and arrays as Python numbers and lists (for JSON)."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

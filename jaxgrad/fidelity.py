@@ -47,7 +47,6 @@ runs made with other fine-tuning settings).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -55,38 +54,19 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from jaxgrad.config_sections import fidelity_section
-from jaxgrad.progress import progress_bar
-from jaxgrad.train import OPTIMIZERS
+from jaxgrad import rundir
+from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
+from jaxgrad.common.jsonio import read_json, write_json
+from jaxgrad.common.progress import progress_bar
+from jaxgrad.config import FidelityConfig, TrainConfig
+from jaxgrad.rundir import resolved_config
 
 # One-step fine-tunes on subsets that fit one batch are computed from per-unit gradient sums
 # (run_fidelity); False forces `fit` for every subset (the tests compare the two).
 ONE_BATCH_SHORTCUT = True
-_DEFAULTS = fidelity_section()
-
-
-@dataclasses.dataclass(frozen=True)
-class FidelityConfig:
-    """The ``fidelity`` config section, checked (defaults and meanings: :func:`fidelity_section`)."""
-
-    num_subsets: int = _DEFAULTS.num_subsets
-    steps: int = _DEFAULTS.steps
-    learning_rate: float = _DEFAULTS.learning_rate
-    optimizer: str = _DEFAULTS.optimizer
-    batch_size: int = _DEFAULTS.batch_size
-    max_grad_norm: float = _DEFAULTS.max_grad_norm
-    calibrate: bool = _DEFAULTS.calibrate
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"fidelity.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("num_subsets", "steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"fidelity.{name} must be >= 1, got {getattr(self, name)!r}")
-        if int(self.batch_size) < 0 or float(self.learning_rate) <= 0:
-            raise ValueError("fidelity.batch_size must be >= 0 and fidelity.learning_rate > 0")
 
 
 def _target_metric(output_fn: str):
@@ -144,26 +124,15 @@ def suggest_scale(rows) -> float:
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:
-    path = os.path.join(out_dir, "settings.json")
+    path = os.path.join(out_dir, rundir.FIDELITY_SETTINGS_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path)
         old.setdefault("seed", 0)  # written before the seed was recorded: made with train.seed 0
         if old != settings:
             raise ValueError(f"{out_dir} holds fine-tunes made with other fidelity settings "
                              f"({old} != {settings}); delete it to rerun")
         return
-    _write_json(path, settings)
-
-
-def _write_json(path: str, obj) -> None:
-    """Atomically, by process 0 only (every process computes the same fine-tunes)."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, settings)
 
 
 def _target_outputs(config, data, model, tokenizer, graphdef, rest):
@@ -234,8 +203,6 @@ def _one_step_update(tc, theta_star, unit_sums):
     """θ_S after one step of ``make_optimizer(tc)`` on the token-mean gradient of the units
     whose ``(G, T)`` sums are given, and that gradient's global norm (before clipping): what
     ``fit`` computes from one batch holding every example of the units."""
-    import optax
-
     from jaxgrad.train import make_optimizer
 
     tokens = max(sum(t for _, t in unit_sums), 1.0)
@@ -253,7 +220,7 @@ def _refit(config, workdir: str, data, rows):
 
     from jaxgrad.pipeline import pipeline_units
 
-    train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
+    train = GradientStore.open(rundir.gradients_dir(workdir, "train"))
     units = pipeline_units(config, workdir, data.sources)
     sources = units.names
     ids = units.row_ids(train.example_ids, train.source_ids)
@@ -273,20 +240,18 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     call with other ``surrogate`` settings (objective, C, scale) re-scores the same fine-tunes in
     seconds. ``write=False`` leaves ``fidelity/fidelity.json`` as it is (to compare settings).
     """
-    from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.per_sample import trainable_filter
-    from jaxgrad.pipeline import (_load_theta_star, _projector, _read_estimates, pipeline_units,
-                                  resolved_config)
+    from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, pipeline_units
     from jaxgrad.store import GradientStore
     from jaxgrad.surrogate import rescale_factors
-    from jaxgrad.train import TrainConfig, fit, load_data
+    from jaxgrad.train import fit, load_data
 
     config = resolved_config(config, workdir)
     fcfg = FidelityConfig(**dict(config.get("fidelity") or {}))
-    out_dir = os.path.join(workdir, "fidelity")
+    out_dir = os.path.join(workdir, rundir.FIDELITY_DIR)
     os.makedirs(out_dir, exist_ok=True)
     data = load_data(config.data)
-    rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))[: int(fcfg.num_subsets)]
+    rows = _read_estimates(os.path.join(workdir, rundir.ESTIMATES_FILE))[: int(fcfg.num_subsets)]
     if not rows:
         raise ValueError(f"{workdir}/estimates/estimates.csv has no rows: run the estimates stage first")
     tc = TrainConfig.from_config(config.train, config.mesh)
@@ -321,7 +286,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
 
     units = pipeline_units(config, workdir, data.sources)
     # The surrogate's Δ_S for these subsets (refit: cheap), for exact and first-order checks.
-    target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
+    target = GradientStore.open(rundir.gradients_dir(workdir, "target"))
     s = config.surrogate
     fits = _refit(config, workdir, data, rows)
     projector = _projector(config, int(theta_flat.shape[0]))
@@ -351,8 +316,8 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     for i, row in enumerate(progress_bar(rows, desc="fidelity fine-tunes", unit="subset",
                                          disable=not show)):
         chosen = row["source_list"]
-        run_dir = os.path.join(out_dir, f"subset_{int(row['subset'])}")
-        truth_path = os.path.join(run_dir, "truth.npz")
+        run_dir = rundir.fidelity_subset_dir(workdir, row["subset"])
+        truth_path = os.path.join(run_dir, rundir.TRUTH_FILE)
         # What the measurements depend on besides the fine-tune settings (settings.json).
         key = json.dumps({"sources": row["sources"], "theta_norm": round(theta_norm, 6),
                           "output_fn": str(config.gradients.output_fn),
@@ -458,7 +423,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
                              "linearized": _summary(lin_cal, true, base_loss),
                              "exact": _summary(exact_cal, true, base_loss)}
     if write:
-        _write_json(os.path.join(out_dir, "fidelity.json"), out)
+        write_json(os.path.join(workdir, rundir.FIDELITY_FILE), out)
     return out
 
 
@@ -501,14 +466,13 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     Returns ``{"theta_norm", "D", "num_samples", "results": {kind: {str(s): {...}}}}``.
     Raises ValueError: ``seeds`` exceeds the estimates table's rows (surrogate directions).
     """
-    from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.per_sample import trainable_filter
-    from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, resolved_config
+    from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates
     from jaxgrad.train import load_data
 
     config = resolved_config(config, workdir)
     data = load_data(config.data)
-    rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
+    rows = _read_estimates(os.path.join(workdir, rundir.ESTIMATES_FILE))
     if len(rows) < seeds:
         raise ValueError(f"first_order_error: {workdir}/estimates/estimates.csv has {len(rows)} "
                          f"rows, fewer than seeds={seeds}")
@@ -540,10 +504,11 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
             yield np.asarray(projector.lift(jnp.asarray(coef)))
 
     f0 = np.asarray(f(theta_star), np.float64)
-    fid_dir = os.path.join(workdir, "fidelity")
+    fid_dir = os.path.join(workdir, rundir.FIDELITY_DIR)
     finetune_updates = sorted(
-        (os.path.join(fid_dir, d, "truth.npz") for d in (os.listdir(fid_dir) if os.path.isdir(fid_dir) else [])
-         if os.path.isfile(os.path.join(fid_dir, d, "truth.npz"))),
+        (os.path.join(fid_dir, d, rundir.TRUTH_FILE)
+         for d in (os.listdir(fid_dir) if os.path.isdir(fid_dir) else [])
+         if os.path.isfile(os.path.join(fid_dir, d, rundir.TRUTH_FILE))),
         key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[-1]))
     results = {}
     kinds = ("random", "surrogate") + (("finetune",) if finetune_updates else ())

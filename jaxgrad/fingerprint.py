@@ -33,7 +33,7 @@ ids hash every prompt and completion).
 Keys that cannot change a result are left out (``FINGERPRINT_EXCLUDE`` gives the reason for each),
 as are the sections no stage reads (``mesh``, ``finetune``), the data section of the
 other ``data.kind`` and, with a pretrained base, ``model.name_or_path`` / ``model.tokenizer``
-(``pipeline.resolved_config`` points them at ``<workdir>/base``: a run directory can be moved).
+(``jaxgrad.rundir.resolved_config`` points them at ``<workdir>/base``: a run directory can be moved).
 """
 
 from __future__ import annotations
@@ -47,12 +47,17 @@ import shutil
 import time
 from typing import Any, Mapping, Sequence
 
-from jaxgrad import counts
-from jaxgrad.data.sources import COLUMN_ROLES
+import jax
+
+from jaxgrad.common import counts
+from jaxgrad.common.distributed import barrier
+from jaxgrad.common.jsonio import atomic_write_json, jsonable, read_json, write_json
+from jaxgrad.config import COLUMN_ROLES
+from jaxgrad.rundir import (CONFIG_FILE, HASHES_FILE, LEGACY_ESTIMATES_SETTINGS, RECORDS_FILE,
+                            RUN_FILE, STAGE_ARTEFACTS)
 
 log = logging.getLogger("jaxgrad.pipeline")
 
-RECORDS_FILE = "stages.json"
 RECORDS_VERSION = 1
 MODES = ("error", "rerun")
 
@@ -89,20 +94,8 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "report": ("data", "surrogate", "gradients.projection_dim", "gradients.output_fn"),
 }
 
-# Artefacts of each stage, relative to the run directory: their existence means the stage ran
-# (fully or in part); "rerun" deletes them. DERIVED: further outputs deleted with a stage's
-# (none at present; kept for outputs written outside the stages).
-STAGE_ARTEFACTS: dict[str, tuple[str, ...]] = {
-    "base": ("base", "base_run"),
-    "meta_train": ("meta_train",),
-    "gradients": ("gradients",),
-    "groups": ("groups",),
-    "estimates": ("estimates",),
-    "selection": ("selection",),
-    "finetune": ("finetune",),
-    "fidelity": ("fidelity",),
-    "report": ("report.md", "scores.png", "fidelity.png", "clusters.png"),
-}
+# Artefacts of each stage: jaxgrad.rundir.STAGE_ARTEFACTS. DERIVED: further outputs deleted with
+# a stage's (none at present; kept for outputs written outside the stages).
 DERIVED: dict[str, tuple[str, ...]] = {}
 # Stages that always recompute from their inputs (nothing to reuse): never a mismatch.
 REGENERATED = ("report",)
@@ -177,8 +170,6 @@ _ABSENT = "<absent>"
 
 
 def _canonical(value: Any) -> Any:
-    from jaxgrad.checkpoint import jsonable
-
     return json.loads(json.dumps(jsonable(value), sort_keys=True))
 
 
@@ -231,7 +222,6 @@ def _off(flat: Mapping[str, Any]) -> set[str]:
     return set() if flat.get("groups.by") == "cluster" else {"groups"}
 
 
-HASHES_FILE = "input_hashes.json"
 
 
 def _sha256_file(path: str, chunk: int = 1 << 24) -> str:
@@ -285,15 +275,9 @@ def model_input_digests(config: Any, workdir: str | None = None) -> dict[str, st
             hit = [st.st_size, st.st_mtime_ns, _sha256_file(f)]
             cache[key], dirty = hit, True
         out[f"inputs.model.{f}"] = f"sha256:{hit[2]}"
-    if dirty and cache_path:
-        import jax
-
-        if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            tmp = f"{cache_path}.tmp{os.getpid()}"
-            with open(tmp, "w") as fh:
-                json.dump(cache, fh, indent=1, sort_keys=True)
-            os.replace(tmp, cache_path)
+    if dirty and cache_path and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        atomic_write_json(cache_path, cache, sort_keys=True)
     return out
 
 
@@ -342,23 +326,13 @@ def read_records(workdir: str) -> dict[str, dict]:
     path = records_path(workdir)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        data = json.load(f)
-    return dict(data.get("stages", {}))
+    return dict(read_json(path).get("stages", {}))
 
 
 def write_records(workdir: str, records: Mapping[str, dict]) -> None:
     """Write ``<workdir>/stages.json`` atomically (process 0 only)."""
-    import jax
-
-    if jax.process_index() != 0:
-        return
-    path = records_path(workdir)
-    tmp = f"{path}.tmp{os.getpid()}"
     ordered = {s: records[s] for s in STAGE_ORDER if s in records}
-    with open(tmp, "w") as f:
-        json.dump({"version": RECORDS_VERSION, "stages": ordered}, f, indent=1)
-    os.replace(tmp, path)
+    write_json(records_path(workdir), {"version": RECORDS_VERSION, "stages": ordered})
 
 
 def make_record(fp: StageFingerprint, *, complete: bool | None, legacy: bool = False) -> dict:
@@ -399,11 +373,10 @@ def _legacy_record(workdir: str, stage: str, fp: StageFingerprint) -> dict | Non
         return {"fingerprint": "unrecorded fidelity/", "config": old}
     if stage != "estimates":
         return None
-    path = os.path.join(workdir, "estimates", "settings.json")
+    path = os.path.join(workdir, LEGACY_ESTIMATES_SETTINGS)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        settings = json.load(f)
+    settings = read_json(path)
     old = dict(fp.config)
     old.update({f"surrogate.{k}": _canonical(v) for k, v in settings.items()
                 if f"surrogate.{k}" in fp.config})
@@ -464,8 +437,6 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
       ConfigChangedError: some stage's artefacts were computed under another config and ``mode``
         is "error" (nothing deleted), or "rerun" cannot recompute them with ``stages``.
     """
-    import jax
-
     if mode not in MODES:
         raise ValueError(f"pipeline.on_config_change must be one of {MODES}, got {mode!r}")
     records = read_records(workdir)
@@ -511,10 +482,7 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
             raise ConfigChangedError(
                 _message(workdir, first, rec, fps[first], changes, stale, needed, missing, why),
                 stage=first, workdir=workdir, changes=changes)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("pipeline/checked")
+        barrier("pipeline/checked")
         if jax.process_index() == 0:
             for stage in ordered:
                 deleted += delete_artefacts(workdir, stage)
@@ -536,17 +504,14 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
                     ", ".join(upgraded), workdir)
     if adopted or changed or upgraded:
         write_records(workdir, records)
-    if changed and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("pipeline/cleaned")
+    if changed:
+        barrier("pipeline/cleaned")
     return records
 
 
 # ------------------------------------------------------------------------------------------------
 # Final fine-tunes made one at a time (scripts/finetune.py, and each run of the finetune stage)
 
-RUN_FILE = "run.json"
 RUN_SECTIONS = ("model", "lora", "data", "train", "inputs")
 
 
@@ -580,18 +545,14 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
         the run directory and the changed keys, and deletes nothing.
       ValueError: ``mode`` outside :data:`MODES`.
     """
-    import jax
-
     if mode not in MODES:
         raise ValueError(f"pipeline.on_config_change must be one of {MODES}, got {mode!r}")
     path = os.path.join(run_dir, RUN_FILE)
     old: dict[str, Any] | None = None
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)["values"]
-    elif os.path.isfile(os.path.join(run_dir, "config.json")):  # before run records
-        with open(os.path.join(run_dir, "config.json")) as f:
-            flat = flatten_config(json.load(f))
+        old = read_json(path)["values"]
+    elif os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):  # before run records
+        flat = flatten_config(read_json(os.path.join(run_dir, CONFIG_FILE)))
         old = {k: v for k, v in flat.items()
                if k.split(".", 1)[0] in RUN_SECTIONS and not _excluded(k, flat)}
         old.update({k: v for k, v in values.items() if k not in old and
@@ -610,10 +571,7 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
                                      changes=changes)
         if changes:
             status = "new"
-    if jax.process_count() > 1:  # every process has read the old record before it changes
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"finetune/checked/{os.path.basename(run_dir)}")
+    barrier(f"finetune/checked/{os.path.basename(run_dir)}")  # all read the old record first
     if jax.process_index() == 0:
         if old is not None and changes:
             shutil.rmtree(run_dir)
@@ -621,13 +579,6 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
                   + "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:5])
                   + "); on_config_change='rerun': deleted it, training again", flush=True)
         os.makedirs(run_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"version": RECORDS_VERSION, "values": dict(sorted(values.items()))}, f,
-                      indent=1)
-        os.replace(tmp, path)
-    if jax.process_count() > 1:  # nobody trains in the directory before it is ready
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"finetune/recorded/{os.path.basename(run_dir)}")
+        atomic_write_json(path, {"version": RECORDS_VERSION, "values": dict(sorted(values.items()))})
+    barrier(f"finetune/recorded/{os.path.basename(run_dir)}")  # nobody trains in it before
     return status

@@ -23,7 +23,8 @@ from flax import nnx
 from jaxgrad.data.batching import collate, encode_for_model
 from jaxgrad.per_sample import per_sample_projected_grads, trainable_filter
 from jaxgrad.store import GradientStore, read_manifest
-from jaxgrad.train import TrainConfig
+from jaxgrad.common.progress import progress_bar
+from jaxgrad.config import GradientsConfig, TrainConfig
 
 
 def params_fingerprint(state: Any) -> str:
@@ -44,17 +45,20 @@ def projector_identity(projector) -> dict:
 
 def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenizer, projector, path: str,
                            *, split: str, sources: Sequence[str] | None = None,
-                           output_fn: str = "logit_odds", eps: float = 1e-6, batch_size: int = 32,
-                           chunk_size: int = 8, shard_size: int = 1024,
+                           output_fn: str = GradientsConfig.output_fn,
+                           eps: float = GradientsConfig.eps,
+                           batch_size: int = GradientsConfig.batch_size,
+                           chunk_size: int = GradientsConfig.chunk_size,
+                           shard_size: int = GradientsConfig.shard_size,
                            max_length: int = TrainConfig.max_length,
-                           dtype: str = "float32", model_id: str | None = None,
+                           dtype: str = GradientsConfig.dtype, model_id: str | None = None,
                            full_finetune: bool = False, mesh=None, process_index: int = 0,
                            process_count: int = 1, progress: bool = False) -> GradientStore:
     """Compute (or finish computing) the gradient store of ``examples`` at ``path``.
 
     Returns the store; it is complete when this process is the only one, otherwise after
     ``GradientStore.merge(path)`` by process 0. The keyword defaults are the config's
-    ``gradients`` keys (:mod:`jaxgrad.config_sections` reads them here and documents them);
+    ``gradients`` keys (:class:`jaxgrad.config.GradientsConfig` declares and documents them);
     ``max_length``, where sequences are truncated, is meta-training's (``train.max_length``).
     """
     trainable = nnx.state(model, trainable_filter(model, full_finetune))
@@ -71,8 +75,6 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
     encoded, arch = encode_for_model(examples, tokenizer, model, sources=sources)
     shards = missing
     if progress:
-        from jaxgrad.progress import progress_bar
-
         shards = progress_bar(missing, desc=f"gradients[{split}]", unit="shard")
     for i in shards:
         start, stop = store.shard_rows(i)

@@ -27,26 +27,24 @@ Memory (N clustered samples, k = projection dimension, C clusters):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jaxgrad.common.jsonio import read_json
+from jaxgrad.config import GROUP_BY, GROUP_METHODS, GROUP_METRICS, GroupsSection
+
 log = logging.getLogger("jaxgrad.groups")
 
-GROUP_BY = ("source", "cluster")
-METHODS = ("agglomerative", "kmeans")
-METRICS = ("cosine",)
-GROUPS_FILE = os.path.join("groups", "groups.json")
 AGGLOMERATIVE_MAX_SAMPLES = 20_000  # 1.6 GB of float64 distances
 CLUSTER_PREFIX = "c"
 
 
 @dataclasses.dataclass(frozen=True)
-class GroupsSpec:
-    """The ``groups`` config section, checked; its field defaults are the section's defaults.
+class GroupsSpec(GroupsSection):
+    """The ``groups`` config section, checked. Its fields and their defaults are declared by
+    :class:`jaxgrad.config.GroupsSection` (the one source of the section's defaults).
 
     Attributes:
       by: ``"source"`` (each train source is a unit) or ``"cluster"`` (the paper's CoT protocol:
@@ -64,14 +62,6 @@ class GroupsSpec:
       max_iter: k-means Lloyd iterations at most.
     """
 
-    by: str = "source"
-    sources: tuple[str, ...] = ()
-    num_clusters: int = 20
-    method: str = "agglomerative"
-    metric: str = "cosine"
-    seed: int = 0
-    max_iter: int = 100
-
     @classmethod
     def from_config(cls, section: Any | None) -> "GroupsSpec":
         """From ``config.groups`` (None or missing keys: the defaults).
@@ -86,7 +76,8 @@ class GroupsSpec:
             raise ValueError(f"config.groups: unknown keys {unknown}; expected some of "
                              f"{[f.name for f in dataclasses.fields(cls)]}")
         spec = cls(**d)
-        for key, allowed in (("by", GROUP_BY), ("method", METHODS), ("metric", METRICS)):
+        for key, allowed in (("by", GROUP_BY), ("method", GROUP_METHODS),
+                             ("metric", GROUP_METRICS)):
             if getattr(spec, key) not in allowed:
                 raise ValueError(f"config.groups.{key} must be one of {allowed}, got "
                                  f"{getattr(spec, key)!r}")
@@ -246,8 +237,7 @@ class Units:
         Raises:
           ValueError: the file is not a groups record (no ``units`` list).
         """
-        with open(path) as f:
-            record = json.load(f)
+        record = read_json(path)
         if not isinstance(record, Mapping) or not isinstance(record.get("units"), list):
             raise ValueError(f"{path}: not a groups record (expected a JSON object with a 'units' "
                              "list, as the pipeline's groups stage writes)")

@@ -2,7 +2,7 @@
 
 For every example i of a batch this computes ``f_i(θ*)`` and ``x_i = Pᵀ ∇_θ f_i(θ*)`` over the
 trainable parameters θ only: the LoRA adapters (``nnx.LoRAParam``) by default, every parameter in
-full fine-tuning. The flat order of the D trainable numbers is :mod:`jaxgrad.flat`'s: leaves of the
+full fine-tuning. The flat order of the D trainable numbers is :mod:`jaxgrad.common.flat`'s: leaves of the
 trainable ``nnx.State`` in pytree order (sorted module paths; ``lora_A`` before ``lora_B``), each
 raveled in C order. Row ``d`` of P belongs to entry ``d`` of that vector.
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.flat import flat_spec
+from jaxgrad.common.flat import flat_spec
 from jaxgrad.losses import model_logits
 from jaxgrad.outputs import get_output_fn
 

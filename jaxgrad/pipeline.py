@@ -36,6 +36,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
+import difflib
+import hashlib
 import json
 import logging
 import os
@@ -44,13 +47,22 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
-from jaxgrad import counts
+from jaxgrad import rundir
+from jaxgrad.common import counts
+from jaxgrad.common.counts import check_fraction_or_count, fraction_or_count
+from jaxgrad.common.distributed import barrier, initialize_distributed
+from jaxgrad.common.flat import tree_norm
+from jaxgrad.common.jsonio import read_json, write_json, write_shared_json
+from jaxgrad.common.progress import progress_bar
+from jaxgrad.common.sharding import make_mesh
+from jaxgrad.config import OPTIMIZERS, MeshConfig, ModelSpec, TrainConfig, default_config
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  model_input_digests, reconcile, stage_fingerprints, write_records)
 from jaxgrad.models.hf_config import resolve_dtype
-from jaxgrad.progress import progress_bar
+from jaxgrad.rundir import resolved_config
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -69,62 +81,13 @@ def _section(config, name):
     return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    from jaxgrad.checkpoint import jsonable
-
-    if jax.process_index() != 0:  # every process computes the same result; one writes it
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=1)
-    os.replace(tmp, path)
-
-
-def _write_shared_json(path: str, obj: Any, barrier: str) -> Any:
-    """Write ``obj`` (process 0) and read it back on every process, after a barrier when there
-    are several (the others must not read before process 0 has written)."""
-    _write_json(path, obj)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(barrier)
-    return _read_json(path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def resolved_config(config, workdir: str):
-    """The config with ``model.name_or_path`` pointing at the pretrained base when one is built.
-
-    Stage fingerprints are taken from the config as given: these two keys are left out of them
-    when ``base.pretrain`` is on (``jaxgrad.fingerprint``), so a run directory can be moved.
-    """
-    if config.get("base") is not None and config.base.pretrain:
-        config = copy.deepcopy(config)
-        with config.unlocked() if hasattr(config, "unlocked") else _null():
-            config.model.name_or_path = os.path.join(workdir, "base")
-            config.model.tokenizer = ""
-    return config
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _load_theta_star(config, workdir: str):
     """The meta-trained model θ* (base + LoRA restored from the meta_train checkpoint)."""
     from jaxgrad.checkpoint import restore_params
-    from jaxgrad.train import ModelSpec, load_model, lora_from_config
+    from jaxgrad.train import load_model, lora_from_config
 
     model, tokenizer = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
-    restore_params(model, os.path.join(workdir, "meta_train", "ckpt"), "latest")
+    restore_params(model, os.path.join(workdir, rundir.META_TRAIN_CKPT), "latest")
     return model, tokenizer
 
 
@@ -141,15 +104,15 @@ def stage_base(config, workdir: str) -> str | None:
     """
     if config.get("base") is None or not config.base.pretrain:
         return None
-    out = os.path.join(workdir, "base")
-    if os.path.isfile(os.path.join(out, "model.safetensors")):
+    out = os.path.join(workdir, rundir.BASE_DIR)
+    if os.path.isfile(os.path.join(workdir, rundir.BASE_MODEL_FILE)):
         return out
     from jaxgrad.data import build_char_tokenizer
     from jaxgrad.data.sources import make_examples
     from jaxgrad.data.synthetic import generic_text
     from jaxgrad.models import LlamaConfig, build_model, save_pretrained
     from jaxgrad.models.llama import to_hf_config
-    from jaxgrad.train import TrainConfig, fit
+    from jaxgrad.train import fit
 
     b = _section(config, "base")
     family = str(config.model.get("family", "llama") or "llama")
@@ -169,24 +132,24 @@ def stage_base(config, workdir: str) -> str | None:
                      num_steps=int(b["steps"]), full_finetune=True, seed=int(b["seed"]),
                      progress=bool(config.train.progress), log_every=50, async_checkpoint=False,
                      keep_checkpoints=1, best_metric="train_loss", schedule="cosine")
-    result = fit(model, tokenizer, examples, tc, os.path.join(workdir, "base_run"))
+    result = fit(model, tokenizer, examples, tc, os.path.join(workdir, rundir.BASE_RUN_DIR))
     save_pretrained(result.model, out, to_hf_config(cfg), tokenizer)
-    _write_json(os.path.join(out, "pretrain.json"), {"steps": tc.num_steps, **result.metrics})
+    write_json(os.path.join(workdir, rundir.PRETRAIN_FILE), {"steps": tc.num_steps, **result.metrics})
     return out
 
 
 def stage_meta_train(config, workdir: str) -> dict:
     """Step 1: LoRA meta-training on the union of all sources (θ*)."""
-    done = os.path.join(workdir, "meta_train", "done.json")
+    done = os.path.join(workdir, rundir.META_TRAIN_DONE)
     if os.path.isfile(done):
-        return _read_json(done)
+        return read_json(done)
     from jaxgrad.train import meta_train
 
     result = meta_train(config, workdir)
     summary = {"step": result.step, "metrics": result.metrics}
     if _stopped_early(config, result.step, lambda data: data.examples("train")):
         return {**summary, "stopped_early": True}  # not done: the next run resumes
-    _write_json(done, summary)
+    write_json(done, summary)
     return summary
 
 
@@ -196,7 +159,7 @@ def _stopped_early(config, step: int, train_examples) -> bool:
     if stop <= 0 or step < stop:
         return False
     from jaxgrad.data.batching import num_batches
-    from jaxgrad.train import TrainConfig, load_data
+    from jaxgrad.train import load_data
 
     cfg = TrainConfig.from_config(config.train, config.mesh)
     n = len(train_examples(load_data(config.data)))
@@ -222,8 +185,7 @@ def stage_gradients(config, workdir: str) -> dict:
     if not data.target:
         raise ValueError("config.data: the pipeline needs a target source (data.synthetic.target "
                          "or data.files.target)")
-    paths = {"train": os.path.join(workdir, "gradients", "train"),
-             "target": os.path.join(workdir, "gradients", "target")}
+    paths = {name: rundir.gradients_dir(workdir, name) for name in ("train", "target")}
     if all(_store_complete(p) for p in paths.values()):
         return {k: GradientStore.open(p).num_examples for k, p in paths.items()}
     model, tokenizer = _load_theta_star(config, workdir)
@@ -247,9 +209,7 @@ def stage_gradients(config, workdir: str) -> dict:
         store = compute_gradient_store(model, examples, tokenizer, projector, paths[name],
                                        split=split, model_id=model_id, **kw)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"gradients/{name}")
+            barrier(f"gradients/{name}")
             if jax.process_index() == 0:
                 store = GradientStore.merge(paths[name])
         counts[name] = store.num_examples
@@ -260,8 +220,6 @@ def local_data_mesh():
     """A ``data`` mesh over this process's devices (None with one): per-sample work shards its
     samples over them. Per-sample gradients are independent, so this changes no result beyond
     float32 rounding (a device's matmuls cover fewer samples and may sum in another order)."""
-    from jaxgrad.sharding import make_mesh
-
     devices = jax.local_devices()
     return make_mesh(len(devices), 1, devices=devices) if len(devices) > 1 else None
 
@@ -269,15 +227,13 @@ def local_data_mesh():
 def global_data_mesh():
     """A ``data`` mesh over every device of every process (None with one device): the surrogate
     fits shard their subsets over it (``jaxgrad.surrogate.fit_subsets``)."""
-    from jaxgrad.sharding import make_mesh
-
     return make_mesh(-1, 1) if jax.device_count() > 1 else None
 
 
 def _store_complete(path: str) -> bool:
     from jaxgrad.store import GradientStore
 
-    if not os.path.isfile(os.path.join(path, "manifest.json")):
+    if not os.path.isfile(os.path.join(path, rundir.MANIFEST_FILE)):
         return False
     try:
         return GradientStore.open(path).complete
@@ -295,16 +251,16 @@ def groups_enabled(config) -> bool:
 def stage_groups(config, workdir: str) -> dict | None:
     """Optional (``groups.by = "cluster"``): clusters of train samples by their projected gradients,
     the units every later stage selects among (:mod:`jaxgrad.groups`); ``groups/groups.json``."""
-    from jaxgrad.groups import GROUPS_FILE, GroupsSpec, make_groups
+    from jaxgrad.groups import GroupsSpec, make_groups
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
 
     spec = GroupsSpec.from_config(config.get("groups"))
     if not spec.clustered:
         return None
-    out = os.path.join(workdir, GROUPS_FILE)
+    out = os.path.join(workdir, rundir.GROUPS_FILE)
     if not os.path.isfile(out):
-        train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
+        train = GradientStore.open(rundir.gradients_dir(workdir, "train"))
         t0 = time.time()
         data = load_data(config.data)
         record = make_groups(spec, train.feats(), train.example_ids, train.source_ids,
@@ -314,18 +270,18 @@ def stage_groups(config, workdir: str) -> dict | None:
         for u in record["units"]:  # for the report: what a unit holds, at a glance
             u["example_prompts"] = [prompts[e][:300] for e in u["example_ids"][:3]]
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        _write_shared_json(out, record, "groups")  # every process computed the same record
-    record = _read_json(out)
+        write_shared_json(out, record, "groups")  # every process computed the same record
+    record = read_json(out)
     return {"units": len(record["units"]), "sizes": [u["size"] for u in record["units"]]}
 
 
 def pipeline_units(config, workdir: str, sources: Sequence[str] | None = None):
     """The units the estimates, selection and fine-tunes choose among (:class:`jaxgrad.groups.Units`):
     the data's sources, or with ``groups.by = "cluster"`` the groups stage's record."""
-    from jaxgrad.groups import GROUPS_FILE, GroupsSpec, Units
+    from jaxgrad.groups import GroupsSpec, Units
 
     if GroupsSpec.from_config(config.get("groups")).clustered:
-        path = os.path.join(workdir, GROUPS_FILE)
+        path = os.path.join(workdir, rundir.GROUPS_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"groups.by = 'cluster' but {path} does not exist: run the "
                                     "groups stage first (--stages=groups)")
@@ -339,9 +295,6 @@ ESTIMATE_FIELDS = ("subset", "sources", "n_samples", "converged", "n_iter", "los
 
 
 def _theta_norm_and_state(model):
-    from flax import nnx
-
-    from jaxgrad.flat import tree_norm
     from jaxgrad.per_sample import trainable_filter
 
     state = nnx.state(model, trainable_filter(model))
@@ -357,9 +310,8 @@ def stage_estimates(config, workdir: str) -> str:
     from jaxgrad.selection import sample_subsets, subset_size
 
     s = _section(config, "surrogate")
-    out_dir = os.path.join(workdir, "estimates")
-    os.makedirs(out_dir, exist_ok=True)
-    table = os.path.join(out_dir, "estimates.csv")
+    os.makedirs(os.path.join(workdir, rundir.ESTIMATES_DIR), exist_ok=True)
+    table = os.path.join(workdir, rundir.ESTIMATES_FILE)
     sources = pipeline_units(config, workdir).names
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
     subsets = sample_subsets(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
@@ -395,10 +347,7 @@ def stage_estimates(config, workdir: str) -> str:
                 })
             fh.flush()
         bar.close()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("estimates")
+    barrier("estimates")
     return table
 
 
@@ -419,8 +368,8 @@ class SurrogateScorer:
         s = _section(config, "surrogate")
         self.s = s
         self.sources = list(sources)
-        train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
-        target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
+        train = GradientStore.open(rundir.gradients_dir(workdir, "train"))
+        target = GradientStore.open(rundir.gradients_dir(workdir, "target"))
         self.output_fn = str(config.gradients.output_fn)
         feats = train.feats()
         if self.output_fn == "token_ce":  # fit on -∇CE so that Δ lowers the loss
@@ -500,8 +449,6 @@ def _exact_loss_fn(config, workdir, model):
     The loss is the one the linearized estimate predicts (``outputs.outputs_loss`` of the config's
     output function), so the table's ``loss`` and ``exact_loss`` columns compare.
     """
-    from flax import nnx
-
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.losses import model_logits
     from jaxgrad.outputs import get_output_fn, outputs_loss
@@ -591,9 +538,9 @@ def stage_selection(config, workdir: str) -> dict:
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
 
-    out = os.path.join(workdir, "selection", "selection.json")
+    out = os.path.join(workdir, rundir.SELECTION_FILE)
     if os.path.isfile(out):
-        result = _read_json(out)
+        result = read_json(out)
         if "repr_sim" not in result["baselines"]:  # made before the repr_sim baseline existed
             data = load_data(config.data)
             rep = representation_similarity(config, workdir, data,
@@ -601,13 +548,13 @@ def stage_selection(config, workdir: str) -> dict:
             k, sources = len(result["selected"]), result["sources"]
             result["repr_sim_scores"] = rep
             result["baselines"]["repr_sim"] = [sources[i] for i in sorted(np.argsort(-rep)[:k])]
-            result = _write_shared_json(out, result, "selection/repr_sim")
+            result = write_shared_json(out, result, "selection/repr_sim")
         return result
     sel = _section(config, "selection")
     data = load_data(config.data)
     units = pipeline_units(config, workdir, data.sources)
     sources = units.names
-    rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
+    rows = _read_estimates(os.path.join(workdir, rundir.ESTIMATES_FILE))
     metric = selection_metric(config)
     if rows and any(r.get(metric, "") == "" for r in rows):
         raise ValueError(f"config.selection.metric = {sel['metric']!r}: the estimates table "
@@ -641,8 +588,8 @@ def stage_selection(config, workdir: str) -> dict:
                             f"selection.min_gain = {float(sel['min_gain'])}") + "); the estimates "
                          f"in {workdir}/estimates are kept")
     chosen = [sources[i] for i in sorted(int(i) for i in picked)]
-    train = GradientStore.open(os.path.join(workdir, "gradients", "train"))
-    target = GradientStore.open(os.path.join(workdir, "gradients", "target"))
+    train = GradientStore.open(rundir.gradients_dir(workdir, "train"))
+    target = GradientStore.open(rundir.gradients_dir(workdir, "target"))
     ids = units.row_ids(train.example_ids, train.source_ids)
     sim = np.asarray(gradient_similarity_scores(train.feats(), ids, target.feats(), n_sources=len(sources)))
     rep = representation_similarity(config, workdir, data, units)
@@ -674,7 +621,7 @@ def stage_selection(config, workdir: str) -> dict:
     if sizes is not None:
         result["groups"] = {"by": "cluster", "sizes": [sizes[u] for u in sources]}
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    return _write_shared_json(out, result, "selection")
+    return write_shared_json(out, result, "selection")
 
 
 SELECTION_METHODS = ("ensemble", "threshold", "forward", "ordered")
@@ -743,17 +690,15 @@ def stage_finetune(config, workdir: str) -> dict:
     """Final step: fine-tune the base model on the selection and on each baseline; test metrics."""
     from jaxgrad.train import finetune
 
-    from jaxgrad.groups import GROUPS_FILE
-
-    selection = _read_json(os.path.join(workdir, "selection", "selection.json"))
+    selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
     runs = {"selection": selection["selected"], **selection["baselines"]}
     units = pipeline_units(config, workdir)
     wanted = list(config.pipeline.finetune_runs)
     results = {}
     trained: dict[str, str] = {}  # units (JSON) -> the run that trained on exactly them
     for name in wanted:
-        run_dir = os.path.join(workdir, "finetune", name)
-        done = os.path.join(run_dir, "sources.json")
+        run_dir = rundir.finetune_dir(workdir, name)
+        done = os.path.join(run_dir, rundir.SOURCES_FILE)
         key = json.dumps(sorted(str(u) for u in runs[name]))
         twin = trained.get(key)
         # Decided once per process before anything is written (process 0 writes `done`).
@@ -761,22 +706,19 @@ def stage_finetune(config, workdir: str) -> dict:
         if not exists and twin is not None:
             # The same units under the same settings and seed: the same fine-tune (training is
             # deterministic), recorded once more instead of trained twice.
-            if jax.process_count() > 1:  # every process has looked before process 0 writes
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices(f"finetune/{name}/looked")
+            barrier(f"finetune/{name}/looked")  # every process has looked before process 0 writes
             if jax.process_index() == 0:
                 os.makedirs(run_dir, exist_ok=True)
-            _write_shared_json(done, {**_read_json(os.path.join(workdir, "finetune", twin,
-                                                                "sources.json")),
-                                      "same_as": twin}, f"finetune/{name}/same_as")
+            twin_done = os.path.join(rundir.finetune_dir(workdir, twin), rundir.SOURCES_FILE)
+            write_shared_json(done, {**read_json(twin_done), "same_as": twin},
+                              f"finetune/{name}/same_as")
         elif not exists:
             cfg = copy.deepcopy(config)
             cfg.finetune.sources = json.dumps(list(runs[name]))  # names may hold commas
             cfg.finetune.selection_file = ""
             cfg.finetune.name = name
             # Units that are clusters of samples: finetune() reads their sample ids.
-            cfg.finetune.groups_file = (os.path.join(workdir, GROUPS_FILE)
+            cfg.finetune.groups_file = (os.path.join(workdir, rundir.GROUPS_FILE)
                                         if units.members is not None else "")
             steps = int(config.pipeline.get("finetune_steps", 0))
             if steps > 0:  # the same optimisation budget for every choice of sources
@@ -791,14 +733,14 @@ def stage_finetune(config, workdir: str) -> dict:
                 if jax.process_index() == 0 and os.path.isfile(done):
                     os.remove(done)  # not done: the next run resumes this fine-tune
                 return {**results, name: {"step": result.step}, "stopped_early": True}
-        results[name] = _read_json(done)
+        results[name] = read_json(done)
         trained.setdefault(key, results[name].get("same_as", name))
     return results
 
 
 def _finetune_runs_done(config, workdir: str) -> bool:
     """Every run of ``pipeline.finetune_runs`` has finished (one added later has not)."""
-    return all(os.path.isfile(os.path.join(workdir, "finetune", name, "sources.json"))
+    return all(os.path.isfile(os.path.join(rundir.finetune_dir(workdir, name), rundir.SOURCES_FILE))
                for name in config.pipeline.finetune_runs)
 
 
@@ -814,14 +756,11 @@ def stage_fidelity(config, workdir: str) -> dict | None:
         return None
     from jaxgrad.fidelity import run_fidelity
 
-    out = os.path.join(workdir, "fidelity", "fidelity.json")
+    out = os.path.join(workdir, rundir.FIDELITY_FILE)
     if os.path.isfile(out):
-        return _read_json(out)
+        return read_json(out)
     result = run_fidelity(config, workdir)
-    if jax.process_count() > 1:  # process 0 wrote fidelity.json; the report reads it
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("fidelity")
+    barrier("fidelity")  # process 0 wrote fidelity.json; the report reads it
     return {k: v for k, v in result.items() if k != "rows"}
 
 
@@ -830,7 +769,7 @@ def stage_report(config, workdir: str) -> str:
     from jaxgrad.report import write_report
 
     if jax.process_index() != 0:  # one process writes the report
-        return os.path.join(workdir, "report.md")
+        return os.path.join(workdir, rundir.REPORT_FILE)
     return write_report(config, workdir)
 
 
@@ -843,7 +782,7 @@ def validate_config(config, stages: Sequence[str] | None = None):
     * ``model.dtype`` / ``model.param_dtype`` (float32 or bfloat16);
     * ``train.full_finetune`` only without adapters (``lora.rank = 0``);
     * every "fraction or count" setting (:data:`FRACTION_OR_COUNT`) under the one rule of
-      :mod:`jaxgrad.counts`, whether it came from Python, a config file or the command line;
+      :mod:`jaxgrad.common.counts`, whether it came from Python, a config file or the command line;
     * the data load: every source's splits and the target's validation/test split non-empty
       (``jaxgrad.data.load_sources`` names the source, the split and the setting to change);
     * the counts of sources asked for (``surrogate.subset_size``, ``selection.top``) not more
@@ -855,7 +794,6 @@ def validate_config(config, stages: Sequence[str] | None = None):
     Raises:
       TypeError / ValueError: naming the setting (``config.selection.top``) and what it expects.
     """
-    from jaxgrad.counts import check_fraction_or_count, fraction_or_count
     from jaxgrad.groups import GroupsSpec
     from jaxgrad.train import load_data
 
@@ -909,7 +847,6 @@ FINETUNE_RUNS = ("selection", "all", "random", "grad_sim", "repr_sim")
 
 def _choices() -> dict[str, tuple]:
     """The allowed values of the method sections' option keys."""
-    from jaxgrad.fidelity import OPTIMIZERS
     from jaxgrad.fingerprint import MODES
     from jaxgrad.outputs import OUTPUT_FUNCTIONS
     from jaxgrad.projection import _KINDS
@@ -925,15 +862,11 @@ def _choices() -> dict[str, tuple]:
 
 def known_config_keys() -> dict[str, set[str]]:
     """``{section: its keys}`` for every section of a pipeline config: the method sections of
-    ``jaxgrad.config_sections``, and the fields of the dataclass each other section fills
+    :mod:`jaxgrad.config`, and the fields of the dataclass each other section fills
     (``TrainConfig``, ``LoraConfig``, ``ModelSpec``, ``MeshConfig``, ``SourcesSpec`` for
     ``data.files``, ``SyntheticSpec`` for ``data.synthetic``). ``""``: the top-level sections."""
-    import dataclasses
-
-    from jaxgrad.config_sections import default_config
     from jaxgrad.data import SourcesSpec, SyntheticSpec
     from jaxgrad.models import LoraConfig
-    from jaxgrad.train import MeshConfig, ModelSpec, TrainConfig
 
     defaults = default_config()
     known = {name: set(defaults[name].keys()) for name in defaults.keys()}
@@ -961,8 +894,6 @@ def check_method_sections(config) -> None:
       ValueError: naming every unknown key (with the closest known one) or the value and the
         values allowed.
     """
-    import difflib
-
     problems = []
     for name, known in known_config_keys().items():
         section = config
@@ -997,15 +928,12 @@ def check_method_sections(config) -> None:
 
 
 DATA_STAGES = ("meta_train", "gradients", "groups", "estimates", "selection", "finetune", "fidelity")
-SPLITS_FILE = "data_splits.json"
 
 
 def data_splits_record(data) -> dict:
     """What the run's artefacts assume of the data: a sha256 over the example ids of every
     split of every source (ids hash the prompt and completion, so it changes with any text, any
     split assignment, any source), and the split sizes, to show what changed."""
-    import hashlib
-
     splits = {split: {s: [e["example_id"] for e in data.examples(split, [s])] for s in data.sources}
               for split in ("train", "validation", "test")}
     digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode("utf-8")).hexdigest()
@@ -1018,9 +946,9 @@ def _stores_disagree(workdir: str, data) -> bool:
     (train: every train example; target: the target's validation split)."""
     for name, ids in (("train", data.examples("train")),
                       ("target", data.examples("validation", [data.target]) if data.target else [])):
-        manifest = os.path.join(workdir, "gradients", name, "manifest.json")
+        manifest = os.path.join(rundir.gradients_dir(workdir, name), rundir.MANIFEST_FILE)
         if os.path.isfile(manifest):
-            recorded = _read_json(manifest).get("example_ids")
+            recorded = read_json(manifest).get("example_ids")
             if recorded is not None and recorded != [e["example_id"] for e in ids]:
                 return True
     return False
@@ -1043,9 +971,9 @@ def check_data_splits(workdir: str, data, mode: str) -> None:
     from jaxgrad.fingerprint import (delete_artefacts, downstream, read_records,
                                      write_records)
 
-    path = os.path.join(workdir, SPLITS_FILE)
+    path = os.path.join(workdir, rundir.SPLITS_FILE)
     new = data_splits_record(data)
-    old = _read_json(path) if os.path.isfile(path) else None
+    old = read_json(path) if os.path.isfile(path) else None
     if old is None and _stores_disagree(workdir, data):
         old = {"digest": "(from the gradient stores' example ids)", "sizes": "unrecorded"}
     if old is not None and old.get("digest") != new["digest"]:
@@ -1065,12 +993,9 @@ def check_data_splits(workdir: str, data, mode: str) -> None:
                 write_records(workdir, {k: v for k, v in records.items() if k not in stale})
                 log.warning("jaxgrad pipeline: the data changed since %s was computed; "
                             "on_config_change='rerun': deleted %s", workdir, ", ".join(deleted))
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("pipeline/data_checked")
+            barrier("pipeline/data_checked")
     if (old is None or old.get("digest") != new["digest"]) and jax.process_index() == 0:
-        _write_json(path, new)
+        write_json(path, new)
 
 
 def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
@@ -1099,8 +1024,6 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     if on_config_change is None:
         pipeline_section = config.get("pipeline") or {}
         on_config_change = pipeline_section.get("on_config_change", "error") or "error"
-    from jaxgrad.train import initialize_distributed
-
     # Before anything touches JAX (reconcile asks for the process index): multi-host runs.
     initialize_distributed(bool((config.get("train") or {}).get("distributed", False)))
     data = validate_config(config, stages)
@@ -1153,10 +1076,7 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
             records[name] = make_record(fp, complete=True, legacy=records[name].get("legacy", False))
             write_records(workdir, records)
     out["timings"] = timings
-    if jax.process_count() > 1:  # no process leaves (and shuts down) while another still writes
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("pipeline/done")
+    barrier("pipeline/done")  # no process leaves (and shuts down) while another still writes
     return out
 
 
@@ -1166,7 +1086,7 @@ def _append_timing(workdir: str, stage: str, seconds: float, reused: bool = Fals
     if jax.process_index() != 0:
         return
     row = {"stage": stage, "seconds": round(seconds, 2), "time": time.time(), "reused": reused}
-    with open(os.path.join(workdir, "timings.jsonl"), "a") as f:
+    with open(os.path.join(workdir, rundir.TIMINGS_FILE), "a") as f:
         f.write(json.dumps(row) + "\n")
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
+import sys
 from typing import Any
 
 import numpy as np
 
+from jaxgrad import rundir
+from jaxgrad.common.jsonio import read_json
+
 KIND_COLORS = {"target": "#1f77b4", "related": "#2ca02c", "noisy": "#d62728", "unrelated": "#ff7f0e"}
 RUN_ORDER = ("selection", "all", "random", "grad_sim", "repr_sim")
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 def _cell(text: str) -> str:
@@ -146,20 +146,20 @@ def _finetune_rows(workdir: str) -> dict[str, dict]:
     """The pipeline's fine-tunes (in :data:`RUN_ORDER`), then those made under other names
     (``scripts/finetune.py``), marked ``"by_hand": True``."""
     out = {}
-    root = os.path.join(workdir, "finetune")
+    root = os.path.join(workdir, rundir.FINETUNE_DIR)
     others = sorted(set(os.listdir(root)) - set(RUN_ORDER)) if os.path.isdir(root) else []
     for name in list(RUN_ORDER) + others:
-        path = os.path.join(root, name, "sources.json")
+        path = os.path.join(rundir.finetune_dir(workdir, name), rundir.SOURCES_FILE)
         if os.path.isfile(path):
-            out[name] = {**_read_json(path), **({"by_hand": True} if name in others else {})}
+            out[name] = {**read_json(path), **({"by_hand": True} if name in others else {})}
     return out
 
 
 def _by_hand_label(workdir: str, name: str) -> str:
     """" (by scripts/finetune.py; <settings that differ from the pipeline's selection run>)"."""
     def values(run):
-        path = os.path.join(workdir, "finetune", run, "run.json")
-        return _read_json(path)["values"] if os.path.isfile(path) else None
+        path = os.path.join(rundir.finetune_dir(workdir, run), rundir.RUN_FILE)
+        return read_json(path)["values"] if os.path.isfile(path) else None
 
     mine, theirs = values(name), values("selection")
     if mine is None or theirs is None:
@@ -174,7 +174,7 @@ def _by_hand_label(workdir: str, name: str) -> str:
 
 def theta_star_lines(workdir: str) -> list[str]:
     """θ*'s quality per source: the last validation row of ``meta_train/metrics.jsonl``."""
-    path = os.path.join(workdir, "meta_train", "metrics.jsonl")
+    path = os.path.join(workdir, rundir.META_TRAIN_METRICS)
     if not os.path.isfile(path):
         return []
     rows = [json.loads(line) for line in open(path) if line.strip()]
@@ -232,21 +232,18 @@ def next_steps_lines(config, workdir: str, selection: dict,
     """The command that fine-tunes the base model on the selection: this run's ``--config`` and
     every ``--config.*`` override of its command line (``argv``, default ``sys.argv``; the
     ``finetune`` section is set by the command itself), for the full ``train.num_steps``."""
-    import shlex
-    import sys
-
     argv = sys.argv if argv is None else argv
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
                        "<your config>")
     overrides = [a for a in argv if a.startswith("--config.")
                  and not a.startswith("--config.finetune.")]
-    sel = os.path.join(workdir, "selection", "selection.json")
+    sel = os.path.join(workdir, rundir.SELECTION_FILE)
     parts = ["python scripts/finetune.py", f"--config={shlex.quote(config_file)}",
              f"--workdir={shlex.quote(workdir)}", *map(shlex.quote, overrides),
              f"--config.finetune.selection_file={shlex.quote(sel)}"]
     if selection.get("groups"):
         parts.append("--config.finetune.groups_file="
-                     + shlex.quote(os.path.join(workdir, "groups", "groups.json")))
+                     + shlex.quote(os.path.join(workdir, rundir.GROUPS_FILE)))
     n = len(selection["selected"])
     what = ("unit" if selection.get("groups") else "source") + ("" if n == 1 else "s")
     steps = int((config.get("pipeline") or {}).get("finetune_steps", 0) or 0)
@@ -274,9 +271,9 @@ def target_metrics(run: dict, target: str | None) -> dict[str, float | None]:
 
 def write_report(config, workdir: str) -> str:
     """Write ``<workdir>/report.md`` (+ ``scores.png``, ``fidelity.png`` when fidelity ran)."""
-    sel_path = os.path.join(workdir, "selection", "selection.json")
-    selection = _read_json(sel_path)
-    est_rows = list(csv.DictReader(open(os.path.join(workdir, "estimates", "estimates.csv"))))
+    sel_path = os.path.join(workdir, rundir.SELECTION_FILE)
+    selection = read_json(sel_path)
+    est_rows = list(csv.DictReader(open(os.path.join(workdir, rundir.ESTIMATES_FILE))))
     runs = _finetune_rows(workdir)
     kinds = selection.get("kinds", {})
     # Recorded since units can be clusters (several of kind "target"); before, the one source
@@ -285,14 +282,14 @@ def write_report(config, workdir: str) -> str:
         (s for s, k in kinds.items() if k == "target"), None) or config.data.get(
         "synthetic", {}).get("target")
     quantity = estimated_quantity(selection["metric"], str(config.gradients.output_fn))
-    plot_scores(selection, os.path.join(workdir, "scores.png"),
+    plot_scores(selection, os.path.join(workdir, rundir.SCORES_PLOT),
                 estimated_quantity(selection["metric"], str(config.gradients.output_fn), True))
     lines = ["# jaxgrad run report", ""]
     units = (f"Units: {len(selection['sources'])} (clusters of samples and whole sources, see "
              "Clusters; every table's \"source\" is a unit)" if selection.get("groups")
              else f"Sources: {len(selection['sources'])}")
     lines += [f"Run directory: `{workdir}`. Target: **{target}**. {units}.", ""]
-    timings = os.path.join(workdir, "timings.jsonl")
+    timings = os.path.join(workdir, rundir.TIMINGS_FILE)
     if os.path.isfile(timings):
         rows = [json.loads(l) for l in open(timings)]
         # Seconds of the run that computed each stage (later runs that reused it are skipped;
@@ -344,10 +341,10 @@ def write_report(config, workdir: str) -> str:
                       f"**{selection['ranking_auc']:.3f}**"]
     lines += ["", "![scores](scores.png)", ""]
     lines += theta_star_lines(workdir)
-    groups_path = os.path.join(workdir, "groups", "groups.json")
+    groups_path = os.path.join(workdir, rundir.GROUPS_FILE)
     if selection.get("groups") and os.path.isfile(groups_path):
-        groups = _read_json(groups_path)
-        plot_clusters(selection, os.path.join(workdir, "clusters.png"))
+        groups = read_json(groups_path)
+        plot_clusters(selection, os.path.join(workdir, rundir.CLUSTERS_PLOT))
         lines += cluster_lines(groups, selection) + ["", "![clusters](clusters.png)", ""]
     sizes = dict(zip(selection["sources"], (selection.get("groups") or {}).get("sizes") or []))
     if runs:
@@ -367,11 +364,11 @@ def write_report(config, workdir: str) -> str:
                          f"{_fmt(m['test_loss'])} | {_fmt(m['test_acc'], 3)} | "
                          f"{_fmt(m.get('test_choice_acc'), 3)} |")
         lines.append("")
-    fid_path = os.path.join(workdir, "fidelity", "fidelity.json")
+    fid_path = os.path.join(workdir, rundir.FIDELITY_FILE)
     stale = _fidelity_changes(config, workdir) if os.path.isfile(fid_path) else None
     if os.path.isfile(fid_path) and not stale:
-        fid = _read_json(fid_path)
-        plot_fidelity(fid, os.path.join(workdir, "fidelity.png"))
+        fid = read_json(fid_path)
+        plot_fidelity(fid, os.path.join(workdir, rundir.FIDELITY_PLOT))
         lines += fidelity_lines(fid)
         lines += ["", "![fidelity](fidelity.png)", ""]
     elif stale:
@@ -381,7 +378,7 @@ def write_report(config, workdir: str) -> str:
                   + ". Run the fidelity stage with this config (`pipeline.fidelity = True`, "
                   "`--on_config_change=rerun`) to measure it again.", ""]
     lines += next_steps_lines(config, workdir, selection)
-    path = os.path.join(workdir, "report.md")
+    path = os.path.join(workdir, rundir.REPORT_FILE)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path

@@ -25,6 +25,7 @@ masks, selections) returns NumPy arrays; numeric reductions return ``jax.Array``
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgrad.counts import fraction_or_count
+from jaxgrad.common.counts import fraction_or_count
 
 CLUSTER_METHODS = ("agglomerative", "kmeans")
 _ENUMERATE_LIMIT = 200_000  # enumerate all subsets of a size when there are at most this many
@@ -46,12 +47,12 @@ _ENUMERATE_LIMIT = 200_000  # enumerate all subsets of a size when there are at 
 
 
 def subset_size(n_sources: int, size: float | int, *, name: str = "size") -> int:
-    """The number of sources in a subset, under :mod:`jaxgrad.counts`' rule: a fraction in
+    """The number of sources in a subset, under :mod:`jaxgrad.common.counts`' rule: a fraction in
     (0, 1) of ``n_sources`` (rounded, at least 1) or a whole count in [1, n_sources], whatever
     the Python type (``2`` and ``2.0`` are both two sources; ``1.0`` is one).
 
     Raises:
-      TypeError / ValueError: naming ``name``, as :func:`jaxgrad.counts.fraction_or_count`.
+      TypeError / ValueError: naming ``name``, as :func:`jaxgrad.common.counts.fraction_or_count`.
     """
     n_sources = _positive_int("n_sources", n_sources)
     return fraction_or_count(size, n_sources, name=name, at_least_one=True)
@@ -101,8 +102,6 @@ def sample_subsets(n_sources: int, m: int, size: float | int, seed: int = 0) -> 
 
 
 def _all_subsets(n: int, count: int) -> np.ndarray:
-    import itertools
-
     combos = np.array(list(itertools.combinations(range(n), count)), dtype=np.int64)
     out = np.zeros((len(combos), n), bool)
     out[np.arange(len(combos))[:, None], combos] = True
@@ -254,7 +253,7 @@ def _bootstrap(key, subsets_SxM, est_S, n_boot, ci):
 
 def select_top(scores_M: jax.typing.ArrayLike, k: float | int) -> np.ndarray:
     """Indices of the best sources, best first: a fraction in (0, 1] of the scored (non-NaN)
-    sources (rounded, at least 1) or a count (:mod:`jaxgrad.counts`). Ties keep the lower index
+    sources (rounded, at least 1) or a count (:mod:`jaxgrad.common.counts`). Ties keep the lower index
     first."""
     scores = _check_scores(scores_M)
     valid = np.flatnonzero(~np.isnan(scores))

@@ -70,15 +70,16 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from jaxgrad.common.jsonio import atomic_write_json
+from jaxgrad.rundir import MANIFEST_FILE
+
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
 # On-disk .npy dtype of each storage dtype (little-endian, so the bytes do not depend on the
@@ -221,11 +222,11 @@ class GradientStore:
             found = read_manifest(path, required=False)
             if found is None:
                 raise StoreMismatchError(
-                    f"{path!r} holds shard files but no {MANIFEST_NAME}, so nothing says which "
+                    f"{path!r} holds shard files but no {MANIFEST_FILE}, so nothing says which "
                     f"run they come from. Delete them (or the directory), or use a new one."
                 )
         if found is None:
-            _atomic_write_json(os.path.join(path, MANIFEST_NAME), manifest)
+            _write_json(os.path.join(path, MANIFEST_FILE), manifest)
             found = manifest
         else:
             _raise_on_mismatch(
@@ -237,7 +238,7 @@ class GradientStore:
             path, found, process_index=process_index, process_count=process_count, writable=True
         )
         if process_count > 1:
-            _atomic_write_json(
+            _write_json(
                 store._record_path(process_index),
                 {
                     "process_index": process_index,
@@ -863,14 +864,14 @@ def _canonical(value: Any, name: str) -> Any:
 
 def read_manifest(path: str, *, required: bool) -> dict[str, Any] | None:
     """The store manifest at ``path``, fields checked (None: absent and not ``required``)."""
-    name = os.path.join(path, MANIFEST_NAME)
+    name = os.path.join(path, MANIFEST_FILE)
     try:
         with open(name, encoding="utf-8") as fh:
             manifest = json.load(fh)
     except FileNotFoundError:
         if not required:
             return None
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {path!r}: not a gradient store (make one "
+        raise FileNotFoundError(f"no {MANIFEST_FILE} in {path!r}: not a gradient store (make one "
                                 "with GradientStore.create_or_resume)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{name} is not valid JSON ({e}); delete the store") from None
@@ -885,23 +886,9 @@ def read_manifest(path: str, *, required: bool) -> dict[str, Any] | None:
     return manifest
 
 
-def _atomic_write_json(final: str, content: Mapping[str, Any]) -> None:
-    # A unique temporary name: several processes may write the manifest at once.
-    fd, tmp = tempfile.mkstemp(
-        dir=os.path.dirname(final), prefix=os.path.basename(final) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(content, fh, indent=1, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _write_json(path: str, content: Mapping[str, Any]) -> None:
+    """A store's JSON files: UTF-8 (names as written), ending in a newline, written atomically."""
+    atomic_write_json(path, content, ensure_ascii=False, newline=True)
 
 
 def _stray_shard_files(path: str) -> bool:

@@ -102,9 +102,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 
-from jaxgrad import flat
-from jaxgrad.sharding import from_host
+from jaxgrad.common import flat
+from jaxgrad.common.sharding import from_host
 from jaxgrad.outputs import outputs_loss
 
 OBJECTIVES = ("gradex", "one_class", "taylor")
@@ -331,8 +332,6 @@ def _subset_sharding(mesh):
 def _from_mesh(tree):
     """Every entry of a sharded result on this process (gathered from the other processes)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return jax.tree_util.tree_map(
             lambda x: jnp.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, jax.devices()[0]), tree)
@@ -505,7 +504,7 @@ def rescale_factors(coef_SxK: jax.typing.ArrayLike, projector: Any,
       coef_SxK: S×k surrogate coefficients (``SubsetFits.coef``).
       projector: a ``jaxgrad.projection.Projector`` (anything with ``gram()`` and ``k``), or
         its k×k Gram matrix PᵀP already computed (``gram()`` costs D·k² flops: cache it).
-      theta_norm: ‖θ*‖ of the trainable (LoRA) parameters, > 0 (``jaxgrad.flat.tree_norm``);
+      theta_norm: ‖θ*‖ of the trainable (LoRA) parameters, > 0 (``jaxgrad.common.flat.tree_norm``);
         ignored when ``scale`` is None.
       scale: ‖Δ‖/‖θ*‖ (the paper uses 0.02…0.4), or None for unscaled updates (c = 1).
 
@@ -612,7 +611,7 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
                     *, chunk_size: int = 8, mesh: jax.sharding.Mesh | None = None) -> Any:
     """``loss_fn(θ* + Δ_s)`` for every subset s, with Δ_s = c_s·P w_s written into the tree.
 
-    Model-agnostic: θ* is any pytree of trainable parameters laid out in ``jaxgrad.flat`` order
+    Model-agnostic: θ* is any pytree of trainable parameters laid out in ``jaxgrad.common.flat`` order
     (the order the projected gradients were taken in), ``loss_fn(params)`` any jax-traceable
     function returning a scalar (or a pytree of arrays). Each chunk of subsets is lifted
     (``chunk_size``×D floats), cut into the tree with ``flat.unflatten`` (cast to each leaf's

@@ -8,7 +8,7 @@ Layers, from the inside out:
   full fine-tuning, LoRA factors included) and merged inside the step, so gradients are taken
   with respect to the trainable state only and the frozen base is never differentiated or copied.
   :func:`run_training` jits them with explicit ``in_shardings`` / ``out_shardings`` from
-  :mod:`jaxgrad.sharding` and donates the trainable and optimizer buffers.
+  :mod:`jaxgrad.common.sharding` and donates the trainable and optimizer buffers.
 - Gradient accumulation is a ``lax.scan`` over ``k`` micro-batches inside one step (not
   ``optax.MultiSteps``): every micro-batch's summed cross-entropy is divided by the token count of
   the *whole* batch, so the accumulated gradient is exactly that of the big batch even when
@@ -34,11 +34,11 @@ Layers, from the inside out:
 - :func:`fit` builds batches from example dicts (:mod:`jaxgrad.data.batching`), and
   :func:`meta_train` / :func:`finetune` are the pipeline stages driven by an ml_collections
   config: the only functions here that read one (converted at once to the typed
-  :class:`TrainConfig`, :class:`ModelSpec` and ``LoraConfig``).
+  :class:`jaxgrad.config.TrainConfig`, :class:`jaxgrad.config.ModelSpec` and ``LoraConfig``).
 
 Multi-host: with ``distributed=True`` the stages call ``jax.distributed.initialize()`` first; each
 process reads its own rows of every global batch (``process_index`` / ``process_count`` in the
-batch iterator) and :func:`jaxgrad.sharding.shard_batch` assembles global arrays with
+batch iterator) and :func:`jaxgrad.common.sharding.shard_batch` assembles global arrays with
 ``jax.make_array_from_process_local_data``. Only process 0 writes logs and adapters; all
 processes take part in checkpointing (orbax coordinates).
 """
@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -58,140 +60,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxgrad import checkpoint as ckpt_lib
-from jaxgrad import sharding as sharding_lib
+from jaxgrad import rundir
+from jaxgrad.common import sharding as sharding_lib
+from jaxgrad.common.distributed import barrier, describe_devices, initialize_distributed
+from jaxgrad.common.jsonio import jsonable
+from jaxgrad.common.progress import progress_bar
+from jaxgrad.config import ModelSpec, TrainConfig, as_fields
 from jaxgrad.data import batching
 from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
 from jaxgrad.losses import batch_loss, batch_token_count, model_logits, token_ce_sums
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "sgd")
-METRICS_FILE = "metrics.jsonl"
-CKPT_DIR = "ckpt"
-ADAPTER_DIR = "adapter"
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration.
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh and parameter partitioning (:mod:`jaxgrad.sharding`): the config's ``mesh``."""
-
-    data: int = -1  # data-parallel axis size; -1 = all devices left after `model`
-    model: int = 1  # tensor-parallel axis size
-    fsdp: bool = False  # also shard each parameter's largest free dimension over "data"
-    rules: tuple | None = None  # [(regex, axes), ...] partition rules; None = DEFAULT_RULES
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything the training loop needs; its field defaults are the config's ``train`` section.
-
-    Build it from a config with ``TrainConfig.from_config(config.train, config.mesh)``.
-    """
-
-    # Optimizer and schedule.
-    optimizer: str = "adamw"  # "adamw" | "sgd" (plain gradient descent, e.g. fidelity checks)
-    learning_rate: float = 1e-4  # peak learning rate (after warmup)
-    schedule: str = "linear"  # decay after warmup: "cosine" | "linear" | "constant"
-    warmup_steps: int = 0  # linear warmup from 0 to learning_rate over this many steps
-    end_lr_ratio: float = 0.0  # final learning rate = end_lr_ratio * learning_rate (cosine/linear)
-    weight_decay: float = 0.0  # decoupled weight decay (× lr), matrices only (AdamW and SGD)
-    adam_b1: float = 0.9  # AdamW beta1
-    adam_b2: float = 0.999  # AdamW beta2
-    adam_eps: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float = 1.0  # clip gradients to this global norm; 0 disables clipping
-    # Batches and length of training.
-    batch_size: int = 32  # global batch (examples per optimizer step, all processes together)
-    grad_accum_steps: int = 1  # micro-batches per step (scan); batch_size % (k * data axis) == 0
-    max_length: int = 256  # tokens per sequence with bos/eos (T5: encoder, decoder each), truncated
-    epochs: int = 1  # passes over the training data (ignored when num_steps > 0)
-    num_steps: int = 0  # > 0: train exactly this many optimizer steps instead of `epochs`
-    seed: int = 0  # data order, dropout keys
-    # What is trained.
-    full_finetune: bool = False  # False: LoRA adapters only (nnx.LoRAParam); True: every nnx.Param
-    # Evaluation, logging, checkpoints.
-    eval_every: int = 0  # evaluate every n steps; 0 = at the end of every epoch (always at the end)
-    eval_batch_size: int = 0  # 0 = batch_size
-    max_new_tokens: int = 0  # greedy generation length for answer accuracy; 0 = loss only
-    log_every: int = 10  # write the mean train loss to metrics.jsonl every n steps
-    save_every: int = 0  # checkpoint every n steps; 0 = every epoch end (always at the end)
-    keep_checkpoints: int = 2  # latest checkpoints kept (the best one is kept as well)
-    best_metric: str = "val_loss"  # metric choosing the best checkpoint ("train_loss" if no eval)
-    best_mode: str = "min"  # "min" | "max": direction of best_metric
-    async_checkpoint: bool = True  # write checkpoints in the background
-    stop_after_steps: int = 0  # > 0: save and stop at this global step (preemption drills, tests)
-    progress: bool = True  # tqdm progress bar on process 0
-    # Distribution.
-    mesh: MeshConfig = MeshConfig()  # device mesh and partitioning
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host) in the stages
-
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got "
-                             f"{self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got "
-                             f"{self.schedule!r}")
-        if self.best_mode not in ("min", "max"):
-            raise ValueError(f"TrainConfig.best_mode must be 'min' or 'max', got "
-                             f"{self.best_mode!r}")
-        for name, low in (("batch_size", 1), ("grad_accum_steps", 1), ("max_length", 2),
-                          ("epochs", 0), ("num_steps", 0), ("warmup_steps", 0), ("eval_every", 0),
-                          ("eval_batch_size", 0), ("max_new_tokens", 0), ("log_every", 1),
-                          ("save_every", 0), ("keep_checkpoints", 1), ("stop_after_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
-        if self.epochs == 0 and self.num_steps == 0:
-            raise ValueError("TrainConfig: set epochs >= 1 or num_steps >= 1")
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be divisible by "
-                             f"grad_accum_steps={self.grad_accum_steps}")
-        if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("TrainConfig: learning_rate, weight_decay and max_grad_norm must be "
-                             ">= 0")
-        if isinstance(self.mesh, Mapping):
-            object.__setattr__(self, "mesh", MeshConfig(**self.mesh))
-
-    @classmethod
-    def from_config(cls, train: Any, mesh: Any = None) -> "TrainConfig":
-        """From the ``train`` (and ``mesh``) sections of an ml_collections config or dicts.
-
-        Raises:
-          ValueError: a key that is not a field (the message lists the fields).
-        """
-        fields = _as_fields(train, cls, "train", exclude=("mesh",))
-        if mesh is not None:
-            mesh_fields = _as_fields(mesh, MeshConfig, "mesh")
-            if mesh_fields.get("rules") is not None:
-                mesh_fields["rules"] = tuple(tuple(r) for r in mesh_fields["rules"])
-            fields["mesh"] = MeshConfig(**mesh_fields)
-        return cls(**fields)
-
-    def total_steps(self, steps_per_epoch: int) -> int:
-        return int(self.num_steps) if self.num_steps > 0 else int(self.epochs * steps_per_epoch)
-
-
-def _as_fields(section: Any, cls: type, name: str, exclude: Sequence[str] = ()) -> dict:
-    if hasattr(section, "to_dict"):
-        section = section.to_dict()
-    if not isinstance(section, Mapping):
-        raise TypeError(f"config section {name!r} must be a mapping or ConfigDict, got "
-                        f"{type(section).__name__}")
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise ValueError(f"config.{name} has unknown keys {unknown}; allowed: {allowed}")
-    out = {}
-    for k, v in section.items():
-        out[k] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,8 +391,6 @@ def example_batches(examples: Sequence[Mapping[str, Any]], tokenizer: Any, *, ba
 def _to_host(x: jax.Array) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -649,7 +530,7 @@ class MetricsLog:
     def write(self, row: Mapping[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(ckpt_lib.jsonable(row)) + "\n")
+                f.write(json.dumps(jsonable(row)) + "\n")
 
 
 def _opt_shardings(tx, abstract_opt_state, param_shardings, mesh):
@@ -671,7 +552,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
       workdir: run directory: ``ckpt/<step>/``, ``metrics.jsonl``.
       evaluator: validation metrics, run every ``eval_every`` steps, at every checkpoint (so each
         checkpoint carries its own metrics for best-checkpoint tracking) and at the end.
-      mesh: device mesh (default :func:`jaxgrad.sharding.make_mesh` from ``cfg.mesh``).
+      mesh: device mesh (default :func:`jaxgrad.common.sharding.make_mesh` from ``cfg.mesh``).
       callback: ``callback(step, metrics)`` after every step; ``metrics`` are device scalars
         (reading them synchronizes). An exception raised in it stops training (the checkpoints
         written so far stay, as after a crash).
@@ -719,10 +600,10 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
     if evaluator is not None and "_acc" in best_metric and not evaluator.max_new_tokens:
         raise ValueError(f"best_metric {best_metric!r} needs generation: set max_new_tokens > 0 "
                          "or choose a loss metric")
-    mngr = ckpt_lib.make_manager(os.path.join(workdir, CKPT_DIR), keep=cfg.keep_checkpoints,
+    mngr = ckpt_lib.make_manager(os.path.join(workdir, rundir.CKPT_DIR), keep=cfg.keep_checkpoints,
                                  best_metric=best_metric, best_mode=cfg.best_mode,
                                  async_save=cfg.async_checkpoint)
-    metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE))
+    metrics_log = MetricsLog(os.path.join(workdir, rundir.METRICS_FILE))
     trainable_kind = "full" if cfg.full_finetune else "lora"
     try:
         latest = mngr.latest_step()
@@ -778,8 +659,6 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
 
         bar = None
         if cfg.progress and jax.process_index() == 0:
-            from jaxgrad.progress import progress_bar
-
             bar = progress_bar(total=total, initial=step,
                                desc=os.path.basename(os.path.normpath(workdir)),
                                dynamic_ncols=True)
@@ -916,7 +795,7 @@ def save_adapter(model: nnx.Module, workdir: str, *,
 
     if jax.process_index() != 0 or not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
         return None
-    path = os.path.join(workdir, ADAPTER_DIR)
+    path = os.path.join(workdir, rundir.ADAPTER_DIR)
     save_peft_adapter(model, path, base_model_name_or_path=base_model_name_or_path)
     return path
 
@@ -925,31 +804,11 @@ def save_adapter(model: nnx.Module, workdir: str, *,
 # Stages driven by a config (the boundary where ml_collections becomes typed dataclasses).
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Which model to load or build (the config's ``model``): ``from_config(config.model)``."""
-
-    name_or_path: str = ""  # Hugging Face directory or Hub name; "" = build from `scratch`
-    family: str = "llama"  # from scratch: a model_type of jaxgrad.models.hub.FAMILIES ("llama", "t5", ...)
-    scratch: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config fields (scratch)
-    tokenizer: str = ""  # "" = the model directory's; "char" = jaxgrad's char tokenizer; or a path
-    dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
-    param_dtype: str = "float32"  # storage dtype of the base weights (LoRA weights stay float32)
-    seed: int = 0  # initialisation seed (from scratch)
-
-    @classmethod
-    def from_config(cls, section: Any) -> "ModelSpec":
-        fields = _as_fields(section, cls, "model")
-        if "scratch" in fields:
-            fields["scratch"] = dict(fields["scratch"])
-        return cls(**fields)
-
-
 def lora_from_config(section: Any):
     """A ``LoraConfig`` from ``config.lora`` (``rank == 0`` means no adapters: returns None)."""
     from jaxgrad.models import LoraConfig
 
-    fields = _as_fields(section, LoraConfig, "lora")
+    fields = as_fields(section, LoraConfig, "lora")
     if int(fields.get("rank", 1)) == 0:
         return None
     targets = fields.get("target_modules")
@@ -1000,7 +859,7 @@ def load_data(section: Any):
     d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     kind = d.get("kind")
     if kind == "synthetic":
-        fields = _as_fields(d.get("synthetic", {}), SyntheticSpec, "data.synthetic")
+        fields = as_fields(d.get("synthetic", {}), SyntheticSpec, "data.synthetic")
         if fields.get("target") == "":
             fields["target"] = None
         return synthetic_sources(SyntheticSpec(**fields))
@@ -1032,26 +891,14 @@ def _place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """``jax.distributed.initialize()`` once, before any computation, when ``enabled``."""
-    if enabled and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-
-
-def _describe_devices() -> None:
-    log.info("JAX %s: process %d of %d, %d local / %d global devices: %s", jax.__version__,
-             jax.process_index(), jax.process_count(), jax.local_device_count(),
-             jax.device_count(), jax.devices())
-
-
 def _save_config(config: Any, run_dir: str) -> None:
     """The full config as ``<run_dir>/config.json`` (process 0), for the record."""
     if jax.process_index() != 0:
         return
     os.makedirs(run_dir, exist_ok=True)
     text = (config.to_json_best_effort(indent=1) if hasattr(config, "to_json_best_effort")
-            else json.dumps(ckpt_lib.jsonable(config), indent=1))
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
+            else json.dumps(jsonable(config), indent=1))
+    with open(os.path.join(run_dir, rundir.CONFIG_FILE), "w") as f:
         f.write(text + "\n")
 
 
@@ -1063,11 +910,11 @@ def meta_train(config: Any, workdir: str) -> TrainResult:
     """
     cfg = TrainConfig.from_config(config.train, config.mesh)
     initialize_distributed(cfg.distributed)
-    _describe_devices()
+    describe_devices()
     spec = ModelSpec.from_config(config.model)
     data = load_data(config.data)
     model, tokenizer = load_model(spec, lora_from_config(config.lora))
-    run_dir = os.path.join(workdir, "meta_train")
+    run_dir = os.path.join(workdir, rundir.META_TRAIN_DIR)
     _save_config(config, run_dir)
     result = fit(model, tokenizer, data.examples("train"), cfg, run_dir,
                  val_examples=data.examples("validation"), sources=data.sources,
@@ -1084,9 +931,6 @@ def finetune_run_name(sources: Sequence[str]) -> str:
     of their JSON list, so two different lists never share a directory and a name like
     ``q&a/v2`` never becomes a path. The exact list is in the run's ``sources.json``.
     """
-    import hashlib
-    import re
-
     sources = [str(s) for s in sources]
     plain = all(re.fullmatch(r"[A-Za-z0-9_.-]+", s) and s not in (".", "..") for s in sources)
     joined = "+".join(sources)
@@ -1144,8 +988,6 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
                          "finetune.selection_file)")
     unknown = [s for s in names if s not in available]
     if unknown:
-        import re
-
         hint = ""
         if not d.get("groups_file") and any(re.fullmatch(r"c\d{2,}", s) for s in unknown):
             hint = (" (clusters of a pipeline run are units of its groups record: set "
@@ -1182,7 +1024,7 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     """
     cfg = TrainConfig.from_config(config.train, config.mesh)
     initialize_distributed(cfg.distributed)
-    _describe_devices()
+    describe_devices()
     spec = ModelSpec.from_config(config.model)
     data = load_data(config.data)
     groups_file = config.finetune.get("groups_file", "") or ""
@@ -1199,7 +1041,7 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     if name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"config.finetune.name={name!r} must be one directory name under "
                          f"{workdir}/finetune (no '/', not '.' or '..')")
-    run_dir = os.path.join(workdir, "finetune", name)
+    run_dir = rundir.finetune_dir(workdir, name)
     # Before anything is loaded or written: a run made with other settings is refused by name
     # (or deleted with pipeline.on_config_change = "rerun"), never silently resumed or returned.
     mode = str((config.get("pipeline") or {}).get("on_config_change", "error") or "error")
@@ -1220,15 +1062,12 @@ def finetune(config: Any, workdir: str) -> TrainResult:
         mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
         test_metrics = test(result.model, mesh)
         test_metrics.update(_choice_metrics(result.model, tokenizer, data, cfg, prefix="test"))
-        MetricsLog(os.path.join(run_dir, METRICS_FILE)).write({"step": result.step, **test_metrics})
+        MetricsLog(os.path.join(run_dir, rundir.METRICS_FILE)).write({"step": result.step, **test_metrics})
         result.metrics.update(test_metrics)
     save_adapter(result.model, run_dir, base_model_name_or_path=spec.name_or_path or None)
     if jax.process_index() == 0:
-        with open(os.path.join(run_dir, "sources.json"), "w") as f:
+        with open(os.path.join(run_dir, rundir.SOURCES_FILE), "w") as f:
             json.dump({"sources": selected, "n_train": len(train_examples),
                        "metrics": result.metrics}, f, indent=1)
-    if jax.process_count() > 1:  # the other processes read sources.json next
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"finetune/{name}")
+    barrier(f"finetune/{name}")  # the other processes read sources.json next
     return result

@@ -6,7 +6,7 @@ the true target loss with the estimates (needs the estimates stage; resumable pe
 
 The pipeline stage ``fidelity`` with ``pipeline.fidelity`` switched on (this script switches it on).
 Writes <workdir>/fidelity/fidelity.json; the report stage adds its table and fidelity.png. The
-settings are the config's ``fidelity`` section (jaxgrad/config_sections.py).
+settings are the config's ``fidelity`` section (jaxgrad/config.py).
 """
 
 from jaxgrad.pipeline import stage_script

@@ -36,12 +36,13 @@ def main(argv):
     import jax
 
     from jaxgrad import train
+    from jaxgrad.common.distributed import initialize_distributed
+    from jaxgrad.rundir import resolved_config
     from jaxgrad.runtime import enable_compilation_cache, resume_hint_on_interrupt
-    from jaxgrad.pipeline import resolved_config
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla
-    train.initialize_distributed(_CONFIG.value.train.distributed)
+    initialize_distributed(_CONFIG.value.train.distributed)
     print(f"JAX {jax.__version__}, process {jax.process_index()}/{jax.process_count()}, "
           f"devices: {jax.devices()}", flush=True)
 

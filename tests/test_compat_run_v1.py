@@ -158,9 +158,10 @@ def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun
     from jaxgrad.checkpoint import restore_params
     from jaxgrad.gradients import params_fingerprint
     from jaxgrad.per_sample import num_trainable, trainable_filter
-    from jaxgrad.pipeline import resolved_config
+    from jaxgrad.rundir import resolved_config
     from jaxgrad.store import GradientStore
-    from jaxgrad.train import ModelSpec, load_model, lora_from_config
+    from jaxgrad.config import ModelSpec
+    from jaxgrad.train import load_model, lora_from_config
 
     workdir = rerun[0]
     config = resolved_config(_fixture_config(), workdir)
@@ -179,7 +180,7 @@ def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun
 
 def test_finetune_run_record_matches(rerun):
     from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
-    from jaxgrad.pipeline import resolved_config
+    from jaxgrad.rundir import resolved_config
     from jaxgrad.train import load_data
 
     workdir = rerun[0]

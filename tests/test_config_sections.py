@@ -1,6 +1,8 @@
-"""One source of defaults (issue 17): a config section that a dataclass or function reads has no
-defaults of its own. ``default_config()`` builds it from the dataclass's field defaults (or the
-function's keyword defaults), so the config and the library cannot disagree again."""
+"""One source of defaults (issue 17): every section's defaults are declared in jaxgrad/config.py.
+A section that a dataclass or function reads has no defaults of its own: ``default_config()``
+builds it from the field defaults of a dataclass declared in jaxgrad/config.py, and the library
+reads the same dataclass (or subclasses it without adding fields, or takes its keyword defaults
+from it), so the config and the library cannot disagree again."""
 
 from __future__ import annotations
 
@@ -11,14 +13,17 @@ import pathlib
 
 import pytest
 
-from jaxgrad import config_sections, fidelity, train
-from jaxgrad.config_sections import LORA_PEFT_ONLY, default_config, files_section
+from jaxgrad import config
+from jaxgrad.config import (LORA_PEFT_ONLY, OPTIMIZERS, FidelityConfig, GradientsConfig,
+                            GroupsSection, LoraSection, MeshConfig, ModelSpec, TrainConfig,
+                            default_config, files_section)
 from jaxgrad.data.sources import SourcesSpec
-from jaxgrad.fidelity import FidelityConfig
 from jaxgrad.gradients import compute_gradient_store
 from jaxgrad.groups import GroupsSpec
 from jaxgrad.models.lora import LoraConfig
-from jaxgrad.train import MeshConfig, ModelSpec, TrainConfig, lora_from_config
+from jaxgrad.train import lora_from_config
+
+JAXGRAD = pathlib.Path(config.__file__).parent
 
 # section -> (the dataclass that reads it, its fields the section leaves out)
 DATACLASS_SECTIONS = {
@@ -28,7 +33,10 @@ DATACLASS_SECTIONS = {
     "mesh": (MeshConfig, ()),
     "groups": (GroupsSpec, ()),
     "fidelity": (FidelityConfig, ()),
+    "gradients": (GradientsConfig, ()),
 }
+# Library classes that add checks and behaviour to a section's declaration in jaxgrad/config.py.
+SUBCLASSES = {LoraConfig: LoraSection, GroupsSpec: GroupsSection}
 # The gradients keys compute_gradient_store takes as keyword arguments.
 GRADIENT_STORE_KEYS = ("output_fn", "eps", "batch_size", "chunk_size", "shard_size", "dtype")
 # A default a config spells otherwise ("" for None: a command line can set a string).
@@ -93,13 +101,31 @@ def test_files_section_splits_are_sources_spec_defaults():
     assert isinstance(files.validation, float) and isinstance(files.test, float)
 
 
+def test_library_classes_declare_no_fields_of_their_own():
+    """LoraConfig and GroupsSpec check and use a section; its fields and defaults are config's."""
+    for cls, section in SUBCLASSES.items():
+        assert issubclass(cls, section)
+        assert dataclasses.fields(cls) == dataclasses.fields(section), cls.__name__
+        own = [ast.unparse(n) for n in ast.walk(ast.parse(inspect.getsource(cls).lstrip()))
+               if isinstance(n, ast.AnnAssign)]
+        assert not own, f"{cls.__name__} declares fields of its own: {own}"
+
+
 def test_one_optimizers_tuple():
-    assert fidelity.OPTIMIZERS is train.OPTIMIZERS
+    """Declared once (jaxgrad/config.py), and both sections that choose an optimizer accept it."""
+    defined = [p for p in JAXGRAD.rglob("*.py")
+               for n in ast.walk(ast.parse(p.read_text()))
+               if isinstance(n, ast.Assign) and "OPTIMIZERS" in map(ast.unparse, n.targets)]
+    assert [p.relative_to(JAXGRAD) for p in defined] == [pathlib.Path("config.py")]
+    for name in OPTIMIZERS:
+        assert TrainConfig(optimizer=name).optimizer == FidelityConfig(optimizer=name).optimizer
+    for cls in (TrainConfig, FidelityConfig):
+        with pytest.raises(ValueError):
+            cls(optimizer="lion")
 
 
 def _literal_keys(tree: ast.AST) -> set[tuple[str, str]]:
-    """``(section, key)`` of every ``c.<section>.<key> = <literal>`` (and ``f.<key>`` in
-    fidelity_section) in config_sections.py."""
+    """``(section, key)`` of every ``c.<section>.<key> = <literal>`` in jaxgrad/config.py."""
     found = set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Assign) and isinstance(node.value, (ast.Constant, ast.Tuple,
@@ -109,23 +135,17 @@ def _literal_keys(tree: ast.AST) -> set[tuple[str, str]]:
             parts = ast.unparse(target).split(".")
             if parts[0] == "c" and len(parts) == 3:
                 found.add((parts[1], parts[2]))
-            elif parts[0] == "f" and len(parts) == 2:
-                found.add(("fidelity", parts[1]))
     return found
 
 
 def test_each_default_is_declared_once():
-    """config_sections.py assigns no value to a key whose default a dataclass declares (fidelity:
-    the other way round, FidelityConfig's defaults are the section's), nor to the gradients keys
-    that compute_gradient_store declares."""
-    literals = _literal_keys(ast.parse(pathlib.Path(config_sections.__file__).read_text()))
-    twice = sorted(k for k in literals
-                   if (k[0] in DATACLASS_SECTIONS and k[0] != "fidelity")
-                   or (k[0] == "gradients" and k[1] in GRADIENT_STORE_KEYS))
-    assert not twice, f"declared in config_sections.py and in a dataclass or function: {twice}"
-    assert {k for s, k in literals if s == "fidelity"} == {f.name for f in dataclasses.fields(
-        FidelityConfig)}
-    source = ast.parse(inspect.getsource(FidelityConfig))
-    own = [ast.unparse(n) for n in ast.walk(source)
-           if isinstance(n, ast.AnnAssign) and isinstance(n.value, ast.Constant)]
-    assert not own, f"FidelityConfig declares defaults of its own: {own}"
+    """jaxgrad/config.py assigns no value to a key of a section built from a dataclass, and
+    compute_gradient_store takes its gradients keys' defaults from GradientsConfig (no literal)."""
+    literals = _literal_keys(ast.parse(pathlib.Path(config.__file__).read_text()))
+    twice = sorted(k for k in literals if k[0] in DATACLASS_SECTIONS)
+    assert not twice, f"declared in default_config() and in a dataclass: {twice}"
+    fn = ast.parse(inspect.getsource(compute_gradient_store)).body[0]
+    args = fn.args.kwonlyargs
+    defaults = {a.arg: ast.unparse(d) for a, d in zip(args, fn.args.kw_defaults) if d is not None}
+    for key in GRADIENT_STORE_KEYS:
+        assert defaults[key] == f"GradientsConfig.{key}", (key, defaults[key])

@@ -1,6 +1,6 @@
 """Issue 12, kind 10: "fraction or count" settings mean the same from Python, a config file or the
 command line (where ml_collections turns ``2`` into ``2.0`` when the default is a float), under
-one rule (jaxgrad.counts), checked for the whole config before the first stage starts."""
+one rule (jaxgrad.common.counts), checked for the whole config before the first stage starts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import demo
-from jaxgrad.counts import RULE, check_fraction_or_count, fraction_or_count
+from jaxgrad.common.counts import RULE, check_fraction_or_count, fraction_or_count
 from jaxgrad.pipeline import FRACTION_OR_COUNT, run_pipeline, validate_config
 from jaxgrad.selection import select_top, subset_size
 

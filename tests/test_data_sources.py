@@ -100,7 +100,7 @@ def test_comma_separated_paths_read_as_a_list(tmp_path):
 def test_any_column_role_settable_on_a_shipped_config(tmp_path):
     """issue 16, item 5: data.files from configs holds every column role ("" = the format's
     default), so --config.data.files.columns.source=task works on a locked config."""
-    from jaxgrad.config_sections import files_section
+    from jaxgrad.config import files_section
 
     path = _write(_rows(10), tmp_path / "d.jsonl")
     files = files_section(format="generic", path=path, validation=2, test=2, source="",
@@ -279,7 +279,7 @@ def test_too_few_examples_for_the_split_fails_naming_the_source(tmp_path):
         S.load_sources(dict(GENERIC, path=path, validation=2, test=1))
     data = S.load_sources(dict(GENERIC, path=path, validation=1.0, test=1.0))
     assert (data.n("train", "tiny"), data.n("validation", "tiny"), data.n("test", "tiny")) == \
-        (1, 1, 1), "1.0 is a count of one example (jaxgrad.counts), no longer an error"
+        (1, 1, 1), "1.0 is a count of one example (jaxgrad.common.counts), no longer an error"
 
 
 def test_examples_access_and_save_load(tmp_path):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.flat import flat_spec, flatten, tree_norm, unflatten
+from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.losses import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.outputs import logit_odds

@@ -12,8 +12,8 @@ import pytest
 
 from configs import demo
 from jaxgrad import fidelity
-from jaxgrad.fidelity import (FidelityConfig, _summary, first_order_error, run_fidelity,
-                              suggest_scale)
+from jaxgrad.config import FidelityConfig
+from jaxgrad.fidelity import _summary, first_order_error, run_fidelity, suggest_scale
 from jaxgrad.pipeline import run_pipeline
 
 

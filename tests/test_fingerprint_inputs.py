@@ -11,6 +11,7 @@ import pytest
 
 from configs import demo
 from jaxgrad import fingerprint as F
+from jaxgrad import rundir
 from jaxgrad.pipeline import ConfigChangedError
 
 from helpers import fixture
@@ -62,7 +63,7 @@ def test_weights_edited_in_place_are_caught(model_dir, tmp_path):
 def test_hashes_are_cached_by_size_and_mtime(model_dir, tmp_path, monkeypatch):
     config, workdir = _config(model_dir), str(tmp_path / "run")
     first = F.model_input_digests(config, workdir)
-    assert os.path.isfile(os.path.join(workdir, F.HASHES_FILE))
+    assert os.path.isfile(os.path.join(workdir, rundir.HASHES_FILE))
     calls = []
     real = F._sha256_file
     monkeypatch.setattr(F, "_sha256_file", lambda p: calls.append(p) or real(p))

@@ -26,7 +26,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxgrad.flat import flatten
+from jaxgrad.common.flat import flatten
 from jaxgrad.losses import model_logits
 from jaxgrad.models import (
     LoraConfig,

@@ -268,7 +268,7 @@ def test_unknown_lora_target_error():
 
 
 def test_import_jaxgrad_is_light():
-    code = ("import sys, jaxgrad, jaxgrad.models, jaxgrad.flat; "
+    code = ("import sys, jaxgrad, jaxgrad.models, jaxgrad.common.flat; "
             "bad = [m for m in ('datasets', 'transformers', 'ml_collections') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgrad.flat import flatten
+from jaxgrad.common.flat import flatten
 from jaxgrad.losses import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.outputs import get_output_fn

@@ -459,7 +459,8 @@ def test_pretrained_base_must_be_llama(tmp_path):
 def test_representation_similarity_baseline(run_dir):
     """repr_sim: the top-k sources (k = the selection's size) by the cosine between each source's
     mean last-layer hidden state at θ* and the target's; it is fine-tuned and reported."""
-    from jaxgrad.pipeline import _load_theta_star, resolved_config
+    from jaxgrad.pipeline import _load_theta_star
+    from jaxgrad.rundir import resolved_config
     from jaxgrad.representations import mean_representations
     from jaxgrad.train import load_data
 
@@ -538,7 +539,8 @@ def test_selection_from_before_repr_sim_gains_the_baseline(run_dir, tmp_path):
 def test_changed_data_under_the_same_config_is_caught(run_dir, tmp_path):
     """The config fingerprints cannot see data that changed under the same config (an edited
     file, another way of reading it); data_splits.json does, before any stage reuses artefacts."""
-    from jaxgrad.pipeline import SPLITS_FILE, check_data_splits
+    from jaxgrad.pipeline import check_data_splits
+    from jaxgrad.rundir import SPLITS_FILE
     from jaxgrad.train import load_data
 
     workdir = str(tmp_path / "run")
@@ -560,7 +562,8 @@ def test_changed_data_under_the_same_config_is_caught(run_dir, tmp_path):
 
 def test_a_run_directory_from_before_data_splits_is_checked_by_its_stores(run_dir, tmp_path):
     """Without data_splits.json the gradient stores' example ids tell whether the data changed."""
-    from jaxgrad.pipeline import SPLITS_FILE, check_data_splits
+    from jaxgrad.pipeline import check_data_splits
+    from jaxgrad.rundir import SPLITS_FILE
     from jaxgrad.train import load_data
 
     data = load_data(demo.get_config("tiny").data)
@@ -578,7 +581,8 @@ def test_a_run_directory_from_before_data_splits_is_checked_by_its_stores(run_di
 
 
 def _rerun_selection(run_dir, tmp_path, **selection):
-    from jaxgrad.pipeline import SurrogateScorer, resolved_config
+    from jaxgrad.pipeline import SurrogateScorer
+    from jaxgrad.rundir import resolved_config
     from jaxgrad.train import load_data
 
     workdir = str(tmp_path / "run")
@@ -767,7 +771,8 @@ def test_clusters_are_scipys_average_linkage_on_the_stored_gradients(cluster_dir
 def test_estimates_and_forward_selection_over_clusters(cluster_dir):
     """The estimates fit each subset of clusters on exactly their samples; selection.method =
     "forward" is greedy forward selection (by hand) on the surrogate over the clusters."""
-    from jaxgrad.pipeline import SurrogateScorer, resolved_config
+    from jaxgrad.pipeline import SurrogateScorer
+    from jaxgrad.rundir import resolved_config
 
     config = _cluster_config()
     groups = json.load(open(os.path.join(cluster_dir, "groups", "groups.json")))

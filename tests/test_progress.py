@@ -7,7 +7,7 @@ import io
 import sys
 import time
 
-from jaxgrad import progress
+from jaxgrad.common import progress
 
 
 class _Terminal(io.StringIO):

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxgrad import sharding as sh
+from jaxgrad.common import sharding as sh
 from jaxgrad.models import LoraConfig, load_pretrained
 from jaxgrad.models.layers import named_variables
 
@@ -125,7 +125,7 @@ def test_arrays_placed_on_eight_devices(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import json, jax, numpy as np
         from flax import nnx
-        from jaxgrad import sharding as sh
+        from jaxgrad.common import sharding as sh
         from jaxgrad.models import LoraConfig, load_pretrained
         model, _ = load_pretrained({fixture('tiny-llama')!r}, lora=LoraConfig(rank=4),
                                    with_tokenizer=False)

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from helpers import fixture
-from jaxgrad.config_sections import default_config
+from jaxgrad.config import default_config
 from jaxgrad.pipeline import _read_estimates, run_pipeline, subset_sources
 from jaxgrad.train import finetune_run_name, finetune_sources
 

@@ -28,14 +28,15 @@ import pytest
 from flax import nnx
 
 from jaxgrad import checkpoint as ckpt_lib
-from jaxgrad import sharding as sharding_lib
+from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.losses import model_logits
 from jaxgrad.models import LoraConfig, load_pretrained
 from jaxgrad.fingerprint import ConfigChangedError
+from jaxgrad.config import MeshConfig, ModelSpec, TrainConfig
 from jaxgrad.pipeline import check_method_sections
-from jaxgrad.train import (Batches, MeshConfig, ModelSpec, TrainConfig, default_extract_answer,
-                           example_batches, fit, generate, load_model, loss_and_grads,
-                           make_evaluator, make_optimizer, run_training, split_trainable)
+from jaxgrad.train import (Batches, default_extract_answer, example_batches, fit, generate,
+                           load_model, loss_and_grads, make_evaluator, make_optimizer, run_training,
+                           split_trainable)
 
 from helpers import fixture, fixture_batch
 
@@ -226,7 +227,7 @@ def test_checkpoint_restores_in_fresh_process(tmp_path):
     assert ours == pytest.approx(result.metrics["val_loss"], abs=1e-6)
     out = run_subprocess(f"""
         import json
-        from jaxgrad import sharding
+        from jaxgrad.common import sharding
         from jaxgrad.checkpoint import restore_params
         from jaxgrad.train import make_evaluator
         from test_train import tiny_data, tiny_model, quick_cfg

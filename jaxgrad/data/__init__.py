@@ -4,6 +4,7 @@ Importing ``jaxgrad.data`` pulls in numpy only: ``datasets`` (file loaders) and 
 ``transformers`` (the character tokenizer) are imported inside the functions that use them.
 """
 
+from jaxgrad.config import FORMATS
 from jaxgrad.data.batching import (
     EncodedExamples,
     SpecialIds,
@@ -19,7 +20,6 @@ from jaxgrad.data.batching import (
 )
 from jaxgrad.data.sources import (
     ANSWER_FORMATS,
-    FORMATS,
     SPLITS,
     MultiSourceData,
     SourcesSpec,

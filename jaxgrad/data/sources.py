@@ -20,7 +20,7 @@ example is then not scored for accuracy); accuracy is the exact match of
 derived from the global seed and the source name (stable ``sha1``, not Python's salted ``hash``),
 so adding a source never moves the examples of another. Selection uses the target's *validation*
 split; ``test`` is held out for the final report (the authors' code selected on the target's test
-split: not here). Split sizes follow :mod:`jaxgrad.counts` (a fraction in [0, 1), rounded, or a
+split: not here). Split sizes follow :mod:`jaxgrad.common.counts` (a fraction in [0, 1), rounded, or a
 whole count >= 1, whatever its Python type: ``2.0`` is two examples, ``1.0`` one) and are checked
 when the data are loaded, before anything trains: every source needs at least one train example;
 the target needs at least one validation example (the selection score) and, unless ``test`` is 0,
@@ -92,28 +92,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from jaxgrad.counts import check_fraction_or_count, fraction_or_count
+from jaxgrad.common.counts import check_fraction_or_count, fraction_or_count
+from jaxgrad.config import (DEFAULT_COLUMNS, DEFAULT_TEST, DEFAULT_VALIDATION,
+                            FORMATS)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-FORMATS = ("generic", "alpaca", "flan", "cot", "bigbench")
 FILE_TYPES = ("json", "jsonl", "csv", "tsv", "parquet", "pickle")
 _SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv",
              ".parquet": "parquet", ".pq": "parquet", ".pkl": "pickle", ".pickle": "pickle"}
-
-# Column roles of each format and their default column names. "source" may be None: the source is
-# then the spec's `source` or the file's stem.
-DEFAULT_COLUMNS: dict[str, dict[str, str | None]] = {
-    "generic": {"prompt": "prompt", "completion": "completion", "source": "source", "answer": None},
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output",
-               "source": "skill"},
-    "flan": {"inputs": "inputs", "targets": "targets", "source": "_task_name"},
-    "cot": {"question": "question", "rationale": "rationale", "answer": "answer", "source": None},
-}
-
-# Every role any format has (a config may name each; "" keeps the format's default column).
-COLUMN_ROLES = tuple(dict.fromkeys(r for roles in DEFAULT_COLUMNS.values() for r in roles))
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -337,8 +325,8 @@ class MultiSourceData:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_examples(cls, examples: Iterable[dict], *, validation: float | int = 0.1,
-                      test: float | int = 0.1, seed: int = 0, sources: Sequence[str] | None = None,
+    def from_examples(cls, examples: Iterable[dict], *, validation: float | int = DEFAULT_VALIDATION,
+                      test: float | int = DEFAULT_TEST, seed: int = 0, sources: Sequence[str] | None = None,
                       target: str | None = None, max_examples: int | None = None,
                       kinds: Mapping[str, str] | None = None,
                       answer_format: str | None = None,
@@ -354,7 +342,7 @@ class MultiSourceData:
           examples: example dicts (see the module docstring), any source order. A repeated
             ``example_id`` is renumbered (``<id>~k``).
           validation: per source, a fraction in [0, 1) of its distinct pairs (rounded) or a
-            whole count >= 1 of them (``jaxgrad.counts``: ``2.0`` is two).
+            whole count >= 1 of them (``jaxgrad.common.counts``: ``2.0`` is two).
           test: same for the test split; train gets the rest.
           seed: the split seed.
           sources: keep only these sources, in this order (None: all, sorted).
@@ -371,7 +359,7 @@ class MultiSourceData:
 
         Raises:
           TypeError / ValueError: ``validation`` or ``test`` break the rule of
-          :mod:`jaxgrad.counts`. ValueError, naming each source, split and setting at fault: a
+          :mod:`jaxgrad.common.counts`. ValueError, naming each source, split and setting at fault: a
           source left with no train example (counts too large for it, or all its pairs held out by
           the target); the target with no validation example, or no test example while ``test``
           is not 0.
@@ -678,7 +666,7 @@ class SourcesSpec:
       sources: keep only these sources, in this order; None keeps all, sorted.
       target: the target source, or None.
       validation: per source, a fraction in [0, 1) (rounded) or a whole count >= 1 of validation
-        examples (:mod:`jaxgrad.counts`; counted in distinct (prompt, completion) pairs). The
+        examples (:mod:`jaxgrad.common.counts`; counted in distinct (prompt, completion) pairs). The
         target needs at least one.
       test: the same for test examples; the target needs at least one unless this is 0.
       max_examples: at most this many distinct examples per source (seeded subset), or None.
@@ -704,8 +692,8 @@ class SourcesSpec:
     answer_format: str | None = None
     sources: Sequence[str] | None = None
     target: str | None = None
-    validation: float | int = 0.1
-    test: float | int = 0.1
+    validation: float | int = DEFAULT_VALIDATION
+    test: float | int = DEFAULT_TEST
     max_examples: int | None = None
     seed: int = 0
     allow_pickle: bool = False

@@ -92,6 +92,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad.config import LoraSection
 from jaxgrad.models.layers import Linear, lora_scaling, named_variables
 
 # Each model class names its own defaults (class attributes, so a new family needs no edit here):
@@ -151,8 +152,11 @@ def _is_off(value) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(LoraSection):
     r"""LoRA hyper-parameters (peft's fields jaxgrad honours, same rules); the config's ``lora``.
+
+    The fields and their defaults are declared by :class:`jaxgrad.config.LoraSection` (the one
+    source of the ``lora`` section's defaults); this class adds their checks and peft's rules.
 
     Attributes:
       rank: r, the adapter rank (default for modules ``rank_pattern`` does not name).
@@ -176,20 +180,6 @@ class LoraConfig:
       ValueError: non-positive rank, dropout outside [0, 1), or a combination peft refuses
         (both target forms, ``layers_*`` with a regex or all-linear, ``layers_pattern`` alone).
     """
-
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-    seed: int = 0
-    target_regex: str | None = None
-    exclude_modules: tuple[str, ...] | None = None
-    exclude_regex: str | None = None
-    layers_to_transform: tuple[int, ...] | None = None
-    layers_pattern: tuple[str, ...] | None = None
-    rank_pattern: tuple[tuple[str, int], ...] = ()
-    alpha_pattern: tuple[tuple[str, float], ...] = ()
-    use_rslora: bool = False
 
     def __post_init__(self):
         def put(name, value):
