@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad.common.checks import matmul_highest, nonnegative_float, positive_int
 from jaxgrad.common.counts import fraction_or_count
 
 CLUSTER_METHODS = ("agglomerative", "kmeans")
@@ -54,7 +55,7 @@ def subset_size(n_sources: int, size: float | int, *, name: str = "size") -> int
     Raises:
       TypeError / ValueError: naming ``name``, as :func:`jaxgrad.common.counts.fraction_or_count`.
     """
-    n_sources = _positive_int("n_sources", n_sources)
+    n_sources = positive_int("n_sources", n_sources)
     return fraction_or_count(size, n_sources, name=name, at_least_one=True)
 
 
@@ -65,8 +66,8 @@ def sample_subsets(n_sources: int, m: int, size: float | int, seed: int = 0) -> 
     past that every distinct subset appears once and the rest repeat (with a warning).
     Reproducible for a given seed.
     """
-    n_sources = _positive_int("n_sources", n_sources)
-    m = _positive_int("m", m)
+    n_sources = positive_int("n_sources", n_sources)
+    m = positive_int("m", m)
     count = subset_size(n_sources, size)
     rng = np.random.default_rng(seed)
     n_distinct = math.comb(n_sources, count)
@@ -144,7 +145,7 @@ def _subsets_matrix(subsets, n_sources: int | None, inferred: int) -> np.ndarray
         if n_sources is not None and arr.shape[1] != n_sources:
             raise ValueError(f"subsets has {arr.shape[1]} columns but n_sources = {n_sources}")
         return arr
-    m = inferred if n_sources is None else _positive_int("n_sources", n_sources)
+    m = inferred if n_sources is None else positive_int("n_sources", n_sources)
     rows = list(subsets)
     out = np.zeros((len(rows), m), bool)
     for s, row in enumerate(rows):
@@ -214,7 +215,7 @@ def ensemble_scores(subsets_SxM: np.typing.ArrayLike, estimates_S: jax.typing.Ar
                       "no subset; their scores are NaN", stacklevel=2)
     s_f = jnp.asarray(subsets, jnp.float32)
     e_f = jnp.asarray(est, jnp.float32)
-    scores = _ratio(_mm(e_f, s_f), jnp.asarray(counts, jnp.float32))
+    scores = _ratio(matmul_highest(e_f, s_f), jnp.asarray(counts, jnp.float32))
     if n_boot == 0 or subsets.shape[0] == 0:
         nan = jnp.full(scores.shape, jnp.nan, jnp.float32)
         return EnsembleScores(scores, nan, nan, jnp.asarray(counts, jnp.int32))
@@ -226,9 +227,6 @@ def _ratio(num, den):
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-
 
 @jax.jit(static_argnames=("n_boot",))
 def _bootstrap_means(key, subsets_SxM, est_S, n_boot):
@@ -237,8 +235,8 @@ def _bootstrap_means(key, subsets_SxM, est_S, n_boot):
     draws_BxS = jax.random.randint(key, (n_boot, n_subsets), 0, n_subsets)
     weights_BxS = jax.vmap(lambda d: jnp.bincount(d, length=n_subsets))(draws_BxS)
     weights_BxS = weights_BxS.astype(jnp.float32)
-    sums_BxM = _mm(weights_BxS, subsets_SxM * est_S[:, None])
-    counts_BxM = _mm(weights_BxS, subsets_SxM)
+    sums_BxM = matmul_highest(weights_BxS, subsets_SxM * est_S[:, None])
+    counts_BxM = matmul_highest(weights_BxS, subsets_SxM)
     return _ratio(sums_BxM, counts_BxM)
 
 
@@ -324,37 +322,22 @@ def forward_selection(score_fn: ScoreFn, n_sources: int, max_size: int | None = 
       max_size: largest selection (default M).
       min_gain: the smallest improvement that counts, >= 0.
     """
-    n_sources = _positive_int("n_sources", n_sources)
-    max_size = n_sources if max_size is None else _positive_int("max_size", max_size)
+    n_sources = positive_int("n_sources", n_sources)
+    max_size = n_sources if max_size is None else positive_int("max_size", max_size)
     if max_size > n_sources:
         raise ValueError(f"max_size must be <= n_sources = {n_sources}, got {max_size}")
-    min_gain = _nonnegative_float("min_gain", min_gain)
-    current = np.zeros(n_sources, bool)
-    selected: list[int] = []
-    path: list[float] = []
-    best_score = None
-    initial = float("nan")
-    n_calls = n_evaluated = 0
-    while len(selected) < max_size:
-        candidates = np.flatnonzero(~current)
-        rows = np.repeat(current[None, :], len(candidates), axis=0)
+    min_gain = nonnegative_float("min_gain", min_gain)
+    search = _Search(score_fn, n_sources)
+    while len(search.selected) < max_size:
+        candidates = np.flatnonzero(~search.current)
+        rows = np.repeat(search.current[None, :], len(candidates), axis=0)
         rows[np.arange(len(candidates)), candidates] = True
-        if best_score is None:
-            rows = np.concatenate([current[None, :], rows])
-        scores = _call_score_fn(score_fn, rows)
-        n_calls += 1
-        n_evaluated += len(rows)
-        if best_score is None:
-            best_score, scores = float(scores[0]), scores[1:]
-            initial = best_score
+        scores = search.score(rows)
         j = int(np.argmax(scores))
-        if not scores[j] > best_score + min_gain:
+        if not scores[j] > search.best + min_gain:
             break
-        current[candidates[j]] = True
-        selected.append(int(candidates[j]))
-        best_score = float(scores[j])
-        path.append(best_score)
-    return StepwiseResult(selected, path, initial, n_calls, n_evaluated)
+        search.add(candidates[j], scores[j])
+    return search.result()
 
 
 def ordered_selection(scores_M: jax.typing.ArrayLike, score_fn: ScoreFn, *,
@@ -365,31 +348,57 @@ def ordered_selection(scores_M: jax.typing.ArrayLike, score_fn: ScoreFn, *,
     One ``score_fn`` call per visited source (the first call also scores the empty set).
     """
     scores = _check_scores(scores_M)
-    min_gain = _nonnegative_float("min_gain", min_gain)
+    min_gain = nonnegative_float("min_gain", min_gain)
     n_sources = scores.shape[0]
     valid = np.flatnonzero(~np.isnan(scores))
     order = valid[np.argsort(-scores[valid], kind="stable")]
-    current = np.zeros(n_sources, bool)
-    selected: list[int] = []
-    path: list[float] = []
-    best_score = None
-    initial = float("nan")
-    n_calls = n_evaluated = 0
+    search = _Search(score_fn, n_sources)
     for source in order:
-        trial = current.copy()
+        trial = search.current.copy()
         trial[source] = True
-        rows = trial[None, :] if best_score is not None else np.stack([current, trial])
-        out = _call_score_fn(score_fn, rows)
-        n_calls += 1
-        n_evaluated += len(rows)
-        if best_score is None:
-            best_score = initial = float(out[0])
-        if out[-1] > best_score + min_gain:
-            current = trial
-            selected.append(int(source))
-            best_score = float(out[-1])
-            path.append(best_score)
-    return StepwiseResult(selected, path, initial, n_calls, n_evaluated)
+        score = search.score(trial[None, :])[0]
+        if score > search.best + min_gain:
+            search.add(source, score)
+    return search.result()
+
+
+class _Search:
+    """What both stepwise searches keep: the current set, the path and the call counts.
+
+    The first :meth:`score` call also scores the empty set (one call): its score is the
+    starting ``best`` and the result's ``initial_score``.
+    """
+
+    def __init__(self, score_fn: ScoreFn, n_sources: int):
+        self.score_fn = score_fn
+        self.current = np.zeros(n_sources, bool)
+        self.selected: list[int] = []
+        self.path: list[float] = []
+        self.best = self.initial = float("nan")
+        self.n_calls = self.n_evaluated = 0
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """``score_fn`` of the subsets ``rows`` (C×M), after the empty set on the first call."""
+        first = self.n_calls == 0
+        if first:
+            rows = np.concatenate([self.current[None, :], rows])
+        scores = _call_score_fn(self.score_fn, rows)
+        self.n_calls += 1
+        self.n_evaluated += len(rows)
+        if first:
+            self.best = self.initial = float(scores[0])
+            scores = scores[1:]
+        return scores
+
+    def add(self, source: int, score: float) -> None:
+        self.current[source] = True
+        self.selected.append(int(source))
+        self.best = float(score)
+        self.path.append(self.best)
+
+    def result(self) -> StepwiseResult:
+        return StepwiseResult(self.selected, self.path, self.initial, self.n_calls,
+                              self.n_evaluated)
 
 
 def _call_score_fn(score_fn: ScoreFn, rows: np.ndarray) -> np.ndarray:
@@ -433,7 +442,7 @@ def cluster_samples(feats_NxK: jax.typing.ArrayLike, n_clusters: int, *,
         raise ValueError(f"method must be one of {CLUSTER_METHODS}, got {method!r}")
     x = _check_feats("feats_NxK", feats_NxK)
     n = x.shape[0]
-    n_clusters = _positive_int("n_clusters", n_clusters)
+    n_clusters = positive_int("n_clusters", n_clusters)
     if n_clusters > n:
         raise ValueError(f"n_clusters must be <= N = {n}, got {n_clusters}")
     norms = np.linalg.norm(x, axis=1)
@@ -453,7 +462,7 @@ def cluster_samples(feats_NxK: jax.typing.ArrayLike, n_clusters: int, *,
     else:
         unit = x / np.where(norms > 0, norms, 1.0)[:, None]
         labels = np.asarray(_spherical_kmeans(jnp.asarray(unit, jnp.float32), n_clusters,
-                                              jax.random.key(seed), _positive_int("max_iter",
+                                              jax.random.key(seed), positive_int("max_iter",
                                                                                    max_iter)))
     return jnp.asarray(_renumber(labels), jnp.int32)
 
@@ -492,7 +501,7 @@ def _kmeans_pp(unit_NxK, n_clusters, key):
     n_trials = 2 + int(math.log(n_clusters))
 
     def chord(idx):
-        return jnp.maximum(2.0 - 2.0 * _mm(unit_NxK, unit_NxK[idx].T), 0.0)
+        return jnp.maximum(2.0 - 2.0 * matmul_highest(unit_NxK, unit_NxK[idx].T), 0.0)
 
     key, sub = jax.random.split(key)
     first = jax.random.randint(sub, (), 0, n)
@@ -518,7 +527,7 @@ def _lloyd(unit_NxK, centers_CxK, max_iter):
     n_clusters = centers_CxK.shape[0]
 
     def assign(centers):
-        return jnp.argmax(_mm(unit_NxK, centers.T), axis=1)
+        return jnp.argmax(matmul_highest(unit_NxK, centers.T), axis=1)
 
     def update(labels, centers):
         sums = jax.ops.segment_sum(unit_NxK, labels, num_segments=n_clusters)
@@ -538,7 +547,7 @@ def _lloyd(unit_NxK, centers_CxK, max_iter):
 
     labels = assign(centers_CxK)
     _, labels, centers, _ = jax.lax.while_loop(cond, body, (0, labels, centers_CxK, True))
-    score = jnp.sum(jnp.max(_mm(unit_NxK, centers.T), axis=1))
+    score = jnp.sum(jnp.max(matmul_highest(unit_NxK, centers.T), axis=1))
     return labels, score
 
 
@@ -549,7 +558,7 @@ def _lloyd(unit_NxK, centers_CxK, max_iter):
 
 def baseline_all(n_sources: int) -> np.ndarray:
     """Every source (the "train on everything" baseline)."""
-    return np.arange(_positive_int("n_sources", n_sources))
+    return np.arange(positive_int("n_sources", n_sources))
 
 
 def baseline_random(n_sources: int, size: float | int, seed: int = 0) -> np.ndarray:
@@ -584,7 +593,7 @@ def baseline_random_total(sizes: Sequence[int], total: int, seed: int = 0,
         raise ValueError(f"sizes must be a non-empty list of sample counts >= 0, got {sizes}")
     rng = np.random.default_rng(seed)
     best, best_err = None, None
-    for _ in range(_positive_int("tries", tries)):
+    for _ in range(positive_int("tries", tries)):
         order = rng.permutation(sizes.size)
         err = np.abs(np.cumsum(sizes[order]) - int(total))
         j = int(np.argmin(err))
@@ -617,7 +626,7 @@ def gradient_similarity_scores(feats_NxK: jax.typing.ArrayLike,
                          f"got shape {ids.shape} and dtype {ids.dtype}")
     if ids.size and ids.min() < 0:
         raise ValueError(f"source_ids_N must be >= 0, got {ids.min()}")
-    m = (int(ids.max()) + 1 if ids.size else 0) if n_sources is None else _positive_int(
+    m = (int(ids.max()) + 1 if ids.size else 0) if n_sources is None else positive_int(
         "n_sources", n_sources)
     if ids.size and ids.max() >= m:
         raise ValueError(f"source_ids_N names source {ids.max()} but n_sources = {m}")
@@ -631,7 +640,7 @@ def _cosine_to_target(x_NxK, ids_N, t_JxK, m):
     means = sums / jnp.maximum(counts, 1.0)[:, None]
     target = jnp.mean(t_JxK, axis=0)
     denom = jnp.linalg.norm(means, axis=1) * jnp.linalg.norm(target)
-    cos = _mm(means, target) / jnp.where(denom > 0, denom, 1.0)
+    cos = matmul_highest(means, target) / jnp.where(denom > 0, denom, 1.0)
     return jnp.where((counts > 0) & (denom > 0), cos, jnp.nan)
 
 
@@ -652,18 +661,3 @@ def _check_feats(name: str, feats) -> np.ndarray:
         raise ValueError(f"{name} has NaN or inf in {int(bad.sum())} of {x.shape[0]} rows "
                          f"(first: row {int(np.argmax(bad))})")
     return x
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _nonnegative_float(name: str, value) -> float:
-    out = float(value)
-    if not math.isfinite(out) or out < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return out

@@ -94,7 +94,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -105,6 +104,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from jaxgrad.common import flat
+from jaxgrad.common.checks import matmul_highest, positive_float, positive_int
 from jaxgrad.common.sharding import from_host
 from jaxgrad.outputs import outputs_loss
 
@@ -224,10 +224,10 @@ def fit_subsets(
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if precondition not in PRECONDITIONERS:
         raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
-    C = _positive_float("C", C)
-    tol = _positive_float("tol", tol)
-    intercept_scaling = _positive_float("intercept_scaling", intercept_scaling)
-    max_iter = _positive_int("max_iter", max_iter)
+    C = positive_float("C", C)
+    tol = positive_float("tol", tol)
+    intercept_scaling = positive_float("intercept_scaling", intercept_scaling)
+    max_iter = positive_int("max_iter", max_iter)
     x_NxK = _check_feats("feats_NxK", feats_NxK)
     n, k = x_NxK.shape
     masks = _check_masks(masks_SxN, n)
@@ -264,17 +264,17 @@ def fit_subsets(
         else:
             precondition = "eig" if kp <= _MAX_EIG_DIM else "diag"
     q_KxK = _gram_eigenbasis(a_NxKp) if precondition == "eig" else None
-    b_NxK = a_NxKp if q_KxK is None else _mm(a_NxKp, q_KxK)
+    b_NxK = a_NxKp if q_KxK is None else matmul_highest(a_NxKp, q_KxK)
 
     v0 = None
     if init is not None:
         v0 = _init_vector(init, n_subsets, k, fit_intercept, intercept_scaling, dtype)
         if q_KxK is not None:
-            v0 = _mm(v0, q_KxK)
+            v0 = matmul_highest(v0, q_KxK)
 
     if chunk_size is None:
         chunk_size = max(8, _CHUNK_ELEMENTS // max(n, 1) // 8 * 8)
-    chunk_size = _positive_int("chunk_size", chunk_size)
+    chunk_size = positive_int("chunk_size", chunk_size)
     # Equal chunks (the last one padded with empty subsets, which still cost their matmuls):
     # 2000 subsets in chunks of at most 1904 are two chunks of 1000, not 1904 + 96 padded to 1904.
     n_chunks = max(1, -(-n_subsets // chunk_size))
@@ -310,7 +310,7 @@ def fit_subsets(
         converged, n_iter = jnp.zeros((0,), bool), jnp.zeros((0,), jnp.int32)
         grad_norm = jnp.zeros((0,), dtype)
     if q_KxK is not None:
-        v = _mm(v, q_KxK.T)
+        v = matmul_highest(v, q_KxK.T)
     intercept = v[:, k] * intercept_scaling if fit_intercept else jnp.zeros((n_subsets,), dtype)
     return SubsetFits(v[:, :k], intercept, converged, n_iter, grad_norm)
 
@@ -337,9 +337,6 @@ def _from_mesh(tree):
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, jax.devices()[0]), tree)
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
 
 @jax.jit
 def _gram_eigenbasis(a_NxK: jax.Array) -> jax.Array:
@@ -361,17 +358,17 @@ def _solve_chunk(b_NxK, o_N, m_SxN, v_SxK, C, tol, *, max_iter, warm, diag=True)
     weigh = _weigher(m_SxN)
 
     def margins(v):
-        return o_N[None, :] + _mm(v, b_NxK.T)
+        return o_N[None, :] + matmul_highest(v, b_NxK.T)
 
     def gradient(v, z):
         """∇f, the inverse diagonal preconditioner and the weighted curvatures m·σ(1-σ)."""
         s = jax.nn.sigmoid(-z)  # -dℓ/dz of ℓ(z) = softplus(-z)
         ms = weigh(s)
-        g = v - C * _mm(ms, b_NxK)
+        g = v - C * matmul_highest(ms, b_NxK)
         curv_SxN = ms - ms * s  # m·σ(1-σ), written without a broadcast constant 1
         if not diag:
             return g, jnp.ones((), g.dtype), curv_SxN
-        pinv = 1.0 / (1.0 + C * _mm(curv_SxN, jnp.square(b_NxK)))
+        pinv = 1.0 / (1.0 + C * matmul_highest(curv_SxN, jnp.square(b_NxK)))
         return g, pinv, curv_SxN
 
     def norms(g, v):
@@ -392,7 +389,7 @@ def _solve_chunk(b_NxK, o_N, m_SxN, v_SxK, C, tol, *, max_iter, warm, diag=True)
 
     def body(st):
         v, z, g, pg, d, active = st["v"], st["z"], st["g"], st["pg"], st["d"], st["active"]
-        u = _mm(d, b_NxK.T)
+        u = matmul_highest(d, b_NxK.T)
         alpha = _line_search(v, g, d, z, u, weigh, st["curv"], C, eps)
         alpha = jnp.where(active, alpha, 0.0)
         v = v + alpha[:, None] * d
@@ -514,8 +511,8 @@ def rescale_factors(coef_SxK: jax.typing.ArrayLike, projector: Any,
     w = _check_coef(coef_SxK)
     if scale is None:
         return jnp.ones((w.shape[0],), w.dtype)
-    scale = _positive_float("scale", scale)
-    theta_norm = _positive_float("theta_norm", theta_norm)
+    scale = positive_float("scale", scale)
+    theta_norm = positive_float("theta_norm", theta_norm)
     gram = _projector_gram(projector, w.shape[1])
     return _rescale(w, gram.astype(w.dtype), jnp.asarray(scale * theta_norm, w.dtype))
 
@@ -585,7 +582,7 @@ def estimate_subsets(fits_or_coef: SubsetFits | jax.typing.ArrayLike, c_S: jax.t
     n_subsets, n_target = w.shape[0], x_JxK.shape[0]
     if chunk_size is None:
         chunk_size = max(8, _CHUNK_ELEMENTS // max(n_target, 1))
-    chunk_size = _positive_int("chunk_size", chunk_size)
+    chunk_size = positive_int("chunk_size", chunk_size)
     parts = [_linearized(w[i:i + chunk_size].astype(dtype), c[i:i + chunk_size],
                          x_JxK.astype(dtype), f_J, output=output)
              for i in range(0, n_subsets, chunk_size)]
@@ -625,7 +622,7 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
     """
     w = _check_coef(coef_SxK)
     c = _check_factors(c_S, w.shape[0], w.dtype)
-    chunk_size = _positive_int("chunk_size", chunk_size)
+    chunk_size = positive_int("chunk_size", chunk_size)
     spec = flat.flat_spec(theta_star)
     if spec.size != projector.dim:
         raise ValueError(f"theta_star has D = {spec.size} parameters but the projector has "
@@ -761,21 +758,3 @@ def _projector_gram(projector: Any, k: int) -> jax.Array:
     if gram.shape != (k, k):
         raise ValueError(f"projector Gram matrix must be k×k = {(k, k)}, got {gram.shape}")
     return gram
-
-
-def _positive_float(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive number, got {value!r}") from None
-    if not math.isfinite(out) or out <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return out
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)

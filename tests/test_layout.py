@@ -155,9 +155,9 @@ MODULE_LINES_TODAY: dict[str, int] = {
     "jaxgrad.pipeline": 1220,
     "jaxgrad.projection": 746,
     "jaxgrad.report": 537,
-    "jaxgrad.selection": 670,
+    "jaxgrad.selection": 663,
     "jaxgrad.store": 1045,
-    "jaxgrad.surrogate": 782,
+    "jaxgrad.surrogate": 760,
     "jaxgrad.train": 1234,
 }
 

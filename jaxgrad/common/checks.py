@@ -1,0 +1,47 @@
+"""Argument checks and the full-precision matmul shared by the numeric modules.
+
+Each check returns the value converted (``int`` / ``float``) or raises naming the argument:
+``TypeError`` for a value of the wrong type, ``ValueError`` for one out of range.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``int(value)`` for an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def positive_float(name: str, value: Any) -> float:
+    """``float(value)`` for a finite number > 0."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(out) or out <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return out
+
+
+def nonnegative_float(name: str, value: Any) -> float:
+    """``float(value)`` for a finite number >= 0."""
+    out = float(value)
+    if not math.isfinite(out) or out < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return out
+
+
+def matmul_highest(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` at ``Precision.HIGHEST`` (no TF32 / bfloat16 passes on GPU and TPU)."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
