@@ -1,8 +1,8 @@
 """Helpers with no step of the method in them, used by every stage: the fraction-or-count rule
 (:mod:`~jaxgrad.common.counts`), flat parameter vectors (:mod:`~jaxgrad.common.flat`), JSON files
 (:mod:`~jaxgrad.common.jsonio`), progress bars (:mod:`~jaxgrad.common.progress`), device meshes and
-partitioning (:mod:`~jaxgrad.common.sharding`) and multi-host plumbing
-(:mod:`~jaxgrad.common.distributed`).
+partitioning (:mod:`~jaxgrad.common.sharding`), multi-host plumbing
+(:mod:`~jaxgrad.common.distributed`) and argument checks (:mod:`~jaxgrad.common.checks`).
 
 Nothing is re-exported here: import the module you need (``from jaxgrad.common.flat import
 flatten``), so that importing one helper does not import the others.
