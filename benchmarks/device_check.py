@@ -29,7 +29,7 @@ timeout still leaves the parts it finished):
 3. ``batched``: the ceiling: one ``jit(value_and_grad)`` of the ordinary token-mean
    cross-entropy of the whole batch (``jaxgrad.losses.batch_loss``) w.r.t. the LoRA parameters,
    same model and batch size.
-4. ``surrogate``: ``jaxgrad.surrogate.fit_subsets`` (gradex objective, C = 1e-4, the paper's) on
+4. ``surrogate``: ``jaxgrad.estimate.surrogate.fit_subsets`` (gradex objective, C = 1e-4, the paper's) on
    N = 4096 samples × k = 2048 features for 100,000 random masks that each hold every sample
    with probability 1/2; ``chunk_size`` subsets per jitted solve. The features are a shared mean
    direction plus standard-normal noise (projected gradients share a mean direction), for which
@@ -388,7 +388,7 @@ def random_masks(n_subsets: int, n: int, seed: int) -> np.ndarray:
 
 
 def part_surrogate(sz: dict, peak: float | None) -> dict:
-    from jaxgrad.surrogate import fit_subsets
+    from jaxgrad.estimate.surrogate import fit_subsets
 
     n, k, S, chunk = sz["sur_n"], sz["sur_k"], sz["sur_subsets"], sz["sur_chunk"]
     rng = np.random.default_rng(4)

@@ -54,10 +54,10 @@ def main():
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, run_pipeline
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.selection import masks_from_sources, sample_subsets
+    from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets
     from jaxgrad.store import GradientStore
-    from jaxgrad.surrogate import (estimate_subsets, exact_estimates, fit_subsets, gradex_labels,
-                                   rescale_factors)
+    from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
+    from jaxgrad.estimate.surrogate import fit_subsets, gradex_labels
     from jaxgrad.train import load_data
 
     config = demo.get_config()

@@ -87,7 +87,8 @@ def compare_selectors(config, workdir: str) -> dict:
     from jaxgrad.pipeline import (SurrogateScorer, _read_estimates, pipeline_units,
                                   selection_metric)
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.selection import ensemble_scores, forward_selection, select_top, subset_size
+    from jaxgrad.estimate.subsets import subset_size
+    from jaxgrad.selection import ensemble_scores, forward_selection, select_top
 
     config = resolved_config(config, workdir)
     units = pipeline_units(config, workdir).names

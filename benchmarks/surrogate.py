@@ -1,4 +1,4 @@
-"""Benchmark: batched surrogate fits (jaxgrad.surrogate.fit_subsets) vs a loop of liblinear fits.
+"""Benchmark: batched surrogate fits (jaxgrad.estimate.fit_subsets) vs a loop of liblinear fits.
 
 The GradEx setting of the paper: N = 5000 projected per-sample gradients (k = 200) from 20
 sources, 1000 random subsets of half the sources, the gradex objective (labels ~ Bernoulli(0.7),
@@ -39,7 +39,8 @@ import time
 import jax
 import numpy as np
 
-from jaxgrad import selection, surrogate
+from jaxgrad.estimate import subsets as subsets_lib
+from jaxgrad.estimate import surrogate
 from common import RESULTS, cpu_model  # benchmarks/common.py (the script's folder)
 
 
@@ -56,8 +57,8 @@ def make_problem(n=5000, k=200, n_sources=20, n_subsets=1000, seed=0):
     x *= np.exp(rng.normal(size=n))[:, None]
     feats = x.astype(np.float32)
     labels = np.asarray(surrogate.gradex_labels(n, seed=seed))
-    subsets = selection.sample_subsets(n_sources, n_subsets, 0.5, seed=seed)
-    masks = selection.masks_from_sources(source_ids, subsets)
+    subsets = subsets_lib.sample_subsets(n_sources, n_subsets, 0.5, seed=seed)
+    masks = subsets_lib.masks_from_sources(source_ids, subsets)
     return feats, labels, masks
 
 

@@ -23,8 +23,8 @@ _EXPORTS: dict[str, str] = {
     "apply_lora": "jaxgrad.models.lora",
     "Projector": "jaxgrad.projection",
     "per_sample_projected_grads": "jaxgrad.per_sample",
-    "fit_subsets": "jaxgrad.surrogate",
-    "estimate_subsets": "jaxgrad.surrogate",
+    "fit_subsets": "jaxgrad.estimate.surrogate",
+    "estimate_subsets": "jaxgrad.estimate.lift",
     "ensemble_scores": "jaxgrad.selection",
     "GradientStore": "jaxgrad.store",
 }

@@ -62,6 +62,9 @@ from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.common.jsonio import read_json, write_json
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import FidelityConfig, TrainConfig
+from jaxgrad.estimate.lift import rescale_factors
+from jaxgrad.estimate.subsets import masks_from_sources
+from jaxgrad.estimate.surrogate import fit_subsets
 from jaxgrad.rundir import resolved_config
 
 # One-step fine-tunes on subsets that fit one batch are computed from per-unit gradient sums
@@ -214,9 +217,7 @@ def _one_step_update(tc, theta_star, unit_sums):
 
 def _refit(config, workdir: str, data, rows):
     """The surrogate fits (config.surrogate) of the subsets named by estimates-table ``rows``."""
-    from jaxgrad.selection import masks_from_sources
     from jaxgrad.store import GradientStore
-    from jaxgrad.surrogate import fit_subsets
 
     from jaxgrad.pipeline import pipeline_units
 
@@ -243,7 +244,6 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, pipeline_units
     from jaxgrad.store import GradientStore
-    from jaxgrad.surrogate import rescale_factors
     from jaxgrad.train import fit, load_data
 
     config = resolved_config(config, workdir)

@@ -71,7 +71,7 @@ def outputs_loss(f_J: jax.Array, output: str, axis: int = -1) -> jax.Array:
     ``log(1 + exp(-f))`` for ``logit_odds`` (the logistic loss of the logit-odds), of ``f``
     itself for ``token_ce`` (the per-sample cross-entropy).
 
-    The linearized estimates (``surrogate.estimate_subsets``), the exact ones (a forward pass at
+    The linearized estimates (``jaxgrad.estimate.lift.estimate_subsets``), the exact ones (a forward pass at
     θ* + Δ) and the fidelity check's true fine-tunes all use this, so their numbers compare.
     """
     if output == "token_ce":

@@ -58,6 +58,9 @@ from jaxgrad.common.jsonio import read_json, write_json, write_shared_json
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.common.sharding import make_mesh
 from jaxgrad.config import OPTIMIZERS, MeshConfig, ModelSpec, TrainConfig, default_config
+from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
+from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets, subset_size
+from jaxgrad.estimate.surrogate import OBJECTIVES, fit_subsets
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  model_input_digests, reconcile, stage_fingerprints, write_records)
@@ -226,7 +229,7 @@ def local_data_mesh():
 
 def global_data_mesh():
     """A ``data`` mesh over every device of every process (None with one device): the surrogate
-    fits shard their subsets over it (``jaxgrad.surrogate.fit_subsets``)."""
+    fits shard their subsets over it (``jaxgrad.estimate.surrogate.fit_subsets``)."""
     return make_mesh(-1, 1) if jax.device_count() > 1 else None
 
 
@@ -307,8 +310,6 @@ def stage_estimates(config, workdir: str) -> str:
     Rows already in ``estimates.csv`` are not recomputed (run_pipeline has checked that they were
     computed under the same config).
     """
-    from jaxgrad.selection import sample_subsets, subset_size
-
     s = _section(config, "surrogate")
     os.makedirs(os.path.join(workdir, rundir.ESTIMATES_DIR), exist_ok=True)
     table = os.path.join(workdir, rundir.ESTIMATES_FILE)
@@ -391,9 +392,6 @@ class SurrogateScorer:
         self.mesh = global_data_mesh()
 
     def __call__(self, rows) -> dict[str, Sequence]:
-        from jaxgrad.selection import masks_from_sources
-        from jaxgrad.surrogate import estimate_subsets, fit_subsets, rescale_factors
-
         s = self.s
         rows = np.asarray(rows, bool)
         empty = ~rows.any(axis=1)
@@ -428,8 +426,6 @@ class SurrogateScorer:
 
     def _at_theta_star(self) -> dict:
         """The columns for the empty subset: no samples, no update, the metrics at θ*."""
-        from jaxgrad.surrogate import estimate_subsets
-
         zero = np.zeros((1, self.t_feats.shape[1]), np.float32)
         est = estimate_subsets(zero, np.zeros((1,), np.float32), self.t_feats, self.t_f,
                                output=self.output_fn)
@@ -453,7 +449,6 @@ def _exact_loss_fn(config, workdir, model):
     from jaxgrad.losses import model_logits
     from jaxgrad.outputs import get_output_fn, outputs_loss
     from jaxgrad.per_sample import trainable_filter
-    from jaxgrad.surrogate import exact_estimates
     from jaxgrad.train import load_data
 
     data = load_data(config.data)
@@ -534,7 +529,7 @@ def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
     from jaxgrad.selection import (baseline_all, baseline_random, baseline_random_total,
                                    ensemble_scores, gradient_similarity_scores, select_threshold,
-                                   select_top, subset_size)
+                                   select_top)
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
 
@@ -851,7 +846,6 @@ def _choices() -> dict[str, tuple]:
     from jaxgrad.outputs import OUTPUT_FUNCTIONS
     from jaxgrad.projection import _KINDS
     from jaxgrad.store import STORAGE_DTYPES
-    from jaxgrad.surrogate import OBJECTIVES
 
     return {"gradients.output_fn": OUTPUT_FUNCTIONS, "gradients.projection_kind": _KINDS,
             "gradients.dtype": STORAGE_DTYPES, "surrogate.objective": OBJECTIVES,

@@ -50,7 +50,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 def estimated_quantity(metric: str, output_fn: str, short: bool = False) -> str:
     """The name of what the surrogate estimates for ``metric`` under ``output_fn``: one name per
     quantity, so the estimate is never called by the fine-tunes' test cross-entropy's name
-    (``jaxgrad.surrogate.target_metrics``)."""
+    (``jaxgrad.estimate.lift.estimate_subsets``)."""
     if short:
         return {"loss": "est. logistic loss" if output_fn == "logit_odds" else "est. token CE",
                 "accuracy": "est. accuracy", "mean_output": "est. logit odds"}.get(metric, metric)

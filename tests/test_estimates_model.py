@@ -15,7 +15,8 @@ from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.outputs import logit_odds
 from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
 from jaxgrad.projection import Projector
-from jaxgrad.surrogate import estimate_subsets, exact_estimates, fit_subsets, rescale_factors
+from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
+from jaxgrad.estimate.surrogate import fit_subsets
 
 from helpers import fixture, fixture_batch
 from test_per_sample import one_at_a_time

@@ -103,9 +103,7 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
     ("jaxgrad.fidelity", "jaxgrad.outputs"): 2,
     ("jaxgrad.fidelity", "jaxgrad.per_sample"): 2,
     ("jaxgrad.fidelity", "jaxgrad.pipeline"): 3,
-    ("jaxgrad.fidelity", "jaxgrad.selection"): 1,
     ("jaxgrad.fidelity", "jaxgrad.store"): 2,
-    ("jaxgrad.fidelity", "jaxgrad.surrogate"): 2,
     ("jaxgrad.fidelity", "jaxgrad.train"): 3,
     ("jaxgrad.groups", "jaxgrad.selection"): 1,
     ("jaxgrad.pipeline", "jaxgrad.checkpoint"): 1,
@@ -126,9 +124,8 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
     ("jaxgrad.pipeline", "jaxgrad.report"): 1,
     ("jaxgrad.pipeline", "jaxgrad.representations"): 1,
     ("jaxgrad.pipeline", "jaxgrad.runtime"): 2,
-    ("jaxgrad.pipeline", "jaxgrad.selection"): 5,
+    ("jaxgrad.pipeline", "jaxgrad.selection"): 3,
     ("jaxgrad.pipeline", "jaxgrad.store"): 6,
-    ("jaxgrad.pipeline", "jaxgrad.surrogate"): 4,
     ("jaxgrad.pipeline", "jaxgrad.train"): 11,
     ("jaxgrad.report", "jaxgrad.fingerprint"): 1,
     ("jaxgrad.representations", "jaxgrad.data.batching"): 1,
@@ -155,9 +152,8 @@ MODULE_LINES_TODAY: dict[str, int] = {
     "jaxgrad.pipeline": 1220,
     "jaxgrad.projection": 746,
     "jaxgrad.report": 537,
-    "jaxgrad.selection": 663,
+    "jaxgrad.selection": 548,
     "jaxgrad.store": 1045,
-    "jaxgrad.surrogate": 760,
     "jaxgrad.train": 1234,
 }
 
@@ -172,7 +168,7 @@ FUNCTION_LINES_TODAY: dict[str, int] = {
     "jaxgrad.report:write_report": 113,
     "jaxgrad.store:GradientStore.create_or_resume": 102,
     "jaxgrad.store:_new_manifest": 89,
-    "jaxgrad.surrogate:fit_subsets": 150,
+    "jaxgrad.estimate.surrogate:fit_subsets": 150,
     "jaxgrad.train:run_training": 188,
 }
 

@@ -15,43 +15,45 @@ import numpy as np
 import pytest
 
 from jaxgrad import selection as sel
-from jaxgrad.surrogate import estimate_subsets, fit_subsets
+from jaxgrad.estimate import subsets as subsets_lib
+from jaxgrad.estimate.lift import estimate_subsets
+from jaxgrad.estimate.surrogate import fit_subsets
 
 
 def test_sample_subsets_sizes_distinct_and_seeded():
-    subsets = sel.sample_subsets(20, 300, 0.5, seed=3)
+    subsets = subsets_lib.sample_subsets(20, 300, 0.5, seed=3)
     assert subsets.shape == (300, 20) and subsets.dtype == bool
     assert np.all(subsets.sum(axis=1) == 10), "every subset must hold half of the 20 sources"
     assert len({row.tobytes() for row in subsets}) == 300, "subsets must be distinct"
-    np.testing.assert_array_equal(subsets, sel.sample_subsets(20, 300, 0.5, seed=3))
-    assert not np.array_equal(subsets, sel.sample_subsets(20, 300, 0.5, seed=4))
-    assert np.all(sel.sample_subsets(7, 5, 3).sum(axis=1) == 3), "a count is a count"
+    np.testing.assert_array_equal(subsets, subsets_lib.sample_subsets(20, 300, 0.5, seed=3))
+    assert not np.array_equal(subsets, subsets_lib.sample_subsets(20, 300, 0.5, seed=4))
+    assert np.all(subsets_lib.sample_subsets(7, 5, 3).sum(axis=1) == 3), "a count is a count"
     # 6 distinct subsets of 2 of 4 sources: asking for 5 draws 5 distinct ones, 9 repeats some.
-    assert len({r.tobytes() for r in sel.sample_subsets(4, 5, 2)}) == 5
+    assert len({r.tobytes() for r in subsets_lib.sample_subsets(4, 5, 2)}) == 5
     with pytest.warns(UserWarning, match="only 6 distinct subsets"):
-        many = sel.sample_subsets(4, 9, 2, seed=1)
+        many = subsets_lib.sample_subsets(4, 9, 2, seed=1)
     assert len({r.tobytes() for r in many}) == 6, "every distinct subset must appear"
     for bad in (0.0, 1.5, 0, 21):
         with pytest.raises(ValueError, match="size must be a fraction in \\[0, 1\\) or a whole|of only 20"):
-            sel.sample_subsets(20, 3, bad)
-    assert np.all(sel.sample_subsets(7, 5, 3.0).sum(axis=1) == 3), "3.0 is the count 3"
+            subsets_lib.sample_subsets(20, 3, bad)
+    assert np.all(subsets_lib.sample_subsets(7, 5, 3.0).sum(axis=1) == 3), "3.0 is the count 3"
     with pytest.raises(TypeError, match="size must be"):
-        sel.sample_subsets(20, 3, True)
+        subsets_lib.sample_subsets(20, 3, True)
 
 
 def test_masks_from_sources():
     ids = np.array([2, 0, 1, 2, 3, 0])
     subsets = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], bool)
-    masks = sel.masks_from_sources(ids, subsets)
+    masks = subsets_lib.masks_from_sources(ids, subsets)
     want = np.array([[subsets[s, i] for i in ids] for s in range(3)])
     np.testing.assert_array_equal(masks, want)
-    np.testing.assert_array_equal(sel.masks_from_sources(ids, [[0, 2], [3], []]), want)
+    np.testing.assert_array_equal(subsets_lib.masks_from_sources(ids, [[0, 2], [3], []]), want)
     with pytest.raises(ValueError, match=r"subset 1 names unknown source\(s\) \[4\]"):
-        sel.masks_from_sources(ids, [[0], [4]])
+        subsets_lib.masks_from_sources(ids, [[0], [4]])
     with pytest.raises(ValueError, match="names source 3 but the subsets cover only 3 sources"):
-        sel.masks_from_sources(ids, subsets[:, :3])
+        subsets_lib.masks_from_sources(ids, subsets[:, :3])
     with pytest.raises(ValueError, match="1-D array of ints"):
-        sel.masks_from_sources(ids.astype(float), subsets)
+        subsets_lib.masks_from_sources(ids.astype(float), subsets)
 
 
 def _planted_surrogate_estimates(subsets, seed=0):
@@ -72,13 +74,13 @@ def _planted_surrogate_estimates(subsets, seed=0):
         ids.append(np.full(per_source, source))
     feats, ids = np.concatenate(feats).astype(np.float32), np.concatenate(ids)
     target = (target_dir + 0.3 * rng.normal(size=(20, k))).astype(np.float32)
-    fits = fit_subsets(feats, sel.masks_from_sources(ids, subsets), C=1e-2, seed=seed)
+    fits = fit_subsets(feats, subsets_lib.masks_from_sources(ids, subsets), C=1e-2, seed=seed)
     est = estimate_subsets(fits, 1.0, target, np.zeros(20, np.float32))
     return np.asarray(est["mean_output"])
 
 
 def test_ensemble_scores_rank_planted_sources_and_match_hand_means():
-    subsets = sel.sample_subsets(6, 20, 0.5, seed=0)
+    subsets = subsets_lib.sample_subsets(6, 20, 0.5, seed=0)
     est = _planted_surrogate_estimates(subsets)
     res = sel.ensemble_scores(subsets, est, n_boot=500, seed=1)
     scores = np.asarray(res.scores)
@@ -227,7 +229,7 @@ def test_baselines_and_gradient_similarity():
 def test_no_warning_when_all_sources_sampled():
     """Subsets that cover every source give every source a finite score and interval, silently
     (the warning is for sources no subset contains)."""
-    subsets = np.asarray(sel.sample_subsets(5, 8, 0.4, seed=0))
+    subsets = np.asarray(subsets_lib.sample_subsets(5, 8, 0.4, seed=0))
     assert subsets.any(axis=0).all(), "the sampled subsets must cover all 5 sources"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -17,8 +17,10 @@ from sklearn.linear_model import LogisticRegression
 
 from jaxgrad.common import flat
 from jaxgrad.projection import Projector
-from jaxgrad.surrogate import (HIGHER_IS_BETTER, SubsetFits, estimate_subsets, exact_estimates,
-                               fit_subsets, gradex_labels, lift_updates, rescale_factors)
+from jaxgrad.estimate.lift import (HIGHER_IS_BETTER, estimate_subsets, exact_estimates,
+                                   lift_updates, rescale_factors)
+from jaxgrad.estimate.solver import SubsetFits
+from jaxgrad.estimate.surrogate import fit_subsets, gradex_labels
 
 N, K, N_SOURCES = 240, 12, 6
 
@@ -356,7 +358,7 @@ def test_subsets_sharded_over_8_devices_equal_one_device(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys, jax, numpy as np
-        from jaxgrad.surrogate import fit_subsets
+        from jaxgrad.estimate.surrogate import fit_subsets
         assert jax.device_count() == 8
         d = np.load({str(tmp_path / "in.npz")!r})
         mesh = jax.make_mesh((8, 1), ("data", "model"))
