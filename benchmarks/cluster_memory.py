@@ -39,7 +39,7 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
-from jaxgrad.groups import GroupsSpec, make_groups
+from jaxgrad.groups.units import GroupsSpec, make_groups
 
 method, n, k, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)

@@ -64,6 +64,7 @@ from jaxgrad.estimate.surrogate import OBJECTIVES, fit_subsets
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  model_input_digests, reconcile, stage_fingerprints, write_records)
+from jaxgrad.groups.units import GroupsSpec, Units, make_groups
 from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.rundir import resolved_config
 
@@ -246,15 +247,12 @@ def _store_complete(path: str) -> bool:
 
 def groups_enabled(config) -> bool:
     """Whether the optional groups stage runs (``groups.by = "cluster"``)."""
-    from jaxgrad.groups import GroupsSpec
-
     return GroupsSpec.from_config(config.get("groups")).clustered
 
 
 def stage_groups(config, workdir: str) -> dict | None:
     """Optional (``groups.by = "cluster"``): clusters of train samples by their projected gradients,
     the units every later stage selects among (:mod:`jaxgrad.groups`); ``groups/groups.json``."""
-    from jaxgrad.groups import GroupsSpec, make_groups
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
 
@@ -281,8 +279,6 @@ def stage_groups(config, workdir: str) -> dict | None:
 def pipeline_units(config, workdir: str, sources: Sequence[str] | None = None):
     """The units the estimates, selection and fine-tunes choose among (:class:`jaxgrad.groups.Units`):
     the data's sources, or with ``groups.by = "cluster"`` the groups stage's record."""
-    from jaxgrad.groups import GroupsSpec, Units
-
     if GroupsSpec.from_config(config.get("groups")).clustered:
         path = os.path.join(workdir, rundir.GROUPS_FILE)
         if not os.path.isfile(path):
@@ -362,7 +358,6 @@ class SurrogateScorer:
     "exact"``; else ""), each a length-S sequence. The estimates stage writes them; the
     stepwise selectors (``selection.method``) call it round by round.
     """
-
     def __init__(self, config, workdir: str, sources: Sequence[str]):
         from jaxgrad.store import GradientStore
 
@@ -654,7 +649,6 @@ def representation_similarity(config, workdir: str, data, units=None) -> np.ndar
     ``units``), the cosine between its train examples' mean last-layer hidden state at θ* and
     the target validation examples' (the examples the target gradients are taken on);
     :mod:`jaxgrad.representations`."""
-    from jaxgrad.groups import Units
     from jaxgrad.representations import mean_representations
     from jaxgrad.selection import gradient_similarity_scores
 
@@ -789,7 +783,6 @@ def validate_config(config, stages: Sequence[str] | None = None):
     Raises:
       TypeError / ValueError: naming the setting (``config.selection.top``) and what it expects.
     """
-    from jaxgrad.groups import GroupsSpec
     from jaxgrad.train import load_data
 
     def get(path):

@@ -1029,7 +1029,7 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     data = load_data(config.data)
     groups_file = config.finetune.get("groups_file", "") or ""
     if groups_file:  # names are units of a groups record: clusters of samples, or sources
-        from jaxgrad.groups import Units
+        from jaxgrad.groups.units import Units
 
         units = Units.from_file(groups_file)
     else:

@@ -42,6 +42,26 @@ def nonnegative_float(name: str, value: Any) -> float:
     return out
 
 
+def check_feats(name: str, feats: Any) -> np.ndarray:
+    """``feats`` as a float64 ``N×k`` NumPy array of real numbers with every row finite.
+
+    Raises:
+      ValueError: not 2-D, or rows holding NaN / inf (how many, and the first).
+      TypeError: not real numbers.
+    """
+    x = np.asarray(feats)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows × k), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float64)
+    bad = ~np.all(np.isfinite(x), axis=1)
+    if bad.any():
+        raise ValueError(f"{name} has NaN or inf in {int(bad.sum())} of {x.shape[0]} rows "
+                         f"(first: row {int(np.argmax(bad))})")
+    return x
+
+
 def matmul_highest(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b`` at ``Precision.HIGHEST`` (no TF32 / bfloat16 passes on GPU and TPU)."""
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)

@@ -8,7 +8,7 @@ fidelity, report) treats each group as a "source":
 
 * the train samples of ``groups.sources`` (all train sources when empty) are clustered together
   into ``groups.num_clusters`` clusters of their stored projected gradients
-  (:func:`jaxgrad.selection.cluster_samples`, cosine distance), named ``c00``, ``c01``, ...;
+  (:func:`jaxgrad.groups.clusters.cluster_samples`, cosine distance), named ``c00``, ``c01``, ...;
 * every other train source stays one unit under its own name;
 * ``<workdir>/groups/groups.json`` records each unit: name, the source(s) of its samples, its
   sample ids (the gradient store's ``example_ids``) and its size.
@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import GROUP_BY, GROUP_METHODS, GROUP_METRICS, GroupsSection
+from jaxgrad.groups.clusters import cluster_samples
 
 log = logging.getLogger("jaxgrad.groups")
 
@@ -166,8 +167,6 @@ def make_groups(spec: GroupsSpec, feats_NxK: np.ndarray, example_ids: Sequence[s
       "size", "example_ids"}``: the clusters first (numbered by their first sample in store
       order), then the unclustered sources in ``sources`` order.
     """
-    from jaxgrad.selection import cluster_samples
-
     chosen = spec.clustered_sources(sources)
     source_ids = np.asarray(list(source_ids))
     rows = np.flatnonzero(np.isin(source_ids, chosen))
