@@ -14,7 +14,7 @@ random-ensemble selection of the top 80% of clusters, four final fine-tunes of t
   questions (2,000 resamples), and the paired difference to the selection's run with its
   interval; accuracy of the generated answer (leading Yes/No, exact match) with a Wilson 95%
   interval;
-* forward stepwise selection (``jaxgrad.selection.forward_selection`` on the surrogate, at most
+* forward stepwise selection (``jaxgrad.select.forward_selection`` on the surrogate, at most
   as many clusters as the ensemble keeps, one batched surrogate call per round) against the
   random-ensemble selection on the same estimates: what each picks and how long each takes
   (wall time of the selector alone, after the surrogate's inputs are loaded; the first forward
@@ -88,7 +88,8 @@ def compare_selectors(config, workdir: str) -> dict:
                                   selection_metric)
     from jaxgrad.rundir import resolved_config
     from jaxgrad.estimate.subsets import subset_size
-    from jaxgrad.selection import ensemble_scores, forward_selection, select_top
+    from jaxgrad.select.scores import ensemble_scores, select_top
+    from jaxgrad.select.stepwise import forward_selection
 
     config = resolved_config(config, workdir)
     units = pipeline_units(config, workdir).names

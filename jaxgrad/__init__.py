@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "per_sample_projected_grads": "jaxgrad.per_sample",
     "fit_subsets": "jaxgrad.estimate.surrogate",
     "estimate_subsets": "jaxgrad.estimate.lift",
-    "ensemble_scores": "jaxgrad.selection",
+    "ensemble_scores": "jaxgrad.select.scores",
     "GradientStore": "jaxgrad.store",
 }
 

@@ -67,6 +67,9 @@ from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make
 from jaxgrad.groups.units import GroupsSpec, Units, make_groups
 from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.rundir import resolved_config
+from jaxgrad.select.baselines import baseline_all, baseline_random, baseline_random_total, gradient_similarity_scores
+from jaxgrad.select.scores import ensemble_scores, select_threshold, select_top
+from jaxgrad.select.stepwise import forward_selection, ordered_selection
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -522,9 +525,6 @@ def selection_metric(config) -> str:
 
 def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
-    from jaxgrad.selection import (baseline_all, baseline_random, baseline_random_total,
-                                   ensemble_scores, gradient_similarity_scores, select_threshold,
-                                   select_top)
     from jaxgrad.store import GradientStore
     from jaxgrad.train import load_data
 
@@ -622,8 +622,6 @@ def _stepwise_selection(config, workdir, sources, scores, metric, top):
     ``selection.top`` sources) or "ordered" (the paper's single pass in ensemble-score order),
     each step scoring its candidate subsets with the surrogate in one batched call
     (:class:`SurrogateScorer`). Returns the chosen indices and a record of the search."""
-    from jaxgrad.selection import forward_selection, ordered_selection
-
     sel = _section(config, "selection")
     method = str(sel["method"])
     scorer = SurrogateScorer(config, workdir, sources)
@@ -650,7 +648,6 @@ def representation_similarity(config, workdir: str, data, units=None) -> np.ndar
     the target validation examples' (the examples the target gradients are taken on);
     :mod:`jaxgrad.representations`."""
     from jaxgrad.representations import mean_representations
-    from jaxgrad.selection import gradient_similarity_scores
 
     units = units or Units.of_sources(data.sources)
     model, tokenizer = _load_theta_star(config, workdir)

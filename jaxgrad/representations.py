@@ -10,7 +10,7 @@ tokens of the model's last hidden state (after the final norm, before the LM hea
 * encoder–decoders (T5): the encoder's output over the input tokens (the prompt), as sentence
   embeddings from T5 are usually taken.
 
-The cosines of the source means are :func:`jaxgrad.selection.gradient_similarity_scores` applied
+The cosines of the source means are :func:`jaxgrad.select.baselines.gradient_similarity_scores` applied
 to these features (the same arithmetic as the gradient-similarity baseline).
 """
 

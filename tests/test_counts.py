@@ -16,7 +16,7 @@ from configs import demo
 from jaxgrad.common.counts import RULE, check_fraction_or_count, fraction_or_count
 from jaxgrad.pipeline import FRACTION_OR_COUNT, run_pipeline, validate_config
 from jaxgrad.estimate.subsets import subset_size
-from jaxgrad.selection import select_top
+from jaxgrad.select.scores import select_top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
 """Tests for jaxgrad.groups: clustering samples, the groups section's checks, units made of
 clusters and whole sources, their sample ids, and the size-matched random baseline
-(jaxgrad.selection)."""
+(jaxgrad.select)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from jaxgrad.groups.clusters import cluster_samples
 from jaxgrad.groups.units import (AGGLOMERATIVE_MAX_SAMPLES, GroupsSpec, Units, cluster_names,
                                   make_groups)
-from jaxgrad.selection import baseline_random_total
+from jaxgrad.select.baselines import baseline_random_total
 
 
 def _store(seed=0):

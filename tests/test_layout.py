@@ -122,7 +122,6 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
     ("jaxgrad.pipeline", "jaxgrad.report"): 1,
     ("jaxgrad.pipeline", "jaxgrad.representations"): 1,
     ("jaxgrad.pipeline", "jaxgrad.runtime"): 2,
-    ("jaxgrad.pipeline", "jaxgrad.selection"): 3,
     ("jaxgrad.pipeline", "jaxgrad.store"): 6,
     ("jaxgrad.pipeline", "jaxgrad.train"): 11,
     ("jaxgrad.report", "jaxgrad.fingerprint"): 1,

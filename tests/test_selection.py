@@ -1,4 +1,5 @@
-"""Tests for jaxgrad.selection: subsets, masks, random ensembles, stepwise selection, clusters.
+"""Tests for jaxgrad.select (random ensembles, stepwise selection, baselines) and the subsets
+of jaxgrad.estimate.
 
 Planted structure throughout: a score function whose best subset is known by brute force,
 synthetic projected gradients with one source aligned with the target and two opposed to it,
@@ -14,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 
-from jaxgrad import selection as sel
+from jaxgrad import select as sel
 from jaxgrad.estimate import subsets as subsets_lib
 from jaxgrad.estimate.lift import estimate_subsets
 from jaxgrad.estimate.surrogate import fit_subsets
