@@ -67,7 +67,8 @@ from jaxgrad.losses import model_logits
 from jaxgrad.models import (LlamaConfig, LoraConfig, apply_lora, build_model, save_peft_adapter,
                             save_pretrained)
 from jaxgrad.models.llama import to_hf_config
-from jaxgrad.models.lora import PEFT_PREFIX, linear_modules
+from jaxgrad.models.lora import linear_modules
+from jaxgrad.models.peft import PEFT_PREFIX
 from jaxgrad.outputs import get_output_fn
 from jaxgrad.per_sample import _projected_grads, per_sample_projected_grads
 from jaxgrad.projection import Projector

@@ -21,7 +21,8 @@ from safetensors.numpy import load_file, save_file
 from helpers import fixture
 from jaxgrad.models import (LoraConfig, apply_lora, load_peft_adapter, load_pretrained,
                             lora_state, num_params, save_peft_adapter, split_lora)
-from jaxgrad.models.lora import linear_modules, lora_config_of, read_peft_config
+from jaxgrad.models.lora import linear_modules
+from jaxgrad.models.peft import lora_config_of, read_peft_config
 
 HERE = fixture("peft-configs")
 CASES = json.load(open(os.path.join(HERE, "cases.json")))
