@@ -106,10 +106,9 @@ from jax.experimental import multihost_utils
 
 from jaxgrad.common import flat
 from jaxgrad.common.sharding import from_host
+from jaxgrad.config import OBJECTIVES, OUTPUT_FUNCTIONS
 from jaxgrad.outputs import outputs_loss
 
-OBJECTIVES = ("gradex", "one_class", "taylor")
-OUTPUTS = ("logit_odds", "token_ce")
 PRECONDITIONERS = ("auto", "eig", "diag", "none")
 # Probability of label 1 in the gradex objective (the seed's Bernoulli(0.7)).
 GRADEX_POSITIVE_RATE = 0.7
@@ -571,8 +570,8 @@ def estimate_subsets(fits_or_coef: SubsetFits | jax.typing.ArrayLike, c_S: jax.t
         The surrogate must then have been fitted so that Δ lowers the loss (on gradients of
         -CE), otherwise Δ points uphill.
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output not in OUTPUT_FUNCTIONS:
+        raise ValueError(f"output must be one of {OUTPUT_FUNCTIONS}, got {output!r}")
     coef = fits_or_coef.coef if isinstance(fits_or_coef, SubsetFits) else fits_or_coef
     w = _check_coef(coef)
     x_JxK = _check_feats("target_feats_JxK", target_feats_JxK)
