@@ -41,6 +41,29 @@ GROUP_BY = ("source", "cluster")  # groups.by
 GROUP_METHODS = ("agglomerative", "kmeans")  # groups.method
 GROUP_METRICS = ("cosine",)  # groups.metric
 FORMATS = ("generic", "alpaca", "flan", "cot", "bigbench")  # data.files.format
+OUTPUT_FUNCTIONS = ("logit_odds", "token_ce")  # gradients.output_fn
+PROJECTION_KINDS = ("rademacher", "gaussian")  # gradients.projection_kind
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # gradients.dtype
+OBJECTIVES = ("gradex", "one_class", "taylor")  # surrogate.objective
+SURROGATE_MODES = ("linearized", "exact")  # surrogate.mode
+SELECTION_METRICS = ("loss", "accuracy", "mean_output", "exact_loss")  # selection.metric
+SELECTION_METHODS = ("ensemble", "threshold", "forward", "ordered")  # selection.method
+# pipeline.finetune_runs: the selection and its baselines (its default, and the report's order).
+FINETUNE_RUNS = ("selection", "all", "random", "grad_sim", "repr_sim")
+CONFIG_CHANGE_MODES = ("error", "rerun")  # pipeline.on_config_change
+
+# The method sections' option keys and their allowed values (checked before the first stage).
+CHOICES: dict[str, tuple] = {
+    "gradients.output_fn": OUTPUT_FUNCTIONS,
+    "gradients.projection_kind": PROJECTION_KINDS,
+    "gradients.dtype": STORAGE_DTYPES,
+    "surrogate.objective": OBJECTIVES,
+    "surrogate.mode": SURROGATE_MODES,
+    "selection.method": SELECTION_METHODS,
+    "selection.metric": SELECTION_METRICS,
+    "fidelity.optimizer": OPTIMIZERS,
+    "pipeline.on_config_change": CONFIG_CHANGE_MODES,
+}
 
 # data.files.columns: the column roles of each format and their default column names. "source"
 # may be None: the source is then the spec's `source` or the file's stem.
@@ -428,7 +451,7 @@ def add_method_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.pipeline = ml_collections.ConfigDict()
     # Final fine-tunes: the selection and the baselines (all sources; random; the top sources by
     # gradient similarity, LESS-style; by last-layer representation similarity at θ*).
-    c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim", "repr_sim")
+    c.pipeline.finetune_runs = FINETUNE_RUNS
     # Steps of every final fine-tune (the same budget for each); 0 = train.num_steps / train.epochs.
     c.pipeline.finetune_steps = 0
     # Seed of the final fine-tunes (data order, dropout, fresh adapters' init); -1 = train.seed /

@@ -52,14 +52,13 @@ import jax
 from jaxgrad.common import counts
 from jaxgrad.common.distributed import barrier
 from jaxgrad.common.jsonio import atomic_write_json, jsonable, read_json, write_json
-from jaxgrad.config import COLUMN_ROLES
+from jaxgrad.config import COLUMN_ROLES, CONFIG_CHANGE_MODES
 from jaxgrad.rundir import (CONFIG_FILE, HASHES_FILE, LEGACY_ESTIMATES_SETTINGS, RECORDS_FILE,
                             RUN_FILE, STAGE_ARTEFACTS)
 
 log = logging.getLogger("jaxgrad.pipeline")
 
 RECORDS_VERSION = 1
-MODES = ("error", "rerun")
 
 # Stages in order, with the stages whose artefacts each one reads.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
@@ -437,8 +436,8 @@ def reconcile(workdir: str, fps: Mapping[str, StageFingerprint], stages: Sequenc
       ConfigChangedError: some stage's artefacts were computed under another config and ``mode``
         is "error" (nothing deleted), or "rerun" cannot recompute them with ``stages``.
     """
-    if mode not in MODES:
-        raise ValueError(f"pipeline.on_config_change must be one of {MODES}, got {mode!r}")
+    if mode not in CONFIG_CHANGE_MODES:
+        raise ValueError(f"pipeline.on_config_change must be one of {CONFIG_CHANGE_MODES}, got {mode!r}")
     records = read_records(workdir)
     last = max(STAGE_ORDER.index(s) for s in stages)
     changed: list[tuple[str, dict]] = []
@@ -543,10 +542,10 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
     Raises:
       ConfigChangedError: the run was made with other values and ``mode`` is "error"; it names
         the run directory and the changed keys, and deletes nothing.
-      ValueError: ``mode`` outside :data:`MODES`.
+      ValueError: ``mode`` outside :data:`CONFIG_CHANGE_MODES`.
     """
-    if mode not in MODES:
-        raise ValueError(f"pipeline.on_config_change must be one of {MODES}, got {mode!r}")
+    if mode not in CONFIG_CHANGE_MODES:
+        raise ValueError(f"pipeline.on_config_change must be one of {CONFIG_CHANGE_MODES}, got {mode!r}")
     path = os.path.join(run_dir, RUN_FILE)
     old: dict[str, Any] | None = None
     if os.path.isfile(path):

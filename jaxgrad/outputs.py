@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgrad.config import OUTPUT_FUNCTIONS
+
 OutputFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-OUTPUT_FUNCTIONS = ("logit_odds", "token_ce")
 
 
 def _gold_logprob(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:

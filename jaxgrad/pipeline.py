@@ -57,10 +57,11 @@ from jaxgrad.common.flat import tree_norm
 from jaxgrad.common.jsonio import read_json, write_json, write_shared_json
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.common.sharding import make_mesh
-from jaxgrad.config import OPTIMIZERS, MeshConfig, ModelSpec, TrainConfig, default_config
+from jaxgrad.config import (CHOICES, FINETUNE_RUNS, SELECTION_METRICS, MeshConfig, ModelSpec,
+                            TrainConfig, default_config)
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
 from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets, subset_size
-from jaxgrad.estimate.surrogate import OBJECTIVES, fit_subsets
+from jaxgrad.estimate.surrogate import fit_subsets
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  model_input_digests, reconcile, stage_fingerprints, write_records)
@@ -508,9 +509,6 @@ def _data_sources(config) -> list[str]:
     return load_data(config.data).sources
 
 
-SELECTION_METRICS = ("loss", "accuracy", "mean_output", "exact_loss")
-
-
 def selection_metric(config) -> str:
     """The estimates column that scores sources: ``selection.metric``, where ``"loss"`` means the
     forward-pass ``exact_loss`` when ``surrogate.mode = "exact"`` (that is what exact mode is for).
@@ -612,9 +610,6 @@ def stage_selection(config, workdir: str) -> dict:
         result["groups"] = {"by": "cluster", "sizes": [sizes[u] for u in sources]}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     return write_shared_json(out, result, "selection")
-
-
-SELECTION_METHODS = ("ensemble", "threshold", "forward", "ordered")
 
 
 def _stepwise_selection(config, workdir, sources, scores, metric, top):
@@ -826,24 +821,6 @@ def validate_config(config, stages: Sequence[str] | None = None):
     return data
 
 
-SURROGATE_MODES = ("linearized", "exact")
-FINETUNE_RUNS = ("selection", "all", "random", "grad_sim", "repr_sim")
-
-
-def _choices() -> dict[str, tuple]:
-    """The allowed values of the method sections' option keys."""
-    from jaxgrad.fingerprint import MODES
-    from jaxgrad.outputs import OUTPUT_FUNCTIONS
-    from jaxgrad.projection import _KINDS
-    from jaxgrad.store import STORAGE_DTYPES
-
-    return {"gradients.output_fn": OUTPUT_FUNCTIONS, "gradients.projection_kind": _KINDS,
-            "gradients.dtype": STORAGE_DTYPES, "surrogate.objective": OBJECTIVES,
-            "surrogate.mode": SURROGATE_MODES, "selection.method": SELECTION_METHODS,
-            "selection.metric": SELECTION_METRICS, "fidelity.optimizer": OPTIMIZERS,
-            "pipeline.on_config_change": MODES}
-
-
 def known_config_keys() -> dict[str, set[str]]:
     """``{section: its keys}`` for every section of a pipeline config: the method sections of
     :mod:`jaxgrad.config`, and the fields of the dataclass each other section fills
@@ -892,7 +869,7 @@ def check_method_sections(config) -> None:
             problems.append(f"{where}.{key} is not a key of {where}"
                             + (f" (did you mean {prefix}{near[0]}?)" if near else "")
                             + f"; known: {sorted(known)}")
-    for key, allowed in _choices().items():
+    for key, allowed in CHOICES.items():
         name, field = key.split(".")
         section = config.get(name) if hasattr(config, "get") else None
         if section is None or field not in section:

@@ -109,6 +109,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxgrad.config import PROJECTION_KINDS
+
 # lowbias32 multipliers (C. Wellons, hash-prospector, public domain).
 _MIX_MUL1 = 0x7FEB352D
 _MIX_MUL2 = 0x846CA68B
@@ -119,8 +121,6 @@ _TAG_ROW2 = 0x85A308D3
 _TAG_COL1 = 0x13198A2E
 _TAG_COL2 = 0x03707344
 _TAG_NORMAL = 0xA4093822
-
-_KINDS = ("rademacher", "gaussian")
 _BACKENDS = ("auto", "xla", "pallas")
 _MAX_DIM = 2**63
 _MAX_K = 2**20
@@ -273,8 +273,8 @@ class Projector:
         _check_int("k", self.k, 1, _MAX_K)
         _check_int("block_d", self.block_d, 1, 2**20)
         _check_int("block_k", self.block_k, 1, _MAX_K)
-        if self.kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.kind not in PROJECTION_KINDS:
+            raise ValueError(f"kind must be one of {PROJECTION_KINDS}, got {self.kind!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         # Normalise numpy ints to Python ints so equal projectors hash equally.

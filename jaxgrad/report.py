@@ -13,9 +13,9 @@ import numpy as np
 
 from jaxgrad import rundir
 from jaxgrad.common.jsonio import read_json
+from jaxgrad.config import FINETUNE_RUNS
 
 KIND_COLORS = {"target": "#1f77b4", "related": "#2ca02c", "noisy": "#d62728", "unrelated": "#ff7f0e"}
-RUN_ORDER = ("selection", "all", "random", "grad_sim", "repr_sim")
 
 
 def _cell(text: str) -> str:
@@ -143,12 +143,12 @@ def plot_fidelity(fidelity: dict, path: str) -> None:
 
 
 def _finetune_rows(workdir: str) -> dict[str, dict]:
-    """The pipeline's fine-tunes (in :data:`RUN_ORDER`), then those made under other names
+    """The pipeline's fine-tunes (in :data:`FINETUNE_RUNS`), then those made under other names
     (``scripts/finetune.py``), marked ``"by_hand": True``."""
     out = {}
     root = os.path.join(workdir, rundir.FINETUNE_DIR)
-    others = sorted(set(os.listdir(root)) - set(RUN_ORDER)) if os.path.isdir(root) else []
-    for name in list(RUN_ORDER) + others:
+    others = sorted(set(os.listdir(root)) - set(FINETUNE_RUNS)) if os.path.isdir(root) else []
+    for name in list(FINETUNE_RUNS) + others:
         path = os.path.join(rundir.finetune_dir(workdir, name), rundir.SOURCES_FILE)
         if os.path.isfile(path):
             out[name] = {**read_json(path), **({"by_hand": True} if name in others else {})}

@@ -77,10 +77,10 @@ import ml_dtypes
 import numpy as np
 
 from jaxgrad.common.jsonio import atomic_write_json
+from jaxgrad.config import STORAGE_DTYPES
 from jaxgrad.rundir import MANIFEST_FILE
 
 FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
 # On-disk .npy dtype of each storage dtype (little-endian, so the bytes do not depend on the
 # machine that wrote them).

@@ -149,3 +149,34 @@ def test_each_default_is_declared_once():
     defaults = {a.arg: ast.unparse(d) for a, d in zip(args, fn.args.kw_defaults) if d is not None}
     for key in GRADIENT_STORE_KEYS:
         assert defaults[key] == f"GradientsConfig.{key}", (key, defaults[key])
+
+
+def test_option_values_are_declared_once():
+    """The allowed values of every option key live in jaxgrad/config.py: no other module spells
+    one of those tuples again (a second copy is how two lists of outputs or optimizers drifted)."""
+    options = {name: value for name, value in vars(config).items()
+               if name.isupper() and isinstance(value, tuple) and value
+               and all(isinstance(v, str) for v in value)}
+    assert set(config.CHOICES.values()) <= set(options.values())
+    copies = []
+    for path in JAXGRAD.rglob("*.py"):
+        if path.name == "config.py" and path.parent == JAXGRAD:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple):
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                copies += [f"{path.relative_to(JAXGRAD)}:{node.lineno} = config.{name}"
+                           for name, v in options.items() if v == value]
+    assert not copies, copies
+
+
+def test_option_defaults_are_allowed_values():
+    c = default_config()
+    for key, allowed in config.CHOICES.items():
+        section, name = key.split(".")
+        assert c[section][name] in allowed, (key, c[section][name], allowed)
+    assert tuple(c.pipeline.finetune_runs) == config.FINETUNE_RUNS
+

@@ -19,7 +19,6 @@ Example::
 
 from jaxgrad.estimate.lift import (
     HIGHER_IS_BETTER,
-    OUTPUTS,
     estimate_subsets,
     exact_estimates,
     lift_updates,
@@ -27,12 +26,10 @@ from jaxgrad.estimate.lift import (
 )
 from jaxgrad.estimate.solver import SubsetFits
 from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets, subset_size
-from jaxgrad.estimate.surrogate import OBJECTIVES, fit_subsets, gradex_labels
+from jaxgrad.estimate.surrogate import fit_subsets, gradex_labels
 
 __all__ = [
     "HIGHER_IS_BETTER",
-    "OBJECTIVES",
-    "OUTPUTS",
     "SubsetFits",
     "estimate_subsets",
     "exact_estimates",

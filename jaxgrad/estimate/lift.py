@@ -5,7 +5,7 @@ The fitted ``w_S`` (k numbers) is lifted to parameter space, ``Δ_S = c_S · P w
 updates. The target metrics of ``θ* + Δ_S`` are estimated to first order from the projected
 target gradients (:func:`estimate_subsets`: ``f(θ*) + c_S wᵀ x_j`` per target sample, no model
 call) or exactly with one vmapped forward pass per chunk of subsets (:func:`exact_estimates`).
-:data:`OUTPUTS` are the output functions the first-order estimates understand;
+:data:`jaxgrad.config.OUTPUT_FUNCTIONS` are the output functions the estimates understand;
 :data:`HIGHER_IS_BETTER` says which direction is better for each estimated metric.
 """
 
@@ -21,12 +21,12 @@ import jax.numpy as jnp
 from jaxgrad.common import flat
 from jaxgrad.common.checks import positive_float, positive_int
 from jaxgrad.common.sharding import from_host
+from jaxgrad.config import OUTPUT_FUNCTIONS
 from jaxgrad.estimate.arrays import (CHUNK_ELEMENTS, HIGHEST, check_coef, check_factors,
                                      check_feats, check_vector, gather_from_mesh, subset_sharding)
 from jaxgrad.estimate.solver import SubsetFits
 from jaxgrad.outputs import outputs_loss
 
-OUTPUTS = ("logit_odds", "token_ce")
 
 
 # Whether a larger value of each metric returned by estimate_subsets is better.
@@ -105,8 +105,8 @@ def estimate_subsets(fits_or_coef: SubsetFits | jax.typing.ArrayLike, c_S: jax.t
         The surrogate must then have been fitted so that Δ lowers the loss (on gradients of
         -CE), otherwise Δ points uphill.
     """
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output not in OUTPUT_FUNCTIONS:
+        raise ValueError(f"output must be one of {OUTPUT_FUNCTIONS}, got {output!r}")
     coef = fits_or_coef.coef if isinstance(fits_or_coef, SubsetFits) else fits_or_coef
     w = check_coef(coef)
     x_JxK = check_feats("target_feats_JxK", target_feats_JxK)

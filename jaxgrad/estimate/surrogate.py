@@ -87,11 +87,11 @@ import numpy as np
 
 from jaxgrad.common.checks import matmul_highest, positive_float, positive_int
 from jaxgrad.common.sharding import from_host
+from jaxgrad.config import OBJECTIVES
 from jaxgrad.estimate.arrays import (CHUNK_ELEMENTS, check_feats, check_labels, check_masks,
                                      check_vector, gather_from_mesh, subset_sharding)
 from jaxgrad.estimate.solver import SubsetFits, gram_eigenbasis, init_vector, solve_chunk
 
-OBJECTIVES = ("gradex", "one_class", "taylor")
 PRECONDITIONERS = ("auto", "eig", "diag", "none")
 # Probability of label 1 in the gradex objective (the seed's Bernoulli(0.7)).
 GRADEX_POSITIVE_RATE = 0.7

@@ -7,7 +7,7 @@ protocol).
 :func:`make_groups`) and reads them back (:class:`Units`).
 """
 
-from jaxgrad.groups.clusters import CLUSTER_METHODS, cluster_samples
+from jaxgrad.groups.clusters import cluster_samples
 from jaxgrad.groups.units import (
     AGGLOMERATIVE_MAX_SAMPLES,
     CLUSTER_PREFIX,
@@ -19,7 +19,6 @@ from jaxgrad.groups.units import (
 
 __all__ = [
     "AGGLOMERATIVE_MAX_SAMPLES",
-    "CLUSTER_METHODS",
     "CLUSTER_PREFIX",
     "GroupsSpec",
     "Units",

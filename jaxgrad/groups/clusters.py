@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgrad.common.checks import check_feats, matmul_highest, positive_int
+from jaxgrad.config import GROUP_METHODS
 
-CLUSTER_METHODS = ("agglomerative", "kmeans")
 
 
 def cluster_samples(feats_NxK: jax.typing.ArrayLike, n_clusters: int, *,
@@ -40,8 +40,8 @@ def cluster_samples(feats_NxK: jax.typing.ArrayLike, n_clusters: int, *,
       N int32 cluster ids; clusters are numbered by their first sample (sample 0 is in cluster
       0, the first sample not in cluster 0 is in cluster 1, ...).
     """
-    if method not in CLUSTER_METHODS:
-        raise ValueError(f"method must be one of {CLUSTER_METHODS}, got {method!r}")
+    if method not in GROUP_METHODS:
+        raise ValueError(f"method must be one of {GROUP_METHODS}, got {method!r}")
     x = check_feats("feats_NxK", feats_NxK)
     n = x.shape[0]
     n_clusters = positive_int("n_clusters", n_clusters)
