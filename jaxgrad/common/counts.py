@@ -45,6 +45,12 @@ def check_fraction_or_count(value, *, name: str, allow_zero: bool = False) -> fl
     Raises:
       TypeError: not a number (booleans included).
       ValueError: negative, NaN, zero when ``allow_zero`` is False, or >= 1 and not whole.
+
+    >>> check_fraction_or_count(0.25, name="selection.top"), check_fraction_or_count("2", name="x")
+    (0.25, 2)
+    >>> check_fraction_or_count(2.5, name="selection.top")
+    Traceback (most recent call last):
+    ValueError: selection.top must be a fraction in [0, 1) or a whole count >= 1; got 2.5, which is >= 1 but not a whole number
     """
     if isinstance(value, str):
         try:
@@ -76,6 +82,9 @@ def fraction_or_count(value, total: int, *, name: str, allow_zero: bool = False,
     Raises:
       TypeError / ValueError: as ``check_fraction_or_count``; ValueError also when a count
       exceeds ``total``.
+
+    >>> fraction_or_count(0.5, 7, name="selection.top"), fraction_or_count(3.0, 7, name="x")
+    (4, 3)
     """
     v = check_fraction_or_count(value, name=name, allow_zero=allow_zero)
     total = int(total)

@@ -28,6 +28,9 @@ def subset_size(n_sources: int, size: float | int, *, name: str = "size") -> int
 
     Raises:
       TypeError / ValueError: naming ``name``, as :func:`jaxgrad.common.counts.fraction_or_count`.
+
+    >>> subset_size(7, 0.3), subset_size(7, 2), subset_size(7, 2.0), subset_size(7, 0.01)
+    (2, 2, 2, 1)
     """
     n_sources = positive_int("n_sources", n_sources)
     return fraction_or_count(size, n_sources, name=name, at_least_one=True)
@@ -39,6 +42,12 @@ def sample_subsets(n_sources: int, m: int, size: float | int, seed: int = 0) -> 
     Subsets are distinct whenever m does not exceed the number C(n, size) of distinct subsets;
     past that every distinct subset appears once and the rest repeat (with a warning).
     Reproducible for a given seed.
+
+    >>> subsets = sample_subsets(5, 4, 0.4, seed=0)   # 4 subsets of 2 of 5 sources
+    >>> subsets.shape, subsets.dtype.name, subsets.sum(axis=1).tolist()
+    ((4, 5), 'bool', [2, 2, 2, 2])
+    >>> len({row.tobytes() for row in subsets})       # distinct: C(5, 2) = 10 >= 4
+    4
     """
     n_sources = positive_int("n_sources", n_sources)
     m = positive_int("m", m)
@@ -94,6 +103,10 @@ def masks_from_sources(source_ids_N: np.typing.ArrayLike, subsets: np.typing.Arr
 
     Returns:
       S×N booleans: sample i is in subset s iff its source is.
+
+    >>> masks_from_sources([0, 0, 1, 2], [[0], [1, 2]]).astype(int)
+    array([[1, 1, 0, 0],
+           [0, 0, 1, 1]])
     """
     ids = np.asarray(source_ids_N)
     if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):

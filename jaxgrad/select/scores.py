@@ -56,6 +56,11 @@ def ensemble_scores(subsets_SxM: np.typing.ArrayLike, estimates_S: jax.typing.Ar
       ``EnsembleScores``. A source that no subset contains gets NaN score and bounds and count 0
       (with a warning); a bootstrap replicate in which a source drew no subset is left out of
       that source's interval.
+
+    >>> subsets = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1]], bool)
+    >>> out = ensemble_scores(subsets, [-0.2, -0.5, -0.3], n_boot=0)
+    >>> [round(float(x), 3) for x in out.scores], np.asarray(out.counts).tolist()
+    ([-0.25, -0.35, -0.4], [2, 2, 2])
     """
     subsets = np.asarray(subsets_SxM)
     if subsets.ndim != 2 or subsets.dtype != bool:
@@ -112,8 +117,14 @@ def _bootstrap(key, subsets_SxM, est_S, n_boot, ci):
 
 def select_top(scores_M: jax.typing.ArrayLike, k: float | int) -> np.ndarray:
     """Indices of the best sources, best first: a fraction in (0, 1] of the scored (non-NaN)
-    sources (rounded, at least 1) or a count (:mod:`jaxgrad.common.counts`). Ties keep the lower index
-    first."""
+    sources (rounded, at least 1) or a count (:mod:`jaxgrad.common.counts`). Ties keep the lower
+    index first.
+
+    >>> select_top([0.1, float("nan"), 0.5, 0.3], 2).tolist()   # the NaN source is not scored
+    [2, 3]
+    >>> select_top([0.1, float("nan"), 0.5, 0.3], 0.5).tolist()  # half of the 3 scored, rounded
+    [2, 3]
+    """
     scores = check_scores(scores_M)
     valid = np.flatnonzero(~np.isnan(scores))
     if valid.size == 0:
