@@ -58,7 +58,7 @@ def main():
     from jaxgrad.store import GradientStore
     from jaxgrad.surrogate import (estimate_subsets, exact_estimates, fit_subsets, gradex_labels,
                                    rescale_factors)
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     config = demo.get_config()
     config.train.progress = False
@@ -85,7 +85,7 @@ def main():
     gram = projector.gram()
     C, scale = float(config.surrogate.C), float(config.surrogate.scale)
 
-    examples = data.examples("validation", [data.target])
+    examples = data.target_examples()
     enc, arch = encode_for_model(examples, tokenizer, model, sources=sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length),
                     arch=arch)
