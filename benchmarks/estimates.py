@@ -56,9 +56,9 @@ def main():
     from jaxgrad.rundir import resolved_config
     from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets
     from jaxgrad.store import GradientStore
+    from jaxgrad.data.sources import load_data
     from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
     from jaxgrad.estimate.surrogate import fit_subsets, gradex_labels
-    from jaxgrad.train import load_data
 
     config = demo.get_config()
     config.train.progress = False
@@ -85,7 +85,7 @@ def main():
     gram = projector.gram()
     C, scale = float(config.surrogate.C), float(config.surrogate.scale)
 
-    examples = data.examples("validation", [data.target])
+    examples = data.target_examples()
     enc, arch = encode_for_model(examples, tokenizer, model, sources=sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length),
                     arch=arch)

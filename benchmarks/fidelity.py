@@ -253,7 +253,7 @@ def _repeat(config, args) -> dict:
 def _subset_sizes(config, out):
     """The training examples of each fine-tuned subset (for the epochs the steps make)."""
     from jaxgrad.pipeline import subset_sources
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     data = load_data(config.data)
     return [data.examples("train", subset_sources(r["sources"])) for r in out["rows"]]

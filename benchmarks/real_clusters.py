@@ -58,12 +58,13 @@ def per_question_losses(config, run_dir: str) -> np.ndarray:
     from jaxgrad.models import load_peft_adapter
     from jaxgrad.outputs import token_ce
     from jaxgrad.config import ModelSpec
-    from jaxgrad.train import load_data, load_model, lora_from_config
+    from jaxgrad.data.sources import load_data
+    from jaxgrad.train import load_model, lora_from_config
 
     data = load_data(config.data)
     model, tok = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
     load_peft_adapter(model, os.path.join(run_dir, "adapter"))
-    examples = data.examples("test", [data.target])
+    examples = data.target_examples("test")
     enc, arch = encode_for_model(examples, tok, model, sources=data.sources)
     out = []
     for i in range(0, len(examples), 8):
@@ -132,7 +133,7 @@ def main():
     args = ap.parse_args()
 
     from jaxgrad.pipeline import run_pipeline
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     config = load_config(args.config)
     config.train.progress = False
@@ -145,7 +146,7 @@ def main():
         if not r.get("reused"):
             stage_seconds[r["stage"]] = r["seconds"]
     data = load_data(config.data)
-    n_test = len(data.examples("test", [data.target]))
+    n_test = len(data.target_examples("test"))
     groups = json.load(open(os.path.join(args.workdir, "groups", "groups.json")))
     sizes = {u["name"]: u["size"] for u in groups["units"]}
     sel = json.load(open(os.path.join(args.workdir, "selection", "selection.json")))

@@ -55,7 +55,8 @@ def build(config, workdir: str | None):
     from jaxgrad.models.lora import linear_modules
     from jaxgrad.projection import Projector
     from jaxgrad.config import ModelSpec
-    from jaxgrad.train import load_data, load_model, lora_from_config
+    from jaxgrad.data.sources import load_data
+    from jaxgrad.train import load_model, lora_from_config
 
     model, tokenizer = load_model(ModelSpec.from_config(config.model),
                                   lora_from_config(config.lora))

@@ -81,12 +81,13 @@ def choice_accuracy_of_run(config, run_dir: str) -> float:
     from jaxgrad.choices import choice_accuracy, target_choices
     from jaxgrad.models import load_peft_adapter
     from jaxgrad.config import ModelSpec
-    from jaxgrad.train import load_data, load_model, lora_from_config
+    from jaxgrad.data.sources import load_data
+    from jaxgrad.train import load_model, lora_from_config
 
     data = load_data(config.data)
     model, tok = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
     load_peft_adapter(model, os.path.join(run_dir, "adapter"))
-    return choice_accuracy(model, tok, data.examples("test", [data.target]), target_choices(data),
+    return choice_accuracy(model, tok, data.target_examples("test"), target_choices(data),
                            sources=data.sources, max_length=int(config.train.max_length))[0]
 
 
@@ -99,7 +100,7 @@ def main():
     args = ap.parse_args()
 
     from jaxgrad.pipeline import run_pipeline
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     per_seed, seconds = {}, {}
     for seed in range(args.seeds):
@@ -112,7 +113,7 @@ def main():
         seconds[seed] = round(time.time() - t0, 1)
         sel = json.load(open(os.path.join(workdir, "selection", "selection.json")))
         data = load_data(config.data)
-        n_test = len(data.examples("test", [data.target]))
+        n_test = len(data.target_examples("test"))
         runs = {}
         for name in config.pipeline.finetune_runs:
             run_dir = os.path.join(workdir, "finetune", name)

@@ -46,7 +46,7 @@ def target_choices(data) -> tuple[str, ...] | None:
     """:func:`answer_choices` of the target's examples over every split of ``data``
     (a ``MultiSourceData``), so a split missing one answer still gets the whole set."""
     return answer_choices([e for split in ("train", "validation", "test")
-                           for e in data.examples(split, [data.target])])
+                           for e in data.target_examples(split)])
 
 
 def choice_log_likelihoods(model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]],

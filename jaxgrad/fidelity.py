@@ -62,6 +62,7 @@ from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.common.jsonio import read_json, write_json
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import FidelityConfig, TrainConfig
+from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import rescale_factors
 from jaxgrad.estimate.subsets import masks_from_sources
 from jaxgrad.estimate.surrogate import fit_subsets
@@ -146,7 +147,7 @@ def _target_outputs(config, data, model, tokenizer, graphdef, rest):
     from jaxgrad.outputs import get_output_fn
 
     out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
-    examples = data.examples("validation", [data.target])
+    examples = data.target_examples()
     enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -244,7 +245,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, pipeline_units
     from jaxgrad.store import GradientStore
-    from jaxgrad.train import fit, load_data
+    from jaxgrad.train import fit
 
     config = resolved_config(config, workdir)
     fcfg = FidelityConfig(**dict(config.get("fidelity") or {}))
@@ -433,7 +434,7 @@ def _choice_accuracy_fn(config, data, tokenizer):
     from jaxgrad.choices import choice_accuracy, target_choices
 
     choices = target_choices(data)
-    examples = data.examples("validation", [data.target])
+    examples = data.target_examples()
     if choices is None:
         return lambda model: float("nan")
     return lambda model: choice_accuracy(model, tokenizer, examples, choices, sources=data.sources,
@@ -468,7 +469,6 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     """
     from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates
-    from jaxgrad.train import load_data
 
     config = resolved_config(config, workdir)
     data = load_data(config.data)

@@ -59,6 +59,8 @@ from jaxgrad.common.progress import progress_bar
 from jaxgrad.common.sharding import make_mesh
 from jaxgrad.config import (CHOICES, FINETUNE_RUNS, SELECTION_METRICS, MeshConfig, ModelSpec,
                             TrainConfig, default_config)
+from jaxgrad.data.examples import make_examples
+from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
 from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets, subset_size
 from jaxgrad.estimate.surrogate import fit_subsets
@@ -68,7 +70,8 @@ from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make
 from jaxgrad.groups.units import GroupsSpec, Units, make_groups
 from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.rundir import resolved_config
-from jaxgrad.select.baselines import baseline_all, baseline_random, baseline_random_total, gradient_similarity_scores
+from jaxgrad.select.baselines import (baseline_all, baseline_random, baseline_random_total,
+                                      gradient_similarity_scores)
 from jaxgrad.select.scores import ensemble_scores, select_threshold, select_top
 from jaxgrad.select.stepwise import forward_selection, ordered_selection
 
@@ -116,7 +119,6 @@ def stage_base(config, workdir: str) -> str | None:
     if os.path.isfile(os.path.join(workdir, rundir.BASE_MODEL_FILE)):
         return out
     from jaxgrad.data import build_char_tokenizer
-    from jaxgrad.data.sources import make_examples
     from jaxgrad.data.synthetic import generic_text
     from jaxgrad.models import LlamaConfig, build_model, save_pretrained
     from jaxgrad.models.llama import to_hf_config
@@ -167,7 +169,6 @@ def _stopped_early(config, step: int, train_examples) -> bool:
     if stop <= 0 or step < stop:
         return False
     from jaxgrad.data.batching import num_batches
-    from jaxgrad.train import load_data
 
     cfg = TrainConfig.from_config(config.train, config.mesh)
     n = len(train_examples(load_data(config.data)))
@@ -186,7 +187,6 @@ def stage_gradients(config, workdir: str) -> dict:
     from jaxgrad.gradients import compute_gradient_store, store_model_id
     from jaxgrad.per_sample import num_trainable
     from jaxgrad.store import GradientStore
-    from jaxgrad.train import load_data
 
     g = _section(config, "gradients")
     data = load_data(config.data)
@@ -258,7 +258,6 @@ def stage_groups(config, workdir: str) -> dict | None:
     """Optional (``groups.by = "cluster"``): clusters of train samples by their projected gradients,
     the units every later stage selects among (:mod:`jaxgrad.groups`); ``groups/groups.json``."""
     from jaxgrad.store import GradientStore
-    from jaxgrad.train import load_data
 
     spec = GroupsSpec.from_config(config.get("groups"))
     if not spec.clustered:
@@ -448,10 +447,9 @@ def _exact_loss_fn(config, workdir, model):
     from jaxgrad.losses import model_logits
     from jaxgrad.outputs import get_output_fn, outputs_loss
     from jaxgrad.per_sample import trainable_filter
-    from jaxgrad.train import load_data
 
     data = load_data(config.data)
-    examples = data.examples("validation", [data.target])
+    examples = data.target_examples()
     _, tokenizer = _load_theta_star(config, workdir)
     enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
@@ -504,8 +502,6 @@ def subset_sources(value: str | Sequence[str]) -> list[str]:
 
 
 def _data_sources(config) -> list[str]:
-    from jaxgrad.train import load_data
-
     return load_data(config.data).sources
 
 
@@ -524,7 +520,6 @@ def selection_metric(config) -> str:
 def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
     from jaxgrad.store import GradientStore
-    from jaxgrad.train import load_data
 
     out = os.path.join(workdir, rundir.SELECTION_FILE)
     if os.path.isfile(out):
@@ -650,7 +645,7 @@ def representation_similarity(config, workdir: str, data, units=None) -> np.ndar
               batch_size=int(_section(config, "gradients")["batch_size"]))
     train = data.examples("train")
     reps = mean_representations(model, tokenizer, train, **kw)
-    target = mean_representations(model, tokenizer, data.examples("validation", [data.target]), **kw)
+    target = mean_representations(model, tokenizer, data.target_examples(), **kw)
     ids = units.row_ids([e["example_id"] for e in train], [e["source"] for e in train])
     return np.asarray(gradient_similarity_scores(reps, ids, target, n_sources=len(units.names)))
 
@@ -775,7 +770,6 @@ def validate_config(config, stages: Sequence[str] | None = None):
     Raises:
       TypeError / ValueError: naming the setting (``config.selection.top``) and what it expects.
     """
-    from jaxgrad.train import load_data
 
     def get(path):
         node = config
@@ -906,7 +900,7 @@ def _stores_disagree(workdir: str, data) -> bool:
     """Whether a gradient store of ``workdir`` holds other example ids than ``data`` gives it
     (train: every train example; target: the target's validation split)."""
     for name, ids in (("train", data.examples("train")),
-                      ("target", data.examples("validation", [data.target]) if data.target else [])):
+                      ("target", data.target_examples() if data.target else [])):
         manifest = os.path.join(rundir.gradients_dir(workdir, name), rundir.MANIFEST_FILE)
         if os.path.isfile(manifest):
             recorded = read_json(manifest).get("example_ids")

@@ -70,6 +70,7 @@ from jaxgrad.common.jsonio import jsonable
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import ModelSpec, TrainConfig, as_fields
 from jaxgrad.data import batching
+from jaxgrad.data.sources import load_data
 from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
 from jaxgrad.losses import batch_loss, batch_token_count, model_logits, token_ce_sums
 
@@ -851,29 +852,6 @@ def load_model(spec: ModelSpec, lora: Any = None):
     return model, tokenizer
 
 
-def load_data(section: Any):
-    """``MultiSourceData`` from ``config.data``: ``kind`` "synthetic" (SyntheticSpec fields in
-    ``data.synthetic``) or "files" (SourcesSpec fields in ``data.files``)."""
-    from jaxgrad.data import SyntheticSpec, load_sources, synthetic_sources
-
-    d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-    kind = d.get("kind")
-    if kind == "synthetic":
-        fields = as_fields(d.get("synthetic", {}), SyntheticSpec, "data.synthetic")
-        if fields.get("target") == "":
-            fields["target"] = None
-        return synthetic_sources(SyntheticSpec(**fields))
-    if kind == "files":
-        # Config files cannot hold None where a command line may set a string: "" / () / 0 mean
-        # "not set" for the optional fields.
-        files = {k: (None if v in ("", ()) or (k == "max_examples" and v == 0) else v)
-                 for k, v in dict(d["files"]).items()}
-        if isinstance(files.get("path"), (list, tuple)):
-            files["path"] = list(files["path"])
-        return load_sources(files)
-    raise ValueError(f"config.data.kind must be 'synthetic' or 'files', got {kind!r}")
-
-
 def _place(tree, shardings):
     """``jax.device_put(tree, shardings)``, also across processes: with several processes a
     leaf that this process holds whole (the same value on every process, e.g. restored onto
@@ -1057,7 +1035,7 @@ def finetune(config: Any, workdir: str) -> TrainResult:
                  val_examples=data.examples("validation", eval_sources), sources=data.sources,
                  extract_answer=extract)
     if data.target and data.n("test", data.target) > 0:  # data.files.test = 0: no test split
-        test = make_evaluator(result.model, tokenizer, data.examples("test", [data.target]), cfg,
+        test = make_evaluator(result.model, tokenizer, data.target_examples("test"), cfg,
                               sources=data.sources, extract_answer=extract, prefix="test")
         mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.model)
         test_metrics = test(result.model, mesh)

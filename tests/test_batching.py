@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxgrad.data import batching as B
-from jaxgrad.data.sources import make_examples
+from jaxgrad.data.examples import make_examples
 from jaxgrad.data.synthetic import SyntheticSpec, generic_text, synthetic_sources
 from jaxgrad.data.tokenizer import DEFAULT_CHARSET, build_char_tokenizer, save_char_tokenizer
 

@@ -133,7 +133,7 @@ def test_every_stage_reused_nothing_recomputed(rerun):
 
 def test_gradient_stores_open_and_merge_with_their_shapes(rerun):
     from jaxgrad.store import FORMAT_VERSION, GradientStore
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     workdir = rerun[0]
     data = load_data(_fixture_config().data)
@@ -181,7 +181,7 @@ def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun
 def test_finetune_run_record_matches(rerun):
     from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     workdir = rerun[0]
     config = resolved_config(_fixture_config(), workdir)

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 
 from jaxgrad.data import bigbench
+from jaxgrad.data import examples as E
+from jaxgrad.data import multisource as M
 from jaxgrad.data import sources as S
 
 
@@ -20,7 +22,7 @@ def _write_text(path, text):
 
 
 def _all(data):
-    return [e for split in S.SPLITS for e in data.examples(split)]
+    return [e for split in E.SPLITS for e in data.examples(split)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def test_split_sizes_follow_the_counts_rule(tmp_path):
     by_int = S.load_sources(_spec(path, target="t", validation=2, test=1))
     assert (by_float.n("validation", "t"), by_float.n("test", "t")) == (2, 1), \
         "2.0 is two examples and 1.0 one (ml_collections writes counts as floats)"
-    for split in S.SPLITS:
+    for split in E.SPLITS:
         assert by_float.examples(split) == by_int.examples(split)
     import ml_collections
 
@@ -264,10 +266,10 @@ def test_max_examples_is_named_when_it_starves_a_source(tmp_path):
 
 
 def test_from_examples_names_the_plain_settings():
-    exs = S.make_examples(("t", f"p{i}", "c", None) for i in range(2))
+    exs = E.make_examples(("t", f"p{i}", "c", None) for i in range(2))
     with pytest.raises(ValueError, match=r"target source 't' has 2 examples: validation=0.1 gives "
                                          r"0 validation examples.*set validation to a count"):
-        S.MultiSourceData.from_examples(exs, target="t", validation=0.1, test=0)
+        M.MultiSourceData.from_examples(exs, target="t", validation=0.1, test=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def _assert_no_leak(data):
     assert len(ids) == len(set(ids)), "example ids must be unique"
     for name in data.sources:
         seen = {}
-        for split in S.SPLITS:
+        for split in E.SPLITS:
             for pair in _pairs(data, split, [name]):
                 assert seen.setdefault(pair, split) == split, \
                     f"{name}: a pair sits in {seen[pair]} and {split}"
@@ -300,16 +302,16 @@ def _assert_no_leak(data):
         held = set(_pairs(data, "validation", [data.target]) + _pairs(data, "test", [data.target]))
         for name in data.sources:
             if name != data.target:
-                assert not held & set(p for s in S.SPLITS for p in _pairs(data, s, [name])), \
+                assert not held & set(p for s in E.SPLITS for p in _pairs(data, s, [name])), \
                     f"{name} holds a pair of the target's validation/test split"
         assert not held & set(_pairs(data, "train")), "a held-out target pair is trained on"
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_case_duplicate_rows_across_splits(tmp_path, seed, caplog, monkeypatch):
-    monkeypatch.setattr(S, "_WARNED", set())  # logged once per process: forget earlier tests
+    monkeypatch.setattr(M, "_WARNED", set())  # logged once per process: forget earlier tests
     path = _write_text(tmp_path / "dups.jsonl", "".join(json.dumps(r) + "\n" for r in _dups_rows()))
-    with caplog.at_level(logging.WARNING, logger=S.__name__):
+    with caplog.at_level(logging.WARNING, logger=M.__name__):
         data = S.load_sources({"format": "alpaca", "path": path, "target": "greet",
                                "validation": 2, "test": 2, "seed": seed})
     _assert_no_leak(data)
@@ -319,7 +321,7 @@ def test_case_duplicate_rows_across_splits(tmp_path, seed, caplog, monkeypatch):
     assert data.duplicates == {"repeated": {"greet": 3}, "removed": {}}
     assert "duplicates: 3 rows" in data.summary() and "greet=3" in data.summary()
     assert any("duplicates: 3 rows" in r.getMessage() for r in caplog.records), "logged"
-    distinct = {split: len(set(_pairs(data, split, ["greet"]))) for split in S.SPLITS}
+    distinct = {split: len(set(_pairs(data, split, ["greet"]))) for split in E.SPLITS}
     assert distinct == {"train": 3, "validation": 2, "test": 2}, \
         "split sizes count distinct pairs (7 in greet)"
 
@@ -338,7 +340,7 @@ def test_target_pairs_held_out_are_removed_from_other_sources(tmp_path, seed):
     assert data.duplicates["removed"].get("o", 0) == 2 * shared_held, \
         "both copies of each held-out shared pair are removed from o"
     assert data.duplicates["repeated"] == {"o": 6}
-    kept = {p for s in S.SPLITS for p in _pairs(data, s, ["o"]) if p[0].startswith("shared")}
+    kept = {p for s in E.SPLITS for p in _pairs(data, s, ["o"]) if p[0].startswith("shared")}
     assert kept == {(f"shared {i}", f"s{i}") for i in range(6)} - held, \
         "shared pairs the target trains on stay in o"
 
@@ -377,12 +379,12 @@ def test_a_source_emptied_by_the_target_is_refused(tmp_path):
 
 def test_splits_without_duplicates_are_unchanged():
     """Pinned: the split each example had before duplicates were grouped (same seed, same rule)."""
-    exs = S.make_examples((name, f"{name} p{i}", f"c{i}", None)
+    exs = E.make_examples((name, f"{name} p{i}", f"c{i}", None)
                           for name in ("a", "b") for i in range(23))
     for seed in range(4):
-        data = S.MultiSourceData.from_examples(exs, validation=0.2, test=3, seed=seed, target="a")
+        data = M.MultiSourceData.from_examples(exs, validation=0.2, test=3, seed=seed, target="a")
         for name in ("a", "b"):
-            order = np.random.default_rng(S.seed_for(seed, name)).permutation(23)
+            order = np.random.default_rng(E.seed_for(seed, name)).permutation(23)
             n_val = int(round(0.2 * 23))
             want = {"validation": order[:n_val], "test": order[n_val:n_val + 3],
                     "train": order[n_val + 3:]}
@@ -400,21 +402,21 @@ def test_example_ids_stay_unique_when_files_are_combined(tmp_path):
            + S.read_examples({"path": p2, "source": "s"}))
     assert exs[1]["example_id"] == exs[0]["example_id"] + "~1"
     assert exs[2]["example_id"] == exs[0]["example_id"], "the two reads repeat an id"
-    data = S.MultiSourceData.from_examples(exs + S.make_examples([("s", "q", "c", None)] * 3),
+    data = M.MultiSourceData.from_examples(exs + E.make_examples([("s", "q", "c", None)] * 3),
                                            validation=1, test=0)
     ids = [e["example_id"] for e in _all(data)]
     assert len(ids) == len(set(ids)) == 6
-    base = S.example_id("s", "p", "c")
+    base = E.example_id("s", "p", "c")
     assert sorted(i for i in ids if i.startswith(base)) == [base, base + "~1", base + "~2"]
     with pytest.raises(ValueError, match="appears twice"):
-        S.MultiSourceData({"train": {"s": exs[:1]}, "validation": {"s": exs[2:]}, "test": {}})
+        M.MultiSourceData({"train": {"s": exs[:1]}, "validation": {"s": exs[2:]}, "test": {}})
 
 
 def test_label_noise_ids_unique_across_splits_and_save_load(tmp_path):
-    mk = lambda rows: S.make_examples(("s", p, c, None) for p, c in rows)  # noqa: E731
+    mk = lambda rows: E.make_examples(("s", p, c, None) for p, c in rows)  # noqa: E731
     train = mk([("P", "A"), ("Q", "X")])
     val = mk([("P", "C"), ("R", "X")])
-    data = S.MultiSourceData({"train": {"s": train}, "validation": {"s": val}, "test": {}},
+    data = M.MultiSourceData({"train": {"s": train}, "validation": {"s": val}, "test": {}},
                              duplicates={"repeated": {"s": 1}})
     noisy = data.with_label_noise(["s"])
     pairs = [_pairs(noisy, split, ["noisy_s"]) for split in ("train", "validation")]
@@ -422,13 +424,13 @@ def test_label_noise_ids_unique_across_splits_and_save_load(tmp_path):
     ids = [e["example_id"] for e in _all(noisy)]
     assert len(ids) == len(set(ids)), "noisy copies keep ids unique across splits"
     noisy.save(str(tmp_path / "saved"))
-    back = S.MultiSourceData.load(str(tmp_path / "saved"))
+    back = M.MultiSourceData.load(str(tmp_path / "saved"))
     assert back.duplicates == {"repeated": {"s": 1}, "removed": {}}
 
 
 def test_label_noise_never_recombines_a_held_out_target_pair():
-    mk = lambda src, rows: S.make_examples((src, p, c, None) for p, c in rows)  # noqa: E731
-    data = S.MultiSourceData({
+    mk = lambda src, rows: E.make_examples((src, p, c, None) for p, c in rows)  # noqa: E731
+    data = M.MultiSourceData({
         "train": {"t": mk("t", [("T1", "a"), ("T2", "b")]), "o": mk("o", [("P", "A"), ("Q", "C")])},
         "validation": {"t": mk("t", [("P", "C")]), "o": []}, "test": {"t": [], "o": []}},
         target="t")
@@ -464,10 +466,10 @@ def test_rfc4180_quoting_is_read(tmp_path):
 
 def test_the_duplicates_line_is_logged_once_per_process(tmp_path, caplog, monkeypatch):
     """Every pipeline stage loads the data again: one warning, not one per stage."""
-    monkeypatch.setattr(S, "_WARNED", set())
+    monkeypatch.setattr(M, "_WARNED", set())
     path = _write_text(tmp_path / "dups.jsonl", "".join(json.dumps(r) + "\n" for r in _dups_rows()))
     spec = {"format": "alpaca", "path": path, "target": "greet", "validation": 2, "test": 2}
-    with caplog.at_level(logging.WARNING, logger=S.__name__):
+    with caplog.at_level(logging.WARNING, logger=M.__name__):
         S.load_sources(spec)
         S.load_sources(spec)
     assert sum("duplicates:" in r.getMessage() for r in caplog.records) == 1

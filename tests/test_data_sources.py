@@ -11,6 +11,8 @@ import sys
 import pandas as pd
 import pytest
 
+from jaxgrad.data import examples as E
+from jaxgrad.data import multisource as M
 from jaxgrad.data import sources as S
 
 
@@ -50,7 +52,7 @@ def test_generic_loader_reads_every_file_type(tmp_path, suffix):
     path = _write(rows, tmp_path / f"data{suffix}")
     data = S.load_sources(dict(GENERIC, path=path))
     assert data.sources == ["alpha", "beta", "gamma"], "sources should be sorted without a config"
-    got = {(e["source"], e["prompt"], e["completion"]) for split in S.SPLITS
+    got = {(e["source"], e["prompt"], e["completion"]) for split in E.SPLITS
            for e in data.examples(split)}
     want = {(r["task"], r["prompt"], r["completion"]) for r in rows}
     assert got == want, f"{suffix}: the loaded examples differ from the rows written"
@@ -63,6 +65,15 @@ def test_generic_loader_reads_every_file_type(tmp_path, suffix):
     exs = S.read_examples(dict(GENERIC, path=path, columns={"source": "task", "answer": "label"}))
     assert {(e["prompt"], e["answer"]) for e in exs} == labels, \
         f"{suffix}: a column of digits is read as the text written"
+
+
+def test_target_examples_are_the_targets_split(tmp_path):
+    data = S.load_sources(dict(GENERIC, path=_write(_rows(), tmp_path / "data.jsonl"),
+                               target="beta"))
+    for split in ("validation", "test"):
+        want = data.examples(split, ["beta"])
+        assert want and data.target_examples(split) == want
+    assert data.target_examples() == data.examples("validation", ["beta"])
 
 
 def test_answer_column_and_explicit_source(tmp_path):
@@ -155,9 +166,9 @@ def test_splits_are_deterministic_disjoint_and_seeded(tmp_path):
     path = _write(_rows(40), tmp_path / "d.jsonl")
     spec = dict(GENERIC, path=path, validation=0.25, test=5)
     a, b = S.load_sources(spec), S.load_sources(spec)
-    for split in S.SPLITS:
+    for split in E.SPLITS:
         assert a.examples(split) == b.examples(split), f"{split} differs between two loads"
-    ids = [e["example_id"] for split in S.SPLITS for e in a.examples(split)]
+    ids = [e["example_id"] for split in E.SPLITS for e in a.examples(split)]
     assert len(ids) == len(set(ids)) == 120, "every example in exactly one split, ids unique"
     assert a.n("validation", "alpha") == 10 and a.n("test", "alpha") == 5
     c = S.load_sources(dict(spec, seed=1))
@@ -171,10 +182,10 @@ def test_splits_are_deterministic_disjoint_and_seeded(tmp_path):
 def test_example_ids_are_content_hashes(tmp_path):
     rows = _rows(3, ("s",))
     rows.append(dict(rows[0]))  # an exact duplicate gets a suffix
-    exs = S.make_examples((r["task"], r["prompt"], r["completion"], None) for r in rows)
-    assert exs[0]["example_id"] == S.example_id("s", rows[0]["prompt"], rows[0]["completion"])
+    exs = E.make_examples((r["task"], r["prompt"], r["completion"], None) for r in rows)
+    assert exs[0]["example_id"] == E.example_id("s", rows[0]["prompt"], rows[0]["completion"])
     assert exs[3]["example_id"] == exs[0]["example_id"] + "~1", "duplicates must stay distinct"
-    reordered = S.make_examples((r["task"], r["prompt"], r["completion"], None)
+    reordered = E.make_examples((r["task"], r["prompt"], r["completion"], None)
                                 for r in reversed(rows[:3]))
     assert {e["example_id"] for e in reordered} == {e["example_id"] for e in exs[:3]}, \
         "ids must not depend on row order"
@@ -218,8 +229,8 @@ def test_cot_layout_and_answer_extraction(tmp_path):
     for e in data.examples("train"):
         assert e["completion"].endswith(f"Therefore, the answer is {e['answer']}.")
         assert data.extract_answer(e["completion"]) == e["answer"], e["completion"]
-    assert S.extract_cot_answer("so the answer is 42.\nQ: next question") == "42"
-    assert S.extract_cot_answer("no conclusion") is None
+    assert E.extract_cot_answer("so the answer is 42.\nQ: next question") == "42"
+    assert E.extract_cot_answer("no conclusion") is None
 
 
 def test_missing_column_names_column_file_and_columns(tmp_path):
@@ -250,7 +261,7 @@ def test_pickle_needs_allow_pickle(tmp_path):
     with pytest.raises(ValueError, match="allow_pickle=True"):
         S.load_sources(spec)
     data = S.load_sources(dict(spec, allow_pickle=True))
-    assert sum(data.n(s, "beta") for s in S.SPLITS) == 5
+    assert sum(data.n(s, "beta") for s in E.SPLITS) == 5
 
 
 def test_pickle_of_unexpected_object_is_rejected(tmp_path):
@@ -295,9 +306,9 @@ def test_examples_access_and_save_load(tmp_path):
     with pytest.raises(ValueError, match="unknown sources \\['delta'\\]"):
         data.examples("train", ["delta"])
     data.save(str(tmp_path / "saved"))
-    back = S.MultiSourceData.load(str(tmp_path / "saved"))
+    back = M.MultiSourceData.load(str(tmp_path / "saved"))
     assert (back.sources, back.target, back.kinds) == (data.sources, data.target, data.kinds)
-    for split in S.SPLITS:
+    for split in E.SPLITS:
         assert back.examples(split) == data.examples(split), f"{split} changed by save/load"
 
 

@@ -462,7 +462,7 @@ def test_representation_similarity_baseline(run_dir):
     from jaxgrad.pipeline import _load_theta_star
     from jaxgrad.rundir import resolved_config
     from jaxgrad.representations import mean_representations
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     sel = json.load(open(os.path.join(run_dir, "selection", "selection.json")))
     config = demo.get_config("tiny")
@@ -541,7 +541,7 @@ def test_changed_data_under_the_same_config_is_caught(run_dir, tmp_path):
     file, another way of reading it); data_splits.json does, before any stage reuses artefacts."""
     from jaxgrad.pipeline import check_data_splits
     from jaxgrad.rundir import SPLITS_FILE
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
@@ -564,7 +564,7 @@ def test_a_run_directory_from_before_data_splits_is_checked_by_its_stores(run_di
     """Without data_splits.json the gradient stores' example ids tell whether the data changed."""
     from jaxgrad.pipeline import check_data_splits
     from jaxgrad.rundir import SPLITS_FILE
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     data = load_data(demo.get_config("tiny").data)
     changed = data.with_label_noise([data.sources[0]], seed=1, prefix="changed_")
@@ -583,7 +583,7 @@ def test_a_run_directory_from_before_data_splits_is_checked_by_its_stores(run_di
 def _rerun_selection(run_dir, tmp_path, **selection):
     from jaxgrad.pipeline import SurrogateScorer
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)

@@ -87,7 +87,7 @@ def test_check_paths_names_the_mismatch():
 def test_real_config_data_section_loads(tmp_path, variant):
     """The config's data keys are valid, its tasks, kinds and noise copies come out as documented
     (on a stand-in tree with the config's task names: the real data are never in the repo)."""
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     config = real_config.get_config(variant)
     files = config.data.files

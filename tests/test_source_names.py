@@ -120,7 +120,7 @@ def test_kinds_as_pairs_for_names_a_config_cannot_key(tmp_path):
     config = _config(str(path))
     config.data.files.target = "t"
     config.data.files.kinds = [("v1.2", "related"), ("a,b", "unrelated")]
-    from jaxgrad.train import load_data
+    from jaxgrad.data.sources import load_data
 
     data = load_data(config.data)
     assert data.kinds == {"v1.2": "related", "a,b": "unrelated", "t": "target"}

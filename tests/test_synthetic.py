@@ -7,7 +7,7 @@ import re
 import pytest
 
 from jaxgrad.data import synthetic as syn
-from jaxgrad.data.sources import SPLITS, extract_marker_answer
+from jaxgrad.data.examples import SPLITS, extract_marker_answer
 from jaxgrad.data.tokenizer import DEFAULT_CHARSET
 
 SMALL = syn.SyntheticSpec(tasks=syn.TASKS, target="add", noisy=("add", "sort", "parity"),

@@ -18,19 +18,17 @@ from jaxgrad.data.batching import (
     sequence_lengths,
     special_ids,
 )
-from jaxgrad.data.sources import (
+from jaxgrad.data.examples import (
     ANSWER_FORMATS,
     SPLITS,
-    MultiSourceData,
-    SourcesSpec,
     example_id,
     extract_cot_answer,
     extract_leading_answer,
     extract_marker_answer,
-    load_sources,
     make_examples,
-    read_examples,
 )
+from jaxgrad.data.multisource import MultiSourceData
+from jaxgrad.data.sources import SourcesSpec, load_data, load_sources, read_examples
 from jaxgrad.data.synthetic import (
     KINDS,
     TASKS,
@@ -46,6 +44,6 @@ __all__ = [
     "SourcesSpec", "SpecialIds", "SyntheticSpec", "TASKS", "batch_iterator", "bucket_length",
     "build_char_tokenizer", "collate", "encode_examples", "encode_texts", "example_id",
     "extract_cot_answer", "extract_leading_answer", "extract_marker_answer", "generic_text", "length_buckets",
-    "load_sources", "make_examples", "num_batches", "read_examples", "save_char_tokenizer",
+    "load_data", "load_sources", "make_examples", "num_batches", "read_examples", "save_char_tokenizer",
     "sequence_lengths", "source_kinds", "special_ids", "synthetic_sources",
 ]

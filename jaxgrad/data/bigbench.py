@@ -25,7 +25,7 @@ correct choice. Ties for the best score take the first choice listed, as BIG-ben
 ``target_scores`` ``{"Yes": 1, "No": 0}``. The whole target is the completion (the rationale is
 the chain of thought the model is trained on, the paper's CoT setting) and the answer is the
 best choice, "Yes". Accuracy reads the answer back from a generation with the ``leading`` answer
-format (:func:`jaxgrad.data.sources.extract_leading_answer`): the text before the first sentence
+format (:func:`jaxgrad.data.examples.extract_leading_answer`): the text before the first sentence
 end (". ", a newline, or a final "."), so "Yes. Because ..." and "Yes." both give "Yes". Stored
 answers go through the same function, so both sides of the exact match are alike.
 
@@ -33,7 +33,7 @@ Sources are named after the task directory, ``task`` or ``task/subtask`` (a subt
 directory with a ``task.json`` whose parent directory also has one). Container tasks without
 examples (``arithmetic/task.json``, which only lists subtasks) are skipped.
 
-Text is kept as the task file writes it (:func:`jaxgrad.data.sources.json_loads`): a target
+Text is kept as the task file writes it (:func:`jaxgrad.data.readers.json_loads`): a target
 written as the JSON number ``2.50`` is the completion ``"2.50"``, never ``"2.5"``.
 
 Only the standard library and numpy are used; nothing here reaches the network. The BIG-bench
@@ -52,7 +52,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from jaxgrad.data.sources import json_loads, json_text
+from jaxgrad.data.readers import json_loads, json_text
 
 TASK_FILE = "task.json"
 DEFAULT_PREFIXES = {

@@ -42,7 +42,8 @@ from typing import Callable
 
 import numpy as np
 
-from jaxgrad.data.sources import SPLITS, MultiSourceData, make_examples, seed_for
+from jaxgrad.data.examples import SPLITS, make_examples, seed_for
+from jaxgrad.data.multisource import MultiSourceData
 
 TASKS = ("add", "sub", "successor", "add_digit", "parity", "copy", "reverse", "sort")
 KINDS = ("target", "related", "noisy", "unrelated")
