@@ -124,9 +124,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.pipeline.finetune_steps = 1000  # steps of every final fine-tune (same budget for each run)
 
-    # Fidelity stage (20 s): every pair really fine-tuned from θ* by one full-batch SGD step (2 x 600
-    # examples) clipped to norm 0.1, so every pair moves the same distance, as Delta_S does. One
-    # step on one batch is computed from the 7 sources' gradient sums (jaxgrad.fidelity).
+    # Fidelity stage (13 s on idle cores): every pair really fine-tuned from θ* by one full-batch
+    # SGD step (2 x 600 examples) clipped to norm 0.1, so every pair moves the same distance, as
+    # Delta_S does. One step on one batch is computed from the 7 sources' gradient sums
+    # (jaxgrad.fidelity).
     c.pipeline.fidelity = True
     c.fidelity.num_subsets = 21
     c.fidelity.steps = 1
