@@ -204,15 +204,13 @@ def significance_line(selection: dict) -> str:
     wide = {s for s in ranking if ci[s][1] > ci[s][0]}
     separated = [(a, b) for a, b in zip(ranking, ranking[1:])
                  if ci[a][0] > ci[b][1] and a in wide and b in wide]
-    n_pairs, n_open = len(ranking) - 1, len(ranking) - 1 - len(separated)
-    if not separated:
-        text = (f"Significance: the 95% intervals separate no two neighbouring ranks (all "
-                f"{n_pairs} neighbouring pairs overlap: their order may be noise).")
-    else:
-        text = ("Significance: the 95% intervals separate "
-                + ", ".join(f"{_name(a)} > {_name(b)}" for a, b in separated)
-                + (f"; the other {n_open} neighbouring pairs are not separated (their order may "
-                   "be noise)" if n_open else "") + ".")
+    n_open = len(ranking) - 1 - len(separated)
+    text = "Significance: the 95% intervals separate " + (
+        ", ".join(f"{_name(a)} > {_name(b)}" for a, b in separated)
+        + (f"; the other {n_open} neighbouring pairs are not separated (their order may be "
+           "noise)" if n_open else "") if separated
+        else f"no two neighbouring ranks (all {n_open} neighbouring pairs overlap: their order "
+             "may be noise)") + "."
     kept = [s for s in ranking if s in selection["selected"]]
     dropped = [s for s in ranking if s not in selection["selected"]]
     if kept and dropped:

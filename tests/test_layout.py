@@ -139,10 +139,10 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
 MODULE_LINES_TODAY: dict[str, int] = {
     "jaxgrad.fidelity": 569,
     "jaxgrad.fingerprint": 633,
-    "jaxgrad.models.gemma3": 541,
+    "jaxgrad.models.gemma3": 518,
     "jaxgrad.pipeline": 1220,
     "jaxgrad.projection": 746,
-    "jaxgrad.report": 537,
+    "jaxgrad.report": 536,
     "jaxgrad.store": 1045,
     "jaxgrad.train": 1234,
 }

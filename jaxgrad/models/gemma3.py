@@ -49,12 +49,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, dot_product_attention,
-                                   split_rng)
+from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, causal_mask,
+                                   dot_product_attention, split_rng)
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
                                       NOT_APPLIED, REFUSED, Reader, check_option, family_refusals,
                                       resolve_config_dtypes)
-from jaxgrad.models.rope import apply_rope, rope_from_hf
+from jaxgrad.models.rope import apply_rope, rope_cos_sin, rope_from_hf
 from jaxgrad.models.rope import rope_frequencies as _llama_rope_frequencies
 
 DOC = "docs/models/gemma3.md"  # refusals point to this family's table of config.json keys
@@ -479,21 +479,12 @@ class Gemma3TextModel(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, dropout_rng=None):
         cfg = self.cfg
         b, l = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, l), jnp.int32)
-        query, key = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
-        keys = attention_mask[:, None, :] > 0
-        masks = {FULL: (key <= query)[None] & keys}
+        masks = {FULL: causal_mask(attention_mask, b, l)}
         if SLIDING in cfg.layer_types:
             # masking_utils.sliding_window_overlay: kv > q - window, on top of the causal mask
-            masks[SLIDING] = ((key <= query) & (key > query - cfg.sliding_window))[None] & keys
-        rope = {}
-        for lt in sorted(set(cfg.layer_types)):
-            inv_freq, attention_factor = rope_frequencies(cfg, lt, l)
-            freqs = jnp.arange(l, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-            emb = jnp.concatenate([freqs, freqs], axis=-1)
-            rope[lt] = ((jnp.cos(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype),
-                        (jnp.sin(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype))
+            masks[SLIDING] = causal_mask(attention_mask, b, l, cfg.sliding_window)
+        rope = {lt: rope_cos_sin(*rope_frequencies(cfg, lt, l), l, cfg.dtype)
+                for lt in sorted(set(cfg.layer_types))}
         # Gemma3TextScaledWordEmbedding: the scale is rounded to the weights' (= compute) dtype
         x = self.embed_tokens(input_ids) * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.dtype)
         for i, (layer, r) in enumerate(zip(self.layers, split_rng(dropout_rng, len(self.layers)))):

@@ -41,7 +41,8 @@ from flax import nnx
 from jaxgrad.models import hf_config
 from jaxgrad.models.hf_config import (COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT, NOT_APPLIED,
                                       REFUSED, Reader, family_refusals, resolve_config_dtypes)
-from jaxgrad.models.layers import CausalLM, Embed, LayerNorm, Linear, mask_value, split_rng
+from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, causal_mask, mask_value,
+                                   split_rng)
 
 DOC = "docs/models/gpt2.md"  # refusals point to this family's table of config.json keys
 refuse, check_refused_fields = family_refusals(DOC)
@@ -332,10 +333,7 @@ class GPT2Model(nnx.Module):
                 f"GPT-2: a sequence of {l} tokens is longer than n_positions={cfg.n_positions} "
                 f"(config.json): the learned position table wpe has {cfg.n_positions} rows; "
                 f"truncate or split inputs to at most {cfg.n_positions} tokens")
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, l), jnp.int32)
-        query, key = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
-        mask = (key <= query)[None] & (attention_mask[:, None, :] > 0)
+        mask = causal_mask(attention_mask, b, l)
         x = self.wte(input_ids) + self.wpe(jnp.arange(l))[None]
         for block, r in zip(self.h, split_rng(dropout_rng, len(self.h))):
             x = block(x, mask, r)

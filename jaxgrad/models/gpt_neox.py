@@ -48,12 +48,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models import llama as _llama
-from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, dot_product_attention,
-                                   split_rng)
+from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, causal_mask,
+                                   dot_product_attention, split_rng)
 from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
                                       NOT_APPLIED, Reader, check_option, family_refusals,
                                       resolve_config_dtypes)
-from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_frequencies, rope_from_hf
+from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_frequencies, rope_from_hf
 
 DOC = "docs/models/gpt_neox.md"  # refusals point to this family's table of config.json keys
 refuse, check_refused_fields = family_refusals(DOC)
@@ -402,15 +402,8 @@ class GPTNeoXModel(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, dropout_rng=None):
         cfg = self.cfg
         b, l = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, l), jnp.int32)
-        query, key = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
-        mask = (key <= query)[None] & (attention_mask[:, None, :] > 0)
-        inv_freq, attention_factor = rope_frequencies(cfg.rope_view(), l)
-        freqs = jnp.arange(l, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos = (jnp.cos(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype)
-        sin = (jnp.sin(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype)
+        mask = causal_mask(attention_mask, b, l)
+        cos, sin = rope_cos_sin(*rope_frequencies(cfg.rope_view(), l), l, cfg.dtype)
         x = self.embed_in(input_ids)
         for layer, r in zip(self.layers, split_rng(dropout_rng, len(self.layers)), strict=True):
             x = layer(x, cos, sin, mask, r)

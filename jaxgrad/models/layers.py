@@ -186,6 +186,20 @@ class GatedMLP(nnx.Module):
         return self.down_proj(act(self.gate_proj(x, rg)) * self.up_proj(x, ru), rd)
 
 
+def causal_mask(attention_mask_BxL: jax.Array | None, batch: int, length: int,
+                window: int | None = None) -> jax.Array:
+    """``[B, L, L]`` booleans: query i may attend key j iff ``j <= i``, key j is not padding
+    (``attention_mask_BxL`` > 0; None: no padding) and, with a ``window``, ``i - j < window``
+    (transformers' ``masking_utils`` causal and sliding-window masks)."""
+    if attention_mask_BxL is None:
+        attention_mask_BxL = jnp.ones((batch, length), jnp.int32)
+    query, key = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed = allowed & (key > query - window)
+    return allowed[None] & (attention_mask_BxL[:, None, :] > 0)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, dtype,
                           scale: float | None = None, divisor: float | None = None) -> jax.Array:
     """Masked softmax attention with grouped key/value heads (transformers' ``eager_attention_

@@ -53,9 +53,9 @@ from jaxgrad.models.hf_config import (
     refuse,
     resolve_config_dtypes,
 )
-from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, RMSNorm,
+from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, RMSNorm, causal_mask,
                                    dot_product_attention, split_rng)
-from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_frequencies, rope_from_hf
+from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_frequencies, rope_from_hf
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ROPE_TYPES  # older name
@@ -413,20 +413,12 @@ class LlamaModel(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, dropout_rng=None):
         cfg = self.cfg
         b, l = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, l), jnp.int32)
-        query, key = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
-        keys = attention_mask[:, None, :] > 0
-        full = (key <= query)[None] & keys
+        full = causal_mask(attention_mask, b, l)
         sliding = None
         if any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)):
             # masking_utils.sliding_window_causal_mask_function: kv > q - window, kv <= q
-            sliding = ((key <= query) & (key > query - cfg.sliding_window))[None] & keys
-        inv_freq, attention_factor = rope_frequencies(cfg, l)
-        freqs = jnp.arange(l, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos = (jnp.cos(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype)
-        sin = (jnp.sin(emb) * attention_factor)[None, :, None, :].astype(cfg.dtype)
+            sliding = causal_mask(attention_mask, b, l, cfg.sliding_window)
+        cos, sin = rope_cos_sin(*rope_frequencies(cfg, l), l, cfg.dtype)
         x = self.embed_tokens(input_ids)
         for i, (layer, r) in enumerate(zip(self.layers, split_rng(dropout_rng, len(self.layers)))):
             x = layer(x, cos, sin, sliding if cfg.is_sliding(i) else full, r)

@@ -182,6 +182,16 @@ def rope_inv_freq(cfg, seq_len: int | None = None) -> jax.Array:
     return rope_frequencies(cfg, cfg.max_position_embeddings if seq_len is None else seq_len)[0]
 
 
+def rope_cos_sin(inv_freq: jax.Array, attention_factor: float, length: int,
+                 dtype) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)``, each ``[1, L, 1, head_dim]`` in ``dtype``, for positions ``0..L-1`` and the
+    inverse frequencies of :func:`rope_frequencies` (Hugging Face's layout: the angles twice)."""
+    freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return ((jnp.cos(emb) * attention_factor)[None, :, None, :].astype(dtype),
+            (jnp.sin(emb) * attention_factor)[None, :, None, :].astype(dtype))
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate ``x [B, L, H, Dh]`` by half-split RoPE (Hugging Face's ``rotate_half`` layout)."""
     half = x.shape[-1] // 2
