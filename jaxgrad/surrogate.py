@@ -106,7 +106,7 @@ from jax.experimental import multihost_utils
 
 from jaxgrad.common import flat
 from jaxgrad.common.sharding import from_host
-from jaxgrad.outputs import outputs_loss
+from jaxgrad.gradients.outputs import outputs_loss
 
 OBJECTIVES = ("gradex", "one_class", "taylor")
 OUTPUTS = ("logit_odds", "token_ce")
@@ -502,8 +502,9 @@ def rescale_factors(coef_SxK: jax.typing.ArrayLike, projector: Any,
 
     Args:
       coef_SxK: S×k surrogate coefficients (``SubsetFits.coef``).
-      projector: a ``jaxgrad.projection.Projector`` (anything with ``gram()`` and ``k``), or
-        its k×k Gram matrix PᵀP already computed (``gram()`` costs D·k² flops: cache it).
+      projector: a ``jaxgrad.gradients.projection.Projector`` (anything with ``gram()`` and
+        ``k``), or its k×k Gram matrix PᵀP already computed (``gram()`` costs D·k² flops: cache
+        it).
       theta_norm: ‖θ*‖ of the trainable (LoRA) parameters, > 0 (``jaxgrad.common.flat.tree_norm``);
         ignored when ``scale`` is None.
       scale: ‖Δ‖/‖θ*‖ (the paper uses 0.02…0.4), or None for unscaled updates (c = 1).

@@ -12,9 +12,9 @@ from flax import nnx
 from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.losses import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
-from jaxgrad.outputs import logit_odds
-from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-from jaxgrad.projection import Projector
+from jaxgrad.gradients.outputs import logit_odds
+from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+from jaxgrad.gradients.projection import Projector
 from jaxgrad.surrogate import estimate_subsets, exact_estimates, fit_subsets, rescale_factors
 
 from helpers import fixture, fixture_batch

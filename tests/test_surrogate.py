@@ -16,7 +16,7 @@ import scipy.optimize
 from sklearn.linear_model import LogisticRegression
 
 from jaxgrad.common import flat
-from jaxgrad.projection import Projector
+from jaxgrad.gradients.projection import Projector
 from jaxgrad.surrogate import (HIGHER_IS_BETTER, SubsetFits, estimate_subsets, exact_estimates,
                                fit_subsets, gradex_labels, lift_updates, rescale_factors)
 
