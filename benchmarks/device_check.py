@@ -19,8 +19,8 @@ timeout still leaves the parts it finished):
    ~1e-6 relative). A second check uses integer-valued g in [-2, 2]: every partial sum is then
    an integer below 2^24, so the two paths must agree bit for bit (``int_bit_equal``). On CPU the
    Pallas path runs in interpret mode (``interpret: true`` in the JSON).
-2. ``per_sample``: ``jaxgrad.per_sample.per_sample_projected_grads`` (``logit_odds``, chunked
-   ``vmap(grad)`` + projection, projector backend "auto": Pallas on GPU) on a randomly
+2. ``per_sample``: ``jaxgrad.gradients.per_sample.per_sample_projected_grads`` (``logit_odds``,
+   chunked ``vmap(grad)`` + projection, projector backend "auto": Pallas on GPU) on a randomly
    initialised Llama of TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
    MLP 5632, vocabulary 32000, RoPE θ 10000, RMS eps 1e-5, untied head), bfloat16 parameters
    and compute, LoRA r = 16 (alpha 32) on q_proj, k_proj, v_proj with float32 adapters (jaxgrad's
@@ -278,13 +278,13 @@ def model_info(sz: dict, peak: float | None) -> dict:
 
 
 def part_projection(sz: dict, peak: float | None) -> dict:
-    from jaxgrad import projection
-    from jaxgrad.projection import Projector
+    from jaxgrad.gradients import pallas
+    from jaxgrad.gradients.projection import Projector
 
     n, k = sz["proj_n"], sz["k"]
     dim = lora_dim(sz["llama"], sz["rank"])
     res = {"n": n, "dim": dim, "k": k, "kind": "rademacher", "rtol": PROJ_RTOL,
-           "interpret": bool(projection._interpret()), "cases": {}}
+           "interpret": bool(pallas._interpret()), "cases": {}}
     projs = {b: Projector(seed=14, dim=dim, k=k, backend=b) for b in ("xla", "pallas")}
     flops = 2 * n * dim * k
     key = jax.random.key(0)
@@ -319,8 +319,8 @@ def part_projection(sz: dict, peak: float | None) -> dict:
 
 
 def part_per_sample(sz: dict, peak: float | None) -> dict:
-    from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-    from jaxgrad.projection import Projector, _resolve_backend
+    from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+    from jaxgrad.gradients.projection import Projector, _resolve_backend
 
     model, batch, build_s = shared_model(sz)
     D = num_trainable(model)

@@ -50,15 +50,15 @@ def main():
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.losses import model_logits
-    from jaxgrad.outputs import get_output_fn, outputs_loss
-    from jaxgrad.per_sample import trainable_filter
+    from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
+    from jaxgrad.gradients.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, run_pipeline
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets
-    from jaxgrad.store import GradientStore
     from jaxgrad.data.sources import load_data
     from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
+    from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets
     from jaxgrad.estimate.surrogate import fit_subsets, gradex_labels
+    from jaxgrad.gradients.store import GradientStore
 
     config = demo.get_config()
     config.train.progress = False

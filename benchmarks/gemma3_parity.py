@@ -138,8 +138,8 @@ def main(argv=None):
 
     from jaxgrad.models import LoraConfig, apply_lora, load_pretrained
     from jaxgrad.models.gguf import gguf_to_hf
-    from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-    from jaxgrad.projection import Projector
+    from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+    from jaxgrad.gradients.projection import Projector
 
     threads = torch.get_num_threads()
     t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Benchmark of jaxgrad.per_sample: projected per-sample gradients against a plain backward pass
+"""Benchmark of jaxgrad.gradients.per_sample: projected per-sample gradients against a plain backward pass
 and against two PyTorch implementations; appends the figures to benchmarks/RESULTS.md under
 "## Per-sample projected gradients (CPU)".
 
@@ -67,11 +67,11 @@ from jaxgrad.losses import model_logits
 from jaxgrad.models import (LlamaConfig, LoraConfig, apply_lora, build_model, save_peft_adapter,
                             save_pretrained)
 from jaxgrad.models.llama import to_hf_config
+from jaxgrad.gradients.outputs import get_output_fn
+from jaxgrad.gradients.per_sample import _projected_grads, per_sample_projected_grads
+from jaxgrad.gradients.projection import Projector
 from jaxgrad.models.lora import linear_modules
 from jaxgrad.models.peft import PEFT_PREFIX
-from jaxgrad.outputs import get_output_fn
-from jaxgrad.per_sample import _projected_grads, per_sample_projected_grads
-from jaxgrad.projection import Projector
 from common import RESULTS, append_section, cpu_model  # benchmarks/common.py (the script's folder)
 
 # torch's OpenMP workers spin while waiting for work by default; on a machine shared with other
@@ -249,7 +249,7 @@ def load_torch(model: nnx.Module, cfg: LlamaConfig, directory: str,
 
 
 def torch_logit_odds(logits_BxLxV, targets_BxL, tmask_BxL, eps: float = EPS):
-    """``jaxgrad.outputs.logit_odds`` in torch: z_gold − logsumexp(z_other), clipped, masked mean."""
+    """``jaxgrad.gradients.outputs.logit_odds`` in torch: z_gold − logsumexp(z_other), clipped, masked mean."""
     import torch
 
     z = logits_BxLxV.float()

@@ -1,4 +1,4 @@
-"""Benchmark of jaxgrad.projection: time ``project`` and ``lift`` and append the figures to
+"""Benchmark of jaxgrad.gradients.projection: time ``project`` and ``lift`` and append the figures to
 benchmarks/RESULTS.md under "## Projection (<PLATFORM>)".
 
 Run from the repository root::
@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxgrad.projection import Projector
+from jaxgrad.gradients.projection import Projector
 from common import RESULTS, append_section, cpu_model  # benchmarks/common.py (the script's folder)
 
 

@@ -56,7 +56,7 @@ def per_question_losses(config, run_dir: str) -> np.ndarray:
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.losses import model_logits
     from jaxgrad.models import load_peft_adapter
-    from jaxgrad.outputs import token_ce
+    from jaxgrad.gradients.outputs import token_ce
     from jaxgrad.config import ModelSpec
     from jaxgrad.data.sources import load_data
     from jaxgrad.train import load_model, lora_from_config

@@ -19,7 +19,7 @@ weight has a nonzero gradient.
 Contenders, both jitted, both over the LoRA parameters only, with the frozen weights passed as
 arguments (not baked into the program as constants):
 
-* ``per_sample``: :func:`jaxgrad.per_sample.per_sample_projected_grads`: f_i and x_i = Pᵀ∇f_i
+* ``per_sample``: :func:`jaxgrad.gradients.per_sample.per_sample_projected_grads`: f_i and x_i = Pᵀ∇f_i
   for every example of the batch;
 * ``batched``: ``jax.grad`` of the batch-mean output: one forward + backward, the cost of a
   training step's gradient without the optimizer.
@@ -53,7 +53,7 @@ JSON_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", 
 def build(config, workdir: str | None):
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.models.lora import linear_modules
-    from jaxgrad.projection import Projector
+    from jaxgrad.gradients.projection import Projector
     from jaxgrad.config import ModelSpec
     from jaxgrad.data.sources import load_data
     from jaxgrad.train import load_model, lora_from_config
@@ -84,8 +84,8 @@ def build(config, workdir: str | None):
 
 def contenders(model, batch, projector, config):
     from jaxgrad.losses import model_logits
-    from jaxgrad.outputs import get_output_fn
-    from jaxgrad.per_sample import MODEL_INPUTS, per_sample_projected_grads
+    from jaxgrad.gradients.outputs import get_output_fn
+    from jaxgrad.gradients.per_sample import MODEL_INPUTS, per_sample_projected_grads
 
     g = config.gradients
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)

@@ -21,12 +21,12 @@ _EXPORTS: dict[str, str] = {
     "load_pretrained": "jaxgrad.models.hub",
     "LoraConfig": "jaxgrad.models.lora",
     "apply_lora": "jaxgrad.models.lora",
-    "Projector": "jaxgrad.projection",
-    "per_sample_projected_grads": "jaxgrad.per_sample",
+    "Projector": "jaxgrad.gradients.projection",
+    "per_sample_projected_grads": "jaxgrad.gradients.per_sample",
     "fit_subsets": "jaxgrad.estimate.surrogate",
     "estimate_subsets": "jaxgrad.estimate.lift",
     "ensemble_scores": "jaxgrad.select.scores",
-    "GradientStore": "jaxgrad.store",
+    "GradientStore": "jaxgrad.gradients.store",
 }
 
 

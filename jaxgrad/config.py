@@ -12,7 +12,7 @@ built from that dataclass's field defaults, and each field's meaning is document
 ``model`` (:class:`ModelSpec`), ``lora`` (:class:`LoraSection`, whose checks and PEFT rules are
 :class:`jaxgrad.models.lora.LoraConfig`'s), ``train`` (:class:`TrainConfig`), ``mesh``
 (:class:`MeshConfig`), ``gradients`` (:class:`GradientsConfig`; the keyword defaults of
-:func:`jaxgrad.gradients.compute_gradient_store` are its fields), ``groups``
+:func:`jaxgrad.gradients.compute.compute_gradient_store` are its fields), ``groups``
 (:class:`GroupsSection`, checked by :class:`jaxgrad.groups.GroupsSpec`) and ``fidelity``
 (:class:`FidelityConfig`). Every other key is declared in :func:`default_config`, its meaning in a
 comment. The allowed values of option keys are declared here too (:data:`OPTIMIZERS`,
@@ -266,7 +266,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class GradientsConfig:
     """The ``gradients`` section: the projection and the gradient store. The keyword defaults of
-    :func:`jaxgrad.gradients.compute_gradient_store` are these fields' defaults."""
+    :func:`jaxgrad.gradients.compute.compute_gradient_store` are these fields' defaults."""
 
     projection_dim: int = 8192  # k: numbers stored per sample
     projection_kind: str = "rademacher"  # "rademacher" (±1/sqrt(k)) | "gaussian"

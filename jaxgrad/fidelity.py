@@ -66,6 +66,9 @@ from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import rescale_factors
 from jaxgrad.estimate.subsets import masks_from_sources
 from jaxgrad.estimate.surrogate import fit_subsets
+from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
+from jaxgrad.gradients.per_sample import trainable_filter
+from jaxgrad.gradients.store import GradientStore
 from jaxgrad.rundir import resolved_config
 
 # One-step fine-tunes on subsets that fit one batch are computed from per-unit gradient sums
@@ -75,8 +78,6 @@ ONE_BATCH_SHORTCUT = True
 
 def _target_metric(output_fn: str):
     """The table's ``loss`` column as a function of per-sample outputs f (outputs.outputs_loss)."""
-    from jaxgrad.outputs import outputs_loss
-
     return lambda f: float(outputs_loss(np.asarray(f, np.float64), output_fn))
 
 
@@ -144,7 +145,6 @@ def _target_outputs(config, data, model, tokenizer, graphdef, rest):
     ``f(params) -> [J]`` (``gradients.output_fn``) of the model ``graphdef`` + ``params`` + ``rest``."""
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.losses import model_logits
-    from jaxgrad.outputs import get_output_fn
 
     out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
     examples = data.target_examples()
@@ -218,7 +218,6 @@ def _one_step_update(tc, theta_star, unit_sums):
 
 def _refit(config, workdir: str, data, rows):
     """The surrogate fits (config.surrogate) of the subsets named by estimates-table ``rows``."""
-    from jaxgrad.store import GradientStore
 
     from jaxgrad.pipeline import pipeline_units
 
@@ -242,9 +241,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     call with other ``surrogate`` settings (objective, C, scale) re-scores the same fine-tunes in
     seconds. ``write=False`` leaves ``fidelity/fidelity.json`` as it is (to compare settings).
     """
-    from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, pipeline_units
-    from jaxgrad.store import GradientStore
     from jaxgrad.train import fit
 
     config = resolved_config(config, workdir)
@@ -467,7 +464,6 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     Returns ``{"theta_norm", "D", "num_samples", "results": {kind: {str(s): {...}}}}``.
     Raises ValueError: ``seeds`` exceeds the estimates table's rows (surrogate directions).
     """
-    from jaxgrad.per_sample import trainable_filter
     from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates
 
     config = resolved_config(config, workdir)

@@ -16,7 +16,7 @@ checkpoints/README.md):
 
     <workdir>/base/                  tiny base pretrained from scratch (only if config.base.pretrain)
     <workdir>/meta_train/            θ*: LoRA meta-training on all sources (jaxgrad.train)
-    <workdir>/gradients/{train,target}/  projected per-sample gradients (jaxgrad.store)
+    <workdir>/gradients/{train,target}/  projected per-sample gradients (jaxgrad.gradients.store)
     <workdir>/groups/groups.json     with groups.by = "cluster": the units selected among, clusters
                                      of samples by their projected gradients (jaxgrad.groups)
     <workdir>/estimates/estimates.csv    one row per sampled subset: sources, estimates, solver status
@@ -67,6 +67,11 @@ from jaxgrad.estimate.surrogate import fit_subsets
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
                                  model_input_digests, reconcile, stage_fingerprints, write_records)
+from jaxgrad.gradients.compute import compute_gradient_store, store_model_id
+from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
+from jaxgrad.gradients.per_sample import num_trainable, trainable_filter
+from jaxgrad.gradients.projection import Projector
+from jaxgrad.gradients.store import GradientStore
 from jaxgrad.groups.units import GroupsSpec, Units, make_groups
 from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.rundir import resolved_config
@@ -176,17 +181,12 @@ def _stopped_early(config, step: int, train_examples) -> bool:
 
 
 def _projector(config, dim: int):
-    from jaxgrad.projection import Projector
-
     g = config.gradients
     return Projector(seed=int(g.projection_seed), dim=dim, k=int(g.projection_dim), kind=str(g.projection_kind))
 
 
 def stage_gradients(config, workdir: str) -> dict:
     """Step 2: projected per-sample gradients of all train splits and the target's validation."""
-    from jaxgrad.gradients import compute_gradient_store, store_model_id
-    from jaxgrad.per_sample import num_trainable
-    from jaxgrad.store import GradientStore
 
     g = _section(config, "gradients")
     data = load_data(config.data)
@@ -204,7 +204,7 @@ def stage_gradients(config, workdir: str) -> dict:
                          f"cannot add information; set k <= {dim}")
     projector = _projector(config, dim)
     # Each process computes its own rows (process_index / process_count) on its own devices:
-    # every chunk of samples sharded over them (jaxgrad.per_sample).
+    # every chunk of samples sharded over them (jaxgrad.gradients.per_sample).
     kw = dict(mesh=local_data_mesh(), sources=data.sources, output_fn=g["output_fn"], eps=float(g["eps"]),
               batch_size=int(g["batch_size"]), chunk_size=int(g["chunk_size"]),
               max_length=int(config.train.max_length), shard_size=int(g["shard_size"]),
@@ -239,8 +239,6 @@ def global_data_mesh():
 
 
 def _store_complete(path: str) -> bool:
-    from jaxgrad.store import GradientStore
-
     if not os.path.isfile(os.path.join(path, rundir.MANIFEST_FILE)):
         return False
     try:
@@ -257,7 +255,6 @@ def groups_enabled(config) -> bool:
 def stage_groups(config, workdir: str) -> dict | None:
     """Optional (``groups.by = "cluster"``): clusters of train samples by their projected gradients,
     the units every later stage selects among (:mod:`jaxgrad.groups`); ``groups/groups.json``."""
-    from jaxgrad.store import GradientStore
 
     spec = GroupsSpec.from_config(config.get("groups"))
     if not spec.clustered:
@@ -297,8 +294,6 @@ ESTIMATE_FIELDS = ("subset", "sources", "n_samples", "converged", "n_iter", "los
 
 
 def _theta_norm_and_state(model):
-    from jaxgrad.per_sample import trainable_filter
-
     state = nnx.state(model, trainable_filter(model))
     return float(tree_norm(state)), state
 
@@ -362,8 +357,6 @@ class SurrogateScorer:
     stepwise selectors (``selection.method``) call it round by round.
     """
     def __init__(self, config, workdir: str, sources: Sequence[str]):
-        from jaxgrad.store import GradientStore
-
         s = _section(config, "surrogate")
         self.s = s
         self.sources = list(sources)
@@ -445,8 +438,6 @@ def _exact_loss_fn(config, workdir, model):
     """
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.losses import model_logits
-    from jaxgrad.outputs import get_output_fn, outputs_loss
-    from jaxgrad.per_sample import trainable_filter
 
     data = load_data(config.data)
     examples = data.target_examples()
@@ -519,7 +510,6 @@ def selection_metric(config) -> str:
 
 def stage_selection(config, workdir: str) -> dict:
     """Step 5: random-ensemble scores with bootstrap intervals; the chosen sources; baselines."""
-    from jaxgrad.store import GradientStore
 
     out = os.path.join(workdir, rundir.SELECTION_FILE)
     if os.path.isfile(out):

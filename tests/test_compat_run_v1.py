@@ -132,8 +132,9 @@ def test_every_stage_reused_nothing_recomputed(rerun):
 
 
 def test_gradient_stores_open_and_merge_with_their_shapes(rerun):
-    from jaxgrad.store import FORMAT_VERSION, GradientStore
     from jaxgrad.data.sources import load_data
+    from jaxgrad.gradients.manifest import FORMAT_VERSION
+    from jaxgrad.gradients.store import GradientStore
 
     workdir = rerun[0]
     data = load_data(_fixture_config().data)
@@ -156,10 +157,10 @@ def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun
     from flax import nnx
 
     from jaxgrad.checkpoint import restore_params
-    from jaxgrad.gradients import params_fingerprint
-    from jaxgrad.per_sample import num_trainable, trainable_filter
+    from jaxgrad.gradients.compute import params_fingerprint
+    from jaxgrad.gradients.per_sample import num_trainable, trainable_filter
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.store import GradientStore
+    from jaxgrad.gradients.store import GradientStore
     from jaxgrad.config import ModelSpec
     from jaxgrad.train import load_model, lora_from_config
 

@@ -18,7 +18,7 @@ from jaxgrad.config import (LORA_PEFT_ONLY, OPTIMIZERS, FidelityConfig, Gradient
                             GroupsSection, LoraSection, MeshConfig, ModelSpec, TrainConfig,
                             default_config, files_section)
 from jaxgrad.data.sources import SourcesSpec
-from jaxgrad.gradients import compute_gradient_store
+from jaxgrad.gradients.compute import compute_gradient_store
 from jaxgrad.groups.units import GroupsSpec
 from jaxgrad.models.lora import LoraConfig
 from jaxgrad.train import lora_from_config

@@ -12,11 +12,11 @@ from flax import nnx
 from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.losses import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
-from jaxgrad.outputs import logit_odds
-from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-from jaxgrad.projection import Projector
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
 from jaxgrad.estimate.surrogate import fit_subsets
+from jaxgrad.gradients.outputs import logit_odds
+from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+from jaxgrad.gradients.projection import Projector
 
 from helpers import fixture, fixture_batch
 from test_per_sample import one_at_a_time

@@ -40,9 +40,9 @@ from jaxgrad.models import (
 from jaxgrad.models import gemma3 as g3
 from jaxgrad.models import hf_config
 from jaxgrad.models.lora import linear_modules
-from jaxgrad.outputs import get_output_fn
-from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-from jaxgrad.projection import Projector
+from jaxgrad.gradients.outputs import get_output_fn
+from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+from jaxgrad.gradients.projection import Projector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4  # float32, relative to the logit scale when that exceeds 1 (mc._tol)

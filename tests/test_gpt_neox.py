@@ -414,8 +414,8 @@ def test_per_sample_projected_grads_equal_one_at_a_time(tmp_path):
     layer: the two jit compilations dominate this file's time, and a layer adds nothing here."""
     from test_per_sample import one_at_a_time
 
-    from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-    from jaxgrad.projection import Projector
+    from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+    from jaxgrad.gradients.projection import Projector
 
     model, _ = load_pretrained(_save(tmp_path / "m", num_hidden_layers=1), with_tokenizer=False)
     apply_lora(model, LoraConfig(rank=2))

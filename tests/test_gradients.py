@@ -13,12 +13,13 @@ import pytest
 
 from jaxgrad.data.batching import collate, encode_examples
 from jaxgrad.data.synthetic import SyntheticSpec, synthetic_sources
-from jaxgrad.gradients import compute_gradient_store
+from jaxgrad.gradients.compute import compute_gradient_store
 from jaxgrad.models import LoraConfig, load_pretrained
 from jaxgrad.models.layers import named_variables
-from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-from jaxgrad.projection import Projector
-from jaxgrad.store import GradientStore, StoreMismatchError
+from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+from jaxgrad.gradients.projection import Projector
+from jaxgrad.gradients.manifest import StoreMismatchError
+from jaxgrad.gradients.store import GradientStore
 
 from helpers import fixture
 
@@ -103,7 +104,7 @@ def test_two_processes_under_jax_distributed_write_the_same_store(tmp_path):
                                        num_processes=n, process_id=pid)
         assert jax.process_count() == n and jax.process_index() == pid
         from test_gradients import setup, KW
-        from jaxgrad.gradients import compute_gradient_store
+        from jaxgrad.gradients.compute import compute_gradient_store
         model, tok, data, examples, proj = setup()
         compute_gradient_store(model, examples, tok, proj, out, sources=data.sources,
                                process_index=jax.process_index(), process_count=jax.process_count(), **KW)

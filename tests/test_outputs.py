@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxgrad.outputs import get_output_fn, logit_odds, token_ce
+from jaxgrad.gradients.outputs import get_output_fn, logit_odds, token_ce
 
 
 def _reference(logits, targets, mask, eps):
@@ -41,7 +41,7 @@ def test_unknown_output_fn():
 
 def test_outputs_loss_is_the_estimated_metric():
     """outputs_loss: logistic loss of logit-odds, mean CE for token_ce; bad names are refused."""
-    from jaxgrad.outputs import outputs_loss
+    from jaxgrad.gradients.outputs import outputs_loss
 
     f = np.array([[-2.0, 0.0, 3.0], [1.0, 1.0, 1.0]], np.float32)
     np.testing.assert_allclose(outputs_loss(f, "logit_odds"), np.log1p(np.exp(-f)).mean(axis=1),

@@ -16,9 +16,9 @@ from flax import nnx
 from jaxgrad.common.flat import flatten
 from jaxgrad.losses import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
-from jaxgrad.outputs import get_output_fn
-from jaxgrad.per_sample import num_trainable, per_sample_projected_grads
-from jaxgrad.projection import Projector
+from jaxgrad.gradients.outputs import get_output_fn
+from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
+from jaxgrad.gradients.projection import Projector
 
 from helpers import fixture, fixture_batch
 
@@ -109,8 +109,8 @@ def test_eight_fake_devices_match_one_device(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         import numpy as np, jax
         from jaxgrad.models import load_pretrained, load_peft_adapter
-        from jaxgrad.per_sample import per_sample_projected_grads, num_trainable
-        from jaxgrad.projection import Projector
+        from jaxgrad.gradients.per_sample import per_sample_projected_grads, num_trainable
+        from jaxgrad.gradients.projection import Projector
         from helpers import fixture, fixture_batch
         model, _ = load_pretrained(fixture("tiny-llama"))
         load_peft_adapter(model, os.path.join(fixture("tiny-llama"), "peft_adapter"))
@@ -140,7 +140,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
 
 def test_leaf_groups_give_same_projection(monkeypatch):
     """Projecting leaves in several concatenated groups equals one group (projection is linear)."""
-    import jaxgrad.per_sample as ps
+    import jaxgrad.gradients.per_sample as ps
 
     model = adapted("tiny-qwen2")
     batch = fixture_batch("tiny-qwen2")

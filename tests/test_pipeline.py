@@ -399,7 +399,7 @@ def test_moved_run_directory_resumes_an_interrupted_gradient_store(run_dir, tmp_
     """A store records the run directory's own base model (the demo's <workdir>/base) relative to
     the run directory, so a copied run directory whose gradients stage was interrupted resumes
     it (with the absolute path recorded, resuming failed: StoreMismatchError on `model`)."""
-    from jaxgrad.store import GradientStore
+    from jaxgrad.gradients.store import GradientStore
 
     moved = str(tmp_path / "moved")
     shutil.copytree(run_dir, moved)
@@ -754,7 +754,7 @@ def test_clusters_are_scipys_average_linkage_on_the_stored_gradients(cluster_dir
     from scipy.cluster.hierarchy import cut_tree, linkage
     from scipy.spatial.distance import pdist
 
-    from jaxgrad.store import GradientStore
+    from jaxgrad.gradients.store import GradientStore
 
     groups = json.load(open(os.path.join(cluster_dir, "groups", "groups.json")))
     train = GradientStore.open(os.path.join(cluster_dir, "gradients", "train"))
@@ -844,7 +844,7 @@ def _assert_same_artefacts(run_dir, workdir, what):
     """Every artefact of ``workdir`` equals the 1-device run's up to float32 rounding (sharded
     matmuls and all-reduces sum in another order; 24 pretraining and training steps carry the
     ~1e-7 differences forward), and the selection is the same."""
-    from jaxgrad.store import GradientStore
+    from jaxgrad.gradients.store import GradientStore
 
     def close(a, b, name, rtol=1e-3):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

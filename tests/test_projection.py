@@ -1,4 +1,5 @@
-"""jaxgrad.projection: the counter-based projector against dense references and its own spec.
+"""jaxgrad.gradients.projection (with its prng, xla and pallas modules): the counter-based projector
+against dense references and its own spec.
 
 The references are independent of the code under test: a pure-Python (arbitrary-precision int)
 implementation of the documented hash, float64 numpy products with the materialised matrix,
@@ -16,8 +17,9 @@ import pytest
 import scipy.stats
 from jax.extend import core as jex_core
 
-from jaxgrad import projection
-from jaxgrad.projection import Projector, _lift_pallas, _project_pallas
+from jaxgrad.gradients import pallas
+from jaxgrad.gradients.pallas import _lift_pallas, _project_pallas
+from jaxgrad.gradients.projection import Projector
 
 # ------------------------------------------------------------------------------------------
 # The documented hash, written again in plain Python ints (the golden reference for P).
@@ -228,9 +230,9 @@ def test_pallas_interpret_matches_xla(platform, n, width, programs, kind, monkey
     # Interpret mode for a platform other than the one running (the TPU kernel on a GPU, both on
     # a CPU); on a GPU the GPU kernel runs compiled by Triton, the same check.
     if platform != jax.default_backend():
-        monkeypatch.setattr(projection, "_interpret", lambda: True)
+        monkeypatch.setattr(pallas, "_interpret", lambda: True)
     if programs is not None:
-        monkeypatch.setattr(projection, "_GPU_PROGRAMS", programs)
+        monkeypatch.setattr(pallas, "_GPU_PROGRAMS", programs)
     dim, k, offset = 2**33, 200, 2**32 - 300  # rows straddle 2^32 inside a kernel block
     xla = Projector(seed=8, dim=dim, k=k, kind=kind, backend="xla")
     g = _int_valued((n, width), seed=6)
@@ -257,7 +259,7 @@ def test_pallas_kernels_lower_to_triton_and_mosaic(platform, monkeypatch):
     # runs those lowering rules on this CPU machine; a kernel that fails them raises here.
     from jax import export
 
-    monkeypatch.setattr(projection, "_interpret", lambda: False)
+    monkeypatch.setattr(pallas, "_interpret", lambda: False)
     target, call = {"gpu": ("cuda", "__gpu$xla.gpu.triton"),
                     "tpu": ("tpu", "tpu_custom_call")}[platform]
     checks = [export.DisabledSafetyCheck.custom_call(call)]

@@ -1,4 +1,4 @@
-"""Tests for jaxgrad/store.py: the resumable, memory-mapped gradient store."""
+"""Tests for jaxgrad/gradients/store.py: the resumable, memory-mapped gradient store."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jaxgrad
-from jaxgrad.store import GradientStore, IncompleteStoreError, StoreMismatchError
+from jaxgrad.gradients.manifest import IncompleteStoreError, StoreMismatchError
+from jaxgrad.gradients.store import GradientStore
 
 N, K, SHARD = 11, 6, 3  # 4 shards, the last one with 2 rows
 SOURCES = ["alpaca", "cot", "alpaca", "flan", "cot", "cot", "alpaca", "flan", "flan", "cot", 7]

@@ -16,11 +16,11 @@ import scipy.optimize
 from sklearn.linear_model import LogisticRegression
 
 from jaxgrad.common import flat
-from jaxgrad.projection import Projector
 from jaxgrad.estimate.lift import (HIGHER_IS_BETTER, estimate_subsets, exact_estimates,
                                    lift_updates, rescale_factors)
 from jaxgrad.estimate.solver import SubsetFits
 from jaxgrad.estimate.surrogate import fit_subsets, gradex_labels
+from jaxgrad.gradients.projection import Projector
 
 N, K, N_SOURCES = 240, 12, 6
 

@@ -25,7 +25,7 @@ from jaxgrad.config import OUTPUT_FUNCTIONS
 from jaxgrad.estimate.arrays import (CHUNK_ELEMENTS, HIGHEST, check_coef, check_factors,
                                      check_feats, check_vector, gather_from_mesh, subset_sharding)
 from jaxgrad.estimate.solver import SubsetFits
-from jaxgrad.outputs import outputs_loss
+from jaxgrad.gradients.outputs import outputs_loss
 
 
 
@@ -41,7 +41,7 @@ def rescale_factors(coef_SxK: jax.typing.ArrayLike, projector: Any,
 
     Args:
       coef_SxK: S×k surrogate coefficients (``SubsetFits.coef``).
-      projector: a ``jaxgrad.projection.Projector`` (anything with ``gram()`` and ``k``), or
+      projector: a ``jaxgrad.gradients.projection.Projector`` (anything with ``gram()`` and ``k``), or
         its k×k Gram matrix PᵀP already computed (``gram()`` costs D·k² flops: cache it).
       theta_norm: ‖θ*‖ of the trainable (LoRA) parameters, > 0 (``jaxgrad.common.flat.tree_norm``);
         ignored when ``scale`` is None.

@@ -2,8 +2,8 @@
 
 ``compute_gradient_store`` walks the store's missing shards (a killed run continues at the first
 one), batches each shard's examples with fixed bucketed shapes, computes ``x_i = Pᵀ ∇f_i(θ*)``
-and ``f_i(θ*)`` with :func:`jaxgrad.per_sample.per_sample_projected_grads` and writes the shard
-atomically. The store's manifest pins the model, a fingerprint of θ* (the trainable weights), the
+and ``f_i(θ*)`` with :func:`jaxgrad.gradients.per_sample.per_sample_projected_grads` and writes
+the shard atomically. The store's manifest pins the model, a fingerprint of θ* (the trainable weights), the
 output function and the projector, so later stages cannot mix gradients of different runs.
 
 With several processes (``jax.distributed``), process p computes the shards i with
@@ -20,11 +20,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxgrad.data.batching import collate, encode_for_model
-from jaxgrad.per_sample import per_sample_projected_grads, trainable_filter
-from jaxgrad.store import GradientStore, read_manifest
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import GradientsConfig, TrainConfig
+from jaxgrad.data.batching import collate, encode_for_model
+from jaxgrad.gradients.manifest import read_manifest
+from jaxgrad.gradients.per_sample import per_sample_projected_grads, trainable_filter
+from jaxgrad.gradients.store import GradientStore
 
 
 def params_fingerprint(state: Any) -> str:

@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from jaxgrad.common.flat import flat_spec
+from jaxgrad.gradients.outputs import get_output_fn
 from jaxgrad.losses import model_logits
-from jaxgrad.outputs import get_output_fn
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
                 "targets", "target_mask")
@@ -113,8 +113,8 @@ def per_sample_projected_grads(model: nnx.Module, batch: dict, projector, output
     Args:
       model: a jaxgrad model (with LoRA adapters unless ``full_finetune``).
       batch: a batch dict from :mod:`jaxgrad.data.batching` (numpy or jax arrays).
-      projector: a :class:`jaxgrad.projection.Projector` whose ``dim`` equals the number of
-        trainable parameters.
+      projector: a :class:`jaxgrad.gradients.projection.Projector` whose ``dim`` equals the
+        number of trainable parameters.
       output_fn: ``"logit_odds"`` (the paper's) or ``"token_ce"``.
       eps: probability clipping of ``logit_odds``.
       chunk_size: examples per ``vmap`` chunk; bounds memory at chunk_size × D gradients.
