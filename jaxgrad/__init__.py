@@ -28,8 +28,9 @@ machines without ``datasets``, ``transformers`` or ``ml_collections``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from jaxgrad.common.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -114,13 +115,4 @@ _EXPORTS: dict[str, str] = {
     "synthetic_sources": "jaxgrad.data.synthetic",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'jaxgrad' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

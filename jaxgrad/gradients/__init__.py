@@ -18,8 +18,9 @@ nothing else of the package.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from jaxgrad.common.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from jaxgrad.gradients.compute import compute_gradient_store
@@ -66,13 +67,4 @@ _EXPORTS: dict[str, str] = {
     "token_ce": "jaxgrad.gradients.outputs",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'jaxgrad.gradients' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
