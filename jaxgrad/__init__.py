@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from jaxgrad import _compat
 from jaxgrad.common.lazy import lazy_exports
 
 __version__ = "0.1.0"
@@ -116,3 +117,4 @@ _EXPORTS: dict[str, str] = {
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+_compat.install()  # the import paths of 0.1 that moved keep working, with a warning

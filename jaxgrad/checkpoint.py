@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxgrad._compat import moved_names
 from jaxgrad.common.jsonio import jsonable
 
 ITEMS = ("params", "opt_state", "train_state", "meta")
@@ -179,3 +180,6 @@ def restore_params(model: nnx.Module, directory: str | os.PathLike,
         mngr.close()
     nnx.update(model, restored)
     return model, meta
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

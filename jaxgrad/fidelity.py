@@ -57,6 +57,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad import rundir
 from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.common.jsonio import read_json, write_json
@@ -528,3 +529,6 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
                                   "seeds": len(v["err"])} for s, v in per.items()}
     return {"theta_norm": theta_norm, "D": dim, "num_samples": len(examples),
             "output_fn": str(config.gradients.output_fn), "results": results}
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

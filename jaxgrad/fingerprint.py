@@ -49,6 +49,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
+from jaxgrad._compat import moved_names
 from jaxgrad.common import counts
 from jaxgrad.common.distributed import barrier
 from jaxgrad.common.jsonio import atomic_write_json, jsonable, read_json, write_json
@@ -581,3 +582,6 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
         atomic_write_json(path, {"version": RECORDS_VERSION, "values": dict(sorted(values.items()))})
     barrier(f"finetune/recorded/{os.path.basename(run_dir)}")  # nobody trains in it before
     return status
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

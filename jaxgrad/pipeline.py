@@ -49,6 +49,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad import rundir
 from jaxgrad.common import counts
 from jaxgrad.common.counts import check_fraction_or_count, fraction_or_count
@@ -1082,3 +1083,6 @@ def define_on_config_change_flag():
         "(default; names the changed keys, deletes nothing) or 'rerun' (deletes that stage's "
         "artefacts and everything downstream, then recomputes). Default: "
         "config.pipeline.on_config_change.")
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -62,6 +62,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxgrad._compat import moved_names
 from jaxgrad import checkpoint as ckpt_lib
 from jaxgrad import rundir
 from jaxgrad.common import sharding as sharding_lib
@@ -1049,3 +1050,6 @@ def finetune(config: Any, workdir: str) -> TrainResult:
                        "metrics": result.metrics}, f, indent=1)
     barrier(f"finetune/{name}")  # the other processes read sources.json next
     return result
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

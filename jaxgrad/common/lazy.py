@@ -12,15 +12,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def lazy_exports(package: str, exports: Mapping[str, str], namespace: Mapping[str, Any]
+def lazy_exports(package: str, exports: Mapping[str, str], namespace: Mapping[str, Any],
+                 fallback: Callable[[str], Any] | None = None
                  ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package`` whose names ``exports`` maps to modules.
+    """``(__getattr__, __dir__)`` for ``package`` whose names ``exports`` maps to modules;
+    ``fallback(name)`` serves other names (e.g. :func:`jaxgrad._compat.moved_names`).
 
     Raises (from ``__getattr__``): AttributeError naming the package and an unknown name.
     """
     def __getattr__(name: str) -> Any:
         module = exports.get(name)
         if module is None:
+            if fallback is not None:
+                return fallback(name)
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(module), name)
 

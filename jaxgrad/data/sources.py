@@ -31,6 +31,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+from jaxgrad._compat import moved_names
 from jaxgrad.config import DEFAULT_COLUMNS, DEFAULT_TEST, DEFAULT_VALIDATION, FORMATS, as_fields
 from jaxgrad.data import bigbench
 from jaxgrad.data.examples import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, COT_COMPLETION,
@@ -303,3 +304,6 @@ def load_data(section: Any):
             files["path"] = list(files["path"])
         return load_sources(files)
     raise ValueError(f"config.data.kind must be 'synthetic' or 'files', got {kind!r}")
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

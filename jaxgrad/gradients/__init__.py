@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from jaxgrad._compat import moved_names
 from jaxgrad.common.lazy import lazy_exports
 
 if TYPE_CHECKING:
@@ -67,4 +68,4 @@ _EXPORTS: dict[str, str] = {
     "token_ce": "jaxgrad.gradients.outputs",
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), moved_names(__name__))

@@ -7,6 +7,7 @@ protocol).
 :func:`make_groups`) and reads them back (:class:`Units`).
 """
 
+from jaxgrad._compat import moved_names
 from jaxgrad.groups.clusters import cluster_samples
 from jaxgrad.groups.units import (
     AGGLOMERATIVE_MAX_SAMPLES,
@@ -26,3 +27,6 @@ __all__ = [
     "cluster_samples",
     "make_groups",
 ]
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

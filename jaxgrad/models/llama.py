@@ -40,6 +40,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad.models.hf_config import (
     ACTIVATIONS,
     COMPUTED,
@@ -440,3 +441,6 @@ class LlamaForCausalLM(CausalLM, nnx.Module):
         self.model = LlamaModel(cfg, rngs=rngs)
         self._init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings,
                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

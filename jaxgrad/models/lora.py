@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad.config import LoraSection
 from jaxgrad.models.layers import Linear, lora_scaling
 
@@ -300,3 +301,6 @@ def trainable_summary(model: nnx.Module) -> dict[str, int | float]:
     lora = num_params(lora_state(model))
     total = num_params(model)
     return {"lora_params": lora, "total_params": total, "lora_fraction": lora / max(total, 1)}
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -1,0 +1,283 @@
+"""The import paths of jaxgrad 0.1 that the package layout moved (issue 17), kept working.
+
+Code written against the flat layout (``from jaxgrad.projection import Projector``,
+``from jaxgrad.config_sections import default_config``, ``jaxgrad.train.load_data``) still runs:
+each old path gives the object from its new home, with a ``DeprecationWarning`` that names the
+new one. Modules that no longer exist are served by a finder on ``sys.meta_path`` (installed by
+``import jaxgrad``, consulted only after the regular finders found nothing); modules that still
+exist but lost names forward them through a module ``__getattr__`` (:func:`moved_names`, PEP 562).
+jaxgrad itself never imports an old path (``tests/test_compat_imports.py`` checks every entry).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+# old module -> {old public name: "new.module" (same name) or "new.module:new_name"}
+MOVED: dict[str, dict[str, str]] = {
+    "jaxgrad.checkpoint": {
+        "jsonable": "jaxgrad.common.jsonio",
+    },
+    "jaxgrad.config_sections": {
+        "LORA_PEFT_ONLY": "jaxgrad.config",
+        "add_method_sections": "jaxgrad.config",
+        "add_model_sections": "jaxgrad.config",
+        "add_train_sections": "jaxgrad.config",
+        "default_config": "jaxgrad.config",
+        "files_section": "jaxgrad.config",
+    },
+    "jaxgrad.counts": {
+        "RULE": "jaxgrad.common.counts",
+        "SETTINGS": "jaxgrad.common.counts",
+        "canonical": "jaxgrad.common.counts",
+        "check_fraction_or_count": "jaxgrad.common.counts",
+        "fraction_or_count": "jaxgrad.common.counts",
+    },
+    "jaxgrad.data.sources": {
+        "ALPACA_PROMPT_NO_INPUT": "jaxgrad.data.examples",
+        "ALPACA_PROMPT_WITH_INPUT": "jaxgrad.data.examples",
+        "ANSWER_FORMATS": "jaxgrad.data.examples",
+        "ANSWER_MARKER": "jaxgrad.data.examples",
+        "COLUMN_ROLES": "jaxgrad.config",
+        "COT_COMPLETION": "jaxgrad.data.examples",
+        "COT_PROMPT": "jaxgrad.data.examples",
+        "DEFAULT_COLUMNS": "jaxgrad.config",
+        "FILE_TYPES": "jaxgrad.data.readers",
+        "FORMATS": "jaxgrad.config",
+        "MultiSourceData": "jaxgrad.data.multisource",
+        "SPLITS": "jaxgrad.data.examples",
+        "example_id": "jaxgrad.data.examples",
+        "extract_cot_answer": "jaxgrad.data.examples",
+        "extract_full_answer": "jaxgrad.data.examples",
+        "extract_leading_answer": "jaxgrad.data.examples",
+        "extract_marker_answer": "jaxgrad.data.examples",
+        "json_loads": "jaxgrad.data.readers",
+        "json_text": "jaxgrad.data.readers",
+        "make_examples": "jaxgrad.data.examples",
+        "read_text": "jaxgrad.data.readers",
+        "seed_for": "jaxgrad.data.examples",
+    },
+    "jaxgrad.fidelity": {
+        "FidelityConfig": "jaxgrad.config",
+    },
+    "jaxgrad.fingerprint": {
+        "HASHES_FILE": "jaxgrad.rundir",
+        "MODES": "jaxgrad.config:CONFIG_CHANGE_MODES",
+        "RECORDS_FILE": "jaxgrad.rundir",
+        "RUN_FILE": "jaxgrad.rundir",
+        "STAGE_ARTEFACTS": "jaxgrad.rundir",
+    },
+    "jaxgrad.flat": {
+        "FlatSpec": "jaxgrad.common.flat",
+        "as_numpy_tree": "jaxgrad.common.flat",
+        "flat_spec": "jaxgrad.common.flat",
+        "flatten": "jaxgrad.common.flat",
+        "tree_norm": "jaxgrad.common.flat",
+        "unflatten": "jaxgrad.common.flat",
+    },
+    "jaxgrad.gradients": {
+        "params_fingerprint": "jaxgrad.gradients.compute",
+        "projector_identity": "jaxgrad.gradients.compute",
+        "store_model_id": "jaxgrad.gradients.compute",
+    },
+    "jaxgrad.groups": {
+        "AGGLOMERATIVE_MAX_SAMPLES": "jaxgrad.groups.units",
+        "CLUSTER_PREFIX": "jaxgrad.groups.units",
+        "GROUPS_FILE": "jaxgrad.rundir",
+        "GROUP_BY": "jaxgrad.config",
+        "GroupsSpec": "jaxgrad.groups.units",
+        "METHODS": "jaxgrad.config:GROUP_METHODS",
+        "METRICS": "jaxgrad.config:GROUP_METRICS",
+        "Units": "jaxgrad.groups.units",
+        "cluster_names": "jaxgrad.groups.units",
+        "make_groups": "jaxgrad.groups.units",
+    },
+    "jaxgrad.models.llama": {
+        "ACTIVATIONS": "jaxgrad.models.hf_config",
+        "COMPUTED": "jaxgrad.models.hf_config",
+        "DTYPES": "jaxgrad.models.hf_config",
+        "GENERIC_EXTRAS": "jaxgrad.models.hf_config",
+        "GENERIC_FIELDS": "jaxgrad.models.hf_config",
+        "INERT": "jaxgrad.models.hf_config",
+        "NOT_APPLIED": "jaxgrad.models.hf_config",
+        "REFUSED": "jaxgrad.models.hf_config",
+        "ROPE_TYPES": "jaxgrad.models.rope",
+        "RULES": "jaxgrad.models.hf_config",
+        "apply_rope": "jaxgrad.models.rope",
+        "check_refused_fields": "jaxgrad.models.hf_config",
+        "refuse": "jaxgrad.models.hf_config",
+        "resolve_dtype": "jaxgrad.models.hf_config",
+        "rope_frequencies": "jaxgrad.models.rope",
+        "rope_inv_freq": "jaxgrad.models.rope",
+    },
+    "jaxgrad.models.lora": {
+        "PEFT_PREFIX": "jaxgrad.models.peft",
+        "PeftBaseTensors": "jaxgrad.models.peft",
+        "adapter_tensors": "jaxgrad.models.peft",
+        "load_peft_adapter": "jaxgrad.models.peft",
+        "lora_config_of": "jaxgrad.models.peft",
+        "read_peft_config": "jaxgrad.models.peft",
+        "save_peft_adapter": "jaxgrad.models.peft",
+    },
+    "jaxgrad.outputs": {
+        "OUTPUT_FUNCTIONS": "jaxgrad.config",
+        "OutputFn": "jaxgrad.gradients.outputs",
+        "get_output_fn": "jaxgrad.gradients.outputs",
+        "logit_odds": "jaxgrad.gradients.outputs",
+        "outputs_loss": "jaxgrad.gradients.outputs",
+        "token_ce": "jaxgrad.gradients.outputs",
+    },
+    "jaxgrad.per_sample": {
+        "GROUP_ENTRIES": "jaxgrad.gradients.per_sample",
+        "MODEL_INPUTS": "jaxgrad.gradients.per_sample",
+        "PerSampleResult": "jaxgrad.gradients.per_sample",
+        "num_trainable": "jaxgrad.gradients.per_sample",
+        "per_sample_projected_grads": "jaxgrad.gradients.per_sample",
+        "trainable_filter": "jaxgrad.gradients.per_sample",
+    },
+    "jaxgrad.pipeline": {
+        "FINETUNE_RUNS": "jaxgrad.config",
+        "SELECTION_METHODS": "jaxgrad.config",
+        "SELECTION_METRICS": "jaxgrad.config",
+        "SPLITS_FILE": "jaxgrad.rundir",
+        "SURROGATE_MODES": "jaxgrad.config",
+        "resolved_config": "jaxgrad.rundir",
+    },
+    "jaxgrad.progress": {
+        "LOG_INTERVAL_S": "jaxgrad.common.progress",
+        "progress_bar": "jaxgrad.common.progress",
+    },
+    "jaxgrad.projection": {
+        "Projector": "jaxgrad.gradients.projection",
+    },
+    "jaxgrad.selection": {
+        "CLUSTER_METHODS": "jaxgrad.config:GROUP_METHODS",
+        "EnsembleScores": "jaxgrad.select.scores",
+        "ScoreFn": "jaxgrad.select.stepwise",
+        "StepwiseResult": "jaxgrad.select.stepwise",
+        "baseline_all": "jaxgrad.select.baselines",
+        "baseline_random": "jaxgrad.select.baselines",
+        "baseline_random_total": "jaxgrad.select.baselines",
+        "cluster_samples": "jaxgrad.groups.clusters",
+        "ensemble_scores": "jaxgrad.select.scores",
+        "forward_selection": "jaxgrad.select.stepwise",
+        "gradient_similarity_scores": "jaxgrad.select.baselines",
+        "masks_from_sources": "jaxgrad.estimate.subsets",
+        "ordered_selection": "jaxgrad.select.stepwise",
+        "sample_subsets": "jaxgrad.estimate.subsets",
+        "select_threshold": "jaxgrad.select.scores",
+        "select_top": "jaxgrad.select.scores",
+        "subset_size": "jaxgrad.estimate.subsets",
+    },
+    "jaxgrad.sharding": {
+        "AXIS_NAMES": "jaxgrad.common.sharding",
+        "DATA_AXIS": "jaxgrad.common.sharding",
+        "DEFAULT_RULES": "jaxgrad.common.sharding",
+        "MODEL_AXIS": "jaxgrad.common.sharding",
+        "Rules": "jaxgrad.common.sharding",
+        "batch_sharding": "jaxgrad.common.sharding",
+        "from_host": "jaxgrad.common.sharding",
+        "make_mesh": "jaxgrad.common.sharding",
+        "partition_specs": "jaxgrad.common.sharding",
+        "path_name": "jaxgrad.common.sharding",
+        "replicated": "jaxgrad.common.sharding",
+        "rules_from_config": "jaxgrad.common.sharding",
+        "shard_batch": "jaxgrad.common.sharding",
+        "spec_for": "jaxgrad.common.sharding",
+        "state_shardings": "jaxgrad.common.sharding",
+    },
+    "jaxgrad.store": {
+        "FORMAT_VERSION": "jaxgrad.gradients.manifest",
+        "GradientStore": "jaxgrad.gradients.store",
+        "IncompleteStoreError": "jaxgrad.gradients.manifest",
+        "MANIFEST_NAME": "jaxgrad.rundir:MANIFEST_FILE",
+        "STORAGE_DTYPES": "jaxgrad.config",
+        "StoreMismatchError": "jaxgrad.gradients.manifest",
+        "read_manifest": "jaxgrad.gradients.manifest",
+    },
+    "jaxgrad.surrogate": {
+        "GRADEX_POSITIVE_RATE": "jaxgrad.estimate.surrogate",
+        "HIGHER_IS_BETTER": "jaxgrad.estimate.lift",
+        "OBJECTIVES": "jaxgrad.config",
+        "OUTPUTS": "jaxgrad.config:OUTPUT_FUNCTIONS",
+        "PRECONDITIONERS": "jaxgrad.estimate.surrogate",
+        "SubsetFits": "jaxgrad.estimate.solver",
+        "estimate_subsets": "jaxgrad.estimate.lift",
+        "exact_estimates": "jaxgrad.estimate.lift",
+        "fit_subsets": "jaxgrad.estimate.surrogate",
+        "gradex_labels": "jaxgrad.estimate.surrogate",
+        "lift_updates": "jaxgrad.estimate.lift",
+        "rescale_factors": "jaxgrad.estimate.lift",
+    },
+    "jaxgrad.train": {
+        "ADAPTER_DIR": "jaxgrad.rundir",
+        "CKPT_DIR": "jaxgrad.rundir",
+        "METRICS_FILE": "jaxgrad.rundir",
+        "MeshConfig": "jaxgrad.config",
+        "ModelSpec": "jaxgrad.config",
+        "OPTIMIZERS": "jaxgrad.config",
+        "SCHEDULES": "jaxgrad.config",
+        "TrainConfig": "jaxgrad.config",
+        "initialize_distributed": "jaxgrad.common.distributed",
+        "load_data": "jaxgrad.data.sources",
+    },
+}
+
+
+def new_home(old_module: str, name: str) -> tuple[str, str] | None:
+    """``(module, name)`` where ``old_module.name`` lives now, or None if it did not move."""
+    target = MOVED.get(old_module, {}).get(name)
+    if target is None:
+        return None
+    module, _, new_name = target.partition(":")
+    return module, new_name or name
+
+
+def _resolve(old_module: str, name: str, stacklevel: int) -> Any:
+    home = new_home(old_module, name)
+    if home is None:
+        raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
+    module, new_name = home
+    warnings.warn(f"{old_module}.{name} moved to {module}.{new_name}; import it from there "
+                  "(the old path will be removed)", DeprecationWarning, stacklevel=stacklevel)
+    return getattr(importlib.import_module(module), new_name)
+
+
+def moved_names(module_name: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that serves the names :data:`MOVED` lists for ``module_name``."""
+    def __getattr__(name: str) -> Any:
+        return _resolve(module_name, name, stacklevel=3)
+    return __getattr__
+
+
+class _MovedModuleLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None  # the default module object
+
+    def exec_module(self, module) -> None:
+        homes = sorted({t.partition(":")[0] for t in MOVED[module.__name__].values()})
+        warnings.warn(f"{module.__name__} moved (to {', '.join(homes)}); import from the new "
+                      "modules (the old path will be removed)", DeprecationWarning, stacklevel=2)
+        module.__getattr__ = moved_names(module.__name__)
+        module.__all__ = sorted(MOVED[module.__name__])
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder):
+    """Finds the modules of :data:`MOVED` that no longer exist (it runs after the path finder)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, _MovedModuleLoader())
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` (once), after the regular finders."""
+    if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+        sys.meta_path.append(_MovedModuleFinder())
