@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgrad.common.flat import flat_spec
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 from jaxgrad.outputs import get_output_fn
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",

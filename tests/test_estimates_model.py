@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.outputs import logit_odds
 from jaxgrad.per_sample import num_trainable, per_sample_projected_grads

@@ -92,26 +92,17 @@ CYCLES_TODAY_WITH_LOCAL_IMPORTS: set[frozenset[str]] = {
 # (module, imported module) -> number of import statements inside functions of that module.
 LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
     # jaxgrad's own modules
-    ("jaxgrad.choices", "jaxgrad.data.batching"): 1,
-    ("jaxgrad.choices", "jaxgrad.losses"): 1,
-    ("jaxgrad.fidelity", "jaxgrad.choices"): 1,
     ("jaxgrad.fidelity", "jaxgrad.data.batching"): 2,
-    ("jaxgrad.fidelity", "jaxgrad.losses"): 2,
     ("jaxgrad.fidelity", "jaxgrad.outputs"): 2,
     ("jaxgrad.fidelity", "jaxgrad.per_sample"): 2,
     ("jaxgrad.fidelity", "jaxgrad.pipeline"): 3,
     ("jaxgrad.fidelity", "jaxgrad.store"): 2,
-    ("jaxgrad.fidelity", "jaxgrad.train"): 2,
-    ("jaxgrad.pipeline", "jaxgrad.checkpoint"): 1,
-    ("jaxgrad.pipeline", "jaxgrad.data"): 2,
-    ("jaxgrad.pipeline", "jaxgrad.data.batching"): 2,
-    ("jaxgrad.pipeline", "jaxgrad.data.synthetic"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.data"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.data.batching"): 1,
     ("jaxgrad.pipeline", "jaxgrad.fidelity"): 1,
     ("jaxgrad.pipeline", "jaxgrad.fingerprint"): 1,
     ("jaxgrad.pipeline", "jaxgrad.gradients"): 1,
-    ("jaxgrad.pipeline", "jaxgrad.losses"): 1,
-    ("jaxgrad.pipeline", "jaxgrad.models"): 2,
-    ("jaxgrad.pipeline", "jaxgrad.models.llama"): 1,
+    ("jaxgrad.pipeline", "jaxgrad.models"): 1,
     ("jaxgrad.pipeline", "jaxgrad.outputs"): 1,
     ("jaxgrad.pipeline", "jaxgrad.per_sample"): 3,
     ("jaxgrad.pipeline", "jaxgrad.projection"): 1,
@@ -119,17 +110,10 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
     ("jaxgrad.pipeline", "jaxgrad.representations"): 1,
     ("jaxgrad.pipeline", "jaxgrad.runtime"): 2,
     ("jaxgrad.pipeline", "jaxgrad.store"): 5,
-    ("jaxgrad.pipeline", "jaxgrad.train"): 4,
     ("jaxgrad.report", "jaxgrad.fingerprint"): 1,
     ("jaxgrad.representations", "jaxgrad.data.batching"): 1,
     ("jaxgrad.runtime", "jaxgrad.fingerprint"): 1,
     ("jaxgrad.store", "jaxgrad"): 1,
-    ("jaxgrad.train", "jaxgrad.choices"): 1,
-    ("jaxgrad.train", "jaxgrad.data"): 1,
-    ("jaxgrad.train", "jaxgrad.data.batching"): 1,
-    ("jaxgrad.train", "jaxgrad.groups.units"): 1,
-    ("jaxgrad.train", "jaxgrad.models"): 3,
-    ("jaxgrad.train", "jaxgrad.models.hub"): 1,
     # not optional and cheap (the standard library, jax, flax, optax): move to module level
     ("jaxgrad.models.gguf", "importlib.metadata"): 1,
     ("jaxgrad.runtime", "jax"): 1,
@@ -144,7 +128,6 @@ MODULE_LINES_TODAY: dict[str, int] = {
     "jaxgrad.projection": 746,
     "jaxgrad.report": 537,
     "jaxgrad.store": 1045,
-    "jaxgrad.train": 1234,
 }
 
 # "module:qualified.name" -> its length today (a ceiling).
@@ -158,7 +141,6 @@ FUNCTION_LINES_TODAY: dict[str, int] = {
     "jaxgrad.store:GradientStore.create_or_resume": 102,
     "jaxgrad.store:_new_manifest": 89,
     "jaxgrad.estimate.surrogate:fit_subsets": 150,
-    "jaxgrad.train:run_training": 188,
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxgrad.common.jsonio import jsonable
+from jaxgrad.models.lora import TRAINABLE_FILTERS
 
 ITEMS = ("params", "opt_state", "train_state", "meta")
-TRAINABLE_FILTERS = {"lora": nnx.LoRAParam, "full": nnx.Param}
 
 
 def make_manager(directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = None,
