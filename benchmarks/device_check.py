@@ -27,7 +27,7 @@ timeout still leaves the parts it finished):
    rule) and small random ``lora_B`` (so that every adapter weight has a nonzero gradient, as at a
    meta-trained θ*), random tokens, T = 256, the second half of each sequence as target tokens.
 3. ``batched``: the ceiling: one ``jit(value_and_grad)`` of the ordinary token-mean
-   cross-entropy of the whole batch (``jaxgrad.losses.batch_loss``) w.r.t. the LoRA parameters,
+   cross-entropy of the whole batch (``jaxgrad.train.losses.batch_loss``) w.r.t. the LoRA parameters,
    same model and batch size.
 4. ``surrogate``: ``jaxgrad.estimate.surrogate.fit_subsets`` (gradex objective, C = 1e-4, the paper's) on
    N = 4096 samples × k = 2048 features for 100,000 random masks that each hold every sample
@@ -65,7 +65,7 @@ table, e.g. a CPU). The per-sample projection runs in float32 (the adapters' gra
 float32), which is not a bf16 tensor-core operation; it is still counted against the bf16 peak.
 
 The script imports jax, flax, numpy and jaxgrad's core modules only: not ``datasets`` nor
-``ml_collections`` (nor ``jaxgrad.train``, which pulls in orbax); the JSON lists which optional
+``ml_collections`` (nor ``jaxgrad.train.checkpoint``, which pulls in orbax); the JSON lists which optional
 packages ended up imported (``imported_optional``).
 """
 
@@ -353,7 +353,7 @@ def part_per_sample(sz: dict, peak: float | None) -> dict:
 def part_batched(sz: dict, peak: float | None) -> dict:
     from flax import nnx
 
-    from jaxgrad.losses import batch_loss
+    from jaxgrad.train.losses import batch_loss
 
     model, batch, _ = shared_model(sz)
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -365,7 +365,7 @@ def part_batched(sz: dict, peak: float | None) -> dict:
         return jax.value_and_grad(loss)(lora)
 
     res = model_info(sz, peak)
-    res["loss"] = "token-mean cross-entropy of the batch (jaxgrad.losses.batch_loss)"
+    res["loss"] = "token-mean cross-entropy of the batch (jaxgrad.train.losses.batch_loss)"
     log(f"batched: one value_and_grad over the batch of {sz['n_samples']}")
     (loss, grads), t = time_calls(lambda: step(lora, rest, batch), sz["repeats"],
                                   sz["part_budget_s"])

@@ -49,10 +49,11 @@ def main():
     from configs import demo
     from jaxgrad.data.batching import collate, encode_for_model
     from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
-    from jaxgrad.losses import model_logits
     from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
     from jaxgrad.gradients.per_sample import trainable_filter
-    from jaxgrad.pipeline import _load_theta_star, _projector, run_pipeline
+    from jaxgrad.models.forward import model_logits
+    from jaxgrad.pipeline import _projector, run_pipeline
+    from jaxgrad.train.stage import load_theta_star
     from jaxgrad.rundir import resolved_config
     from jaxgrad.data.sources import load_data
     from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
@@ -78,7 +79,7 @@ def main():
     masks = masks_from_sources(ids, subsets, n_sources=len(sources))
     n_distinct = len({tuple(np.asarray(r)) for r in subsets})
 
-    model, tokenizer = _load_theta_star(config, args.workdir)
+    model, tokenizer = load_theta_star(config, args.workdir)
     graphdef, theta, rest = nnx.split(model, trainable_filter(model), ...)
     theta_norm = float(tree_norm(theta))
     projector = _projector(config, flat_spec(theta).size)

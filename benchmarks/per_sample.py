@@ -63,7 +63,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgrad.common.flat import flat_spec
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 from jaxgrad.models import (LlamaConfig, LoraConfig, apply_lora, build_model, save_peft_adapter,
                             save_pretrained)
 from jaxgrad.models.llama import to_hf_config

@@ -54,12 +54,12 @@ def per_question_losses(config, run_dir: str) -> np.ndarray:
     import jax.numpy as jnp
 
     from jaxgrad.data.batching import collate, encode_for_model
-    from jaxgrad.losses import model_logits
+    from jaxgrad.models.forward import model_logits
     from jaxgrad.models import load_peft_adapter
     from jaxgrad.gradients.outputs import token_ce
     from jaxgrad.config import ModelSpec
     from jaxgrad.data.sources import load_data
-    from jaxgrad.train import load_model, lora_from_config
+    from jaxgrad.models.loading import load_model, lora_from_config
 
     data = load_data(config.data)
     model, tok = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))

@@ -56,12 +56,12 @@ def build(config, workdir: str | None):
     from jaxgrad.gradients.projection import Projector
     from jaxgrad.config import ModelSpec
     from jaxgrad.data.sources import load_data
-    from jaxgrad.train import load_model, lora_from_config
+    from jaxgrad.models.loading import load_model, lora_from_config
 
     model, tokenizer = load_model(ModelSpec.from_config(config.model),
                                   lora_from_config(config.lora))
     if workdir:
-        from jaxgrad.checkpoint import restore_params
+        from jaxgrad.train.checkpoint import restore_params
 
         restore_params(model, os.path.join(workdir, "meta_train", "ckpt"), "latest")
     else:
@@ -83,9 +83,9 @@ def build(config, workdir: str | None):
 
 
 def contenders(model, batch, projector, config):
-    from jaxgrad.losses import model_logits
     from jaxgrad.gradients.outputs import get_output_fn
     from jaxgrad.gradients.per_sample import MODEL_INPUTS, per_sample_projected_grads
+    from jaxgrad.models.forward import model_logits
 
     g = config.gradients
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)

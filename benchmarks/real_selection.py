@@ -11,7 +11,7 @@ copied in and serves every seed (one meta-training: the CPU budget). The runs re
 
 Per seed and run (selection, all, random, grad_sim, repr_sim; equal step budgets,
 ``pipeline.finetune_steps``): target test loss, accuracy of the generated answer (exact match of
-the leading Yes/No) and of the most likely answer (``jaxgrad.choices``), each accuracy with a
+the leading Yes/No) and of the most likely answer (``jaxgrad.train.evaluate.choice_accuracy``), each accuracy with a
 Wilson 95% interval over the test questions, and the planted-source ranking AUC. Appends to
 benchmarks/RESULTS.md under "## Selection on the real LM (seeds)" and writes the ``selection``
 section of benchmarks/results/real_model.json. About 30 minutes per new seed on 2 cores.
@@ -78,11 +78,11 @@ def prepare_seed_dir(base: str, workdir: str) -> None:
 def choice_accuracy_of_run(config, run_dir: str) -> float:
     """Most-likely-answer accuracy on the target's test split of a final fine-tune's adapter
     (for runs made before the finetune stage recorded ``test_choice_acc``)."""
-    from jaxgrad.choices import choice_accuracy, target_choices
+    from jaxgrad.train.evaluate import choice_accuracy, target_choices
     from jaxgrad.models import load_peft_adapter
     from jaxgrad.config import ModelSpec
     from jaxgrad.data.sources import load_data
-    from jaxgrad.train import load_model, lora_from_config
+    from jaxgrad.models.loading import load_model, lora_from_config
 
     data = load_data(config.data)
     model, tok = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))

@@ -5,7 +5,7 @@ against the N-D einsum form it replaced, measured in one run.
 
 The model is the config's from-scratch Llama with its LoRA targets (configs/demo.py: hidden 64,
 2 layers, rank-16 adapters on every linear layer and the LM head), random tokens of
-``train.max_length``, one jitted ``jaxgrad.train.train_step`` (AdamW, the config's learning rate)
+``train.max_length``, one jitted ``jaxgrad.train.step.train_step`` (AdamW, the config's learning rate)
 with donated state, as ``run_training`` calls it. Per batch size and form: the first call
 (tracing + compilation + one step) and the median over 5 blocks of ``--steps // 5`` steps
 (wall time per step, ``block_until_ready`` at each block's end). The einsum form is
@@ -60,10 +60,11 @@ def measure(config, batch_size: int, steps: int) -> dict:
     import numpy as np
     from flax import nnx
 
-    from jaxgrad import train
     from jaxgrad.config import TrainConfig
     from jaxgrad.models import llama
-    from jaxgrad.models.lora import LoraConfig, apply_lora
+    from jaxgrad.models.lora import LoraConfig, apply_lora, split_trainable
+    from jaxgrad.train.optim import make_optimizer
+    from jaxgrad.train.step import train_step
 
     scratch = dict(config.model.scratch)
     length = int(config.train.max_length)
@@ -81,10 +82,10 @@ def measure(config, batch_size: int, steps: int) -> dict:
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     tcfg = TrainConfig(learning_rate=float(config.train.learning_rate),
                        batch_size=batch_size, schedule="cosine")
-    tx = train.make_optimizer(tcfg, steps + 1)
-    graphdef, trainable, frozen = train.split_trainable(model)
+    tx = make_optimizer(tcfg, steps + 1)
+    graphdef, trainable, frozen = split_trainable(model)
     opt = tx.init(trainable)
-    step = jax.jit(functools.partial(train.train_step, graphdef, tx=tx), donate_argnums=(0, 2))
+    step = jax.jit(functools.partial(train_step, graphdef, tx=tx), donate_argnums=(0, 2))
     t = time.perf_counter()
     trainable, opt, m = step(trainable, frozen, opt, batch, None)
     jax.block_until_ready(m)

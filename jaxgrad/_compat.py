@@ -1,7 +1,7 @@
 """The import paths of jaxgrad 0.1 that the package layout moved (issue 17), kept working.
 
 Code written against the flat layout (``from jaxgrad.projection import Projector``,
-``from jaxgrad.config_sections import default_config``, ``jaxgrad.train.load_data``) still runs:
+``from jaxgrad.config_sections import default_config``, ``jaxgrad.train.load_data``, ``jaxgrad.losses``) still runs:
 each old path gives the object from its new home, with a ``DeprecationWarning`` that names the
 new one. Modules that no longer exist are served by a finder on ``sys.meta_path`` (installed by
 ``import jaxgrad``, consulted only after the regular finders found nothing); modules that still
@@ -22,7 +22,23 @@ from typing import Any
 # old module -> {old public name: "new.module" (same name) or "new.module:new_name"}
 MOVED: dict[str, dict[str, str]] = {
     "jaxgrad.checkpoint": {
+        "ITEMS": "jaxgrad.train.checkpoint",
+        "TRAINABLE_FILTERS": "jaxgrad.models.lora",
+        "abstract_like": "jaxgrad.train.checkpoint",
         "jsonable": "jaxgrad.common.jsonio",
+        "make_manager": "jaxgrad.train.checkpoint",
+        "read_meta": "jaxgrad.train.checkpoint",
+        "resolve_step": "jaxgrad.train.checkpoint",
+        "restore": "jaxgrad.train.checkpoint",
+        "restore_params": "jaxgrad.train.checkpoint",
+        "save": "jaxgrad.train.checkpoint",
+    },
+    "jaxgrad.choices": {
+        "MAX_CHOICES": "jaxgrad.train.evaluate",
+        "answer_choices": "jaxgrad.train.evaluate",
+        "choice_accuracy": "jaxgrad.train.evaluate",
+        "choice_log_likelihoods": "jaxgrad.train.evaluate",
+        "target_choices": "jaxgrad.train.evaluate",
     },
     "jaxgrad.config_sections": {
         "LORA_PEFT_ONLY": "jaxgrad.config",
@@ -98,6 +114,16 @@ MOVED: dict[str, dict[str, str]] = {
         "cluster_names": "jaxgrad.groups.units",
         "make_groups": "jaxgrad.groups.units",
     },
+    "jaxgrad.losses": {
+        "Batch": "jaxgrad.models.forward",
+        "DECODER_FIELDS": "jaxgrad.models.forward",
+        "ENCODER_DECODER_FIELDS": "jaxgrad.models.forward",
+        "batch_loss": "jaxgrad.train.losses",
+        "batch_token_count": "jaxgrad.train.losses",
+        "model_logits": "jaxgrad.models.forward",
+        "token_ce_sums": "jaxgrad.train.losses",
+        "token_cross_entropy": "jaxgrad.train.losses",
+    },
     "jaxgrad.models.llama": {
         "ACTIVATIONS": "jaxgrad.models.hf_config",
         "COMPUTED": "jaxgrad.models.hf_config",
@@ -148,6 +174,8 @@ MOVED: dict[str, dict[str, str]] = {
         "SPLITS_FILE": "jaxgrad.rundir",
         "SURROGATE_MODES": "jaxgrad.config",
         "resolved_config": "jaxgrad.rundir",
+        "stage_base": "jaxgrad.train.stage",
+        "stage_meta_train": "jaxgrad.train.stage",
     },
     "jaxgrad.progress": {
         "LOG_INTERVAL_S": "jaxgrad.common.progress",
@@ -224,8 +252,15 @@ MOVED: dict[str, dict[str, str]] = {
         "OPTIMIZERS": "jaxgrad.config",
         "SCHEDULES": "jaxgrad.config",
         "TrainConfig": "jaxgrad.config",
+        "finetune": "jaxgrad.train.finetune",
+        "finetune_run_name": "jaxgrad.train.finetune",
+        "finetune_sources": "jaxgrad.train.finetune",
         "initialize_distributed": "jaxgrad.common.distributed",
         "load_data": "jaxgrad.data.sources",
+        "load_model": "jaxgrad.models.loading",
+        "lora_from_config": "jaxgrad.models.loading",
+        "meta_train": "jaxgrad.train.stage",
+        "split_trainable": "jaxgrad.models.lora",
     },
 }
 

@@ -143,7 +143,7 @@ class LoraSection:
     their checks and peft's module-selection rules (its docstring documents each field).
 
     A config spells ``target_modules`` None as ``""`` and ``rank`` 0 means no adapters
-    (``jaxgrad.train.lora_from_config``).
+    (``jaxgrad.models.loading.lora_from_config``).
     """
 
     rank: int = 16

@@ -70,7 +70,13 @@ from jaxgrad.estimate.surrogate import fit_subsets
 from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
 from jaxgrad.gradients.per_sample import trainable_filter
 from jaxgrad.gradients.store import GradientStore
+from jaxgrad.models.forward import model_logits
 from jaxgrad.rundir import resolved_config
+from jaxgrad.train.evaluate import choice_accuracy, target_choices
+from jaxgrad.train.loop import fit
+from jaxgrad.train.losses import batch_loss
+from jaxgrad.train.optim import make_optimizer
+from jaxgrad.train.stage import load_theta_star
 
 # One-step fine-tunes on subsets that fit one batch are computed from per-unit gradient sums
 # (run_fidelity); False forces `fit` for every subset (the tests compare the two).
@@ -145,7 +151,6 @@ def _target_outputs(config, data, model, tokenizer, graphdef, rest):
     """``(examples, f)``: the target's validation examples and the jitted per-sample outputs
     ``f(params) -> [J]`` (``gradients.output_fn``) of the model ``graphdef`` + ``params`` + ``rest``."""
     from jaxgrad.data.batching import collate, encode_for_model
-    from jaxgrad.losses import model_logits
 
     out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
     examples = data.target_examples()
@@ -171,7 +176,6 @@ def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, f
     instead of one per subset (see :func:`run_fidelity`). Results are cached per unit.
     """
     from jaxgrad.data.batching import collate, encode_for_model
-    from jaxgrad.losses import batch_loss
 
     max_length, chunk = int(config.train.max_length), 256
 
@@ -208,8 +212,6 @@ def _one_step_update(tc, theta_star, unit_sums):
     """θ_S after one step of ``make_optimizer(tc)`` on the token-mean gradient of the units
     whose ``(G, T)`` sums are given, and that gradient's global norm (before clipping): what
     ``fit`` computes from one batch holding every example of the units."""
-    from jaxgrad.train import make_optimizer
-
     tokens = max(sum(t for _, t in unit_sums), 1.0)
     grads = jax.tree.map(lambda *g: sum(g) / tokens, *[g for g, _ in unit_sums])
     tx = make_optimizer(tc, 1)
@@ -242,8 +244,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     call with other ``surrogate`` settings (objective, C, scale) re-scores the same fine-tunes in
     seconds. ``write=False`` leaves ``fidelity/fidelity.json`` as it is (to compare settings).
     """
-    from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates, pipeline_units
-    from jaxgrad.train import fit
+    from jaxgrad.pipeline import _projector, _read_estimates, pipeline_units
 
     config = resolved_config(config, workdir)
     fcfg = FidelityConfig(**dict(config.get("fidelity") or {}))
@@ -267,7 +268,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     _check_settings(out_dir, settings)
 
     metric = _target_metric(str(config.gradients.output_fn))
-    model, tokenizer = _load_theta_star(config, workdir)
+    model, tokenizer = load_theta_star(config, workdir)
     filt = trainable_filter(model)
     graphdef, theta_star, rest = nnx.split(model, filt, ...)
     theta_star = jax.tree_util.tree_map(jnp.array, theta_star)
@@ -428,9 +429,8 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
 
 def _choice_accuracy_fn(config, data, tokenizer):
     """``model -> accuracy`` of the most likely answer on the target's validation examples
-    (:mod:`jaxgrad.choices`), or ``model -> nan`` when the target's answers are open-ended."""
-    from jaxgrad.choices import choice_accuracy, target_choices
-
+    (:func:`jaxgrad.train.evaluate.choice_accuracy`), or ``model -> nan`` when the target's
+    answers are open-ended."""
     choices = target_choices(data)
     examples = data.target_examples()
     if choices is None:
@@ -465,7 +465,7 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     Returns ``{"theta_norm", "D", "num_samples", "results": {kind: {str(s): {...}}}}``.
     Raises ValueError: ``seeds`` exceeds the estimates table's rows (surrogate directions).
     """
-    from jaxgrad.pipeline import _load_theta_star, _projector, _read_estimates
+    from jaxgrad.pipeline import _projector, _read_estimates
 
     config = resolved_config(config, workdir)
     data = load_data(config.data)
@@ -473,7 +473,7 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     if len(rows) < seeds:
         raise ValueError(f"first_order_error: {workdir}/estimates/estimates.csv has {len(rows)} "
                          f"rows, fewer than seeds={seeds}")
-    model, tokenizer = _load_theta_star(config, workdir)
+    model, tokenizer = load_theta_star(config, workdir)
     graphdef, theta_star, rest = nnx.split(model, trainable_filter(model), ...)
     theta_star = jax.tree_util.tree_map(jnp.array, theta_star)
     spec = flat_spec(theta_star)

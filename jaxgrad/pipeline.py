@@ -15,7 +15,7 @@ stage's artefacts and everything downstream are deleted and recomputed. Layout (
 checkpoints/README.md):
 
     <workdir>/base/                  tiny base pretrained from scratch (only if config.base.pretrain)
-    <workdir>/meta_train/            θ*: LoRA meta-training on all sources (jaxgrad.train)
+    <workdir>/meta_train/            θ*: LoRA meta-training on all sources (jaxgrad.train.stage)
     <workdir>/gradients/{train,target}/  projected per-sample gradients (jaxgrad.gradients.store)
     <workdir>/groups/groups.json     with groups.by = "cluster": the units selected among, clusters
                                      of samples by their projected gradients (jaxgrad.groups)
@@ -60,7 +60,6 @@ from jaxgrad.common.progress import progress_bar
 from jaxgrad.common.sharding import make_mesh
 from jaxgrad.config import (CHOICES, FINETUNE_RUNS, SELECTION_METRICS, MeshConfig, ModelSpec,
                             TrainConfig, default_config)
-from jaxgrad.data.examples import make_examples
 from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
 from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets, subset_size
@@ -75,11 +74,15 @@ from jaxgrad.gradients.projection import Projector
 from jaxgrad.gradients.store import GradientStore
 from jaxgrad.groups.units import GroupsSpec, Units, make_groups
 from jaxgrad.models.hf_config import resolve_dtype
+from jaxgrad.models.forward import model_logits
 from jaxgrad.rundir import resolved_config
 from jaxgrad.select.baselines import (baseline_all, baseline_random, baseline_random_total,
                                       gradient_similarity_scores)
 from jaxgrad.select.scores import ensemble_scores, select_threshold, select_top
 from jaxgrad.select.stepwise import forward_selection, ordered_selection
+from jaxgrad.train.finetune import finetune
+from jaxgrad.train.stage import (load_theta_star, stage_base, stage_meta_train,
+                                  stopped_early)
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -98,87 +101,8 @@ def _section(config, name):
     return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
 
 
-def _load_theta_star(config, workdir: str):
-    """The meta-trained model θ* (base + LoRA restored from the meta_train checkpoint)."""
-    from jaxgrad.checkpoint import restore_params
-    from jaxgrad.train import load_model, lora_from_config
-
-    model, tokenizer = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
-    restore_params(model, os.path.join(workdir, rundir.META_TRAIN_CKPT), "latest")
-    return model, tokenizer
-
-
 # ------------------------------------------------------------------------------------------------
 # stages
-
-
-def stage_base(config, workdir: str) -> str | None:
-    """Pretrain a tiny base model from scratch on generic synthetic text (demo; no downloads).
-
-    The text (``jaxgrad.data.synthetic.generic_text``) belongs to none of the sources, so the
-    base knows characters and simple structure but none of the tasks, as a pretrained LM would.
-    Saved in Hugging Face format: from here every stage runs exactly as on a real checkpoint.
-    """
-    if config.get("base") is None or not config.base.pretrain:
-        return None
-    out = os.path.join(workdir, rundir.BASE_DIR)
-    if os.path.isfile(os.path.join(workdir, rundir.BASE_MODEL_FILE)):
-        return out
-    from jaxgrad.data import build_char_tokenizer
-    from jaxgrad.data.synthetic import generic_text
-    from jaxgrad.models import LlamaConfig, build_model, save_pretrained
-    from jaxgrad.models.llama import to_hf_config
-    from jaxgrad.train import fit
-
-    b = _section(config, "base")
-    family = str(config.model.get("family", "llama") or "llama")
-    if family != "llama":
-        raise ValueError(f"config.base.pretrain builds a Llama-family base; config.model.family is "
-                         f"{family!r}. Set model.family = 'llama', or base.pretrain = False and "
-                         "model.name_or_path to a pretrained checkpoint")
-    tokenizer = build_char_tokenizer()
-    scratch = dict(config.model.scratch)
-    scratch["vocab_size"] = len(tokenizer)
-    cfg = LlamaConfig(**scratch)
-    model = build_model(cfg, seed=int(b["seed"]))
-    texts = generic_text(int(b["num_texts"]), seed=int(b["seed"]))
-    examples = make_examples(("generic", "", t, None) for t in texts)
-    tc = TrainConfig(learning_rate=float(b["learning_rate"]), warmup_steps=20, end_lr_ratio=0.1,
-                     batch_size=int(config.train.batch_size), max_length=int(config.train.max_length),
-                     num_steps=int(b["steps"]), full_finetune=True, seed=int(b["seed"]),
-                     progress=bool(config.train.progress), log_every=50, async_checkpoint=False,
-                     keep_checkpoints=1, best_metric="train_loss", schedule="cosine")
-    result = fit(model, tokenizer, examples, tc, os.path.join(workdir, rundir.BASE_RUN_DIR))
-    save_pretrained(result.model, out, to_hf_config(cfg), tokenizer)
-    write_json(os.path.join(workdir, rundir.PRETRAIN_FILE), {"steps": tc.num_steps, **result.metrics})
-    return out
-
-
-def stage_meta_train(config, workdir: str) -> dict:
-    """Step 1: LoRA meta-training on the union of all sources (θ*)."""
-    done = os.path.join(workdir, rundir.META_TRAIN_DONE)
-    if os.path.isfile(done):
-        return read_json(done)
-    from jaxgrad.train import meta_train
-
-    result = meta_train(config, workdir)
-    summary = {"step": result.step, "metrics": result.metrics}
-    if _stopped_early(config, result.step, lambda data: data.examples("train")):
-        return {**summary, "stopped_early": True}  # not done: the next run resumes
-    write_json(done, summary)
-    return summary
-
-
-def _stopped_early(config, step: int, train_examples) -> bool:
-    """Whether a training run stopped at ``train.stop_after_steps`` before its last step."""
-    stop = int(config.train.get("stop_after_steps", 0) or 0)
-    if stop <= 0 or step < stop:
-        return False
-    from jaxgrad.data.batching import num_batches
-
-    cfg = TrainConfig.from_config(config.train, config.mesh)
-    n = len(train_examples(load_data(config.data)))
-    return step < cfg.total_steps(num_batches(n, cfg.batch_size))
 
 
 def _projector(config, dim: int):
@@ -197,7 +121,7 @@ def stage_gradients(config, workdir: str) -> dict:
     paths = {name: rundir.gradients_dir(workdir, name) for name in ("train", "target")}
     if all(_store_complete(p) for p in paths.values()):
         return {k: GradientStore.open(p).num_examples for k, p in paths.items()}
-    model, tokenizer = _load_theta_star(config, workdir)
+    model, tokenizer = load_theta_star(config, workdir)
     dim = num_trainable(model)
     if int(g["projection_dim"]) > dim:  # θ* is kept: only this stage's settings must change
         raise ValueError(f"config.gradients.projection_dim = k = {int(g['projection_dim'])} is "
@@ -374,7 +298,7 @@ class SurrogateScorer:
             raise ValueError(f"SurrogateScorer: sources {self.sources} are not the run's units "
                              f"{units.names}")
         self.ids = units.row_ids(train.example_ids, train.source_ids)
-        model, _ = _load_theta_star(config, workdir)
+        model, _ = load_theta_star(config, workdir)
         self.theta_norm, theta = _theta_norm_and_state(model)
         self.projector = _projector(config, sum(int(np.prod(x.shape))
                                                 for x in jax.tree_util.tree_leaves(theta)))
@@ -438,11 +362,10 @@ def _exact_loss_fn(config, workdir, model):
     output function), so the table's ``loss`` and ``exact_loss`` columns compare.
     """
     from jaxgrad.data.batching import collate, encode_for_model
-    from jaxgrad.losses import model_logits
 
     data = load_data(config.data)
     examples = data.target_examples()
-    _, tokenizer = _load_theta_star(config, workdir)
+    _, tokenizer = load_theta_star(config, workdir)
     enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
     batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
@@ -631,7 +554,7 @@ def representation_similarity(config, workdir: str, data, units=None) -> np.ndar
     from jaxgrad.representations import mean_representations
 
     units = units or Units.of_sources(data.sources)
-    model, tokenizer = _load_theta_star(config, workdir)
+    model, tokenizer = load_theta_star(config, workdir)
     kw = dict(sources=data.sources, max_length=int(config.train.max_length),
               batch_size=int(_section(config, "gradients")["batch_size"]))
     train = data.examples("train")
@@ -655,8 +578,6 @@ def ranking_auc(ranking: Sequence[str], kinds: dict) -> float | None:
 
 def stage_finetune(config, workdir: str) -> dict:
     """Final step: fine-tune the base model on the selection and on each baseline; test metrics."""
-    from jaxgrad.train import finetune
-
     selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
     runs = {"selection": selection["selected"], **selection["baselines"]}
     units = pipeline_units(config, workdir)
@@ -695,7 +616,7 @@ def stage_finetune(config, workdir: str) -> dict:
                 cfg.train.seed = seed
                 cfg.lora.seed = seed
             result = finetune(cfg, workdir)
-            if _stopped_early(cfg, result.step,
+            if stopped_early(cfg, result.step,
                               lambda data: units.examples(data, "train", runs[name])):
                 if jax.process_index() == 0 and os.path.isfile(done):
                     os.remove(done)  # not done: the next run resumes this fine-tune

@@ -35,10 +35,10 @@ def main(argv):
 
     import jax
 
-    from jaxgrad import train
     from jaxgrad.common.distributed import initialize_distributed
     from jaxgrad.rundir import resolved_config
     from jaxgrad.runtime import enable_compilation_cache, resume_hint_on_interrupt
+    from jaxgrad.train.finetune import finetune
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla
@@ -54,7 +54,7 @@ def main(argv):
                              f"({config.model.name_or_path}): run scripts/meta_train.py (or "
                              "scripts/run_pipeline.py --stages=base) with this workdir first")
     with resume_hint_on_interrupt():
-        result = train.finetune(config, _WORKDIR.value)
+        result = finetune(config, _WORKDIR.value)
     print(json.dumps({"step": result.step, "metrics": result.metrics}, indent=1, default=float))
     print(f"[jaxgrad] fine-tune in {result.workdir} (adapter/ in PEFT format, metrics.jsonl, "
           "sources.json)", flush=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import fixture
-from jaxgrad.choices import answer_choices, choice_accuracy, choice_log_likelihoods
+from jaxgrad.train.evaluate import answer_choices, choice_accuracy, choice_log_likelihoods
 from jaxgrad.models import load_pretrained
 from jaxgrad.representations import mean_representations
 

@@ -156,13 +156,13 @@ def test_gradient_stores_open_and_merge_with_their_shapes(rerun):
 def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun):
     from flax import nnx
 
-    from jaxgrad.checkpoint import restore_params
     from jaxgrad.gradients.compute import params_fingerprint
     from jaxgrad.gradients.per_sample import num_trainable, trainable_filter
+    from jaxgrad.train.checkpoint import restore_params
     from jaxgrad.rundir import resolved_config
     from jaxgrad.gradients.store import GradientStore
     from jaxgrad.config import ModelSpec
-    from jaxgrad.train import load_model, lora_from_config
+    from jaxgrad.models.loading import load_model, lora_from_config
 
     workdir = rerun[0]
     config = resolved_config(_fixture_config(), workdir)

@@ -21,7 +21,7 @@ from jaxgrad.data.sources import SourcesSpec
 from jaxgrad.gradients.compute import compute_gradient_store
 from jaxgrad.groups.units import GroupsSpec
 from jaxgrad.models.lora import LoraConfig
-from jaxgrad.train import lora_from_config
+from jaxgrad.models.loading import lora_from_config
 
 JAXGRAD = pathlib.Path(config.__file__).parent
 

@@ -74,7 +74,7 @@ def test_gradient_store_outputs_use_the_decoder_start(t5_start7, tmp_path):
 
 
 def test_choice_log_likelihoods_use_the_decoder_start(t5_start7):
-    from jaxgrad.choices import choice_log_likelihoods
+    from jaxgrad.train.evaluate import choice_log_likelihoods
     from jaxgrad.models import load_pretrained
 
     d, m = t5_start7

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
 from jaxgrad.estimate.surrogate import fit_subsets

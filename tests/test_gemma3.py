@@ -27,7 +27,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxgrad.common.flat import flatten
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 from jaxgrad.models import (
     LoraConfig,
     apply_lora,

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxgrad.common.flat import flatten
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.gradients.outputs import get_output_fn
 from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads

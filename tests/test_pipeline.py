@@ -459,7 +459,7 @@ def test_pretrained_base_must_be_llama(tmp_path):
 def test_representation_similarity_baseline(run_dir):
     """repr_sim: the top-k sources (k = the selection's size) by the cosine between each source's
     mean last-layer hidden state at θ* and the target's; it is fine-tuned and reported."""
-    from jaxgrad.pipeline import _load_theta_star
+    from jaxgrad.train.stage import load_theta_star
     from jaxgrad.rundir import resolved_config
     from jaxgrad.representations import mean_representations
     from jaxgrad.data.sources import load_data
@@ -467,7 +467,7 @@ def test_representation_similarity_baseline(run_dir):
     sel = json.load(open(os.path.join(run_dir, "selection", "selection.json")))
     config = demo.get_config("tiny")
     data = load_data(config.data)
-    model, tok = _load_theta_star(resolved_config(config, run_dir), run_dir)
+    model, tok = load_theta_star(resolved_config(config, run_dir), run_dir)
     kw = dict(sources=data.sources, max_length=config.train.max_length)
     target = mean_representations(model, tok, data.examples("validation", [data.target]), **kw)
     t = target.mean(0)

@@ -17,7 +17,7 @@ class _Terminal(io.StringIO):
 
 def _redraws(stream, monkeypatch, updates: int, pause_s: float = 0.0) -> int:
     """Redraws (carriage returns) a bar writes to ``stream`` for ``updates`` steps ``pause_s``
-    apart, used as train.py uses it: update(1), and a postfix without a refresh every few steps."""
+    apart, used as train/loop.py uses it: update(1), and a postfix without a refresh every few steps."""
     monkeypatch.setattr(sys, "stderr", stream)
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     bar = progress.progress_bar(total=updates, file=stream)

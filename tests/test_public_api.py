@@ -12,7 +12,8 @@ import pytest
 
 import jaxgrad
 
-PACKAGES = ("jaxgrad", "jaxgrad.estimate", "jaxgrad.gradients", "jaxgrad.groups", "jaxgrad.select")
+PACKAGES = ("jaxgrad", "jaxgrad.estimate", "jaxgrad.gradients", "jaxgrad.groups", "jaxgrad.select",
+            "jaxgrad.train")
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -28,7 +29,7 @@ def test_every_public_name_resolves(name):
             assert getattr(importlib.import_module(home), obj.__name__) is obj, (name, public)
 
 
-@pytest.mark.parametrize("name", ("jaxgrad", "jaxgrad.gradients"))
+@pytest.mark.parametrize("name", ("jaxgrad", "jaxgrad.gradients", "jaxgrad.train"))
 def test_lazy_table_matches_the_type_checking_imports(name):
     """For type checkers: every lazily exported name is also imported under TYPE_CHECKING, from
     the module the table names, and ``__all__`` is exactly the table's keys."""

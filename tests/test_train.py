@@ -27,16 +27,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgrad import checkpoint as ckpt_lib
+from jaxgrad.train import checkpoint as ckpt_lib
 from jaxgrad.common import sharding as sharding_lib
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 from jaxgrad.models import LoraConfig, load_pretrained
 from jaxgrad.fingerprint import ConfigChangedError
 from jaxgrad.config import MeshConfig, ModelSpec, TrainConfig
 from jaxgrad.pipeline import check_method_sections
+from jaxgrad.models.loading import load_model
+from jaxgrad.models.lora import split_trainable
 from jaxgrad.train import (Batches, default_extract_answer, example_batches, fit, generate,
-                           load_model, loss_and_grads, make_evaluator, make_optimizer, run_training,
-                           split_trainable)
+                           loss_and_grads, make_evaluator, make_optimizer, run_training)
 
 from helpers import fixture, fixture_batch
 
@@ -228,7 +229,7 @@ def test_checkpoint_restores_in_fresh_process(tmp_path):
     out = run_subprocess(f"""
         import json
         from jaxgrad.common import sharding
-        from jaxgrad.checkpoint import restore_params
+        from jaxgrad.train.checkpoint import restore_params
         from jaxgrad.train import make_evaluator
         from test_train import tiny_data, tiny_model, quick_cfg
         d = tiny_data()
@@ -457,9 +458,9 @@ def test_default_extract_answer():
 
 
 def test_losses_token_weighted_and_padding_rows_excluded():
-    """jaxgrad.losses against numpy: per-example mean CE, and the batch loss
+    """jaxgrad.train.losses against numpy: per-example mean CE, and the batch loss
     Σ valid·mask·CE / Σ valid·mask (a padding row with a nonzero mask must not count)."""
-    from jaxgrad.losses import batch_loss, token_cross_entropy
+    from jaxgrad.train.losses import batch_loss, token_cross_entropy
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 4, 7)).astype(np.float32)
@@ -496,7 +497,7 @@ def test_configs_convert_to_typed_configs(name, variants):
     """Every config file and variant yields valid TrainConfig / ModelSpec / LoraConfig and sets
     only keys its sections define (the check run_pipeline makes before the first stage; that it
     refuses a misspelt key is tested in test_pipeline.py)."""
-    from jaxgrad.train import lora_from_config
+    from jaxgrad.models.loading import lora_from_config
 
     module = config_module(name)
     for variant in variants:
@@ -516,7 +517,8 @@ def test_meta_train_and_finetune_stages_on_tiny_demo(tmp_path):
     """The stages end to end on configs/demo.py:tiny: run layout, PEFT adapter round trip, the
     selection-file path of finetune and its test-split metrics."""
     from jaxgrad.models import load_peft_adapter
-    from jaxgrad.train import finetune, meta_train
+    from jaxgrad.train.finetune import finetune
+    from jaxgrad.train.stage import meta_train
 
     config = config_module("demo").get_config("tiny")
     result = meta_train(config, str(tmp_path))
@@ -566,7 +568,7 @@ def test_finetune_sources_from_a_selection_file(tmp_path):
     """selection_file: the selection stage's selection.json gives its "selected" list (not the
     "sources" list, which names every source), a {"sources": [...]} object its list, a JSON list
     or one name per line as they are; unknown names and empty choices are refused."""
-    from jaxgrad.train import finetune_sources
+    from jaxgrad.train.finetune import finetune_sources
 
     available = ["add", "copy", "noisy_add"]
     stage_output = tmp_path / "selection.json"

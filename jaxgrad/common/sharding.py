@@ -199,6 +199,23 @@ def from_host(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)``, also across processes: with several processes a
+    leaf that this process holds whole (the same value on every process, e.g. restored onto
+    one device) becomes a global array from its host copy, and a global leaf is resharded by a
+    jitted identity (device_put cannot move data between hosts)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == sharding else jax.jit(lambda a: a,
+                                                            out_shardings=sharding)(x)
+        return from_host(x, sharding)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Shard the leading (batch) axis over ``"data"``; other axes replicated."""
     return NamedSharding(mesh, P(DATA_AXIS))

@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxgrad.common.flat import flat_spec
 from jaxgrad.gradients.outputs import get_output_fn
-from jaxgrad.losses import model_logits
+from jaxgrad.models.forward import model_logits
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
                 "targets", "target_mask")

@@ -283,6 +283,29 @@ def split_lora(model: nnx.Module):
     return nnx.split(model, nnx.LoRAParam, ...)
 
 
+# What a training run trains, by the name recorded in its checkpoints' ``meta["trainable"]``.
+TRAINABLE_FILTERS = {"lora": nnx.LoRAParam, "full": nnx.Param}
+
+
+def trainable_kind(full_finetune: bool = False) -> str:
+    """``"full"`` (every parameter) or ``"lora"`` (the adapters): the key of ``TRAINABLE_FILTERS``."""
+    return "full" if full_finetune else "lora"
+
+
+def split_trainable(model: nnx.Module, full_finetune: bool = False):
+    """``(graphdef, trainable, frozen)``: LoRA adapters vs the rest, or every Param vs the rest.
+
+    Raises:
+      ValueError: LoRA mode on a model without adapters.
+    """
+    graphdef, trainable, frozen = nnx.split(
+        model, TRAINABLE_FILTERS[trainable_kind(full_finetune)], ...)
+    if not full_finetune and not jax.tree.leaves(trainable):
+        raise ValueError("LoRA training needs LoRA adapters on the model (apply_lora / "
+                         "load_pretrained(lora=...)), or set full_finetune=True")
+    return graphdef, trainable, frozen
+
+
 def merge_lora(graphdef, adapters, base) -> nnx.Module:
     return nnx.merge(graphdef, adapters, base)
 

@@ -1,4 +1,4 @@
-"""Token cross-entropy on a batch, and the one place that knows how to call a model on a batch.
+"""Token cross-entropy on a batch: the training loss.
 
 A batch (see :mod:`jaxgrad.data.batching`) holds ``targets [B, L]`` (the token each position
 predicts), ``target_mask [B, L]`` (1 on completion tokens, eos included) and ``valid [B]`` (0 on
@@ -10,45 +10,21 @@ The training loss is the token-weighted mean over the batch,
 
 so every completion token counts once, whatever example it belongs to. :func:`token_ce_sums`
 returns the numerator and denominator per example; gradient accumulation
-(:func:`jaxgrad.train.train_step`) divides every micro-batch's numerator by the *whole* batch's
+(:func:`jaxgrad.train.step.train_step`) divides every micro-batch's numerator by the *whole* batch's
 denominator, which makes k micro-batches add up to exactly one big-batch step.
 
-:func:`model_logits` is the single adapter between a batch dict and a model's call signature
-(decoder or encoder–decoder, chosen by ``model.is_encoder_decoder``). Training, evaluation,
-per-sample gradients and exact subset evaluation all go through it.
+Models are called on a batch through :func:`jaxgrad.models.forward.model_logits`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-Batch = Mapping[str, jax.typing.ArrayLike]
-
-DECODER_FIELDS = ("input_ids", "attention_mask")
-ENCODER_DECODER_FIELDS = DECODER_FIELDS + ("decoder_input_ids", "decoder_attention_mask")
-
-
-def model_logits(model: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Logits ``[B, L, V]`` (float32) of ``model`` on ``batch``.
-
-    Decoders get ``input_ids, attention_mask``; encoder–decoders (``model.is_encoder_decoder``)
-    also get ``decoder_input_ids, decoder_attention_mask``. ``dropout_rng`` turns on LoRA dropout.
-
-    Raises:
-      ValueError: the batch lacks a field the model needs.
-    """
-    enc_dec = getattr(model, "is_encoder_decoder", False)
-    fields = ENCODER_DECODER_FIELDS if enc_dec else DECODER_FIELDS
-    missing = [f for f in fields if f not in batch]
-    if missing:
-        kind = "encoder-decoder" if len(fields) == 4 else "decoder"
-        raise ValueError(f"model_logits: batch lacks {missing} needed by a {kind} model; "
-                         f"batch has {sorted(batch)}")
-    return model(*(batch[f] for f in fields), dropout_rng=dropout_rng)
+from jaxgrad.models.forward import Batch, model_logits
 
 
 def token_cross_entropy(logits_BxLxV: jax.typing.ArrayLike, targets_BxL: jax.typing.ArrayLike,

@@ -33,11 +33,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from jaxgrad._compat import moved_names
 from jaxgrad.common.jsonio import jsonable
+from jaxgrad.models.lora import TRAINABLE_FILTERS
 
 ITEMS = ("params", "opt_state", "train_state", "meta")
-TRAINABLE_FILTERS = {"lora": nnx.LoRAParam, "full": nnx.Param}
 
 
 def make_manager(directory: str | os.PathLike, *, keep: int = 2, best_metric: str | None = None,
@@ -180,6 +179,3 @@ def restore_params(model: nnx.Module, directory: str | os.PathLike,
         mngr.close()
     nnx.update(model, restored)
     return model, meta
-
-
-__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)
