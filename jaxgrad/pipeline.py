@@ -80,7 +80,7 @@ from jaxgrad.select.baselines import (baseline_all, baseline_random, baseline_ra
                                       gradient_similarity_scores)
 from jaxgrad.select.scores import ensemble_scores, select_threshold, select_top
 from jaxgrad.select.stepwise import forward_selection, ordered_selection
-from jaxgrad.train.finetune import finetune
+from jaxgrad.train.final_finetune import finetune
 from jaxgrad.train.stage import (load_theta_star, stage_base, stage_meta_train,
                                   stopped_early)
 

@@ -38,7 +38,7 @@ def main(argv):
     from jaxgrad.common.distributed import initialize_distributed
     from jaxgrad.rundir import resolved_config
     from jaxgrad.runtime import enable_compilation_cache, resume_hint_on_interrupt
-    from jaxgrad.train.finetune import finetune
+    from jaxgrad.train.final_finetune import finetune
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla

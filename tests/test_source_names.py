@@ -15,7 +15,7 @@ import pytest
 from helpers import fixture
 from jaxgrad.config import default_config
 from jaxgrad.pipeline import _read_estimates, run_pipeline, subset_sources
-from jaxgrad.train.finetune import finetune_run_name, finetune_sources
+from jaxgrad.train.final_finetune import finetune_run_name, finetune_sources
 
 NAMES = ["c++", "a,b", "q&a/v2", "x+y", "[draft] |2|"]
 TARGET = "x+y"
