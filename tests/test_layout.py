@@ -112,10 +112,10 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
 
 # module -> its line count today (a ceiling).
 MODULE_LINES_TODAY: dict[str, int] = {
-    "jaxgrad.fidelity": 569,
-    "jaxgrad.fingerprint": 633,
+    "jaxgrad.fidelity": 534,
+    "jaxgrad.fingerprint": 587,
     "jaxgrad.models.gemma3": 518,
-    "jaxgrad.pipeline": 1220,
+    "jaxgrad.pipeline": 1009,
     "jaxgrad.report": 536,
 }
 
