@@ -540,9 +540,17 @@ def test_meta_train_and_finetune_stages_on_tiny_demo(tmp_path):
     assert {"test_loss", "test_loss/add", "val_loss/add"} <= set(summary["metrics"])
     assert "val_loss/copy" not in summary["metrics"], "finetune must validate on the target only"
 
-    # issue 16, item 2: a fine-tune is reused only under the settings it was made with
+    # issue 16, item 2: a fine-tune is reused only under the settings it was made with; a finished
+    # one is returned as recorded: nothing trained, evaluated or appended to metrics.jsonl again
+    metrics_file = tmp_path / "finetune" / "copy" / "metrics.jsonl"
+    rows = metrics_file.read_text()
     again = finetune(config, str(tmp_path))
-    assert again.step == result.step and again.metrics["test_loss"] == result.metrics["test_loss"]
+    assert again.step == result.step and again.metrics == summary["metrics"]
+    assert metrics_file.read_text() == rows, "a reused fine-tune must not append metrics rows"
+    got = leaves_dict(nnx.state(again.model, nnx.LoRAParam))
+    want = leaves_dict(nnx.state(result.model, nnx.LoRAParam))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"reused adapter: {k}")
     cases = [("train.learning_rate", lambda c: setattr(c.train, "learning_rate", 0.5)),
              ("lora.rank", lambda c: setattr(c.lora, "rank", 2)),
              ("finetune.units", lambda c: (setattr(c.finetune, "selection_file", ""),

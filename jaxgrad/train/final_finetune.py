@@ -19,11 +19,14 @@ import jax
 from jaxgrad import rundir
 from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.common.distributed import barrier, describe_devices, initialize_distributed
+from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import ModelSpec, TrainConfig
+from jaxgrad.data.batching import num_batches
 from jaxgrad.data.sources import load_data
 from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
 from jaxgrad.groups.units import Units
 from jaxgrad.models.loading import load_model, lora_from_config
+from jaxgrad.train import checkpoint as ckpt_lib
 from jaxgrad.train.evaluate import choice_metrics, make_evaluator
 from jaxgrad.train.loop import MetricsLog, TrainResult, fit, save_adapter
 from jaxgrad.train.stage import save_config
@@ -103,6 +106,24 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
     return names
 
 
+def _finished_run(model, run_dir: str, total: int) -> TrainResult | None:
+    """The fine-tune in ``run_dir`` if it finished all ``total`` steps: its recorded metrics and
+    its last checkpoint restored into ``model``; None when it has not (it then resumes)."""
+    done, ckpt = os.path.join(run_dir, rundir.SOURCES_FILE), os.path.join(run_dir, rundir.CKPT_DIR)
+    if not (os.path.isfile(done) and os.path.isdir(ckpt)):
+        return None
+    mngr = ckpt_lib.make_manager(ckpt, read_only=True, async_save=False)
+    try:
+        step = ckpt_lib.resolve_step(mngr, "latest")
+    finally:
+        mngr.close()
+    if step < total:
+        return None
+    model, _ = ckpt_lib.restore_params(model, ckpt, step)
+    return TrainResult(model=model, step=step, metrics=read_json(done)["metrics"], best_step=None,
+                       workdir=run_dir)
+
+
 def finetune(config: Any, workdir: str) -> TrainResult:
     """Final stage: fine-tune the *base* model (fresh adapters) on the selected sources.
 
@@ -112,7 +133,9 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     no target), evaluates the target's test
     split at the end (``test_*`` metrics, also in ``metrics.jsonl``). Output: ``<workdir>/
     finetune/<name>/`` with ``name`` = ``config.finetune.name`` or
-    :func:`finetune_run_name` of the sources.
+    :func:`finetune_run_name` of the sources. A run of that name made with other settings is
+    refused (or retrained with ``pipeline.on_config_change=rerun``); one that finished with the
+    same settings and data is returned as recorded, without training or evaluating again.
     """
     cfg = TrainConfig.from_config(config.train, config.mesh)
     initialize_distributed(cfg.distributed)
@@ -135,10 +158,15 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     # Before anything is loaded or written: a run made with other settings is refused by name
     # (or deleted with pipeline.on_config_change = "rerun"), never silently resumed or returned.
     mode = str((config.get("pipeline") or {}).get("on_config_change", "error") or "error")
-    check_finetune_run(run_dir, finetune_run_values(config, workdir, selected,
-                                                    [e["example_id"] for e in train_examples]),
-                       mode)
+    status = check_finetune_run(run_dir, finetune_run_values(
+        config, workdir, selected, [e["example_id"] for e in train_examples]), mode)
     model, tokenizer = load_model(spec, lora_from_config(config.lora))
+    total = cfg.total_steps(num_batches(len(train_examples), cfg.batch_size))
+    reused = _finished_run(model, run_dir, total) if status == "same" else None
+    if reused is not None:  # nothing is trained, evaluated or appended again
+        print(f"[jaxgrad] finetune {name}: reused {run_dir} (trained with these settings and "
+              "data; --config.pipeline.on_config_change=rerun trains it again)", flush=True)
+        return reused
     save_config(config, run_dir)
     trained_on = {e["source"] for e in train_examples}
     eval_sources = [data.target] if data.target else [s for s in data.sources if s in trained_on]
