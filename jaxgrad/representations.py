@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad.models.forward import is_encoder_decoder
+
 
 def last_hidden_states(model: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     """``(hidden [B, L, H] float32, mask [B, L])`` of ``model`` on ``batch``.
@@ -30,7 +32,7 @@ def last_hidden_states(model: Any, batch: Mapping[str, Any]) -> tuple[jax.Array,
     Raises:
       TypeError: the model exposes neither ``hidden_states`` (decoders) nor ``encode`` (T5).
     """
-    if getattr(model, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         h = model.encode(batch["input_ids"], batch["attention_mask"])
         return h.astype(jnp.float32), batch["attention_mask"]
     hidden = getattr(model, "hidden_states", None)

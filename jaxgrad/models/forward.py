@@ -19,6 +19,13 @@ DECODER_FIELDS = ("input_ids", "attention_mask")
 ENCODER_DECODER_FIELDS = DECODER_FIELDS + ("decoder_input_ids", "decoder_attention_mask")
 
 
+def is_encoder_decoder(model: Any) -> bool:
+    """Whether ``model`` is an encoder–decoder (T5) rather than a decoder-only LM: the class
+    flag ``is_encoder_decoder`` (``CausalLM`` sets False, T5 True; anything without it is a
+    decoder)."""
+    return bool(getattr(model, "is_encoder_decoder", False))
+
+
 def model_logits(model: Any, batch: Batch, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Logits ``[B, L, V]`` (float32) of ``model`` on ``batch``.
 
@@ -28,8 +35,7 @@ def model_logits(model: Any, batch: Batch, dropout_rng: jax.Array | None = None)
     Raises:
       ValueError: the batch lacks a field the model needs.
     """
-    enc_dec = getattr(model, "is_encoder_decoder", False)
-    fields = ENCODER_DECODER_FIELDS if enc_dec else DECODER_FIELDS
+    fields = ENCODER_DECODER_FIELDS if is_encoder_decoder(model) else DECODER_FIELDS
     missing = [f for f in fields if f not in batch]
     if missing:
         kind = "encoder-decoder" if len(fields) == 4 else "decoder"

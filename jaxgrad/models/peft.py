@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad.models.forward import is_encoder_decoder
 from jaxgrad.models.layers import named_variables
 from jaxgrad.models.lora import (ALL_LINEAR, LoraConfig, as_names, attach_adapters, default_targets,
                                  is_off, linear_modules, output_head, select_modules)
@@ -194,7 +195,7 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     os.makedirs(directory, exist_ok=True)
     peft_cfg = {
         "peft_type": "LORA",
-        "task_type": "SEQ_2_SEQ_LM" if getattr(model, "is_encoder_decoder", False) else "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgrad.data import batching
+from jaxgrad.models.forward import is_encoder_decoder
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id",
@@ -37,7 +38,7 @@ def _generate(state, input_ids, attention_mask, *, graphdef, max_new_tokens, eos
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((b,), bool)
 
-    if getattr(model, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         enc = model.encode(input_ids, attention_mask)
         dec = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(decoder_start_id)
         pos = jnp.arange(max_new_tokens)
