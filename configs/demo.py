@@ -32,7 +32,7 @@ Variants: ``configs/demo.py:tiny`` (3 sources, a few steps: what the tests and C
 
 Expected runtime and result (2 Intel Xeon cores, jax 0.10.2, 2026-11-30; README "What `make demo`
 shows"): 2 min 22 s for a fresh `make demo` (empty compilation cache; about 220 CPU-seconds, so
-3 min 24–26 s in a period when the shared host ran 45% slower; base 14 s for 800 steps,
+3 min 24–30 s in a period when the shared host ran 45% slower; base 14 s for 800 steps,
 meta_train 30 s for 1500 steps, gradients 15 s, estimates 4 s, selection 4 s, four final
 fine-tunes of 1000 steps 59 s, fidelity 13 s); ranking AUC 1.0 (``noisy_add`` last, both unrelated
 sources below the related ones); target test loss 0.094 and accuracy 0.74 after fine-tuning on
