@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgrad.common import flat
-from jaxgrad.common.checks import positive_float, positive_int
+from jaxgrad.common.checks import matmul_highest, positive_float, positive_int
 from jaxgrad.common.sharding import from_host
 from jaxgrad.config import OUTPUT_FUNCTIONS
 from jaxgrad.estimate.arrays import (CHUNK_ELEMENTS, HIGHEST, check_coef, check_factors,
@@ -131,7 +131,7 @@ def estimate_subsets(fits_or_coef: SubsetFits | jax.typing.ArrayLike, c_S: jax.t
 
 @functools.partial(jax.jit, static_argnames=("output",))
 def _linearized(w_SxK, c_S, x_JxK, f_J, *, output):
-    f_SxJ = f_J[None, :] + c_S[:, None] * jnp.matmul(w_SxK, x_JxK.T, precision=HIGHEST)
+    f_SxJ = f_J[None, :] + c_S[:, None] * matmul_highest(w_SxK, x_JxK.T)
     loss = outputs_loss(f_SxJ, output, axis=1)
     if output == "token_ce":
         return {"loss": loss}

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxgrad.common.checks import matmul_highest
-from jaxgrad.estimate.arrays import HIGHEST
 
 _LINE_SEARCH_STEPS = 2
 _STALL_ITERS = 30  # stop a subset whose gradient norm has not improved by 0.1% for this long
@@ -29,7 +28,7 @@ _RECOMPUTE_MARGINS_EVERY = 25
 @jax.jit
 def gram_eigenbasis(a_NxK: jax.Array) -> jax.Array:
     """Eigenvectors (k'×k', orthogonal) of AᵀA."""
-    gram = jnp.matmul(a_NxK.T, a_NxK, precision=HIGHEST)
+    gram = matmul_highest(a_NxK.T, a_NxK)
     _, q = jnp.linalg.eigh(gram)
     return q
 
