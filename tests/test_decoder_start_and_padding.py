@@ -184,3 +184,22 @@ def test_generate_accepts_the_filler_rows_of_a_fixed_size_batch(llama):
     mask = np.concatenate([mask, np.zeros((2, mask.shape[1]), np.int32)])
     got = np.asarray(generate(model, ids, mask, max_new_tokens=4, eos_id=2, pad_id=2))
     np.testing.assert_array_equal(got[:2], alone)
+    np.testing.assert_array_equal(got[2:], 2, "filler rows get pad_id throughout")
+
+
+def test_generate_stops_when_every_row_is_done_with_the_same_tokens(llama):
+    """The loop ends once every row has emitted eos; the result equals the full-length run with
+    each row cut after its first eos (what running every step would give)."""
+    from jaxgrad.train import generate
+
+    model, _ = llama
+    ids, mask = _padded(PROMPTS, "right", pad=0)
+    free = np.asarray(generate(model, ids, mask, max_new_tokens=8, eos_id=-1, pad_id=0))
+    eos = int(free[0, 1])  # the second token of row 0: row 0 stops after 2 tokens
+    want = free.copy()
+    for row in want:
+        hit = np.flatnonzero(row == eos)
+        if hit.size:
+            row[hit[0] + 1:] = 0
+    got = np.asarray(generate(model, ids, mask, max_new_tokens=8, eos_id=eos, pad_id=0))
+    np.testing.assert_array_equal(got, want, "early stop changed the generated tokens")

@@ -2,8 +2,10 @@
 
 A fixed buffer of ``prompt + max_new_tokens`` positions is re-run through the full forward pass
 at every step (decoders), or the decoder is re-run on a fixed ``max_new_tokens`` buffer with the
-encoder output computed once (T5). That costs ``max_new_tokens`` full forwards, fine for the
-small models and short answers we evaluate, and keeps one compiled program per shape.
+encoder output computed once (T5). That costs up to ``max_new_tokens`` full forwards, fine for
+the small models and short answers we evaluate, and keeps one compiled program per shape. The
+loop stops as soon as every row has emitted eos (a ``lax.while_loop``): the remaining tokens
+would all be padding, so the result is the same as running every step.
 """
 
 from __future__ import annotations
@@ -36,23 +38,22 @@ def _generate(state, input_ids, attention_mask, *, graphdef, max_new_tokens, eos
     b = input_ids.shape[0]
     rows = jnp.arange(b)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
+    done = jnp.sum(attention_mask, axis=-1) == 0  # filler rows: nothing to generate
 
     if is_encoder_decoder(model):
         enc = model.encode(input_ids, attention_mask)
         dec = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(decoder_start_id)
         pos = jnp.arange(max_new_tokens)
 
-        def body(i, carry):
-            dec, out, done = carry
+        def body(carry):
+            i, dec, out, done = carry
             logits = model.decode(enc, attention_mask, dec, (pos[None] <= i).astype(jnp.int32))
             tok = jnp.argmax(logits[:, i], axis=-1).astype(jnp.int32)
             tok = jnp.where(done, pad_id, tok)
             dec = dec.at[:, i + 1].set(tok, mode="drop")
-            return dec, out.at[:, i].set(tok), done | (tok == eos_id)
+            return i + 1, dec, out.at[:, i].set(tok), done | (tok == eos_id)
 
-        _, out, _ = jax.lax.fori_loop(0, max_new_tokens, body, (dec, out, done))
-        return out
+        return _until_done(body, (dec, out, done), max_new_tokens)[1]
 
     # Decoder: prompts now right-padded; row r continues at position cur[r].
     cur = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
@@ -60,16 +61,24 @@ def _generate(state, input_ids, attention_mask, *, graphdef, max_new_tokens, eos
                            jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
     pos = jnp.arange(buf.shape[1])
 
-    def body(i, carry):
-        buf, cur, out, done = carry
+    def body(carry):
+        i, buf, cur, out, done = carry
         logits = model(buf, (pos[None] < cur[:, None]).astype(jnp.int32))
         last = jnp.take_along_axis(logits, jnp.maximum(cur - 1, 0)[:, None, None], axis=1)[:, 0]
         tok = jnp.where(done, pad_id, jnp.argmax(last, axis=-1).astype(jnp.int32))
         buf = buf.at[rows, cur].set(tok, mode="drop")
-        return buf, cur + 1, out.at[:, i].set(tok), done | (tok == eos_id)
+        return i + 1, buf, cur + 1, out.at[:, i].set(tok), done | (tok == eos_id)
 
-    _, _, out, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, cur, out, done))
-    return out
+    return _until_done(body, (buf, cur, out, done), max_new_tokens)[2]
+
+
+def _until_done(body, carry, max_new_tokens: int):
+    """``body`` on ``(i, *carry)`` from i = 0 while ``i < max_new_tokens`` and some row is not
+    done (``carry[-1]``, ``[B]`` bool); the final carry without ``i``."""
+    def not_finished(c):
+        return (c[0] < max_new_tokens) & ~jnp.all(c[-1])
+
+    return jax.lax.while_loop(not_finished, body, (jnp.int32(0), *carry))[1:]
 
 
 def generate(model: nnx.Module, input_ids: jax.typing.ArrayLike,
@@ -87,7 +96,7 @@ def generate(model: nnx.Module, input_ids: jax.typing.ArrayLike,
         ``decoder_start_token_id``, :func:`jaxgrad.data.batching.model_layout`).
       input_ids, attention_mask: ``[B, L]``; ``attention_mask`` is 1 on prompt tokens, which
         must be one contiguous run per row (left, right or no padding). A row of zeros is a
-        filler row of a fixed-size batch: it is generated for, and its tokens mean nothing.
+        filler row of a fixed-size batch: it gets ``pad_id`` throughout.
       max_new_tokens: tokens generated per row (fixed: one compiled loop).
       eos_id: end-of-sequence id; a row stops after emitting it.
       pad_id: filler after eos.
