@@ -52,6 +52,7 @@ from flax import nnx
 from jaxgrad._compat import moved_names
 from jaxgrad import rundir
 from jaxgrad.common import counts
+from jaxgrad.common.checks import as_names
 from jaxgrad.common.counts import check_fraction_or_count, fraction_or_count
 from jaxgrad.common.distributed import barrier, initialize_distributed
 from jaxgrad.common.flat import tree_norm
@@ -581,7 +582,7 @@ def stage_finetune(config, workdir: str) -> dict:
     selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
     runs = {"selection": selection["selected"], **selection["baselines"]}
     units = pipeline_units(config, workdir)
-    wanted = list(config.pipeline.finetune_runs)
+    wanted = list(as_names(config.pipeline.finetune_runs) or ())
     results = {}
     trained: dict[str, str] = {}  # units (JSON) -> the run that trained on exactly them
     for name in wanted:
@@ -629,7 +630,7 @@ def stage_finetune(config, workdir: str) -> dict:
 def _finetune_runs_done(config, workdir: str) -> bool:
     """Every run of ``pipeline.finetune_runs`` has finished (one added later has not)."""
     return all(os.path.isfile(os.path.join(rundir.finetune_dir(workdir, name), rundir.SOURCES_FILE))
-               for name in config.pipeline.finetune_runs)
+               for name in as_names(config.pipeline.finetune_runs) or ())
 
 
 def fidelity_enabled(config) -> bool:
@@ -784,8 +785,7 @@ def check_method_sections(config) -> None:
             problems.append(f"config.{key} must be one of {tuple(allowed)}, got {section[field]!r}")
     pipe = config.get("pipeline") if hasattr(config, "get") else None
     if pipe is not None and "finetune_runs" in pipe:
-        runs = pipe["finetune_runs"]
-        runs = [runs] if isinstance(runs, str) else list(runs)
+        runs = as_names(pipe["finetune_runs"]) or ()
         bad = [r for r in runs if r not in FINETUNE_RUNS]
         if bad:
             problems.append(f"config.pipeline.finetune_runs: unknown runs {bad}; each one of "

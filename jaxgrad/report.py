@@ -14,6 +14,7 @@ import numpy as np
 from jaxgrad import rundir
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import FINETUNE_RUNS
+from jaxgrad.runtime import python_command
 
 KIND_COLORS = {"target": "#1f77b4", "related": "#2ca02c", "noisy": "#d62728", "unrelated": "#ff7f0e"}
 
@@ -240,7 +241,8 @@ def next_steps_lines(config, workdir: str, selection: dict,
     overrides = [a for a in argv if a.startswith("--config.")
                  and not a.startswith("--config.finetune.")]
     sel = os.path.join(workdir, rundir.SELECTION_FILE)
-    parts = ["python scripts/finetune.py", f"--config={shlex.quote(config_file)}",
+    parts = [f"{shlex.quote(python_command())} scripts/finetune.py",
+             f"--config={shlex.quote(config_file)}",
              f"--workdir={shlex.quote(workdir)}", *map(shlex.quote, overrides),
              f"--config.finetune.selection_file={shlex.quote(sel)}"]
     if selection.get("groups"):

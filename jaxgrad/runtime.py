@@ -78,3 +78,12 @@ def make_configs_importable() -> str | None:
     if root not in sys.path:
         sys.path.insert(0, root)
     return root
+
+
+def python_command() -> str:
+    """The interpreter running this process as a command to print for the user: relative to the
+    working directory when it lies under it (``.venv/bin/python`` after ``make``), else absolute.
+    A bare ``python`` fails where the virtual environment is not activated."""
+    exe = sys.executable or "python"
+    rel = os.path.relpath(exe)
+    return rel if not rel.startswith(os.pardir) else exe

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 
 import numpy as np
@@ -75,6 +76,20 @@ def test_a_finetune_run_still_to_do_is_timed(run_dir, tmp_path):
     assert [r["reused"] for r in rows if r["stage"] == "finetune"][-2:] == [False, True]
 
 
+def test_finetune_runs_typed_as_a_comma_list_add_a_run(run_dir, tmp_path):
+    """`--config.pipeline.finetune_runs=selection,random` arrives from ml_collections as the
+    tuple ("selection,random",): it names two runs (it was refused as one unknown run), and the
+    missing one is trained."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    shutil.rmtree(os.path.join(workdir, "finetune", "random"))
+    config = demo.get_config("tiny")
+    config.pipeline.finetune_runs = ("selection, random",)
+    results = run_pipeline(config, workdir, stages=["finetune"])["finetune"]
+    assert sorted(results) == ["random", "selection"], sorted(results)
+    assert os.path.isfile(os.path.join(workdir, "finetune", "random", "sources.json"))
+
+
 def test_report_scores_agree_with_estimates_table(run_dir):
     with open(os.path.join(run_dir, "estimates", "estimates.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -100,10 +115,13 @@ def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(ru
     """issue 16, item 7: the report gives the next command, which ranks the intervals separate,
     θ*'s validation loss per source, one name per quantity, and lists hand-made fine-tunes."""
     from jaxgrad.report import write_report
+    from jaxgrad.runtime import python_command
 
     report = open(os.path.join(run_dir, "report.md")).read()
     sel = os.path.join(run_dir, "selection", "selection.json")
-    assert "python scripts/finetune.py --config=" in report
+    # the interpreter that ran the pipeline (bare `python` fails without the venv activated)
+    assert f"\n    {shlex.quote(python_command())} scripts/finetune.py --config=" in report
+    assert python_command() != "python" and os.path.isfile(python_command())
     assert f"--config.finetune.selection_file={sel}" in report
     assert "Significance: the 95% intervals separate" in report
     assert re.search(r"The selection cut is (not )?significant", report)

@@ -173,3 +173,12 @@ def test_generic_text_is_none_of_the_tasks(data):
         assert not t.startswith(syn.TASK_KEYWORDS) and t not in prompts, t
     assert set("".join(lines)) <= set(DEFAULT_CHARSET)
     assert len(set(lines)) > 450, "generic text should be varied"
+
+
+@pytest.mark.parametrize("tasks", ["add,sub", ("add,sub",), ("add", " sub")])
+def test_task_lists_as_typed_on_a_command_line(tasks):
+    """--config.data.synthetic.tasks=add,sub arrives as ("add,sub",): two tasks, not an unknown
+    one (it was refused as unknown task 'add,sub')."""
+    spec = syn.SyntheticSpec(tasks=tasks, target="add", noisy="add", unrelated=0, n_train=4,
+                             n_validation=2, n_test=2)
+    assert spec.tasks == ("add", "sub") and spec.noisy == ("add",)

@@ -14,6 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def as_names(value) -> tuple[str, ...] | None:
+    """None, a comma-separated string or a sequence of names -> a tuple of names (or None).
+
+    Elements of a sequence are split at commas too: a tuple-valued config key set on the command
+    line (``--config.pipeline.finetune_runs=selection,all``) arrives from ml_collections as the
+    one-element tuple ``("selection,all",)``. Blank names are dropped.
+    """
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else [
+        p for t in value for p in (t.split(",") if isinstance(t, str) else [str(t)])]
+    return tuple(t.strip() for t in parts if t.strip())
+
+
 def positive_int(name: str, value: Any) -> int:
     """``int(value)`` for an int >= 1 (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -42,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxgrad.common.checks import as_names
 from jaxgrad.data.examples import SPLITS, make_examples, seed_for
 from jaxgrad.data.multisource import MultiSourceData
 
@@ -84,10 +85,8 @@ class SyntheticSpec:
 
     def __post_init__(self):
         for name in ("tasks", "noisy"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                raise TypeError(f"{name} must be a sequence of task names, got the string "
-                                f"{value!r}")
+            # "add,sub" or ("add,sub",) (--config.data.synthetic.tasks=add,sub) -> ("add", "sub")
+            value = as_names(getattr(self, name))
             unknown = [t for t in value if t not in TASKS]
             if unknown:
                 raise ValueError(f"{name} has unknown tasks {unknown}; expected names from {TASKS}")

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jaxgrad.common.checks import as_names
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import GROUP_BY, GROUP_METHODS, GROUP_METRICS, GroupsSection
 from jaxgrad.groups.clusters import cluster_samples
@@ -84,7 +85,7 @@ class GroupsSpec(GroupsSection):
                                  f"{getattr(spec, key)!r}")
         sources = spec.sources
         if isinstance(sources, str):
-            sources = tuple(s.strip() for s in sources.split(",") if s.strip())
+            sources = as_names(sources)
         for key in ("num_clusters", "max_iter", "seed"):
             value = getattr(spec, key)
             low = 0 if key == "seed" else 1

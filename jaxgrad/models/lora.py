@@ -43,20 +43,12 @@ import numpy as np
 from flax import nnx
 
 from jaxgrad._compat import moved_names
+from jaxgrad.common.checks import as_names  # noqa: F401  (models.peft imports it from here)
 from jaxgrad.config import LoraSection
 from jaxgrad.models.layers import Linear, lora_scaling
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"
-
-
-def as_names(value) -> tuple[str, ...] | None:
-    """None, a comma-separated string or a sequence of names -> a tuple of names (or None)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return tuple(t.strip() for t in value.split(",") if t.strip())
-    return tuple(str(t) for t in value)
 
 
 def as_pairs(value, cast) -> tuple[tuple[str, Any], ...]:

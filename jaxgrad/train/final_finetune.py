@@ -19,6 +19,7 @@ import jax
 from jaxgrad import rundir
 from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.common.distributed import barrier, describe_devices, initialize_distributed
+from jaxgrad.common.checks import as_names
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import ModelSpec, TrainConfig
 from jaxgrad.data.batching import num_batches
@@ -72,7 +73,7 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
         if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
             raise ValueError("config.finetune.sources: a JSON value must be a list of names")
     elif isinstance(names, str):
-        names = [s.strip() for s in names.split(",") if s.strip()]
+        names = list(as_names(names))
     path = d.get("selection_file") or ""
     if path:
         if names:
