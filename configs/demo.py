@@ -30,14 +30,14 @@ Command (from the repository root):
 
 Variants: ``configs/demo.py:tiny`` (3 sources, a few steps: what the tests and CI run).
 
-Expected runtime and result (2 Intel Xeon cores, jax 0.10.2, 2026-11-30; README "What `make demo`
-shows"): 2 min 22 s for a fresh `make demo` (empty compilation cache; about 220 CPU-seconds, so
-3 min 24–30 s in a period when the shared host ran 45% slower; base 14 s for 800 steps,
-meta_train 30 s for 1500 steps, gradients 15 s, estimates 4 s, selection 4 s, four final
-fine-tunes of 1000 steps 59 s, fidelity 13 s); ranking AUC 1.0 (``noisy_add`` last, both unrelated
-sources below the related ones); target test loss 0.094 and accuracy 0.74 after fine-tuning on
-the selection against 0.381 and 0.19 on all sources; fidelity against one clipped SGD step from
-θ* per pair: linearized estimates within 4.2% of the true loss, Spearman 0.94.
+Expected runtime and result (2 Intel Xeon cores, jax 0.10.2, 2026-12-01; README "What `make demo`
+shows"): 2 min 55 s for a fresh `make demo` (empty compilation cache; 261 CPU-seconds; base 21 s
+for 800 steps, meta_train 45 s for 1500 steps, gradients 16 s, estimates 6 s, selection 6 s,
+three final fine-tunes of 1000 steps 62 s, fidelity 14 s; the host's speed varies by about a
+third over a day); ranking AUC 1.0 (``noisy_add`` last, both unrelated sources below the related
+ones); target test loss 0.094 and accuracy 0.74 after fine-tuning on the selection against 0.381
+and 0.19 on all sources; fidelity against one clipped SGD step from θ* per pair: linearized
+estimates within 4.2% of the true loss, Spearman 0.94.
 """
 
 import ml_collections
@@ -95,9 +95,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.end_lr_ratio = 0.1
     c.train.max_length = 32  # the 2-digit tasks need at most 27 tokens
     c.train.num_steps = 1500  # about 11 epochs of the 7 x 600 examples
-    c.train.eval_every = 750
+    # Evaluate and checkpoint at the end only: θ* is the last step, and each evaluation generates
+    # answers for 350 validation examples (about 5 s); a run stopped early restarts its stage.
+    c.train.eval_every = 1500
     c.train.max_new_tokens = 24  # greedy generation length for answer accuracy (answers: <= 20)
-    c.train.save_every = 750
+    c.train.save_every = 1500
 
     c.base.pretrain = True  # build a tiny base from scratch on generic text (no downloads)
     c.base.steps = 800
@@ -109,7 +111,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # what θ* gets wrong, where clean and noisy data differ (logit_odds ranked noisy_add first).
     c.gradients.output_fn = "token_ce"
     c.gradients.batch_size = 64
-    c.gradients.chunk_size = 16
+    # P is regenerated once per chunk: one chunk per batch of 64 (64 x 35k gradient numbers)
+    # makes the stage about a third faster than chunks of 16.
+    c.gradients.chunk_size = 64
     c.gradients.shard_size = 512
 
     # ||Delta|| / ||theta*_LoRA||: the size of the fine-tuning step the estimates stand for. The
@@ -124,8 +128,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.surrogate.chunk_subsets = 200
 
     c.pipeline.finetune_steps = 1000  # steps of every final fine-tune (same budget for each run)
+    # The default's runs but `random` (4 of 7 sources drawn at random: about 20 s of the demo's
+    # 3 minutes). --config.pipeline.finetune_runs=selection,all,random,grad_sim,repr_sim adds it
+    # to a finished run without redoing the others.
+    c.pipeline.finetune_runs = ("selection", "all", "grad_sim", "repr_sim")
 
-    # Fidelity stage (13 s on idle cores): every pair really fine-tuned from θ* by one full-batch
+    # Fidelity stage (14 s on idle cores): every pair really fine-tuned from θ* by one full-batch
     # SGD step (2 x 600 examples) clipped to norm 0.1, so every pair moves the same distance, as
     # Delta_S does. One step on one batch is computed from the 7 sources' gradient sums
     # (jaxgrad.fidelity).
@@ -164,6 +172,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.selection.top = 0.34
         c.selection.n_boot = 50
         c.pipeline.finetune_steps = 4
+        c.pipeline.finetune_runs = ("selection", "all", "random", "grad_sim", "repr_sim")  # every one
         c.fidelity.num_subsets = 3
         c.fidelity.batch_size = 0  # train.batch_size
     return c

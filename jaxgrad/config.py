@@ -274,7 +274,8 @@ class GradientsConfig:
     output_fn: str = "logit_odds"  # f_i: "logit_odds" (paper) | "token_ce"
     eps: float = 1e-6  # probability clipping of logit_odds
     batch_size: int = 32  # examples per jitted call
-    chunk_size: int = 8  # examples per vmap chunk (memory: chunk x D gradients)
+    chunk_size: int = 8  # examples per vmap chunk (memory: chunk x D gradients; P is
+    # regenerated once per chunk, so larger chunks are faster)
     shard_size: int = 1024  # rows per store shard (the unit of resume)
     dtype: str = "float32"  # storage: "float32" | "float16" | "bfloat16"
 

@@ -198,7 +198,8 @@ def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, f
             g_total, t_total = None, 0.0
             for start in range(0, len(examples), chunk):
                 idx = list(range(start, min(start + chunk, len(examples))))
-                batch = collate(enc, idx, max_length=max_length, arch=arch, batch_size=chunk)
+                batch = collate(enc, idx, max_length=max_length, arch=arch, batch_size=chunk,
+                                buckets=(max_length,))  # one shape: one compilation of sums
                 g, t = sums(params, {k: jnp.asarray(v) for k, v in batch.items()})
                 g_total = g if g_total is None else jax.tree.map(jnp.add, g_total, g)
                 t_total += float(t)
@@ -208,15 +209,23 @@ def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, f
     return unit_examples, gradient_sums
 
 
-def _one_step_update(tc, theta_star, unit_sums):
-    """θ_S after one step of ``make_optimizer(tc)`` on the token-mean gradient of the units
-    whose ``(G, T)`` sums are given, and that gradient's global norm (before clipping): what
-    ``fit`` computes from one batch holding every example of the units."""
-    tokens = max(sum(t for _, t in unit_sums), 1.0)
-    grads = jax.tree.map(lambda *g: sum(g) / tokens, *[g for g, _ in unit_sums])
+def _one_step_update(tc):
+    """``update(θ*, unit_sums) -> (θ_S, grad_norm)``: θ_S after one step of ``make_optimizer(tc)``
+    on the token-mean gradient of the units whose ``(G, T)`` sums are given, and that gradient's
+    global norm (before clipping): what ``fit`` computes from one batch holding every example of
+    the units. One jitted step (a compilation per number of units), not eager operations."""
     tx = make_optimizer(tc, 1)
-    updates, _ = tx.update(grads, tx.init(theta_star), theta_star)
-    return optax.apply_updates(theta_star, updates), float(optax.global_norm(grads))
+
+    @jax.jit
+    def step(theta_star, grad_sums, tokens):
+        grads = jax.tree.map(lambda *g: sum(g) / jnp.maximum(sum(tokens), 1.0), *grad_sums)
+        updates, _ = tx.update(grads, tx.init(theta_star), theta_star)
+        return optax.apply_updates(theta_star, updates), optax.global_norm(grads)
+
+    def update(theta_star, unit_sums):
+        theta_s, norm = step(theta_star, *zip(*[(g, jnp.float32(t)) for g, t in unit_sums]))
+        return theta_s, float(norm)
+    return update
 
 
 def _refit(config, workdir: str, data, rows):
@@ -311,6 +320,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
                  and float(config.lora.get("dropout", 0.0)) == 0.0)
     unit_examples, gradient_sums = _unit_gradient_sums(config, data, units, model, tokenizer,
                                                        graphdef, rest, filt)
+    one_step = _one_step_update(tc)
     results = []
     show = bool(config.train.get("progress", True)) and jax.process_index() == 0
     for i, row in enumerate(progress_bar(rows, desc="fidelity fine-tunes", unit="subset",
@@ -335,8 +345,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
             if one_batch and len(train_examples) <= tc.batch_size and sum(counts) == len(train_examples):
                 # One step on one batch holding the whole subset: the same update as `fit`, from
                 # the units' gradient sums (computed once per unit, not once per subset).
-                theta_s, norm = _one_step_update(tc, theta_star,
-                                                 [gradient_sums(n) for n in chosen])
+                theta_s, norm = one_step(theta_star, [gradient_sums(n) for n in chosen])
                 grad_norms = [norm]
                 nnx.update(model, theta_s)
                 trained = model

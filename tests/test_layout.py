@@ -112,11 +112,11 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
 
 # module -> its line count today (a ceiling).
 MODULE_LINES_TODAY: dict[str, int] = {
-    "jaxgrad.fidelity": 534,
+    "jaxgrad.fidelity": 543,
     "jaxgrad.fingerprint": 587,
     "jaxgrad.models.gemma3": 518,
     "jaxgrad.pipeline": 1009,
-    "jaxgrad.report": 536,
+    "jaxgrad.report": 538,
 }
 
 # "module:qualified.name" -> its length today (a ceiling).
