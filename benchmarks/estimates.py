@@ -52,7 +52,8 @@ def main():
     from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
     from jaxgrad.gradients.per_sample import trainable_filter
     from jaxgrad.models.forward import model_logits
-    from jaxgrad.pipeline import _projector, run_pipeline
+    from jaxgrad.gradients.stage import projector_from_config
+    from jaxgrad.pipeline import run_pipeline
     from jaxgrad.train.stage import load_theta_star
     from jaxgrad.rundir import resolved_config
     from jaxgrad.data.sources import load_data
@@ -82,7 +83,7 @@ def main():
     model, tokenizer = load_theta_star(config, args.workdir)
     graphdef, theta, rest = nnx.split(model, trainable_filter(model), ...)
     theta_norm = float(tree_norm(theta))
-    projector = _projector(config, flat_spec(theta).size)
+    projector = projector_from_config(config, flat_spec(theta).size)
     gram = projector.gram()
     C, scale = float(config.surrogate.C), float(config.surrogate.scale)
 

@@ -252,7 +252,7 @@ def _repeat(config, args) -> dict:
 
 def _subset_sizes(config, out):
     """The training examples of each fine-tuned subset (for the epochs the steps make)."""
-    from jaxgrad.pipeline import subset_sources
+    from jaxgrad.estimate.stage import subset_sources
     from jaxgrad.data.sources import load_data
 
     data = load_data(config.data)

@@ -85,8 +85,10 @@ def bootstrap_ci(x: np.ndarray, seed: int = 0) -> tuple[float, float]:
 
 def compare_selectors(config, workdir: str) -> dict:
     """Random-ensemble and forward stepwise selection on the run's estimates: picks and times."""
-    from jaxgrad.pipeline import (SurrogateScorer, _read_estimates, pipeline_units,
-                                  selection_metric)
+    from jaxgrad.estimate.scorer import SurrogateScorer
+    from jaxgrad.estimate.stage import read_estimates
+    from jaxgrad.groups.stage import pipeline_units
+    from jaxgrad.select.stage import selection_metric
     from jaxgrad.rundir import resolved_config
     from jaxgrad.estimate.subsets import subset_size
     from jaxgrad.select.scores import ensemble_scores, select_top
@@ -94,7 +96,7 @@ def compare_selectors(config, workdir: str) -> dict:
 
     config = resolved_config(config, workdir)
     units = pipeline_units(config, workdir).names
-    rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
+    rows = read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
     metric = selection_metric(config)
     sign = 1.0 if metric in ("accuracy", "mean_output") else -1.0
     est = sign * np.array([float(r[metric]) for r in rows])

@@ -63,14 +63,17 @@ from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.common.jsonio import read_json, write_json
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import FidelityConfig, TrainConfig
+from jaxgrad.data.batching import collate, encode_for_model
 from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import rescale_factors
+from jaxgrad.estimate.stage import read_estimates
 from jaxgrad.estimate.subsets import masks_from_sources
 from jaxgrad.estimate.surrogate import fit_subsets
-from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
+from jaxgrad.estimate.target import target_metric, target_outputs
 from jaxgrad.gradients.per_sample import trainable_filter
+from jaxgrad.gradients.stage import projector_from_config
 from jaxgrad.gradients.store import GradientStore
-from jaxgrad.models.forward import model_logits
+from jaxgrad.groups.stage import pipeline_units
 from jaxgrad.rundir import resolved_config
 from jaxgrad.train.evaluate import choice_accuracy, target_choices
 from jaxgrad.train.loop import fit
@@ -81,11 +84,6 @@ from jaxgrad.train.stage import load_theta_star
 # One-step fine-tunes on subsets that fit one batch are computed from per-unit gradient sums
 # (run_fidelity); False forces `fit` for every subset (the tests compare the two).
 ONE_BATCH_SHORTCUT = True
-
-
-def _target_metric(output_fn: str):
-    """The table's ``loss`` column as a function of per-sample outputs f (outputs.outputs_loss)."""
-    return lambda f: float(outputs_loss(np.asarray(f, np.float64), output_fn))
 
 
 def _spearman(a, b) -> float:
@@ -147,25 +145,6 @@ def _check_settings(out_dir: str, settings: dict) -> None:
     write_json(path, settings)
 
 
-def _target_outputs(config, data, model, tokenizer, graphdef, rest):
-    """``(examples, f)``: the target's validation examples and the jitted per-sample outputs
-    ``f(params) -> [J]`` (``gradients.output_fn``) of the model ``graphdef`` + ``params`` + ``rest``."""
-    from jaxgrad.data.batching import collate, encode_for_model
-
-    out_fn = get_output_fn(str(config.gradients.output_fn), float(config.gradients.eps))
-    examples = data.target_examples()
-    enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
-    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    @jax.jit
-    def f(params):
-        logits = model_logits(nnx.merge(graphdef, params, rest), batch)
-        return out_fn(logits, batch["targets"], batch["target_mask"])
-
-    return examples, f
-
-
 def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, filt):
     """``(unit_examples, gradient_sums)``: ``unit_examples(unit)``, the unit's train examples
     (cached), and ``gradient_sums(unit) -> (G, T)``, the gradient at θ* of the unit's summed
@@ -175,8 +154,6 @@ def _unit_gradient_sums(config, data, units, model, tokenizer, graphdef, rest, f
     units, so the fidelity stage's one-step fine-tunes need one pass over each unit's examples
     instead of one per subset (see :func:`run_fidelity`). Results are cached per unit.
     """
-    from jaxgrad.data.batching import collate, encode_for_model
-
     max_length, chunk = int(config.train.max_length), 256
 
     @jax.jit
@@ -230,9 +207,6 @@ def _one_step_update(tc):
 
 def _refit(config, workdir: str, data, rows):
     """The surrogate fits (config.surrogate) of the subsets named by estimates-table ``rows``."""
-
-    from jaxgrad.pipeline import pipeline_units
-
     train = GradientStore.open(rundir.gradients_dir(workdir, "train"))
     units = pipeline_units(config, workdir, data.sources)
     sources = units.names
@@ -253,14 +227,12 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     call with other ``surrogate`` settings (objective, C, scale) re-scores the same fine-tunes in
     seconds. ``write=False`` leaves ``fidelity/fidelity.json`` as it is (to compare settings).
     """
-    from jaxgrad.pipeline import _projector, _read_estimates, pipeline_units
-
     config = resolved_config(config, workdir)
     fcfg = FidelityConfig(**dict(config.get("fidelity") or {}))
     out_dir = os.path.join(workdir, rundir.FIDELITY_DIR)
     os.makedirs(out_dir, exist_ok=True)
     data = load_data(config.data)
-    rows = _read_estimates(os.path.join(workdir, rundir.ESTIMATES_FILE))[: int(fcfg.num_subsets)]
+    rows = read_estimates(os.path.join(workdir, rundir.ESTIMATES_FILE))[: int(fcfg.num_subsets)]
     if not rows:
         raise ValueError(f"{workdir}/estimates/estimates.csv has no rows: run the estimates stage first")
     tc = TrainConfig.from_config(config.train, config.mesh)
@@ -276,7 +248,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
                 "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm, "seed": tc.seed}
     _check_settings(out_dir, settings)
 
-    metric = _target_metric(str(config.gradients.output_fn))
+    metric = target_metric(str(config.gradients.output_fn))
     model, tokenizer = load_theta_star(config, workdir)
     filt = trainable_filter(model)
     graphdef, theta_star, rest = nnx.split(model, filt, ...)
@@ -285,7 +257,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     theta_np = np.asarray(theta_flat)
     theta_norm = float(tree_norm(theta_star))
     spec = flat_spec(theta_star)
-    examples, target_f = _target_outputs(config, data, model, tokenizer, graphdef, rest)
+    examples, target_f = target_outputs(config, data, model, tokenizer, graphdef, rest)
 
     def f_at(delta):
         """Per-sample outputs f at θ* + delta (a D-vector)."""
@@ -298,7 +270,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     target = GradientStore.open(rundir.gradients_dir(workdir, "target"))
     s = config.surrogate
     fits = _refit(config, workdir, data, rows)
-    projector = _projector(config, int(theta_flat.shape[0]))
+    projector = projector_from_config(config, int(theta_flat.shape[0]))
     gram = projector.gram()
     scale = None if float(s.scale) <= 0 else float(s.scale)
     c = np.asarray(rescale_factors(fits.coef, gram, theta_norm, scale=scale))
@@ -474,11 +446,9 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     Returns ``{"theta_norm", "D", "num_samples", "results": {kind: {str(s): {...}}}}``.
     Raises ValueError: ``seeds`` exceeds the estimates table's rows (surrogate directions).
     """
-    from jaxgrad.pipeline import _projector, _read_estimates
-
     config = resolved_config(config, workdir)
     data = load_data(config.data)
-    rows = _read_estimates(os.path.join(workdir, rundir.ESTIMATES_FILE))
+    rows = read_estimates(os.path.join(workdir, rundir.ESTIMATES_FILE))
     if len(rows) < seeds:
         raise ValueError(f"first_order_error: {workdir}/estimates/estimates.csv has {len(rows)} "
                          f"rows, fewer than seeds={seeds}")
@@ -488,7 +458,7 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
     spec = flat_spec(theta_star)
     theta_norm = float(tree_norm(theta_star))
     dim = int(flatten(theta_star).shape[0])
-    examples, f = _target_outputs(config, data, model, tokenizer, graphdef, rest)
+    examples, f = target_outputs(config, data, model, tokenizer, graphdef, rest)
 
     @jax.jit
     def f_and_dir(delta_flat):
@@ -505,7 +475,7 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
                 yield np.asarray(jax.random.normal(jax.random.key(seed), (dim,), jnp.float32))
             return
         fits = _refit(config, workdir, data, rows[:seeds])
-        projector = _projector(config, dim)
+        projector = projector_from_config(config, dim)
         for coef in np.asarray(fits.coef):
             yield np.asarray(projector.lift(jnp.asarray(coef)))
 

@@ -8,7 +8,7 @@ import pytest
 from helpers import fixture
 from jaxgrad.train.evaluate import answer_choices, choice_accuracy, choice_log_likelihoods
 from jaxgrad.models import load_pretrained
-from jaxgrad.representations import mean_representations
+from jaxgrad.select.representations import mean_representations
 
 import torch  # noqa: E402  (the test extra installs it)
 import transformers  # noqa: E402

@@ -16,7 +16,8 @@ import pytest
 
 from configs import demo
 from jaxgrad.fingerprint import downstream, stage_fingerprints
-from jaxgrad.pipeline import STAGES, ConfigChangedError, ranking_auc, run_pipeline
+from jaxgrad.pipeline import STAGES, ConfigChangedError, run_pipeline
+from jaxgrad.select.stage import ranking_auc
 
 UP_TO_SELECTION = ["base", "meta_train", "gradients", "estimates", "selection"]
 
@@ -479,7 +480,7 @@ def test_representation_similarity_baseline(run_dir):
     mean last-layer hidden state at θ* and the target's; it is fine-tuned and reported."""
     from jaxgrad.train.stage import load_theta_star
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.representations import mean_representations
+    from jaxgrad.select.representations import mean_representations
     from jaxgrad.data.sources import load_data
 
     sel = json.load(open(os.path.join(run_dir, "selection", "selection.json")))
@@ -599,7 +600,7 @@ def test_a_run_directory_from_before_data_splits_is_checked_by_its_stores(run_di
 
 
 def _rerun_selection(run_dir, tmp_path, **selection):
-    from jaxgrad.pipeline import SurrogateScorer
+    from jaxgrad.estimate.scorer import SurrogateScorer
     from jaxgrad.rundir import resolved_config
     from jaxgrad.data.sources import load_data
 
@@ -789,7 +790,7 @@ def test_clusters_are_scipys_average_linkage_on_the_stored_gradients(cluster_dir
 def test_estimates_and_forward_selection_over_clusters(cluster_dir):
     """The estimates fit each subset of clusters on exactly their samples; selection.method =
     "forward" is greedy forward selection (by hand) on the surrogate over the clusters."""
-    from jaxgrad.pipeline import SurrogateScorer
+    from jaxgrad.estimate.scorer import SurrogateScorer
     from jaxgrad.rundir import resolved_config
 
     config = _cluster_config()

@@ -14,7 +14,8 @@ import pytest
 
 from helpers import fixture
 from jaxgrad.config import default_config
-from jaxgrad.pipeline import _read_estimates, run_pipeline, subset_sources
+from jaxgrad.estimate.stage import read_estimates, subset_sources
+from jaxgrad.pipeline import run_pipeline
 from jaxgrad.train.final_finetune import finetune_run_name, finetune_sources
 
 NAMES = ["c++", "a,b", "q&a/v2", "x+y", "[draft] |2|"]
@@ -69,7 +70,7 @@ def test_every_stage_keeps_the_names(run):
     selection = json.load(open(os.path.join(workdir, "selection", "selection.json")))
     assert sorted(selection["sources"]) == sorted(NAMES)
     assert set(selection["selected"]) <= set(NAMES) and len(selection["selected"]) == 2
-    rows = _read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
+    rows = read_estimates(os.path.join(workdir, "estimates", "estimates.csv"))
     for r in rows:
         assert len(r["source_list"]) == 2 and set(r["source_list"]) <= set(NAMES), r["sources"]
     runs = {"selection": selection["selected"], **selection["baselines"]}

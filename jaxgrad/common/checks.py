@@ -1,4 +1,4 @@
-"""Argument checks and the full-precision matmul shared by the numeric modules.
+"""Argument checks, config values and the full-precision matmul shared by the modules.
 
 Each check returns the value converted (``int`` / ``float``) or raises naming the argument:
 ``TypeError`` for a value of the wrong type, ``ValueError`` for one out of range.
@@ -26,6 +26,12 @@ def as_names(value) -> tuple[str, ...] | None:
     parts = value.split(",") if isinstance(value, str) else [
         p for t in value for p in (t.split(",") if isinstance(t, str) else [str(t)])]
     return tuple(t.strip() for t in parts if t.strip())
+
+
+def section_dict(config, name: str) -> dict:
+    """Section ``name`` of an ml_collections config (or of a plain mapping) as a plain dict."""
+    sec = getattr(config, name)
+    return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
 
 
 def positive_int(name: str, value: Any) -> int:

@@ -255,3 +255,17 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
                              "(train and eval) that are multiples of it")
         out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def local_data_mesh():
+    """A ``data`` mesh over this process's devices (None with one): per-sample work shards its
+    samples over them. Per-sample gradients are independent, so this changes no result beyond
+    float32 rounding (a device's matmuls cover fewer samples and may sum in another order)."""
+    devices = jax.local_devices()
+    return make_mesh(len(devices), 1, devices=devices) if len(devices) > 1 else None
+
+
+def global_data_mesh():
+    """A ``data`` mesh over every device of every process (None with one device): the surrogate
+    fits shard their subsets over it (``jaxgrad.estimate.surrogate.fit_subsets``)."""
+    return make_mesh(-1, 1) if jax.device_count() > 1 else None

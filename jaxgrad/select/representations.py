@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad.data.batching import collate, encode_for_model
 from jaxgrad.models.forward import is_encoder_decoder
 
 
@@ -56,8 +57,6 @@ def mean_representations(model: Any, tokenizer: Any, examples: Sequence[Mapping[
       max_length: truncation length in tokens (``train.max_length``), as in training.
       batch_size: examples per forward pass (the result does not depend on it).
     """
-    from jaxgrad.data.batching import collate, encode_for_model
-
     examples = list(examples)
     enc, arch = encode_for_model(examples, tokenizer, model, sources=sources)
     graphdef, state = nnx.split(model)
