@@ -29,7 +29,8 @@ def test_every_public_name_resolves(name):
             assert getattr(importlib.import_module(home), obj.__name__) is obj, (name, public)
 
 
-@pytest.mark.parametrize("name", ("jaxgrad", "jaxgrad.gradients", "jaxgrad.train"))
+@pytest.mark.parametrize("name", ("jaxgrad", "jaxgrad.estimate", "jaxgrad.gradients",
+                                  "jaxgrad.select", "jaxgrad.train"))
 def test_lazy_table_matches_the_type_checking_imports(name):
     """For type checkers: every lazily exported name is also imported under TYPE_CHECKING, from
     the module the table names, and ``__all__`` is exactly the table's keys."""

@@ -10,7 +10,8 @@ Modules, in the order the step uses them:
 * ``per_sample``: ``jit(vmap(grad))`` fused with the projection;
 * ``manifest``, ``store``, ``store_write``: the resumable on-disk store of the x_i and f_i (its
   format and identity, reading it, writing it);
-* ``compute``: filling a store from a model and a dataset.
+* ``compute``: filling a store from a model and a dataset;
+* ``stage``: the pipeline stage, and the projector a run's config defines.
 
 The names below are resolved on first access, so ``import jaxgrad.gradients.projection`` loads
 nothing else of the package.
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from jaxgrad.gradients.per_sample import num_trainable
     from jaxgrad.gradients.per_sample import per_sample_projected_grads
     from jaxgrad.gradients.projection import Projector
+    from jaxgrad.gradients.stage import projector_from_config
     from jaxgrad.gradients.store import GradientStore
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "num_trainable",
     "outputs_loss",
     "per_sample_projected_grads",
+    "projector_from_config",
     "token_ce",
 ]
 
@@ -65,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     "num_trainable": "jaxgrad.gradients.per_sample",
     "outputs_loss": "jaxgrad.gradients.outputs",
     "per_sample_projected_grads": "jaxgrad.gradients.per_sample",
+    "projector_from_config": "jaxgrad.gradients.stage",
     "token_ce": "jaxgrad.gradients.outputs",
 }
 
