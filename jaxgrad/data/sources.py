@@ -73,7 +73,7 @@ class SourcesSpec:
       noisy: sources that get a label-noise copy ``noisy_<source>``
         (:meth:`MultiSourceData.with_label_noise`, seeded by ``seed``), appended after the others.
       kinds: source -> kind ("related", "unrelated", ...: the ground truth a ranking is checked
-        against, :func:`jaxgrad.pipeline.ranking_auc`); the target is "target", noisy copies
+        against, :func:`jaxgrad.select.stage.ranking_auc`); the target is "target", noisy copies
         "noisy", unnamed sources "unknown". Also a list of ``(source, kind)`` pairs, for names an
         ml_collections config cannot hold as keys (``"v1.2"``: ConfigDict refuses dots in keys).
     """
