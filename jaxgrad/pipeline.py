@@ -65,9 +65,8 @@ from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
 from jaxgrad.estimate.subsets import masks_from_sources, sample_subsets, subset_size
 from jaxgrad.estimate.surrogate import fit_subsets
-from jaxgrad.fingerprint import ConfigChangedError
-from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
-                                 model_input_digests, reconcile, stage_fingerprints, write_records)
+from jaxgrad.fingerprint import (STAGE_ORDER, ConfigChangedError, model_input_digests,
+                                 stage_fingerprints)
 from jaxgrad.gradients.compute import compute_gradient_store, store_model_id
 from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
 from jaxgrad.gradients.per_sample import num_trainable, trainable_filter
@@ -76,6 +75,8 @@ from jaxgrad.gradients.store import GradientStore
 from jaxgrad.groups.units import GroupsSpec, Units, make_groups
 from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.models.forward import model_logits
+from jaxgrad.records import (REGENERATED, artefacts_exist, delete_artefacts, downstream,
+                             make_record, read_records, reconcile, write_records)
 from jaxgrad.rundir import resolved_config
 from jaxgrad.select.baselines import (baseline_all, baseline_random, baseline_random_total,
                                       gradient_similarity_scores)
@@ -835,9 +836,6 @@ def check_data_splits(workdir: str, data, mode: str) -> None:
     Raises:
       ConfigChangedError: the data changed and ``mode`` is "error" (nothing deleted).
     """
-    from jaxgrad.fingerprint import (delete_artefacts, downstream, read_records,
-                                     write_records)
-
     path = os.path.join(workdir, rundir.SPLITS_FILE)
     new = data_splits_record(data)
     old = read_json(path) if os.path.isfile(path) else None
