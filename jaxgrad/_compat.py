@@ -83,11 +83,21 @@ MOVED: dict[str, dict[str, str]] = {
         "FidelityConfig": "jaxgrad.config",
     },
     "jaxgrad.fingerprint": {
+        "DERIVED": "jaxgrad.records",
         "HASHES_FILE": "jaxgrad.rundir",
         "MODES": "jaxgrad.config:CONFIG_CHANGE_MODES",
         "RECORDS_FILE": "jaxgrad.rundir",
+        "REGENERATED": "jaxgrad.records",
         "RUN_FILE": "jaxgrad.rundir",
         "STAGE_ARTEFACTS": "jaxgrad.rundir",
+        "artefacts_exist": "jaxgrad.records",
+        "delete_artefacts": "jaxgrad.records",
+        "downstream": "jaxgrad.records",
+        "make_record": "jaxgrad.records",
+        "read_records": "jaxgrad.records",
+        "reconcile": "jaxgrad.records",
+        "records_path": "jaxgrad.records",
+        "write_records": "jaxgrad.records",
     },
     "jaxgrad.flat": {
         "FlatSpec": "jaxgrad.common.flat",
@@ -198,6 +208,12 @@ MOVED: dict[str, dict[str, str]] = {
     },
     "jaxgrad.projection": {
         "Projector": "jaxgrad.gradients.projection",
+    },
+    "jaxgrad.report": {
+        "KIND_COLORS": "jaxgrad.plots",
+        "plot_clusters": "jaxgrad.plots",
+        "plot_fidelity": "jaxgrad.plots",
+        "plot_scores": "jaxgrad.plots",
     },
     "jaxgrad.representations": {
         "last_hidden_states": "jaxgrad.select.representations",

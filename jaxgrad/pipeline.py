@@ -58,13 +58,14 @@ from jaxgrad.config import (CHOICES, FINETUNE_RUNS, MeshConfig, ModelSpec, Train
 from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.stage import stage_estimates
 from jaxgrad.fidelity import run_fidelity
-from jaxgrad.fingerprint import ConfigChangedError
-from jaxgrad.fingerprint import (REGENERATED, STAGE_ORDER, artefacts_exist, make_record,
-                                 model_input_digests, reconcile, stage_fingerprints, write_records)
+from jaxgrad.fingerprint import (STAGE_ORDER, ConfigChangedError, model_input_digests,
+                                 stage_fingerprints)
 from jaxgrad.gradients.stage import stage_gradients
 from jaxgrad.groups.stage import groups_enabled, pipeline_units, stage_groups
 from jaxgrad.groups.units import GroupsSpec
 from jaxgrad.models.hf_config import resolve_dtype
+from jaxgrad.records import (REGENERATED, artefacts_exist, delete_artefacts, downstream,
+                             make_record, read_records, reconcile, write_records)
 from jaxgrad.rundir import resolved_config
 from jaxgrad.select.stage import stage_selection
 from jaxgrad.train.final_finetune import finetune
@@ -338,9 +339,6 @@ def check_data_splits(workdir: str, data, mode: str) -> None:
     Raises:
       ConfigChangedError: the data changed and ``mode`` is "error" (nothing deleted).
     """
-    from jaxgrad.fingerprint import (delete_artefacts, downstream, read_records,
-                                     write_records)
-
     path = os.path.join(workdir, rundir.SPLITS_FILE)
     new = data_splits_record(data)
     old = read_json(path) if os.path.isfile(path) else None

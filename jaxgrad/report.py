@@ -1,4 +1,5 @@
-"""The run report: ``report.md`` and PNG plots, built only from a run directory's artefacts."""
+"""The run report: ``report.md``, built only from a run directory's artefacts (its PNG plots:
+:mod:`jaxgrad.plots`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from typing import Any
 import numpy as np
 
 from jaxgrad import rundir
+from jaxgrad._compat import moved_names
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import FINETUNE_RUNS
+from jaxgrad.fingerprint import config_changes, model_input_digests, stage_fingerprints
+from jaxgrad.plots import plot_clusters, plot_fidelity, plot_scores
+from jaxgrad.records import read_records
 from jaxgrad.runtime import python_command
-
-KIND_COLORS = {"target": "#1f77b4", "related": "#2ca02c", "noisy": "#d62728", "unrelated": "#ff7f0e"}
 
 
 def _cell(text: str) -> str:
@@ -63,84 +66,6 @@ def estimated_quantity(metric: str, output_fn: str, short: bool = False) -> str:
     if metric == "mean_output":
         return "mean logit odds of the target"
     return str(metric)
-
-
-def plot_scores(selection: dict, path: str, quantity: str | None = None) -> None:
-    """Per-source ensemble scores with bootstrap intervals, coloured by planted kind; selected
-    sources ringed, and the cut drawn where the selection keeps a prefix of the ranking."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sources = selection["ranking"]
-    idx = [selection["sources"].index(s) for s in sources]
-    scores = np.array(selection["scores"])[idx]
-    lo = np.array(selection["ci_low"])[idx]
-    hi = np.array(selection["ci_high"])[idx]
-    kinds = selection.get("kinds", {})
-    colors = [KIND_COLORS.get(kinds.get(s), "#7f7f7f") for s in sources]
-    from matplotlib.patches import Patch
-
-    fig, ax = plt.subplots(figsize=(max(5.5, 0.6 * len(sources) + 2.5), 3.8))
-    x = np.arange(len(sources))
-    ax.errorbar(x, scores, yerr=[scores - lo, hi - scores], fmt="none", ecolor="k", capsize=3, lw=1)
-    ax.scatter(x, scores, c=colors, s=60, zorder=3)
-    chosen = [i for i, name in enumerate(sources) if name in selection["selected"]]
-    if chosen:
-        ax.scatter(x[chosen], scores[chosen], s=160, facecolors="none", edgecolors="k", lw=1.2,
-                   zorder=4, label="selected")
-    if chosen and chosen == list(range(len(chosen))) and len(chosen) < len(sources):
-        ax.axvline(len(chosen) - 0.5, color="k", ls="--", lw=1)
-        ax.annotate("selection cut", (len(chosen) - 0.5, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -10), textcoords="offset points", fontsize=7)
-    ax.set_xticks(x)
-    ax.set_xticklabels(sources, rotation=45, ha="right")
-    sign = "" if selection["higher_is_better"] else "−"
-    ax.set_ylabel(f"score ({sign}{quantity or 'estimated ' + selection['metric']})")
-    ax.set_title("Per-source ensemble scores, best first (95% CI)", fontsize=10)
-    present = [k for k in KIND_COLORS if k in kinds.values()]
-    handles = [Patch(color=KIND_COLORS[k], label=k) for k in present]
-    if chosen:
-        from matplotlib.lines import Line2D
-
-        handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec="k", ms=10,
-                              label="selected"))
-    if handles:
-        ax.legend(handles=handles, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_fidelity(fidelity: dict, path: str) -> None:
-    """Estimated vs true change of the target loss from θ* (the fine-tunes are short, so the
-    changes, not the levels, show how well the estimates track them)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = fidelity["rows"]
-    base = float(fidelity.get("theta_star_loss", 0.0))
-    true = np.array([r["true_loss"] for r in rows]) - base
-    fig, ax = plt.subplots(figsize=(4.4, 4.2))
-    for key, marker in (("linearized_loss", "o"), ("exact_loss", "s")):
-        if key in rows[0]:
-            est = np.array([r[key] for r in rows]) - base
-            ax.scatter(true, est, marker=marker, alpha=0.8, label=key.replace("_loss", ""))
-    lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
-    ax.plot(lims, lims, "k--", lw=0.8)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("true change of target loss (fine-tuned from θ*)")
-    ax.set_ylabel("estimated change")
-    scale = (fidelity.get("settings") or {}).get("scale")
-    ax.set_title(f"{len(rows)} subsets, surrogate.scale = {scale}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _finetune_rows(workdir: str) -> dict[str, dict]:
@@ -206,12 +131,15 @@ def significance_line(selection: dict) -> str:
     separated = [(a, b) for a, b in zip(ranking, ranking[1:])
                  if ci[a][0] > ci[b][1] and a in wide and b in wide]
     n_open = len(ranking) - 1 - len(separated)
-    text = "Significance: the 95% intervals separate " + (
-        ", ".join(f"{_name(a)} > {_name(b)}" for a, b in separated)
-        + (f"; the other {n_open} neighbouring pairs are not separated (their order may be "
-           "noise)" if n_open else "") if separated
-        else f"no two neighbouring ranks (all {n_open} neighbouring pairs overlap: their order "
-             "may be noise)") + "."
+    if separated:
+        what = ", ".join(f"{_name(a)} > {_name(b)}" for a, b in separated)
+        if n_open:
+            what += (f"; the other {n_open} neighbouring pairs are not separated (their order may "
+                     "be noise)")
+    else:
+        what = (f"no two neighbouring ranks (all {n_open} neighbouring pairs overlap: their order "
+                "may be noise)")
+    text = f"Significance: the 95% intervals separate {what}."
     kept = [s for s in ranking if s in selection["selected"]]
     dropped = [s for s in ranking if s not in selection["selected"]]
     if kept and dropped:
@@ -219,9 +147,15 @@ def significance_line(selection: dict) -> str:
         best_dropped = max(dropped, key=lambda s: ci[s][1])
         clear = (ci[worst_kept][0] > ci[best_dropped][1] and worst_kept in wide
                  and best_dropped in wide)
+        if clear:
+            relation = "lies above"
+        elif ci[worst_kept][0] <= ci[best_dropped][1]:
+            relation = "overlaps"
+        else:  # above, but one of the two intervals has zero width
+            relation = "is, by zero-width intervals only, above"
         text += (f" The selection cut is {'' if clear else 'not '}significant: the lowest "
                  f"interval kept ({_name(worst_kept)}, from {_fmt(ci[worst_kept][0])}) "
-                 f"{'lies above' if clear else 'overlaps' if ci[worst_kept][0] <= ci[best_dropped][1] else 'is, by zero-width intervals only, above'} the highest dropped "
+                 f"{relation} the highest dropped "
                  f"({_name(best_dropped)}, up to {_fmt(ci[best_dropped][1])}).")
     if len(wide) < len(ranking):
         text += (f" {len(ranking) - len(wide)} of the intervals have zero width (each of those "
@@ -273,53 +207,59 @@ def target_metrics(run: dict, target: str | None) -> dict[str, float | None]:
     return {"test_loss": loss, "test_acc": acc, "test_choice_acc": m.get("test_choice_acc")}
 
 
-def write_report(config, workdir: str) -> str:
-    """Write ``<workdir>/report.md`` (+ ``scores.png``, ``fidelity.png`` when fidelity ran)."""
-    sel_path = os.path.join(workdir, rundir.SELECTION_FILE)
-    selection = read_json(sel_path)
-    est_rows = list(csv.DictReader(open(os.path.join(workdir, rundir.ESTIMATES_FILE))))
-    runs = _finetune_rows(workdir)
+def _target(config, selection: dict) -> str | None:
+    """The target: recorded since units can be clusters (several of kind "target"); before, the
+    one source of kind "target"."""
     kinds = selection.get("kinds", {})
-    # Recorded since units can be clusters (several of kind "target"); before, the one source
-    # of kind "target".
-    target = selection.get("target") or next(
+    return selection.get("target") or next(
         (s for s, k in kinds.items() if k == "target"), None) or config.data.get(
         "synthetic", {}).get("target")
-    quantity = estimated_quantity(selection["metric"], str(config.gradients.output_fn))
-    plot_scores(selection, os.path.join(workdir, rundir.SCORES_PLOT),
-                estimated_quantity(selection["metric"], str(config.gradients.output_fn), True))
+
+
+def _header_lines(workdir: str, selection: dict, target: str | None) -> list[str]:
     lines = ["# jaxgrad run report", ""]
     units = (f"Units: {len(selection['sources'])} (clusters of samples and whole sources, see "
              "Clusters; every table's \"source\" is a unit)" if selection.get("groups")
              else f"Sources: {len(selection['sources'])}")
-    lines += [f"Run directory: `{workdir}`. Target: **{target}**. {units}.", ""]
+    return lines + [f"Run directory: `{workdir}`. Target: **{target}**. {units}.", ""]
+
+
+def _timings_section(workdir: str) -> list[str]:
     timings = os.path.join(workdir, rundir.TIMINGS_FILE)
-    if os.path.isfile(timings):
-        rows = [json.loads(l) for l in open(timings)]
-        # Seconds of the run that computed each stage (later runs that reused it are skipped;
-        # rows written before "reused" was recorded count as computing).
-        computed = {}
-        for r in rows:
-            if not r.get("reused", False):
-                computed[r["stage"]] = r["seconds"]
-        lines += ["## Stages", "", "| stage | seconds (when computed) |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in computed.items() if k != "report"] + [""]
+    if not os.path.isfile(timings):
+        return []
+    rows = [json.loads(l) for l in open(timings)]
+    # Seconds of the run that computed each stage (later runs that reused it are skipped;
+    # rows written before "reused" was recorded count as computing).
+    computed = {}
+    for r in rows:
+        if not r.get("reused", False):
+            computed[r["stage"]] = r["seconds"]
+    lines = ["## Stages", "", "| stage | seconds (when computed) |", "|---|---|"]
+    return lines + [f"| {k} | {v:.1f} |" for k, v in computed.items() if k != "report"] + [""]
+
+
+def _estimates_section(config, est_rows: list[dict]) -> list[str]:
     conv = np.mean([r["converged"] == "True" for r in est_rows]) if est_rows else float("nan")
-    lines += ["## Estimates", "",
-              f"{len(est_rows)} random subsets scored by the surrogate "
-              f"(objective `{config.surrogate.objective}`, C={config.surrogate.C}, "
-              f"scale={config.surrogate.scale}, mode `{config.surrogate.mode}`, projection "
-              f"k={config.gradients.projection_dim}, output `{config.gradients.output_fn}`); "
-              f"solver converged on {100 * conv:.0f}% of them. Table: `estimates/estimates.csv`.", ""]
-    lines += ["## Selection", "",
-              f"Score = mean over the subsets containing the source of the estimated {quantity} "
-              f"(the surrogate's estimate for fine-tuning on the subset; "
-              f"{'higher' if selection['higher_is_better'] else 'lower'} is better; shown "
-              f"{'as is' if selection['higher_is_better'] else 'negated'} so higher is better), "
-              "95% bootstrap interval over subsets.", "",
-              "| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | repr-sim cosine "
-              "| selected |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    return ["## Estimates", "",
+            f"{len(est_rows)} random subsets scored by the surrogate "
+            f"(objective `{config.surrogate.objective}`, C={config.surrogate.C}, "
+            f"scale={config.surrogate.scale}, mode `{config.surrogate.mode}`, projection "
+            f"k={config.gradients.projection_dim}, output `{config.gradients.output_fn}`); "
+            f"solver converged on {100 * conv:.0f}% of them. Table: `estimates/estimates.csv`.", ""]
+
+
+def _selection_section(config, selection: dict, quantity: str) -> list[str]:
+    kinds = selection.get("kinds", {})
+    lines = ["## Selection", "",
+             f"Score = mean over the subsets containing the source of the estimated {quantity} "
+             f"(the surrogate's estimate for fine-tuning on the subset; "
+             f"{'higher' if selection['higher_is_better'] else 'lower'} is better; shown "
+             f"{'as is' if selection['higher_is_better'] else 'negated'} so higher is better), "
+             "95% bootstrap interval over subsets.", "",
+             "| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | repr-sim cosine "
+             "| selected |",
+             "|---|---|---|---|---|---|---|---|---|"]
     rep = selection.get("repr_sim_scores") or [None] * len(selection["sources"])
     for rank, s in enumerate(selection["ranking"], 1):
         i = selection["sources"].index(s)
@@ -343,44 +283,77 @@ def write_report(config, workdir: str) -> str:
     if selection.get("ranking_auc") is not None:
         lines += ["", f"Ranking AUC (a target/related source ranks above a noisy/unrelated one): "
                       f"**{selection['ranking_auc']:.3f}**"]
-    lines += ["", "![scores](scores.png)", ""]
-    lines += theta_star_lines(workdir)
+    return lines + ["", "![scores](scores.png)", ""]
+
+
+def _clusters_section(workdir: str, selection: dict) -> list[str]:
+    """The cluster view (and ``clusters.png``) when the units are clusters of samples."""
     groups_path = os.path.join(workdir, rundir.GROUPS_FILE)
-    if selection.get("groups") and os.path.isfile(groups_path):
-        groups = read_json(groups_path)
-        plot_clusters(selection, os.path.join(workdir, rundir.CLUSTERS_PLOT))
-        lines += cluster_lines(groups, selection) + ["", "![clusters](clusters.png)", ""]
+    if not (selection.get("groups") and os.path.isfile(groups_path)):
+        return []
+    groups = read_json(groups_path)
+    plot_clusters(selection, os.path.join(workdir, rundir.CLUSTERS_PLOT))
+    return cluster_lines(groups, selection) + ["", "![clusters](clusters.png)", ""]
+
+
+def _finetune_section(workdir: str, selection: dict, runs: dict[str, dict],
+                      target: str | None) -> list[str]:
+    if not runs:
+        return []
     sizes = dict(zip(selection["sources"], (selection.get("groups") or {}).get("sizes") or []))
-    if runs:
-        lines += ["## Fine-tuning the base model on each choice of sources", "",
-                  f"Target **{target}**, test split (never used for selection). Test loss: "
-                  "the token cross-entropy of the completions (not the surrogate's estimate "
-                  "above).", "",
-                  "| run | sources | train samples | test token cross-entropy | test accuracy (generated "
-                  "answer) | test accuracy (most likely choice) |", "|---|---|---|---|---|---|"]
-        for name, run in runs.items():
-            m = target_metrics(run, target)
-            n = sum(sizes[u] for u in run["sources"]) if sizes else run.get("n_train", "")
-            same = f" (= {_cell(run['same_as'])}: the same sources, trained once)" \
-                if run.get("same_as") else (_by_hand_label(workdir, name) if run.get("by_hand")
-                                            else "")
-            lines.append(f"| {_cell(name)}{same} | {_names(run['sources'])} | {n} | "
-                         f"{_fmt(m['test_loss'])} | {_fmt(m['test_acc'], 3)} | "
-                         f"{_fmt(m.get('test_choice_acc'), 3)} |")
-        lines.append("")
+    lines = ["## Fine-tuning the base model on each choice of sources", "",
+             f"Target **{target}**, test split (never used for selection). Test loss: "
+             "the token cross-entropy of the completions (not the surrogate's estimate "
+             "above).", "",
+             "| run | sources | train samples | test token cross-entropy | test accuracy (generated "
+             "answer) | test accuracy (most likely choice) |", "|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        m = target_metrics(run, target)
+        n = sum(sizes[u] for u in run["sources"]) if sizes else run.get("n_train", "")
+        same = f" (= {_cell(run['same_as'])}: the same sources, trained once)" \
+            if run.get("same_as") else (_by_hand_label(workdir, name) if run.get("by_hand")
+                                        else "")
+        lines.append(f"| {_cell(name)}{same} | {_names(run['sources'])} | {n} | "
+                     f"{_fmt(m['test_loss'])} | {_fmt(m['test_acc'], 3)} | "
+                     f"{_fmt(m.get('test_choice_acc'), 3)} |")
+    return lines + [""]
+
+
+def _fidelity_section(config, workdir: str) -> list[str]:
+    """The fidelity section (and ``fidelity.png``) when ``fidelity/`` matches this config; why it
+    is not shown when it does not."""
     fid_path = os.path.join(workdir, rundir.FIDELITY_FILE)
     stale = _fidelity_changes(config, workdir) if os.path.isfile(fid_path) else None
     if os.path.isfile(fid_path) and not stale:
         fid = read_json(fid_path)
         plot_fidelity(fid, os.path.join(workdir, rundir.FIDELITY_PLOT))
-        lines += fidelity_lines(fid)
-        lines += ["", "![fidelity](fidelity.png)", ""]
-    elif stale:
-        lines += ["## Fidelity", "", "`fidelity/fidelity.json` was computed under other "
-                  "settings than this config's, so it is not shown: "
-                  + "; ".join(f"`{k}`: {json.dumps(a)} → {json.dumps(b)}" for k, a, b in stale[:8])
-                  + ". Run the fidelity stage with this config (`pipeline.fidelity = True`, "
-                  "`--on_config_change=rerun`) to measure it again.", ""]
+        return fidelity_lines(fid) + ["", "![fidelity](fidelity.png)", ""]
+    if stale:
+        return ["## Fidelity", "", "`fidelity/fidelity.json` was computed under other "
+                "settings than this config's, so it is not shown: "
+                + "; ".join(f"`{k}`: {json.dumps(a)} → {json.dumps(b)}" for k, a, b in stale[:8])
+                + ". Run the fidelity stage with this config (`pipeline.fidelity = True`, "
+                "`--on_config_change=rerun`) to measure it again.", ""]
+    return []
+
+
+def write_report(config, workdir: str) -> str:
+    """Write ``<workdir>/report.md`` (+ ``scores.png``, ``fidelity.png`` when fidelity ran)."""
+    selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
+    est_rows = list(csv.DictReader(open(os.path.join(workdir, rundir.ESTIMATES_FILE))))
+    runs = _finetune_rows(workdir)
+    target = _target(config, selection)
+    quantity = estimated_quantity(selection["metric"], str(config.gradients.output_fn))
+    plot_scores(selection, os.path.join(workdir, rundir.SCORES_PLOT),
+                estimated_quantity(selection["metric"], str(config.gradients.output_fn), True))
+    lines = _header_lines(workdir, selection, target)
+    lines += _timings_section(workdir)
+    lines += _estimates_section(config, est_rows)
+    lines += _selection_section(config, selection, quantity)
+    lines += theta_star_lines(workdir)
+    lines += _clusters_section(workdir, selection)
+    lines += _finetune_section(workdir, selection, runs, target)
+    lines += _fidelity_section(config, workdir)
     lines += next_steps_lines(config, workdir, selection)
     path = os.path.join(workdir, rundir.REPORT_FILE)
     with open(path, "w") as f:
@@ -409,37 +382,6 @@ def cluster_lines(groups: dict, selection: dict) -> list[str]:
                      f"{_fmt(selection['ci_high'][i])}] | "
                      f"{'✓' if name in selection['selected'] else ''} | {prompts} |")
     return lines
-
-
-def plot_clusters(selection: dict, path: str) -> None:
-    """Each unit's score (with its 95% interval) against its number of samples, kept ones marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = np.array(selection["groups"]["sizes"], float)
-    scores = np.array(selection["scores"], float)
-    lo, hi = np.array(selection["ci_low"], float), np.array(selection["ci_high"], float)
-    kept = np.array([s in selection["selected"] for s in selection["sources"]])
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for mask, color, label in ((kept, "#2ca02c", "kept"), (~kept, "#7f7f7f", "not kept")):
-        if mask.any():
-            ax.errorbar(sizes[mask], scores[mask],
-                        yerr=[scores[mask] - lo[mask], hi[mask] - scores[mask]], fmt="o",
-                        color=color, ms=4, lw=0.8, capsize=2, label=label)
-    for x, y, name in zip(sizes, scores, selection["sources"]):
-        if np.isfinite(y):
-            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    missing = int(np.sum(~np.isfinite(scores)))
-    ax.set_xlabel("samples in the unit")
-    ax.set_ylabel("ensemble score (higher is better)")
-    ax.set_title(f"{len(scores)} units" + (f"; {missing} in no sampled subset (no score, not "
-                                            "shown)" if missing else ""), fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def fidelity_lines(fid: dict) -> list[str]:
@@ -473,9 +415,6 @@ def _fidelity_changes(config, workdir: str) -> list[tuple[str, Any, Any]]:
     """``[]`` when ``fidelity/`` was computed under this config (its stages.json record matches);
     otherwise what changed (old → new; with the stage switched off its config is not checked
     by the pipeline, and an old result is not shown)."""
-    from jaxgrad.fingerprint import (config_changes, model_input_digests, read_records,
-                                     stage_fingerprints)
-
     rec = read_records(workdir).get("fidelity")
     fp = stage_fingerprints(config, model_input_digests(config, workdir))["fidelity"]
     if rec and rec.get("fingerprint") == fp.fingerprint:
@@ -484,7 +423,6 @@ def _fidelity_changes(config, workdir: str) -> list[tuple[str, Any, Any]]:
         return [("fidelity record", "(none in stages.json)", "(this config)")]
     return config_changes(rec.get("config", {}), fp.config) or [
         ("inputs of fidelity", "(earlier stages)", "(recomputed since)")]
-
 
 
 # ---- the README's demo excerpt against a run's report ---------------------------------------------
@@ -536,3 +474,6 @@ def compare_tables(excerpt: str, report: str, atol: float = 0.0) -> list[str]:
                 if not same:
                     problems.append(f"{header[0]} {row[0]!r}, {name}: README {a!r}, report {b!r}")
     return problems
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -83,7 +83,8 @@ def rerun(tmp_path_factory):
 
 
 def test_every_stage_reused_nothing_recomputed(rerun):
-    from jaxgrad.fingerprint import REGENERATED, config_changes, stage_fingerprints
+    from jaxgrad.fingerprint import config_changes, stage_fingerprints
+    from jaxgrad.records import REGENERATED
     from jaxgrad.pipeline import STAGES
 
     workdir, out, printed, warnings, before = rerun

@@ -11,6 +11,7 @@ import pytest
 
 from configs import demo
 from jaxgrad import fingerprint as F
+from jaxgrad import records as R
 from jaxgrad import rundir
 from jaxgrad.pipeline import ConfigChangedError
 
@@ -28,7 +29,7 @@ def _ran(workdir, fps, stages=("meta_train", "gradients")):
     """A run directory whose ``stages`` have artefacts recorded under ``fps``."""
     for s in stages:
         os.makedirs(os.path.join(workdir, s), exist_ok=True)
-    F.write_records(str(workdir), {s: F.make_record(fps[s], complete=True) for s in stages})
+    R.write_records(str(workdir), {s: R.make_record(fps[s], complete=True) for s in stages})
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_weights_edited_in_place_are_caught(model_dir, tmp_path):
     assert weights in fps["meta_train"].config and weights in fps["finetune"].config
     assert weights in fps["gradients"].config  # through meta_train, its input
     _ran(workdir, fps)
-    F.reconcile(workdir, fps, ["meta_train", "gradients"])  # unchanged: accepted
+    R.reconcile(workdir, fps, ["meta_train", "gradients"])  # unchanged: accepted
 
     data = bytearray((model_dir / "model.safetensors").read_bytes())
     data[-1] ^= 1  # one bit of one weight, same size
@@ -55,7 +56,7 @@ def test_weights_edited_in_place_are_caught(model_dir, tmp_path):
     new = F.model_input_digests(config, workdir)
     assert new[weights] != inputs[weights]
     with pytest.raises(ConfigChangedError) as info:
-        F.reconcile(workdir, F.stage_fingerprints(config, new), ["meta_train", "gradients"])
+        R.reconcile(workdir, F.stage_fingerprints(config, new), ["meta_train", "gradients"])
     assert info.value.stage == "meta_train" and weights in str(info.value), str(info.value)
     assert os.path.isdir(os.path.join(workdir, "meta_train")), "nothing is deleted"
 
@@ -79,12 +80,12 @@ def test_records_from_before_file_hashes_are_adopted(model_dir, tmp_path, caplog
     inputs = F.model_input_digests(config, workdir)
     fps = F.stage_fingerprints(config, inputs)
     with pytest.raises(ConfigChangedError):  # without the adoption rule it would be refused
-        F.reconcile(workdir, fps, ["meta_train", "gradients"])
-    records = F.reconcile(workdir, fps, ["meta_train", "gradients"],
+        R.reconcile(workdir, fps, ["meta_train", "gradients"])
+    records = R.reconcile(workdir, fps, ["meta_train", "gradients"],
                           config_only=F.stage_fingerprints(config))
     assert records["meta_train"]["fingerprint"] == fps["meta_train"].fingerprint
     assert records["gradients"]["complete"] is True
-    assert F.read_records(workdir)["meta_train"]["fingerprint"] == fps["meta_train"].fingerprint
+    assert R.read_records(workdir)["meta_train"]["fingerprint"] == fps["meta_train"].fingerprint
     assert "file hashes" in caplog.text
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxgrad.fingerprint import downstream, stage_fingerprints
+from jaxgrad.fingerprint import stage_fingerprints
 from jaxgrad.pipeline import STAGES, ConfigChangedError, run_pipeline
+from jaxgrad.records import downstream
 from jaxgrad.select.stage import ranking_auc
 
 UP_TO_SELECTION = ["base", "meta_train", "gradients", "estimates", "selection"]
