@@ -1,0 +1,68 @@
+"""The GradEx method end to end, one resumable stage at a time.
+
+    base ─► meta_train ─► gradients ─► (groups) ─► estimates ─► selection ─► finetune ─► (fidelity) ─► report
+
+Each stage reads the previous stages' artefacts from the run directory and writes its own; a
+stage whose artefact exists is skipped, so a run that was interrupted continues where it stopped
+and any stage can be rerun alone by deleting its folder.
+
+Artefacts are reused only under the config they were computed with: each stage has a fingerprint
+of the config keys it reads and of the fingerprints of the stages it reads
+(:mod:`jaxgrad.fingerprint`), recorded in ``<workdir>/stages.json``. A changed fingerprint raises
+:class:`ConfigChangedError` (the stage, the run directory, the changed keys) and deletes nothing,
+unless ``pipeline.on_config_change = "rerun"`` (``--on_config_change=rerun``): then the changed
+stage's artefacts and everything downstream are deleted and recomputed. Layout (see
+checkpoints/README.md):
+
+    <workdir>/base/                  tiny base pretrained from scratch (only if config.base.pretrain)
+    <workdir>/meta_train/            θ*: LoRA meta-training on all sources (jaxgrad.train.stage)
+    <workdir>/gradients/{train,target}/  projected per-sample gradients (jaxgrad.gradients.store)
+    <workdir>/groups/groups.json     with groups.by = "cluster": the units selected among, clusters
+                                     of samples by their projected gradients (jaxgrad.groups)
+    <workdir>/estimates/estimates.csv    one row per sampled subset: sources, estimates, solver status
+    <workdir>/selection/selection.json   ensemble scores, intervals, the chosen sources, baselines
+    <workdir>/finetune/<name>/       the base model fine-tuned on: selection, all, random, grad_sim,
+                                     repr_sim
+    <workdir>/fidelity/              with pipeline.fidelity: θ* really fine-tuned on K subsets vs the
+                                     estimates (jaxgrad.fidelity; fidelity.json)
+    <workdir>/report.md, *.png       what ran, the selection and the target metrics side by side
+    <workdir>/stages.json            per stage: config fingerprint, the values behind it, complete
+
+The package: :mod:`~jaxgrad.pipeline.run` (the stages in order), :mod:`~jaxgrad.pipeline.validate`
+(checks before the first stage), :mod:`~jaxgrad.pipeline.cli` (script entry points).
+
+Library functions receive the ml_collections config (the stage boundary) and turn its sections
+into typed values before calling the jitted core.
+"""
+
+from __future__ import annotations
+
+from jaxgrad._compat import moved_names
+from jaxgrad.fingerprint import ConfigChangedError
+from jaxgrad.pipeline.cli import define_on_config_change_flag, stage_script
+from jaxgrad.pipeline.run import (STAGES, fidelity_enabled, run_pipeline, stage_fidelity,
+                                  stage_finetune, stage_report)
+from jaxgrad.pipeline.validate import (DATA_STAGES, FRACTION_OR_COUNT, check_data_splits,
+                                       check_method_sections, data_splits_record,
+                                       known_config_keys, validate_config)
+
+__all__ = [
+    "DATA_STAGES",
+    "FRACTION_OR_COUNT",
+    "STAGES",
+    "ConfigChangedError",
+    "check_data_splits",
+    "check_method_sections",
+    "data_splits_record",
+    "define_on_config_change_flag",
+    "fidelity_enabled",
+    "known_config_keys",
+    "run_pipeline",
+    "stage_fidelity",
+    "stage_finetune",
+    "stage_report",
+    "stage_script",
+    "validate_config",
+]
+
+__getattr__ = moved_names(__name__)  # names that moved out of jaxgrad.pipeline (jaxgrad._compat)
