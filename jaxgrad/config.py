@@ -48,6 +48,11 @@ OBJECTIVES = ("gradex", "one_class", "taylor")  # surrogate.objective
 SURROGATE_MODES = ("linearized", "exact")  # surrogate.mode
 SELECTION_METRICS = ("loss", "accuracy", "mean_output", "exact_loss")  # selection.metric
 SELECTION_METHODS = ("ensemble", "threshold", "forward", "ordered")  # selection.method
+# Keys holding a list of names: a tuple, or a comma-separated string; set on a command line
+# (--config.data.synthetic.tasks=add,sub) a tuple key arrives as ("add,sub",). Readers split them
+# with common.checks.as_names, and fingerprints compare the names, not the spelling.
+NAME_LISTS = ("data.synthetic.tasks", "data.synthetic.noisy", "groups.sources",
+              "lora.target_modules", "pipeline.finetune_runs", "finetune.sources")
 # pipeline.finetune_runs: the selection and its baselines (its default, and the report's order).
 FINETUNE_RUNS = ("selection", "all", "random", "grad_sim", "repr_sim")
 CONFIG_CHANGE_MODES = ("error", "rerun")  # pipeline.on_config_change

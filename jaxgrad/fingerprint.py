@@ -36,9 +36,10 @@ import jax
 
 from jaxgrad._compat import moved_names
 from jaxgrad.common import counts
+from jaxgrad.common.checks import as_names
 from jaxgrad.common.distributed import barrier
 from jaxgrad.common.jsonio import atomic_write_json, jsonable, read_json
-from jaxgrad.config import COLUMN_ROLES, CONFIG_CHANGE_MODES
+from jaxgrad.config import COLUMN_ROLES, CONFIG_CHANGE_MODES, NAME_LISTS
 from jaxgrad.rundir import CONFIG_FILE, HASHES_FILE, RUN_FILE
 
 RECORDS_VERSION = 1  # of stages.json (jaxgrad.records) and of each fine-tune's run.json
@@ -149,6 +150,18 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(jsonable(value), sort_keys=True))
 
 
+def _names(value: Any) -> Any:
+    """A :data:`~jaxgrad.config.NAME_LISTS` value as its names: ``("add,sub",)`` (a tuple key
+    set on the command line) and ``("add", " sub")`` are ``["add", "sub"]``; a string stays a
+    string, with the spaces around its commas dropped. A value already in that form (every run
+    directory's record) is unchanged, so no fingerprint changes."""
+    if isinstance(value, str):
+        return ",".join(as_names(value)) if "," in value else value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(as_names(value))
+    return value
+
+
 def flatten_config(config: Any) -> dict[str, Any]:
     """``{"section.key.sub": value}`` for every leaf (JSON values; tuples as lists)."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -161,6 +174,8 @@ def flatten_config(config: Any) -> dict[str, Any]:
             for k in sorted(value, key=str):
                 walk(f"{prefix}.{k}" if prefix else str(k), value[k])
         else:
+            if prefix in NAME_LISTS:
+                value = _names(value)
             out[prefix] = _canonical(counts.canonical(value) if prefix in counts.SETTINGS
                                      else value)
 

@@ -168,12 +168,13 @@ def next_steps_lines(config, workdir: str, selection: dict,
                      argv: list[str] | None = None) -> list[str]:
     """The command that fine-tunes the base model on the selection: this run's ``--config`` and
     every ``--config.*`` override of its command line (``argv``, default ``sys.argv``; the
-    ``finetune`` section is set by the command itself), for the full ``train.num_steps``."""
+    ``finetune`` section is set by the command itself, and ``pipeline.*`` means nothing to it),
+    for the full ``train.num_steps``."""
     argv = sys.argv if argv is None else argv
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
                        "<your config>")
-    overrides = [a for a in argv if a.startswith("--config.")
-                 and not a.startswith("--config.finetune.")]
+    overrides = [a for a in argv if a.startswith("--config.")  # finetune.py sets finetune.*
+                 and not a.startswith(("--config.finetune.", "--config.pipeline."))]
     sel = os.path.join(workdir, rundir.SELECTION_FILE)
     parts = [f"{shlex.quote(python_command())} scripts/finetune.py",
              f"--config={shlex.quote(config_file)}",

@@ -32,3 +32,16 @@ def test_separated_pairs_are_named_and_the_rest_counted():
 def test_every_pair_separated_has_no_remainder():
     line = significance_line(_selection({"a": (0.6, 0.9), "b": (0.3, 0.5)}, ["a", "b"]))
     assert line == "Significance: the 95% intervals separate a > b.", line
+
+
+def test_next_command_keeps_config_overrides_but_not_pipeline_or_finetune_ones():
+    """`--config.pipeline.finetune_runs=...` (how the README adds a baseline) means nothing to
+    scripts/finetune.py: the printed command leaves it out, as it leaves out finetune.*."""
+    from configs import demo
+    from jaxgrad.report import next_steps_lines
+
+    argv = ["run_pipeline.py", "--config=configs/demo.py", "--config.train.seed=3",
+            "--config.pipeline.finetune_runs=selection,random", "--config.finetune.name=x"]
+    text = "\n".join(next_steps_lines(demo.get_config(), "/w", {"selected": ["add"]}, argv=argv))
+    assert "--config.train.seed=3" in text
+    assert "--config.pipeline." not in text and "--config.finetune.name=x" not in text, text

@@ -151,9 +151,10 @@ def test_adding_a_source_leaves_the_others_unchanged():
 
 
 def test_spec_validation():
-    with pytest.raises(ValueError, match="unknown tasks \\['mul'\\]"):
+    with pytest.raises(ValueError, match="data.synthetic.tasks has unknown tasks \\['mul'\\]"):
         syn.SyntheticSpec(tasks=("add", "mul"))
-    with pytest.raises(ValueError, match="target 'sub' must be one of tasks"):
+    with pytest.raises(ValueError, match="data.synthetic.target 'sub' must be one of "
+                                         "data.synthetic.tasks"):
         syn.SyntheticSpec(tasks=("add",), target="sub", noisy=())
     with pytest.raises(ValueError, match="n_train must be an int >= 1"):
         syn.SyntheticSpec(n_train=0)

@@ -89,12 +89,14 @@ class SyntheticSpec:
             value = as_names(getattr(self, name))
             unknown = [t for t in value if t not in TASKS]
             if unknown:
-                raise ValueError(f"{name} has unknown tasks {unknown}; expected names from {TASKS}")
+                raise ValueError(f"data.synthetic.{name} has unknown tasks {unknown}; expected "
+                                 f"names from {TASKS}")
             if len(set(value)) != len(value):
-                raise ValueError(f"{name} repeats a task: {tuple(value)}")
+                raise ValueError(f"data.synthetic.{name} repeats a task: {tuple(value)}")
             object.__setattr__(self, name, tuple(value))
         if self.target is not None and self.target not in self.tasks:
-            raise ValueError(f"target {self.target!r} must be one of tasks {self.tasks} or None")
+            raise ValueError(f"data.synthetic.target {self.target!r} must be one of "
+                             f"data.synthetic.tasks {self.tasks} or None")
         for name in ("unrelated", "n_validation", "n_test"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")

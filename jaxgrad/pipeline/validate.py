@@ -162,8 +162,9 @@ def check_method_sections(config) -> None:
         runs = as_names(pipe["finetune_runs"]) or ()
         bad = [r for r in runs if r not in FINETUNE_RUNS]
         if bad:
+            near = [m for r in bad for m in difflib.get_close_matches(r, FINETUNE_RUNS, n=1)]
             problems.append(f"config.pipeline.finetune_runs: unknown runs {bad}; each one of "
-                            f"{FINETUNE_RUNS}")
+                            f"{FINETUNE_RUNS}" + (f" (did you mean {near}?)" if near else ""))
     if problems:
         raise ValueError("\n".join(problems))
 
