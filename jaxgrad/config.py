@@ -121,6 +121,12 @@ def as_fields(section: Any, cls: type, name: str, exclude: Sequence[str] = ()) -
 # Sections read through a dataclass: its field defaults are the section's defaults.
 
 
+
+class ConfigError(ValueError):
+    """A config (or its data) refused before any stage runs: the message names the setting, the
+    file or the source and what was expected. The command-line scripts print it as one line and
+    exit with status 2 (``jaxgrad.runtime.resume_hint_on_interrupt``)."""
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Which model to load or build (the config's ``model``): ``from_config(config.model)``."""

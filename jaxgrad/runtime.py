@@ -16,6 +16,8 @@ import contextlib
 import os
 import sys
 
+from jaxgrad.config import ConfigError
+
 ENV = "JAXGRAD_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "jaxgrad", "xla")
 OFF = ("", "0", "off", "none", "false")
@@ -52,8 +54,9 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 def resume_hint_on_interrupt():
     """For the command-line scripts: Ctrl-C becomes one line and exit status 130 (stages already
     done and the last training checkpoint are kept, and the same command resumes from them); a
-    run directory computed under other settings (``ConfigChangedError``) prints its message,
-    which names the changes and the ways out, and exits with status 2, without a traceback."""
+    run directory computed under other settings (``ConfigChangedError``) or a config refused
+    before any stage (``ConfigError``) prints its message, which names the changes or the setting
+    and the ways out, and exits with status 2, without a traceback."""
     from jaxgrad.fingerprint import ConfigChangedError
 
     try:
@@ -62,7 +65,7 @@ def resume_hint_on_interrupt():
         print("\n[jaxgrad] interrupted — rerun the same command to resume (finished stages and "
               "the last checkpoint are kept)", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-    except ConfigChangedError as e:
+    except (ConfigChangedError, ConfigError) as e:
         print(f"\n{e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _run(code, env):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
@@ -84,3 +86,30 @@ def test_a_changed_config_prints_its_message_without_a_traceback():
     out = _run(code, dict(os.environ))
     assert out.returncode == 2 and "train.learning_rate: 0.1 → 0.5" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_config_refused_before_any_stage_is_one_line_from_the_scripts(tmp_path):
+    """scripts/run_pipeline.py with a misspelt run name: the refusal (raised by validate_config
+    before any stage) is printed as its message with status 2, not as a 24-line traceback."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "run_pipeline.py")
+    out = subprocess.run([sys.executable, script, "--config=configs/demo.py:tiny",
+                          f"--workdir={tmp_path / 'run'}", "--config.pipeline.finetune_runs=al"],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(script)))
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "config.pipeline.finetune_runs: unknown runs ['al']" in out.stderr, out.stderr[-2000:]
+    assert "did you mean ['all']" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_error_is_a_value_error_raised_by_run_pipeline(tmp_path):
+    from configs import demo
+    from jaxgrad.config import ConfigError
+    from jaxgrad.pipeline import run_pipeline
+
+    config = demo.get_config("tiny")
+    config.pipeline.finetune_runs = ("al",)
+    with pytest.raises(ConfigError, match="unknown runs"):
+        run_pipeline(config, str(tmp_path / "run"))
+    assert issubclass(ConfigError, ValueError)

@@ -25,8 +25,8 @@ from jaxgrad.common.checks import as_names
 from jaxgrad.common.counts import check_fraction_or_count, fraction_or_count
 from jaxgrad.common.distributed import barrier
 from jaxgrad.common.jsonio import read_json, write_json
-from jaxgrad.config import (CHOICES, FINETUNE_RUNS, MeshConfig, ModelSpec, TrainConfig,
-                            default_config)
+from jaxgrad.config import (CHOICES, FINETUNE_RUNS, ConfigError, MeshConfig, ModelSpec,
+                            TrainConfig, default_config)
 from jaxgrad.data.sources import SourcesSpec, load_data
 from jaxgrad.data.synthetic import SyntheticSpec
 from jaxgrad.fingerprint import STAGE_ORDER, ConfigChangedError
@@ -43,6 +43,17 @@ FRACTION_OR_COUNT = counts.SETTINGS  # setting -> (what it counts, whether 0 is 
 
 
 def validate_config(config, stages: Sequence[str] | None = None):
+    """:func:`check_config`, its ``ValueError`` raised as :class:`~jaxgrad.config.ConfigError`
+    (a ``ValueError``), which the command-line scripts print as one line with exit status 2."""
+    try:
+        return check_config(config, stages)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_config(config, stages: Sequence[str] | None = None):
     """Checks, before the first stage, what would otherwise fail only after hours of training.
 
     * ``model.dtype`` / ``model.param_dtype`` (float32 or bfloat16);
@@ -58,7 +69,8 @@ def validate_config(config, stages: Sequence[str] | None = None):
       The loaded ``MultiSourceData``, or None when the stages to run need no data.
 
     Raises:
-      TypeError / ValueError: naming the setting (``config.selection.top``) and what it expects.
+      TypeError / ValueError: naming the setting (``config.selection.top``) and what it
+        expects.
     """
 
     def get(path):
