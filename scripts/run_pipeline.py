@@ -10,9 +10,10 @@ a config change the run stops with the changed keys; --on_config_change=rerun de
 stage's artefacts and everything downstream and recomputes them (or use a new --workdir).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from jaxgrad.common.cli import run_app
 from jaxgrad.runtime import (enable_compilation_cache, make_configs_importable,
                              resume_hint_on_interrupt)
 from jaxgrad.pipeline import STAGES, define_on_config_change_flag, run_pipeline
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

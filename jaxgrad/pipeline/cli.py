@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+from jaxgrad.common.cli import run_app
 from jaxgrad.pipeline.run import run_pipeline
 from jaxgrad.runtime import (enable_compilation_cache, make_configs_importable,
                              resume_hint_on_interrupt)
@@ -20,7 +21,7 @@ def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = 
     ``overrides``: dotted config keys set before running (e.g. the switch of an optional stage).
     """
     stages = [stage] if isinstance(stage, str) else list(stage)
-    from absl import app, flags
+    from absl import flags
     from absl import logging as absl_logging
     from ml_collections import config_flags
 
@@ -43,7 +44,7 @@ def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = 
                                on_config_change=change_flag.value).get(stages[-1])
         print(out if isinstance(out, str) else json.dumps(out, indent=1, default=str)[:4000])
 
-    app.run(main)
+    run_app(main)
 
 
 def define_on_config_change_flag():
