@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from typing import Sequence
 
 import jax
@@ -25,6 +26,19 @@ ESTIMATE_FIELDS = ("subset", "sources", "n_samples", "converged", "n_iter", "los
                    "mean_output", "exact_loss")
 
 
+def _sample(n_units: int, m: int, size: int, seed: int):
+    """:func:`sample_subsets`, its warning about repeated subsets said once as a line of the stage
+    with the config keys to change (a raw ``UserWarning`` names a source line of jaxgrad)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        subsets = sample_subsets(n_units, m, size, seed)
+    for w in caught:
+        print(f"[jaxgrad] estimates: {str(w.message).removeprefix('sample_subsets: ')} "
+              f"(config.surrogate.num_subsets = {m}, subset_size = {size} of {n_units}: fewer "
+              "subsets or another size would not repeat any)", flush=True)
+    return subsets
+
+
 def stage_estimates(config, workdir: str) -> str:
     """Steps 3–4: surrogate fits for m random subsets and their estimated target metrics.
 
@@ -36,7 +50,7 @@ def stage_estimates(config, workdir: str) -> str:
     table = os.path.join(workdir, rundir.ESTIMATES_FILE)
     sources = pipeline_units(config, workdir).names
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
-    subsets = sample_subsets(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
+    subsets = _sample(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
     # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
     # (jaxgrad.fingerprint; it replaced estimates/settings.json, still read in old run directories).
     done_rows = read_estimates(table) if os.path.isfile(table) else []
