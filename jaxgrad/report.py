@@ -169,7 +169,10 @@ def next_steps_lines(config, workdir: str, selection: dict,
     """The command that fine-tunes the base model on the selection: this run's ``--config`` and
     every ``--config.*`` override of its command line (``argv``, default ``sys.argv``; the
     ``finetune`` section is set by the command itself, and ``pipeline.*`` means nothing to it),
-    for the full ``train.num_steps``."""
+    for the full ``train.num_steps`` as the run ``selection_full``; when the table's
+    ``selection`` run already had that budget (``pipeline.finetune_steps`` 0 or equal), the
+    command names that run (with ``pipeline.finetune_seed`` as the seeds) and returns it as
+    recorded instead of training a duplicate."""
     argv = sys.argv if argv is None else argv
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
                        "<your config>")
@@ -189,14 +192,21 @@ def next_steps_lines(config, workdir: str, selection: dict,
     total = config.train.get("num_steps", 0)
     budget = f"{total} steps" if total else f"{config.train.get('epochs', 1)} epoch(s)"
     if steps > 0 and steps != total:
-        parts.append(f"--config.finetune.name=selection_{budget.split()[0]}")
+        parts.append("--config.finetune.name=selection_full")
         note = (f"The table's `selection` run trained on them for `pipeline.finetune_steps` = "
                 f"{steps} steps, the budget every compared run got; this trains for "
-                f"`train.num_steps`, {budget} (change it with `--config.train.num_steps=...`).")
+                f"`train.num_steps`, {budget}, into `{workdir}/finetune/selection_full/` (with "
+                "other `--config.train.*` settings, such as `--config.train.num_steps=...`, give "
+                "it another `--config.finetune.name`).")
     else:
-        note = ("The table's `selection` run is already this fine-tune (same settings; its "
-                f"adapter is `{workdir}/finetune/selection/adapter/`): run the command with "
-                "other `--config.train.*` settings and a new `--config.finetune.name`.")
+        parts.append("--config.finetune.name=selection")
+        seed = int((config.get("pipeline") or {}).get("finetune_seed", -1))
+        if seed >= 0:  # the table's runs use pipeline.finetune_seed
+            parts += [f"--config.train.seed={seed}", f"--config.lora.seed={seed}"]
+        note = ("The table's `selection` run is this fine-tune (same settings), so the command "
+                f"returns it as recorded (its adapter: `{workdir}/finetune/selection/adapter/`); "
+                "with other `--config.train.*` settings, give it another "
+                "`--config.finetune.name`.")
     return ["## Next", "", f"Fine-tune the base model on the {n} selected {what}. {note}", "",
             "    " + " ".join(parts), ""]
 

@@ -153,6 +153,44 @@ def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(ru
             in open(os.path.join(workdir, "report.md")).read())
 
 
+def test_the_reports_next_command_runs_and_returns_the_tables_selection_run(run_dir, tmp_path):
+    """The tiny variant fine-tunes the selection for all of train.num_steps already: the report's
+    next command names that run, so running it returns the recorded run instead of training a
+    duplicate under the sources' name (new-user trial of issue 16)."""
+    import subprocess
+    import sys
+
+    from jaxgrad.report import next_steps_lines
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    selection = json.load(open(os.path.join(workdir, "selection", "selection.json")))
+    lines = next_steps_lines(demo.get_config("tiny"), workdir, selection,
+                             argv=["run_pipeline.py", "--config=configs/demo.py:tiny"])
+    command = shlex.split(lines[-2].strip())
+    assert command[1] == "scripts/finetune.py" and "--config.finetune.name=selection" in command
+    before = sorted(os.listdir(os.path.join(workdir, "finetune")))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True,
+                         timeout=600, cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "finetune selection: reused" in out.stdout, out.stdout[-2000:]
+    assert sorted(os.listdir(os.path.join(workdir, "finetune"))) == before, "trained a duplicate"
+    recorded = json.load(open(os.path.join(workdir, "finetune", "selection", "sources.json")))
+    printed = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+    assert printed["metrics"]["test_loss"] == pytest.approx(recorded["metrics"]["test_loss"])
+
+
+def test_the_next_command_for_a_longer_budget_has_a_name_that_does_not_pin_the_steps():
+    from jaxgrad.report import next_steps_lines
+
+    lines = next_steps_lines(demo.get_config(), "/w", {"selected": ["add"]},
+                             argv=["x", "--config=configs/demo.py"])
+    text = "\n".join(lines)
+    assert "--config.finetune.name=selection_full" in text and "selection_1500" not in text
+    assert "`train.num_steps`, 1500 steps, into `/w/finetune/selection_full/`" in text, text
+
+
 def test_reused_stages_say_so_and_an_unbuilt_base_prints_nothing(run_dir, tmp_path, capsys):
     """issue 16, item 8: a reused stage prints "reused", not "done in 0.0s"; with a pretrained
     model there is no base stage to announce."""
