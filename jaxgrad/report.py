@@ -8,7 +8,7 @@ import json
 import os
 import shlex
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -239,15 +239,33 @@ def _timings_section(workdir: str) -> list[str]:
     timings = os.path.join(workdir, rundir.TIMINGS_FILE)
     if not os.path.isfile(timings):
         return []
-    rows = [json.loads(l) for l in open(timings)]
-    # Seconds of the run that computed each stage (later runs that reused it are skipped;
-    # rows written before "reused" was recorded count as computing).
-    computed = {}
-    for r in rows:
-        if not r.get("reused", False):
-            computed[r["stage"]] = r["seconds"]
+    computed = stage_seconds([json.loads(l) for l in open(timings)])
     lines = ["## Stages", "", "| stage | seconds (when computed) |", "|---|---|"]
-    return lines + [f"| {k} | {v:.1f} |" for k, v in computed.items() if k != "report"] + [""]
+    return lines + [f"| {k} | {v:.1f}" + (f" (in {n} runs)" if n > 1 else "") + " |"
+                    for k, (v, n) in computed.items() if k != "report"] + [""]
+
+
+def stage_seconds(rows: Sequence[dict]) -> dict[str, tuple[float, int]]:
+    """Per stage, the seconds spent computing its current artefacts and in how many runs, from
+    the rows of ``timings.jsonl`` (:func:`jaxgrad.pipeline.run._append_timing`), oldest first.
+
+    Rows of runs that reused the stage are skipped. A row that is not ``fresh`` (the stage had
+    artefacts when it started: it resumed after an interruption or extended them, e.g. a run
+    added to ``pipeline.finetune_runs``) adds its seconds to the rows before it under the same
+    fingerprint; a fresh row, or another fingerprint, starts the count again. Rows written
+    before ``fresh`` was recorded count as fresh (the last one's seconds, as before)."""
+    out: dict[str, tuple[float, int]] = {}
+    fingerprints: dict[str, str | None] = {}
+    for r in rows:
+        if r.get("reused", False):
+            continue
+        stage, seconds = r["stage"], float(r["seconds"])
+        extends = (not r.get("fresh", True) and stage in out
+                   and fingerprints[stage] == r.get("fingerprint"))
+        total, runs = out[stage] if extends else (0.0, 0)
+        out[stage] = (total + seconds, runs + 1)
+        fingerprints[stage] = r.get("fingerprint")
+    return out
 
 
 def _estimates_section(config, est_rows: list[dict]) -> list[str]:

@@ -76,6 +76,13 @@ def test_a_finetune_run_still_to_do_is_timed(run_dir, tmp_path):
     run_pipeline(demo.get_config("tiny"), workdir, stages=["finetune"])
     rows = [json.loads(line) for line in open(os.path.join(workdir, "timings.jsonl"))]
     assert [r["reused"] for r in rows if r["stage"] == "finetune"][-2:] == [False, True]
+    # the report's time of the stage is the first run's plus the added run's, not the last's
+    from jaxgrad.report import stage_seconds
+
+    computing = [r for r in rows if r["stage"] == "finetune" and not r["reused"]]
+    assert computing[-1]["fresh"] is False
+    assert stage_seconds(rows)["finetune"] == (
+        pytest.approx(computing[-2]["seconds"] + computing[-1]["seconds"]), 2)
 
 
 def test_finetune_runs_typed_as_a_comma_list_add_a_run(run_dir, tmp_path):

@@ -45,3 +45,45 @@ def test_next_command_keeps_config_overrides_but_not_pipeline_or_finetune_ones()
     text = "\n".join(next_steps_lines(demo.get_config(), "/w", {"selected": ["add"]}, argv=argv))
     assert "--config.train.seed=3" in text
     assert "--config.pipeline." not in text and "--config.finetune.name=x" not in text, text
+
+
+def test_stage_seconds_add_the_runs_that_resumed_or_extended_a_stage():
+    """A fine-tune run added later (or a resumed interruption) is not the stage's whole time: the
+    report adds the seconds of the runs that computed the current artefacts (new-user trial of
+    issue 16: after adding a run, the table showed only the new run's seconds)."""
+    from jaxgrad.report import stage_seconds
+
+    rows = [
+        {"stage": "finetune", "seconds": 60.0, "reused": False, "fingerprint": "a", "fresh": True},
+        {"stage": "report", "seconds": 1.0, "reused": False, "fingerprint": "r", "fresh": True},
+        {"stage": "finetune", "seconds": 0.1, "reused": True, "fingerprint": "a", "fresh": False},
+        {"stage": "finetune", "seconds": 20.0, "reused": False, "fingerprint": "a", "fresh": False},
+    ]
+    assert stage_seconds(rows)["finetune"] == (80.0, 2)
+    # recomputed under another config (artefacts deleted first): the count starts again
+    rerun = {"stage": "finetune", "seconds": 50.0, "reused": False, "fingerprint": "b",
+             "fresh": True}
+    assert stage_seconds(rows + [rerun])["finetune"] == (50.0, 1)
+    # another fingerprint without a fresh start still starts again
+    assert stage_seconds(rows + [{**rerun, "fresh": False}])["finetune"] == (50.0, 1)
+    # rows from before "fresh" was recorded: the last computing run, as before
+    old = [{"stage": "estimates", "seconds": 5.0}, {"stage": "estimates", "seconds": 7.0}]
+    assert stage_seconds(old) == {"estimates": (7.0, 1)}
+
+
+def test_the_stages_table_says_in_how_many_runs(tmp_path):
+    import json
+
+    from jaxgrad import rundir
+    from jaxgrad.report import _timings_section
+
+    rows = [{"stage": "finetune", "seconds": 60.0, "reused": False, "fingerprint": "a",
+             "fresh": True},
+            {"stage": "finetune", "seconds": 20.0, "reused": False, "fingerprint": "a",
+             "fresh": False},
+            {"stage": "selection", "seconds": 6.0, "reused": False, "fingerprint": "s",
+             "fresh": True}]
+    with open(tmp_path / rundir.TIMINGS_FILE, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert _timings_section(str(tmp_path))[4:6] == ["| finetune | 80.0 (in 2 runs) |",
+                                                    "| selection | 6.0 |"]

@@ -186,13 +186,15 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
             records[name] = make_record(fp, complete=False)
             write_records(workdir, records)
         cfg = config if name == "base" else resolved_config(config, workdir)
+        fresh = not artefacts_exist(workdir, name)  # else it resumes or extends what is there
         t0 = time.time()
         if not (name == "base" and not (config.get("base") or {}).get("pretrain", False)):
             # (no line for a base that is not built: a pretrained model is the base)
             print(f"[jaxgrad] stage {name} ..." + (" reused" if reused else ""), flush=True)
         out[name] = fns[name](cfg, workdir)
         timings[name] = time.time() - t0
-        _append_timing(workdir, name, timings[name], reused or out[name] is None)
+        _append_timing(workdir, name, timings[name], reused or out[name] is None,
+                       fingerprint=fp.fingerprint, fresh=fresh)
         if isinstance(out[name], dict) and out[name].get("stopped_early"):
             print(f"[jaxgrad] stage {name} stopped early (train.stop_after_steps) after "
                   f"{timings[name]:.1f}s; run again to resume", flush=True)
@@ -208,11 +210,17 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     return out
 
 
-def _append_timing(workdir: str, stage: str, seconds: float, reused: bool = False) -> None:
+def _append_timing(workdir: str, stage: str, seconds: float, reused: bool = False,
+                   fingerprint: str | None = None, fresh: bool = True) -> None:
     """One row per stage run; ``reused``: its artefacts existed under the same fingerprint, or it
-    had nothing to do (a stage switched off): the report shows the seconds of computing runs."""
+    had nothing to do (a stage switched off): the report shows the seconds of computing runs.
+    ``fresh``: the stage had no artefacts when it started; a run that was not fresh resumed or
+    extended the computation of the rows before it under the same ``fingerprint`` (an
+    interruption, a fine-tune run added to ``pipeline.finetune_runs``, more subsets), and the
+    report adds their seconds."""
     if jax.process_index() != 0:
         return
-    row = {"stage": stage, "seconds": round(seconds, 2), "time": time.time(), "reused": reused}
+    row = {"stage": stage, "seconds": round(seconds, 2), "time": time.time(), "reused": reused,
+           "fingerprint": fingerprint, "fresh": fresh}
     with open(os.path.join(workdir, rundir.TIMINGS_FILE), "a") as f:
         f.write(json.dumps(row) + "\n")
