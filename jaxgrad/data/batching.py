@@ -283,12 +283,18 @@ def _extras(encoded: EncodedExamples, rows: np.ndarray, batch_size: int) -> dict
     return {"example_index": example_index, "source_index": source_index, "valid": valid}
 
 
+def _padding(batch_size: int, length: int, pad: int,
+             mask_dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of token ids that is all padding (int32) and its all-zero mask, each
+    ``batch_size × length``: the collators fill in each row's tokens."""
+    return (np.full((batch_size, length), pad, np.int32),
+            np.zeros((batch_size, length), mask_dtype))
+
+
 def _collate_decoder(encoded, rows, length, max_length, batch_size):
     sp = encoded.special
-    input_ids = np.full((batch_size, length), sp.pad, np.int32)
-    attention_mask = np.zeros((batch_size, length), np.int32)
-    targets = np.full((batch_size, length), sp.pad, np.int32)
-    target_mask = np.zeros((batch_size, length), np.float32)
+    input_ids, attention_mask = _padding(batch_size, length, sp.pad)
+    targets, target_mask = _padding(batch_size, length, sp.pad, np.float32)
     for r, i in enumerate(rows):
         seq, start = _decoder_tokens(encoded.prompts[i], encoded.completions[i], sp, max_length)
         n = len(seq)
@@ -309,12 +315,9 @@ def _collate_seq2seq(encoded, rows, lengths, max_length, batch_size):
                          "decoder_start_id=model.config.decoder_start_token_id (encode_for_model "
                          "does it); pad is not a substitute")
     enc_len, dec_len = lengths
-    input_ids = np.full((batch_size, enc_len), sp.pad, np.int32)
-    attention_mask = np.zeros((batch_size, enc_len), np.int32)
-    decoder_input_ids = np.full((batch_size, dec_len), sp.pad, np.int32)
-    decoder_attention_mask = np.zeros((batch_size, dec_len), np.int32)
-    targets = np.full((batch_size, dec_len), sp.pad, np.int32)
-    target_mask = np.zeros((batch_size, dec_len), np.float32)
+    input_ids, attention_mask = _padding(batch_size, enc_len, sp.pad)
+    decoder_input_ids, decoder_attention_mask = _padding(batch_size, dec_len, sp.pad)
+    targets, target_mask = _padding(batch_size, dec_len, sp.pad, np.float32)
     for r, i in enumerate(rows):
         enc, tgt = _seq2seq_tokens(encoded.prompts[i], encoded.completions[i], sp, max_length)
         input_ids[r, :len(enc)] = enc

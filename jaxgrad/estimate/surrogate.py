@@ -80,6 +80,7 @@ Lifting ``w_S`` to a parameter update and estimating the target metrics of ``θ*
 
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -179,14 +180,45 @@ def fit_subsets(
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if precondition not in PRECONDITIONERS:
         raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
-    C = positive_float("C", C)
-    tol = positive_float("tol", tol)
+    C, tol = positive_float("C", C), positive_float("tol", tol)
     intercept_scaling = positive_float("intercept_scaling", intercept_scaling)
     max_iter = positive_int("max_iter", max_iter)
+    # 1. The design: a row a_i and an offset o_i per sample, a weight row per subset.
+    design = _subset_design(feats_NxK, masks_SxN, objective, seed=seed, labels=labels,
+                            offsets=offsets, fit_intercept=fit_intercept,
+                            intercept_scaling=intercept_scaling)
+    # 2. The batched logistic solve, in the basis of the preconditioner (b_i = Qᵀa_i).
+    precondition = _preconditioner(precondition, design.a_NxKp, C)
+    q_KxK = gram_eigenbasis(design.a_NxKp) if precondition == "eig" else None
+    b_NxK = design.a_NxKp if q_KxK is None else matmul_highest(design.a_NxKp, q_KxK)
+    v0 = None if init is None else _warm_start(init, design, q_KxK)
+    v, converged, n_iter, grad_norm = _solve_in_chunks(
+        b_NxK, design.o_N, design.masks_SxN, v0, C, tol, max_iter=max_iter,
+        chunk_size=chunk_size, mesh=mesh, diag=precondition != "none")
+    # 3. Back to the coefficients w and intercept b of each subset, with its status.
+    if q_KxK is not None:
+        v = matmul_highest(v, q_KxK.T)
+    return _subset_fits(design, v, converged, n_iter, grad_norm)
+
+
+class _Design(NamedTuple):
+    """The logistic problems of all subsets: ``½‖v‖² + C Σ_i m_si softplus(-(o_i + a_iᵀv))``."""
+
+    a_NxKp: jax.Array  # the rows a_i: x_i, then the intercept feature when fit_intercept
+    o_N: jax.Array  # the offsets o_i (zeros but for taylor)
+    masks_SxN: np.ndarray  # the weights m_si, on the host (booleans, or non-negative numbers)
+    k: int  # columns of x_i; a_NxKp has k + 1 with an intercept
+    fit_intercept: bool
+    intercept_scaling: float
+
+
+def _subset_design(feats_NxK, masks_SxN, objective: str, *, seed, labels, offsets,
+                   fit_intercept: bool | None, intercept_scaling: float) -> _Design:
+    """Checks the data of ``fit_subsets`` and builds the rows ``a_i`` and offsets ``o_i`` of the
+    objective (module docstring, "The three objectives")."""
     x_NxK = check_feats("feats_NxK", feats_NxK)
     n, k = x_NxK.shape
     masks = check_masks(masks_SxN, n)
-    n_subsets = masks.shape[0]
     dtype = x_NxK.dtype
     if fit_intercept is None:
         fit_intercept = objective == "gradex"
@@ -209,24 +241,29 @@ def fit_subsets(
             t_N = jnp.ones((n,), dtype)
         columns.append((t_N * intercept_scaling)[:, None])
     a_NxKp = jnp.concatenate(columns, axis=1) if len(columns) > 1 else x_NxK
-    kp = a_NxKp.shape[1]
+    return _Design(a_NxKp, o_N, masks, k, fit_intercept, intercept_scaling)
 
-    if precondition == "auto":
-        # Diagonal Hessian entries lie in [1, 1 + C·¼·Σ_i a_ij²] for any subset.
-        bound = float(C * 0.25 * jnp.max(jnp.sum(jnp.square(a_NxKp), axis=0)))
-        if bound <= _IDENTITY_TOL:
-            precondition = "none"
-        else:
-            precondition = "eig" if kp <= _MAX_EIG_DIM else "diag"
-    q_KxK = gram_eigenbasis(a_NxKp) if precondition == "eig" else None
-    b_NxK = a_NxKp if q_KxK is None else matmul_highest(a_NxKp, q_KxK)
 
-    v0 = None
-    if init is not None:
-        v0 = init_vector(init, n_subsets, k, fit_intercept, intercept_scaling, dtype)
-        if q_KxK is not None:
-            v0 = matmul_highest(v0, q_KxK)
+def _preconditioner(precondition: str, a_NxKp: jax.Array, C: float) -> str:
+    """``precondition``, with "auto" resolved to "none", "eig" or "diag"."""
+    if precondition != "auto":
+        return precondition
+    # Diagonal Hessian entries lie in [1, 1 + C·¼·Σ_i a_ij²] for any subset.
+    bound = float(C * 0.25 * jnp.max(jnp.sum(jnp.square(a_NxKp), axis=0)))
+    if bound <= _IDENTITY_TOL:
+        return "none"
+    return "eig" if a_NxKp.shape[1] <= _MAX_EIG_DIM else "diag"
 
+
+def _warm_start(init: SubsetFits, design: _Design, q_KxK: jax.Array | None) -> jax.Array:
+    """``init`` as starting vectors v (S×k'), in the solver's basis."""
+    v0 = init_vector(init, design.masks_SxN.shape[0], design.k, design.fit_intercept,
+                     design.intercept_scaling, design.a_NxKp.dtype)
+    return v0 if q_KxK is None else matmul_highest(v0, q_KxK)
+
+
+def _chunk_rows(n_subsets: int, n: int, chunk_size: int | None, ways: int) -> int:
+    """Subsets per jitted call: equal chunks, a multiple of ``ways`` (the devices)."""
     if chunk_size is None:
         chunk_size = max(8, CHUNK_ELEMENTS // max(n, 1) // 8 * 8)
     chunk_size = positive_int("chunk_size", chunk_size)
@@ -234,11 +271,17 @@ def fit_subsets(
     # 2000 subsets in chunks of at most 1904 are two chunks of 1000, not 1904 + 96 padded to 1904.
     n_chunks = max(1, -(-n_subsets // chunk_size))
     chunk = min(chunk_size, max(-(-n_subsets // n_chunks), 1))
+    return -(-chunk // ways) * ways  # every device gets the same number of subsets
+
+
+def _solve_in_chunks(b_NxK, o_N, masks, v0, C, tol, *, max_iter, chunk_size, mesh, diag):
+    """:func:`solve_chunk` over the subsets, chunk by chunk (each padded to one shape, so one
+    compilation), sharded over ``mesh``; returns (v S×k', converged, n_iter, grad_norm)."""
+    n_subsets, (n, kp), dtype = masks.shape[0], b_NxK.shape, b_NxK.dtype
     shard = subset_sharding(mesh)
+    chunk = _chunk_rows(n_subsets, n, chunk_size, 1 if shard is None else mesh.shape["data"])
     c_arr, tol_arr = jnp.asarray(C, dtype), jnp.asarray(tol, dtype)
-    if shard is not None:  # every device gets the same number of subsets
-        ways = mesh.shape["data"]
-        chunk = -(-chunk // ways) * ways
+    if shard is not None:
         replicated = jax.sharding.NamedSharding(shard.mesh, jax.sharding.PartitionSpec())
         b_NxK, o_N, c_arr, tol_arr = (from_host(x, replicated) for x in (b_NxK, o_N, c_arr, tol_arr))
     # Boolean masks stay boolean on the device (a quarter of the memory traffic of floats).
@@ -254,32 +297,21 @@ def fit_subsets(
         if shard is not None:
             m_CxN, v_CxK = from_host(m_CxN, shard), from_host(v_CxK, shard)
         out = solve_chunk(b_NxK, o_N, m_CxN, v_CxK, c_arr, tol_arr, max_iter=max_iter,
-                           warm=v0 is not None, diag=precondition != "none")
+                          warm=v0 is not None, diag=diag)
         if shard is not None:
             out = gather_from_mesh(out)
         outs.append(jax.tree_util.tree_map(lambda x, rows=rows: x[:rows], out))
     if outs:
-        v, converged, n_iter, grad_norm = (jnp.concatenate(p) for p in zip(*outs, strict=True))
+        return tuple(jnp.concatenate(p) for p in zip(*outs, strict=True))
+    return (jnp.zeros((0, kp), dtype), jnp.zeros((0,), bool), jnp.zeros((0,), jnp.int32),
+            jnp.zeros((0,), dtype))
+
+
+def _subset_fits(design: _Design, v_SxKp, converged, n_iter, grad_norm) -> SubsetFits:
+    """The fits from the solutions v = [w, b/intercept_scaling] and the solver's status."""
+    k, n_subsets = design.k, design.masks_SxN.shape[0]
+    if design.fit_intercept:
+        intercept = v_SxKp[:, k] * design.intercept_scaling
     else:
-        v = jnp.zeros((0, kp), dtype)
-        converged, n_iter = jnp.zeros((0,), bool), jnp.zeros((0,), jnp.int32)
-        grad_norm = jnp.zeros((0,), dtype)
-    if q_KxK is not None:
-        v = matmul_highest(v, q_KxK.T)
-    intercept = v[:, k] * intercept_scaling if fit_intercept else jnp.zeros((n_subsets,), dtype)
-    return SubsetFits(v[:, :k], intercept, converged, n_iter, grad_norm)
-
-
-# ----------------------------------------------------------------------------------------------
-# Lift and rescale
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Estimates
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
+        intercept = jnp.zeros((n_subsets,), design.a_NxKp.dtype)
+    return SubsetFits(v_SxKp[:, :k], intercept, converged, n_iter, grad_norm)

@@ -83,24 +83,16 @@ def _check_process(process_index: Any, process_count: Any) -> tuple[int, int]:
 
 
 
-def _new_manifest(
-    *,
-    example_ids: Sequence[str],
-    source_ids: Sequence[str | int],
-    k: int,
-    projector: Mapping[str, Any],
-    checkpoint: str | Mapping[str, Any],
-    output_fn: str | Mapping[str, Any],
-    split: str,
-    dtype: str,
-    shard_size: int,
-    model: str | Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    """Validates the arguments of ``create_or_resume`` and builds the manifest."""
-    k, shard_size = _check_sizes(k, shard_size, dtype, split)
-    projector = _check_identity(projector, checkpoint, output_fn, model, k)
-    example_ids = _check_example_ids(example_ids)
-    source_ids = _check_source_ids(source_ids, len(example_ids))
+def _new_manifest(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest of a new store: the fields the caller gives ``create_or_resume`` (its
+    arguments of the same names, from ``example_ids`` to ``model``), checked and in canonical
+    form, and those that follow from them."""
+    dtype, split, model = given["dtype"], given["split"], given["model"]
+    checkpoint, output_fn = given["checkpoint"], given["output_fn"]
+    k, shard_size = _check_sizes(given["k"], given["shard_size"], dtype, split)
+    projector = _check_identity(given["projector"], checkpoint, output_fn, model, k)
+    example_ids = _check_example_ids(given["example_ids"])
+    source_ids = _check_source_ids(given["source_ids"], len(example_ids))
     n = len(example_ids)
     return {
         "format_version": FORMAT_VERSION,

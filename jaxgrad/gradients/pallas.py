@@ -45,6 +45,20 @@ def _interpret() -> bool:
     return jax.default_backend() not in ("gpu", "tpu")
 
 
+def _tiles(platform: str, rows: int, k: int, *, lift: bool) -> tuple[int, int, int]:
+    """The kernel's tiles ``(rows, D, k)`` on ``platform``: rows of g (project) or of w (lift),
+    at most a tile's worth; a D block (project) or a block of rows of P (lift); columns of P."""
+    if platform == "gpu":
+        most, td = (_GPU_TILE_S, _GPU_TILE_L) if lift else (_GPU_TILE_N, _GPU_TILE_D)
+        tk = _GPU_TILE_K if k > 64 else max(16, _next_pow2(k))
+        return min(most, max(16, _next_pow2(rows))), td, tk
+    if platform == "tpu":
+        most, td = (_TPU_TILE_S, _TPU_TILE_L) if lift else (_TPU_TILE_N, _TPU_TILE_D)
+        tk = _TPU_TILE_K if k > 128 else 128
+        return (rows if rows <= most else most), td, tk
+    raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
+
+
 def _project_kernel_gpu(g_ref, o_ref, *, proj, offset, n_rows, n_blocks, per_split, tn, td, tk,
                         cdt):
     """One (tn, tk) partial output tile over one split of the D blocks.
@@ -94,14 +108,7 @@ def _project_pallas(proj: Projector, g_NxD: jax.Array, offset: int, *,
     n, width = g_NxD.shape
     cdt = _compute_dtype(proj, g_NxD.dtype)
     interpret = _interpret()
-    if platform == "gpu":
-        tn, td = min(_GPU_TILE_N, max(16, _next_pow2(n))), _GPU_TILE_D
-        tk = _GPU_TILE_K if proj.k > 64 else max(16, _next_pow2(proj.k))
-    elif platform == "tpu":
-        tn, td = (n if n <= _TPU_TILE_N else _TPU_TILE_N), _TPU_TILE_D
-        tk = _TPU_TILE_K if proj.k > 128 else 128
-    else:
-        raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
+    tn, td, tk = _tiles(platform, n, proj.k, lift=False)
     n_blocks = width // td
     if n_blocks == 0:
         return _project_xla(proj, g_NxD, offset)
@@ -188,14 +195,7 @@ def _lift_pallas(proj: Projector, w_SxK: jax.Array, offset: int, length: int, *,
     the output is exactly S×length (only the small w is padded)."""
     s = w_SxK.shape[0]
     interpret = _interpret()
-    if platform == "gpu":
-        ts, tl = min(_GPU_TILE_S, max(16, _next_pow2(s))), _GPU_TILE_L
-        tk = _GPU_TILE_K if proj.k > 64 else max(16, _next_pow2(proj.k))
-    elif platform == "tpu":
-        ts, tl = (s if s <= _TPU_TILE_S else _TPU_TILE_S), _TPU_TILE_L
-        tk = _TPU_TILE_K if proj.k > 128 else 128
-    else:
-        raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}")
+    ts, tl, tk = _tiles(platform, s, proj.k, lift=True)
     n_kt = -(-proj.k // tk)
     n_s, n_l = -(-s // ts), -(-length // tl)
     w_pad = jnp.pad(w_SxK, ((0, n_s * ts - s), (0, n_kt * tk - proj.k)))

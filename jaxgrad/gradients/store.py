@@ -63,6 +63,7 @@ Example::
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -82,6 +83,11 @@ from jaxgrad.gradients.manifest import (
     read_manifest,
 )
 from jaxgrad.gradients.store_write import StoreWriter
+
+
+def _manifest_field(key: str, doc: str) -> property:
+    """A read-only property of :class:`GradientStore`: the manifest's field ``key``."""
+    return property(lambda store: store._manifest[key], doc=doc)
 
 
 class GradientStore(StoreWriter):
@@ -179,49 +185,23 @@ class GradientStore(StoreWriter):
         """The manifest as stored (do not modify)."""
         return self._manifest
 
-    @property
-    def num_examples(self) -> int:
-        return self._manifest["num_examples"]
-
-    @property
-    def num_shards(self) -> int:
-        return self._manifest["num_shards"]
-
-    @property
-    def shard_size(self) -> int:
-        return self._manifest["shard_size"]
-
-    @property
-    def k(self) -> int:
-        return self._manifest["k"]
-
-    @property
-    def dtype(self) -> str:
-        """The storage dtype (reads always return float32)."""
-        return self._manifest["dtype"]
-
-    @property
-    def example_ids(self) -> list[str]:
-        """Row order: the id of each row (do not modify)."""
-        return self._manifest["example_ids"]
-
-    @property
-    def source_ids(self) -> list[str | int]:
-        """The source of each row (do not modify)."""
-        return self._manifest["source_ids"]
+    num_examples = _manifest_field("num_examples", "N, the number of rows (int).")
+    num_shards = _manifest_field("num_shards", "The number of shards (int).")
+    shard_size = _manifest_field("shard_size", "Rows per shard, the last one may have fewer.")
+    k = _manifest_field("k", "The width of a feature row, the projection dimension (int).")
+    dtype = _manifest_field("dtype", "The storage dtype (reads always return float32).")
+    example_ids = _manifest_field("example_ids", "Row order: the id of each row (do not modify).")
+    source_ids = _manifest_field("source_ids", "The source of each row (do not modify).")
 
     @property
     def sources(self) -> list[str | int]:
         """The distinct sources, in order of first appearance."""
         return list(self._source_index())
 
-    @property
-    def process_index(self) -> int:
-        return self._process_index
-
-    @property
-    def process_count(self) -> int:
-        return self._process_count
+    process_index = property(operator.attrgetter("_process_index"),
+                             doc="p, the index of this process (int).")
+    process_count = property(operator.attrgetter("_process_count"),
+                             doc="The number of processes writing the store (int).")
 
     @property
     def owned_shards(self) -> list[int]:

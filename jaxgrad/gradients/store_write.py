@@ -96,18 +96,11 @@ class StoreWriter:
           ValueError, TypeError: bad arguments.
         """
         process_index, process_count = _check_process(process_index, process_count)
-        manifest = _new_manifest(
-            example_ids=example_ids,
-            source_ids=source_ids,
-            k=k,
-            projector=projector,
-            checkpoint=checkpoint,
-            output_fn=output_fn,
-            split=split,
-            dtype=dtype,
-            shard_size=shard_size,
-            model=model,
-        )
+        manifest = _new_manifest({
+            "example_ids": example_ids, "source_ids": source_ids, "split": split, "k": k,
+            "dtype": dtype, "shard_size": shard_size, "model": model, "checkpoint": checkpoint,
+            "output_fn": output_fn, "projector": projector,
+        })
         path = os.fspath(path)
         found = _manifest_on_disk(path, manifest)
         store = cls(
