@@ -98,7 +98,6 @@ LOCAL_IMPORTS_TODAY: dict[tuple[str, str], int] = {
 # module -> its line count today (a ceiling).
 MODULE_LINES_TODAY: dict[str, int] = {
     "jaxgrad.fidelity": 513,
-    "jaxgrad.models.gemma3": 518,
 }
 
 # "module:qualified.name" -> its length today (a ceiling).
