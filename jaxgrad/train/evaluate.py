@@ -91,7 +91,7 @@ class Evaluator:
     def __call__(self, model: nnx.Module, mesh: jax.sharding.Mesh) -> dict[str, float]:
         """Metrics ``{prefix}_loss``, ``{prefix}_loss/<source>`` and, with generation,
         ``{prefix}_acc``, ``{prefix}_acc/<source>`` (sources with answers only)."""
-        graphdef, params, rest = split_trainable(model, full_finetune=True)  # every Param: θ
+        graphdef, params, rest = split_trainable(model, full_finetune=True)  # every Param
         fn = self._eval_fn(graphdef, mesh)
         enc_dec = is_encoder_decoder(model)
         ce, tok, src, idx, valid, hits = [], [], [], [], [], []
