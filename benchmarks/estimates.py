@@ -47,11 +47,11 @@ def main():
     from sklearn.linear_model import LogisticRegression
 
     from configs import demo
-    from jaxgrad.data.batching import collate, encode_for_model
+    from jaxgrad.data.batching import collate
     from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
     from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
-    from jaxgrad.gradients.per_sample import trainable_filter
-    from jaxgrad.models.forward import model_logits
+    from jaxgrad.models.forward import encode_for_model, model_logits
+    from jaxgrad.models.lora import split_trainable
     from jaxgrad.gradients.stage import projector_from_config
     from jaxgrad.pipeline import run_pipeline
     from jaxgrad.train.stage import load_theta_star
@@ -81,7 +81,7 @@ def main():
     n_distinct = len({tuple(np.asarray(r)) for r in subsets})
 
     model, tokenizer = load_theta_star(config, args.workdir)
-    graphdef, theta, rest = nnx.split(model, trainable_filter(model), ...)
+    graphdef, theta, rest = split_trainable(model, bool(config.train.full_finetune))
     theta_norm = float(tree_norm(theta))
     projector = projector_from_config(config, flat_spec(theta).size)
     gram = projector.gram()

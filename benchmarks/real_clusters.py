@@ -53,8 +53,8 @@ def per_question_losses(config, run_dir: str) -> np.ndarray:
     (``outputs.token_ce``: the mean over the completion's tokens), float64 [n_test]."""
     import jax.numpy as jnp
 
-    from jaxgrad.data.batching import collate, encode_for_model
-    from jaxgrad.models.forward import model_logits
+    from jaxgrad.data.batching import collate
+    from jaxgrad.models.forward import encode_for_model, model_logits
     from jaxgrad.models import load_peft_adapter
     from jaxgrad.gradients.outputs import token_ce
     from jaxgrad.config import ModelSpec

@@ -51,7 +51,8 @@ JSON_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", 
 
 
 def build(config, workdir: str | None):
-    from jaxgrad.data.batching import collate, encode_for_model
+    from jaxgrad.data.batching import collate
+    from jaxgrad.models.forward import encode_for_model
     from jaxgrad.models.lora import linear_modules
     from jaxgrad.gradients.projection import Projector
     from jaxgrad.config import ModelSpec
@@ -84,8 +85,8 @@ def build(config, workdir: str | None):
 
 def contenders(model, batch, projector, config):
     from jaxgrad.gradients.outputs import get_output_fn
-    from jaxgrad.gradients.per_sample import MODEL_INPUTS, per_sample_projected_grads
-    from jaxgrad.models.forward import model_logits
+    from jaxgrad.gradients.per_sample import per_sample_projected_grads
+    from jaxgrad.models.forward import MODEL_INPUTS, model_logits
 
     g = config.gradients
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)

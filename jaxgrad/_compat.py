@@ -55,6 +55,10 @@ MOVED: dict[str, dict[str, str]] = {
         "check_fraction_or_count": "jaxgrad.common.counts",
         "fraction_or_count": "jaxgrad.common.counts",
     },
+    "jaxgrad.data.batching": {
+        "encode_for_model": "jaxgrad.models.forward",
+        "model_layout": "jaxgrad.models.forward",
+    },
     "jaxgrad.data.sources": {
         "ALPACA_PROMPT_NO_INPUT": "jaxgrad.data.examples",
         "ALPACA_PROMPT_WITH_INPUT": "jaxgrad.data.examples",
@@ -111,6 +115,9 @@ MOVED: dict[str, dict[str, str]] = {
         "params_fingerprint": "jaxgrad.gradients.compute",
         "projector_identity": "jaxgrad.gradients.compute",
         "store_model_id": "jaxgrad.gradients.compute",
+    },
+    "jaxgrad.gradients.per_sample": {
+        "trainable_filter": "jaxgrad.models.lora",
     },
     "jaxgrad.groups": {
         "AGGLOMERATIVE_MAX_SAMPLES": "jaxgrad.groups.units",
@@ -171,11 +178,11 @@ MOVED: dict[str, dict[str, str]] = {
     },
     "jaxgrad.per_sample": {
         "GROUP_ENTRIES": "jaxgrad.gradients.per_sample",
-        "MODEL_INPUTS": "jaxgrad.gradients.per_sample",
+        "MODEL_INPUTS": "jaxgrad.models.forward",
         "PerSampleResult": "jaxgrad.gradients.per_sample",
         "num_trainable": "jaxgrad.gradients.per_sample",
         "per_sample_projected_grads": "jaxgrad.gradients.per_sample",
-        "trainable_filter": "jaxgrad.gradients.per_sample",
+        "trainable_filter": "jaxgrad.models.lora",
     },
     "jaxgrad.pipeline": {
         "BAD_KINDS": "jaxgrad.select.stage",
@@ -216,7 +223,7 @@ MOVED: dict[str, dict[str, str]] = {
         "plot_scores": "jaxgrad.plots",
     },
     "jaxgrad.representations": {
-        "last_hidden_states": "jaxgrad.select.representations",
+        "last_hidden_states": "jaxgrad.models.forward",
         "mean_representations": "jaxgrad.select.representations",
     },
     "jaxgrad.selection": {

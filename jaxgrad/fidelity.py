@@ -63,17 +63,18 @@ from jaxgrad.common.flat import flat_spec, flatten, tree_norm, unflatten
 from jaxgrad.common.jsonio import read_json, write_json
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import FidelityConfig, TrainConfig
-from jaxgrad.data.batching import collate, encode_for_model
+from jaxgrad.data.batching import collate
 from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import rescale_factors
 from jaxgrad.estimate.stage import read_estimates
 from jaxgrad.estimate.subsets import masks_from_sources
 from jaxgrad.estimate.surrogate import fit_subsets
 from jaxgrad.estimate.target import target_metric, target_outputs
-from jaxgrad.gradients.per_sample import trainable_filter
 from jaxgrad.gradients.stage import projector_from_config
 from jaxgrad.gradients.store import GradientStore
 from jaxgrad.groups.stage import pipeline_units
+from jaxgrad.models.forward import encode_for_model
+from jaxgrad.models.lora import split_trainable, trainable_filter
 from jaxgrad.rundir import resolved_config
 from jaxgrad.train.evaluate import choice_accuracy, target_choices
 from jaxgrad.train.loop import fit
@@ -250,11 +251,10 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
 
     metric = target_metric(str(config.gradients.output_fn))
     model, tokenizer = load_theta_star(config, workdir)
-    filt = trainable_filter(model)
+    filt = trainable_filter(model, bool(config.train.full_finetune))
     graphdef, theta_star, rest = nnx.split(model, filt, ...)
     theta_star = jax.tree_util.tree_map(jnp.array, theta_star)
-    theta_flat = flatten(theta_star)
-    theta_np = np.asarray(theta_flat)
+    theta_np = np.asarray(flatten(theta_star))
     theta_norm = float(tree_norm(theta_star))
     spec = flat_spec(theta_star)
     examples, target_f = target_outputs(config, data, model, tokenizer, graphdef, rest)
@@ -270,7 +270,7 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     target = GradientStore.open(rundir.gradients_dir(workdir, "target"))
     s = config.surrogate
     fits = _refit(config, workdir, data, rows)
-    projector = projector_from_config(config, int(theta_flat.shape[0]))
+    projector = projector_from_config(config, int(theta_np.size))
     gram = projector.gram()
     scale = None if float(s.scale) <= 0 else float(s.scale)
     c = np.asarray(rescale_factors(fits.coef, gram, theta_norm, scale=scale))
@@ -453,7 +453,7 @@ def first_order_error(config, workdir: str, *, scales=FIRST_ORDER_SCALES, seeds:
         raise ValueError(f"first_order_error: {workdir}/estimates/estimates.csv has {len(rows)} "
                          f"rows, fewer than seeds={seeds}")
     model, tokenizer = load_theta_star(config, workdir)
-    graphdef, theta_star, rest = nnx.split(model, trainable_filter(model), ...)
+    graphdef, theta_star, rest = split_trainable(model, bool(config.train.full_finetune))
     theta_star = jax.tree_util.tree_map(jnp.array, theta_star)
     spec = flat_spec(theta_star)
     theta_norm = float(tree_norm(theta_star))

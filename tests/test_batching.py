@@ -11,6 +11,7 @@ from jaxgrad.data import batching as B
 from jaxgrad.data.examples import make_examples
 from jaxgrad.data.synthetic import SyntheticSpec, generic_text, synthetic_sources
 from jaxgrad.data.tokenizer import DEFAULT_CHARSET, build_char_tokenizer, save_char_tokenizer
+from jaxgrad.models.forward import encode_for_model, model_layout
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +294,11 @@ def test_encoder_decoder_batches_need_the_models_start_token(tok):
     class Causal:
         is_encoder_decoder = False
 
-    assert B.model_layout(Seq2Seq()) == ("encoder_decoder", 7)
-    assert B.model_layout(Causal()) == ("decoder", None)
-    encoded, arch = B.encode_for_model(make_examples([("s", "ab", "cd", None)]), tok, Seq2Seq())
+    assert model_layout(Seq2Seq()) == ("encoder_decoder", 7)
+    assert model_layout(Causal()) == ("decoder", None)
+    encoded, arch = encode_for_model(make_examples([("s", "ab", "cd", None)]), tok, Seq2Seq())
     batch = B.collate(encoded, [0], max_length=8, arch=arch)
     assert batch["decoder_input_ids"][0, 0] == 7
     Cfg.decoder_start_token_id = None
     with pytest.raises(ValueError, match="decoder_start_token_id is None"):
-        B.model_layout(Seq2Seq())
+        model_layout(Seq2Seq())

@@ -155,10 +155,9 @@ def test_gradient_stores_open_and_merge_with_their_shapes(rerun):
 
 
 def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun):
-    from flax import nnx
-
     from jaxgrad.gradients.compute import params_fingerprint
-    from jaxgrad.gradients.per_sample import num_trainable, trainable_filter
+    from jaxgrad.gradients.per_sample import num_trainable
+    from jaxgrad.models.lora import trainable_state
     from jaxgrad.train.checkpoint import restore_params
     from jaxgrad.rundir import resolved_config
     from jaxgrad.gradients.store import GradientStore
@@ -169,10 +168,10 @@ def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun
     config = resolved_config(_fixture_config(), workdir)
     assert config.model.name_or_path == os.path.join(workdir, "base")
     model, _ = load_model(ModelSpec.from_config(config.model), lora_from_config(config.lora))
-    theta0 = params_fingerprint(nnx.state(model, trainable_filter(model)))
+    theta0 = params_fingerprint(trainable_state(model))
     model, meta = restore_params(model, os.path.join(workdir, "meta_train", "ckpt"), "latest")
     assert meta["step"] == 4 and meta["trainable"] == "lora"
-    theta = params_fingerprint(nnx.state(model, trainable_filter(model)))
+    theta = params_fingerprint(trainable_state(model))
     assert theta != theta0  # the adapters changed (B starts at zero)
     for name in ("train", "target"):
         manifest = GradientStore.open(os.path.join(workdir, "gradients", name)).manifest

@@ -2,7 +2,7 @@
 
 Kind 6: a T5 whose ``decoder_start_token_id`` is not its pad id (MADLAD-400's is not). Every
 place that builds encoder-decoder batches reads the start from the model
-(``jaxgrad.data.batching.model_layout``): the gradient store's outputs f_i, the answer-choice
+(``jaxgrad.models.forward.model_layout``): the gradient store's outputs f_i, the answer-choice
 log-likelihoods and greedy generation must equal torch's, whose ``_shift_right`` and ``generate``
 use the config's start token.
 

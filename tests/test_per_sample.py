@@ -14,8 +14,10 @@ import pytest
 from flax import nnx
 
 from jaxgrad.common.flat import flatten
+from jaxgrad.data.tokenizer import build_char_tokenizer
 from jaxgrad.models.forward import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
+from jaxgrad.gradients.compute import compute_gradient_store
 from jaxgrad.gradients.outputs import get_output_fn
 from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
 from jaxgrad.gradients.projection import Projector
@@ -79,6 +81,29 @@ def test_full_finetune_mode_differentiates_every_parameter():
     grads, _ = one_at_a_time(model, batch, "token_ce", full_finetune=True)
     expected = grads @ np.asarray(proj.dense())
     np.testing.assert_allclose(np.asarray(res.feats), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_lora_mode_without_adapters_is_refused_by_name(tmp_path):
+    """LoRA mode (full_finetune=False) on a model without adapters: a ValueError naming the
+    setting, never a silent fall-back to differentiating every parameter."""
+    model, _ = load_pretrained(fixture("tiny-qwen2"))
+    tokenizer = build_char_tokenizer()  # ids of "a", "b" and the specials < the vocabulary's 96
+    batch = fixture_batch("tiny-qwen2")
+    dim = num_trainable(model, full_finetune=True)
+    proj = Projector(seed=1, dim=dim, k=K)
+    want = r"no LoRA adapters.*train\.full_finetune=True.*lora\.rank"
+    with pytest.raises(ValueError, match=want):
+        num_trainable(model)
+    with pytest.raises(ValueError, match=want):
+        per_sample_projected_grads(model, batch, proj, "token_ce")
+    examples = [{"prompt": "a", "completion": "b", "source": "s", "example_id": "s/0"}]
+    with pytest.raises(ValueError, match=want):
+        compute_gradient_store(model, examples, tokenizer, proj, str(tmp_path / "g"),
+                               split="train", sources=["s"])
+    assert not os.path.exists(tmp_path / "g")
+    store = compute_gradient_store(model, examples, tokenizer, proj, str(tmp_path / "g"),
+                                   split="train", sources=["s"], full_finetune=True, max_length=16)
+    assert store.num_examples == 1
 
 
 def test_independent_of_chunk_and_batch_size():

@@ -781,6 +781,38 @@ def test_full_finetune_with_adapters_refused_before_any_stage(tmp_path):
     assert validate_config(config, stages=["base"]) is None
 
 
+def test_full_finetune_without_adapters_differentiates_every_parameter(tmp_path):
+    """train.full_finetune=True, lora.rank=0: the gradients, the (exact) estimates and fidelity
+    take θ to be every parameter, as meta-training trained it. They pass train.full_finetune to
+    the one trainable split (jaxgrad.models.lora), which refuses LoRA mode without adapters
+    rather than silently widening it."""
+    import jax
+    from flax import nnx
+
+    from jaxgrad.gradients.store import GradientStore
+    from jaxgrad.models.lora import has_adapters
+    from jaxgrad.rundir import resolved_config
+    from jaxgrad.train.stage import load_theta_star
+
+    config = demo.get_config("tiny")
+    config.train.full_finetune, config.lora.rank = True, 0
+    config.surrogate.mode = "exact"
+    config.pipeline.finetune_runs = ("selection",)
+    config.fidelity.num_subsets = 1
+    workdir = str(tmp_path / "run")
+    run_pipeline(config, workdir, stages=["base", "meta_train", "gradients", "estimates",
+                                          "fidelity"])
+    model, _ = load_theta_star(resolved_config(config, workdir), workdir)
+    assert not has_adapters(model)
+    every = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    manifest = GradientStore.open(os.path.join(workdir, "gradients", "train")).manifest
+    assert manifest["projector"]["dim"] == every
+    with open(os.path.join(workdir, "estimates", "estimates.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(np.isfinite(float(r["exact_loss"])) for r in rows)
+    assert os.path.isfile(os.path.join(workdir, "fidelity", "fidelity.json"))
+
+
 def test_report_names_the_stepwise_search(run_dir, tmp_path):
     from jaxgrad.report import write_report
 

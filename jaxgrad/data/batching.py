@@ -40,9 +40,9 @@ early. For encoder-decoder, ``max_length`` bounds encoder and decoder lengths se
 Special ids come from the tokenizer (:func:`special_ids`): a tokenizer without bos (T5, Qwen)
 uses eos as the decoder's start-of-sequence token; one without pad pads with eos (only masked
 positions ever hold pad). The encoder-decoder start token has no fallback: it is the model config's
-``decoder_start_token_id``, which :func:`model_layout` reads for every caller (training,
-evaluation, generation, the gradient store, exact estimates, fidelity), and encoder-decoder
-batches refuse to be built without it.
+``decoder_start_token_id``, which :func:`jaxgrad.models.forward.model_layout` reads for every
+caller (training, evaluation, generation, the gradient store, exact estimates, fidelity), and
+encoder-decoder batches refuse to be built without it.
 
 Order: :func:`batch_iterator` permutes with ``numpy.random.default_rng([seed, epoch])``, so a
 (seed, epoch) pair fixes the order; ``start_step=k`` resumes at global batch k of that epoch;
@@ -59,6 +59,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jaxgrad._compat import moved_names
+
 ARCHS = ("decoder", "encoder_decoder")
 
 
@@ -71,7 +73,8 @@ class SpecialIds:
       bos: start of a decoder-only sequence (tokenizer's bos, else eos).
       eos: end of sequence (required).
       decoder_start: first decoder input of encoder-decoder models (the model config's
-        ``decoder_start_token_id``, see :func:`model_layout`); None for decoder-only use.
+        ``decoder_start_token_id``, see :func:`jaxgrad.models.forward.model_layout`); None for
+        decoder-only use.
     """
 
     pad: int
@@ -92,33 +95,6 @@ def special_ids(tokenizer: Any, *, decoder_start_id: int | None = None) -> Speci
     pad = eos if pad is None else pad
     start = None if decoder_start_id is None else int(decoder_start_id)
     return SpecialIds(pad=int(pad), bos=int(bos), eos=int(eos), decoder_start=start)
-
-
-def model_layout(model: Any) -> tuple[str, int | None]:
-    """``(arch, decoder_start_id)`` of a model: the one place every batch builder reads them.
-
-    ``arch`` is ``"encoder_decoder"`` when ``model.is_encoder_decoder`` (T5 family), else
-    ``"decoder"``; ``decoder_start_id`` is ``model.config.decoder_start_token_id`` for
-    encoder-decoders (what transformers' ``_shift_right`` puts first) and None for decoders.
-
-    Raises:
-      ValueError: an encoder-decoder whose config has no integer ``decoder_start_token_id``.
-    """
-    if not getattr(model, "is_encoder_decoder", False):
-        return "decoder", None
-    start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
-    if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
-        raise ValueError(f"{type(model).__name__}: config.decoder_start_token_id is {start!r}; an "
-                         f"encoder-decoder needs an integer start token for its decoder")
-    return "encoder_decoder", int(start)
-
-
-def encode_for_model(examples: Sequence[Mapping[str, Any]], tokenizer: Any, model: Any, *,
-                     sources: Sequence[str] | None = None) -> tuple[EncodedExamples, str]:
-    """:func:`encode_examples` with the model's own layout: ``(encoded, arch)`` for
-    :func:`collate` / :func:`batch_iterator`, the decoder start taken from :func:`model_layout`."""
-    arch, start = model_layout(model)
-    return encode_examples(examples, tokenizer, sources=sources, decoder_start_id=start), arch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +138,8 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Any, *,
       sources: the list ``source_index`` indexes (pass ``MultiSourceData.sources`` so indices
         agree across splits); None: the sorted distinct sources of ``examples``.
       decoder_start_id: encoder-decoder start id (the model config's ``decoder_start_token_id``;
-        :func:`encode_for_model` passes it); required to collate encoder-decoder batches.
+        :func:`jaxgrad.models.forward.encode_for_model` passes it); required to collate
+        encoder-decoder batches.
     """
     if isinstance(examples, Mapping) or not isinstance(examples, Sequence):
         raise TypeError(f"examples must be a sequence of example dicts, got "
@@ -415,7 +392,7 @@ def batch_iterator(examples: Sequence[Mapping[str, Any]] | EncodedExamples, toke
       sources: list ``source_index`` refers to (see :func:`encode_examples`).
       buckets: allowed lengths (default :func:`length_buckets`).
       decoder_start_id: encoder-decoder start id (required for ``arch="encoder_decoder"``; see
-        :func:`model_layout`).
+        :func:`jaxgrad.models.forward.model_layout`).
 
     Returns:
       An iterator over batch dicts of numpy arrays with B / process_count rows each.
@@ -460,3 +437,6 @@ def batch_iterator(examples: Sequence[Mapping[str, Any]] | EncodedExamples, toke
             yield _layout(encoded, mine, shape, max_length, local, arch)
 
     return generate()
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -15,22 +15,22 @@ from jaxgrad import rundir
 from jaxgrad.common.checks import section_dict
 from jaxgrad.common.flat import tree_norm
 from jaxgrad.common.sharding import global_data_mesh
-from jaxgrad.data.batching import collate, encode_for_model
+from jaxgrad.data.batching import collate
 from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
 from jaxgrad.estimate.subsets import masks_from_sources
 from jaxgrad.estimate.surrogate import fit_subsets
 from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
-from jaxgrad.gradients.per_sample import trainable_filter
 from jaxgrad.gradients.stage import projector_from_config
 from jaxgrad.gradients.store import GradientStore
 from jaxgrad.groups.stage import pipeline_units
-from jaxgrad.models.forward import model_logits
+from jaxgrad.models.forward import encode_for_model, model_logits
+from jaxgrad.models.lora import split_trainable, trainable_state
 from jaxgrad.train.stage import load_theta_star
 
 
-def _theta_norm_and_state(model):
-    state = nnx.state(model, trainable_filter(model))
+def _theta_norm_and_state(model, full_finetune: bool):
+    state = trainable_state(model, full_finetune)
     return float(tree_norm(state)), state
 
 
@@ -62,7 +62,7 @@ class SurrogateScorer:
                              f"{units.names}")
         self.ids = units.row_ids(train.example_ids, train.source_ids)
         model, _ = load_theta_star(config, workdir)
-        self.theta_norm, theta = _theta_norm_and_state(model)
+        self.theta_norm, theta = _theta_norm_and_state(model, bool(config.train.full_finetune))
         self.projector = projector_from_config(config, sum(int(np.prod(x.shape))
                                                 for x in jax.tree_util.tree_leaves(theta)))
         self.gram = self.projector.gram()
@@ -130,7 +130,7 @@ def _exact_loss_fn(config, workdir, model):
     enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
     batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
     batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
-    graphdef, theta, rest = nnx.split(model, trainable_filter(model), ...)
+    graphdef, theta, rest = split_trainable(model, bool(config.train.full_finetune))
 
     output = str(config.gradients.output_fn)
     out_fn = get_output_fn(output, float(config.gradients.eps))

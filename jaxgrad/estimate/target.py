@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.data.batching import collate, encode_for_model
+from jaxgrad.data.batching import collate
 from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
-from jaxgrad.models.forward import model_logits
+from jaxgrad.models.forward import encode_for_model, model_logits
 
 
 def target_metric(output_fn: str):

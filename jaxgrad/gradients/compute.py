@@ -22,10 +22,12 @@ from flax import nnx
 
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import GradientsConfig, TrainConfig
-from jaxgrad.data.batching import collate, encode_for_model
+from jaxgrad.data.batching import collate
 from jaxgrad.gradients.manifest import read_manifest
-from jaxgrad.gradients.per_sample import per_sample_projected_grads, trainable_filter
+from jaxgrad.gradients.per_sample import per_sample_projected_grads
 from jaxgrad.gradients.store import GradientStore
+from jaxgrad.models.forward import encode_for_model
+from jaxgrad.models.lora import trainable_state
 
 
 def params_fingerprint(state: Any) -> str:
@@ -62,7 +64,7 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
     ``gradients`` keys (:class:`jaxgrad.config.GradientsConfig` declares and documents them);
     ``max_length``, where sequences are truncated, is meta-training's (``train.max_length``).
     """
-    trainable = nnx.state(model, trainable_filter(model, full_finetune))
+    trainable = trainable_state(model, full_finetune)
     store = GradientStore.create_or_resume(
         path, example_ids=[e["example_id"] for e in examples], source_ids=[e["source"] for e in examples],
         k=projector.k, projector=projector_identity(projector),

@@ -28,25 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad.common.flat import flat_spec
 from jaxgrad.gradients.outputs import get_output_fn
-from jaxgrad.models.forward import model_logits
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask",
-                "targets", "target_mask")
+from jaxgrad.models.forward import MODEL_INPUTS, model_logits
+from jaxgrad.models.lora import split_trainable, trainable_state
 
 
 class PerSampleResult(NamedTuple):
     feats: jax.Array  # [N, k] projected gradients x_i = Pᵀ g_i
     f: jax.Array  # [N] output function values f_i(θ*)
-
-
-def trainable_filter(model: nnx.Module, full_finetune: bool = False):
-    """``nnx.LoRAParam`` when the model has adapters (and not full fine-tuning), else ``nnx.Param``."""
-    if full_finetune:
-        return nnx.Param
-    has_lora = bool(jax.tree_util.tree_leaves(nnx.state(model, nnx.LoRAParam)))
-    return nnx.LoRAParam if has_lora else nnx.Param
 
 
 GROUP_ENTRIES = 1 << 24  # leaves are projected in groups of up to this many entries per sample
@@ -118,19 +109,19 @@ def per_sample_projected_grads(model: nnx.Module, batch: dict, projector, output
       output_fn: ``"logit_odds"`` (the paper's) or ``"token_ce"``.
       eps: probability clipping of ``logit_odds``.
       chunk_size: examples per ``vmap`` chunk; bounds memory at chunk_size × D gradients.
-      full_finetune: differentiate every parameter instead of the LoRA adapters.
+      full_finetune: differentiate every parameter instead of the LoRA adapters (False on a
+        model without adapters raises ValueError: :func:`jaxgrad.models.lora.trainable_filter`).
       mesh: shard each chunk's examples over this mesh's ``data`` axis.
 
     Returns:
       ``PerSampleResult(feats [N, k], f [N])`` in float32. Rows whose ``valid`` is 0 (padding
       rows) are computed like the rest; drop them by ``batch["valid"]``.
     """
-    filt = trainable_filter(model, full_finetune)
-    graphdef, params, rest = nnx.split(model, filt, ...)
+    graphdef, params, rest = split_trainable(model, full_finetune)
     dim = flat_spec(params).size
     if projector.dim != dim:
         raise ValueError(f"projector.dim = {projector.dim} but the model has {dim} trainable "
-                         f"parameters ({'all' if filt is nnx.Param else 'LoRA'}); build the "
+                         f"parameters ({'all' if full_finetune else 'LoRA'}); build the "
                          "Projector with dim equal to that number")
     mb = _model_batch(batch)
     if "targets" not in mb or "target_mask" not in mb:
@@ -156,4 +147,7 @@ def per_sample_projected_grads(model: nnx.Module, batch: dict, projector, output
 
 def num_trainable(model: nnx.Module, full_finetune: bool = False) -> int:
     """D: the number of parameters per-sample gradients are taken over."""
-    return flat_spec(nnx.state(model, trainable_filter(model, full_finetune))).size
+    return flat_spec(trainable_state(model, full_finetune)).size
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -40,7 +40,8 @@ def stage_gradients(config, workdir: str) -> dict:
     if all(_store_complete(p) for p in paths.values()):
         return {k: GradientStore.open(p).num_examples for k, p in paths.items()}
     model, tokenizer = load_theta_star(config, workdir)
-    dim = num_trainable(model)
+    full = bool(config.train.full_finetune)  # what meta-training trained
+    dim = num_trainable(model, full)
     if int(g["projection_dim"]) > dim:  # θ* is kept: only this stage's settings must change
         raise ValueError(f"config.gradients.projection_dim = k = {int(g['projection_dim'])} is "
                          f"more than the D = {dim} trainable parameters of θ*: a projection "
@@ -48,7 +49,8 @@ def stage_gradients(config, workdir: str) -> dict:
     projector = projector_from_config(config, dim)
     # Each process computes its own rows (process_index / process_count) on its own devices:
     # every chunk of samples sharded over them (jaxgrad.gradients.per_sample).
-    kw = dict(mesh=local_data_mesh(), sources=data.sources, output_fn=g["output_fn"], eps=float(g["eps"]),
+    kw = dict(mesh=local_data_mesh(), full_finetune=full, sources=data.sources,
+              output_fn=g["output_fn"], eps=float(g["eps"]),
               batch_size=int(g["batch_size"]), chunk_size=int(g["chunk_size"]),
               max_length=int(config.train.max_length), shard_size=int(g["shard_size"]),
               dtype=g["dtype"], progress=bool(config.train.progress),

@@ -49,16 +49,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, causal_mask,
-                                   dot_product_attention, split_rng)
-from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, REFUSED, Reader, check_option, family_refusals,
+from jaxgrad.models.layers import (CausalLM, DecoderSizes, GatedMLP, Linear, causal_mask,
+                                   decoder_stack, dot_product_attention, split_rng)
+from jaxgrad.models.hf_config import (ACTIVATIONS, GENERIC_EXTRAS, GENERIC_FIELDS, Reader,
+                                      check_option, field_table,
                                       resolve_config_dtypes)
-from jaxgrad.models.rope import apply_rope, rope_cos_sin, rope_from_hf
+from jaxgrad.models.rope import apply_rope, rope_cos_sin, rope_from_hf, rope_to_hf
 from jaxgrad.models.rope import rope_frequencies as _llama_rope_frequencies
 
 DOC = "docs/models/gemma3.md"  # refusals point to this family's table of config.json keys
-refuse, check_refused_fields = family_refusals(DOC)
 
 MODEL_TYPE = "gemma3_text"
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -72,51 +71,34 @@ DEFAULT_PATTERN = 6  # Gemma3TextConfig.__post_init__: kwargs.get("sliding_windo
 # config.json key -> (transformers' default, rule). The class fields and defaults are those of the
 # installed transformers' Gemma3TextConfig (checked by tests/test_gemma3.py); the extras are the
 # further keys Gemma3TextConfig.__post_init__ / convert_rope_params_to_dict and the modeling code read.
-HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
-    MODEL_TYPE: {
-        **GENERIC_FIELDS,
-        "vocab_size": (262_208, COMPUTED),
-        "hidden_size": (2304, COMPUTED),
-        "intermediate_size": (9216, COMPUTED),
-        "num_hidden_layers": (26, COMPUTED),
-        "num_attention_heads": (8, COMPUTED),
-        "num_key_value_heads": (4, COMPUTED),
-        "head_dim": (256, COMPUTED),
-        "hidden_activation": ("gelu_pytorch_tanh", COMPUTED),
-        "max_position_embeddings": (131_072, COMPUTED),  # yarn / llama3 defaults
-        "initializer_range": (0.02, INERT),
-        "rms_norm_eps": (1e-6, COMPUTED),
-        "use_cache": (True, INERT),
-        "pad_token_id": (0, INERT),  # nn.Embedding padding_idx: gradients and init only
-        "eos_token_id": (1, INERT),
-        "bos_token_id": (2, INERT),
-        "tie_word_embeddings": (True, COMPUTED),
-        "rope_parameters": (None, COMPUTED),
-        "attention_bias": (False, COMPUTED),
-        "attention_dropout": (0.0, NOT_APPLIED),
-        "query_pre_attn_scalar": (256, COMPUTED),
-        "sliding_window": (4096, COMPUTED),
-        "layer_types": (None, COMPUTED),
-        "final_logit_softcapping": (None, COMPUTED),
-        "attn_logit_softcapping": (None, REFUSED),
-        "use_bidirectional_attention": (False, REFUSED),
-        **GENERIC_EXTRAS,
+HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {MODEL_TYPE: field_table(
+    GENERIC_FIELDS, GENERIC_EXTRAS,
+    computed=dict(
+        vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=131_072,  # yarn / llama3 defaults
+        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=None, attention_bias=False,
+        query_pre_attn_scalar=256, sliding_window=4096, layer_types=None,
+        final_logit_softcapping=None,
         # read by Gemma3TextConfig.__post_init__ / convert_rope_params_to_dict
-        "rope_theta": (DEFAULT_THETA[FULL], COMPUTED),
-        "rope_local_base_freq": (DEFAULT_THETA[SLIDING], COMPUTED),
-        "rope_scaling": (None, COMPUTED),
-        "sliding_window_pattern": (DEFAULT_PATTERN, COMPUTED),
-        # written by transformers 4 next to layer_types; __post_init__ reads `sliding_window_pattern`
-        # and the stored attribute is never read again
-        "_sliding_window_pattern": (DEFAULT_PATTERN, INERT),
-        # standardize_rope_params, rerun by the rope functions of the scaled types, copies it into
-        # every layer type's parameters: ignored by the default rope, refused with the others
-        # (transformers fails on the shorter inv_freq)
-        "partial_rotary_factor": (None, COMPUTED),
+        rope_theta=DEFAULT_THETA[FULL], rope_local_base_freq=DEFAULT_THETA[SLIDING],
+        rope_scaling=None, sliding_window_pattern=DEFAULT_PATTERN,
+        # standardize_rope_params, rerun by the rope functions of the scaled types, copies it
+        # into every layer type's parameters: ignored by the default rope, refused with the
+        # others (transformers fails on the shorter inv_freq)
+        partial_rotary_factor=None),
+    inert=dict(
+        initializer_range=0.02, use_cache=True,
+        pad_token_id=0,  # nn.Embedding padding_idx: gradients and init only
+        eos_token_id=1, bos_token_id=2,
+        # written by transformers 4 next to layer_types; __post_init__ reads
+        # `sliding_window_pattern` and the stored attribute is never read again
+        _sliding_window_pattern=DEFAULT_PATTERN,
         # the nested parameters take max_position_embeddings instead (tests/test_gemma3.py)
-        "original_max_position_embeddings": (None, INERT),
-    },
-}
+        original_max_position_embeddings=None),
+    not_applied=dict(attention_dropout=0.0),
+    refused=dict(attn_logit_softcapping=None, use_bidirectional_attention=False))}
 
 _REFUSED_WHY = {
     "use_bidirectional_attention": "bidirectional attention (an embedding model's mask, with the "
@@ -155,22 +137,7 @@ class RopeSpec:
 
     def to_hf(self) -> dict:
         """transformers' ``rope_parameters[layer_type]`` dictionary."""
-        out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_type != "default":
-            out["factor"] = self.rope_factor
-        if self.rope_type == "llama3":
-            out.update(low_freq_factor=self.rope_low_freq_factor,
-                       high_freq_factor=self.rope_high_freq_factor)
-        if self.rope_type in ("llama3", "yarn"):
-            out["original_max_position_embeddings"] = self.rope_original_max_position
-        if self.rope_type == "yarn":
-            out.update(beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow,
-                       truncate=self.rope_truncate)
-            out.update({k: v for k, v in (("attention_factor", self.rope_attention_factor),
-                                          ("mscale", self.rope_mscale),
-                                          ("mscale_all_dim", self.rope_mscale_all_dim))
-                        if v is not None})
-        return out
+        return rope_to_hf(self)
 
 
 def default_layer_types(num_hidden_layers: int, pattern: int = DEFAULT_PATTERN) -> tuple[str, ...]:
@@ -180,12 +147,7 @@ def default_layer_types(num_hidden_layers: int, pattern: int = DEFAULT_PATTERN) 
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3TextConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+class Gemma3TextConfig(DecoderSizes):
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-6
@@ -244,51 +206,35 @@ class Gemma3TextConfig:
         model_type = cfg.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"{source}: model_type={model_type!r} is not {MODEL_TYPE!r}")
-        fields = HF_FIELDS[MODEL_TYPE]
+        get = Reader(cfg, HF_FIELDS[MODEL_TYPE], source, doc=DOC)
         if cfg.get("use_bidirectional_attention"):  # null and false are both causal
-            refuse(source, "use_bidirectional_attention", cfg["use_bidirectional_attention"],
-                   _REFUSED_WHY["use_bidirectional_attention"])
+            get.refuse("use_bidirectional_attention", cfg["use_bidirectional_attention"],
+                       _REFUSED_WHY["use_bidirectional_attention"])
         if cfg.get("attn_logit_softcapping") is not None:
-            refuse(source, "attn_logit_softcapping", cfg["attn_logit_softcapping"],
-                   _REFUSED_WHY["attn_logit_softcapping"])
-        check_refused_fields(cfg, {k: v for k, v in fields.items() if k not in _REFUSED_WHY}, source)
-        get = Reader(cfg, fields)
-
-        def positive_int(name):
-            value = get(name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                refuse(source, name, value, "expected a positive integer")
-            return value
-
-        n = positive_int("num_hidden_layers")
-        hidden = positive_int("hidden_size")
-        heads = positive_int("num_attention_heads")
-        kv = positive_int("num_key_value_heads")
-        head_dim = positive_int("head_dim")
+            get.refuse("attn_logit_softcapping", cfg["attn_logit_softcapping"],
+                       _REFUSED_WHY["attn_logit_softcapping"])
+        get.check_refused(skip=_REFUSED_WHY)
+        n, hidden, heads, kv, head_dim = (get.positive_int(k) for k in (
+            "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim"))
         if heads % kv:
-            refuse(source, "num_key_value_heads", kv, f"num_attention_heads={heads} is not a multiple of it")
+            get.refuse("num_key_value_heads", kv,
+                       f"num_attention_heads={heads} is not a multiple of it")
         if hidden % heads:  # Gemma3TextConfig.validate_architecture raises too
-            refuse(source, "num_attention_heads", heads, f"hidden_size={hidden} is not a multiple of it")
-        act = get("hidden_activation")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            refuse(source, "hidden_activation", act, f"supported: {', '.join(ACTIVATIONS)}")
-        scalar = get("query_pre_attn_scalar")
-        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0:
-            refuse(source, "query_pre_attn_scalar", scalar, "expected a positive number")
-        cap = get("final_logit_softcapping")
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0):
-            refuse(source, "final_logit_softcapping", cap, "expected a positive number or null")
-        layer_types = _layer_types_from_hf(cfg, n, source)
-        window = get("sliding_window")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            refuse(source, "sliding_window", window, "expected a positive integer or null")
+            get.refuse("num_attention_heads", heads,
+                       f"hidden_size={hidden} is not a multiple of it")
+        act = get.option("hidden_activation", ACTIVATIONS)
+        scalar = get.number("query_pre_attn_scalar", positive=True)
+        cap = get.number("final_logit_softcapping", positive=True, or_none=True)
+        layer_types = _layer_types_from_hf(get, n)
+        window = get.positive_int("sliding_window", or_none=True)
         if SLIDING in layer_types and window is None:
-            refuse(source, "sliding_window", window, "sliding_attention layers need a window")
-        max_pos = positive_int("max_position_embeddings")
-        ropes = _ropes_from_hf(cfg, head_dim, max_pos, source)
+            get.refuse("sliding_window", window, "sliding_attention layers need a window")
+        max_pos = get.positive_int("max_position_embeddings")
+        ropes = _ropes_from_hf(get, head_dim, max_pos)
         return cls(
-            vocab_size=positive_int("vocab_size"), hidden_size=hidden,
-            intermediate_size=positive_int("intermediate_size"), num_hidden_layers=n,
+            vocab_size=get.positive_int("vocab_size"), hidden_size=hidden,
+            intermediate_size=get.positive_int("intermediate_size"), num_hidden_layers=n,
             num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
             rms_norm_eps=float(get("rms_norm_eps")), hidden_activation=act,
             query_pre_attn_scalar=scalar, sliding_window=window, layer_types=layer_types,
@@ -299,49 +245,48 @@ class Gemma3TextConfig:
             param_dtype=param_dtype)
 
 
-def _layer_types_from_hf(cfg: dict, n: int, source: str) -> tuple[str, ...]:
+def _layer_types_from_hf(get: Reader, n: int) -> tuple[str, ...]:
     """``layer_types`` as Gemma3TextConfig.__post_init__ sets them."""
-    layer_types = cfg.get("layer_types")
+    layer_types = get("layer_types")
     if layer_types is None:
-        pattern = cfg.get("sliding_window_pattern", DEFAULT_PATTERN)
-        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
-            refuse(source, "sliding_window_pattern", pattern, "expected a positive integer")
-        return default_layer_types(n, pattern)
+        return default_layer_types(n, get.positive_int("sliding_window_pattern"))
     if not isinstance(layer_types, (list, tuple)):
-        refuse(source, "layer_types", layer_types, f"expected a list of {n} layer types")
+        get.refuse("layer_types", layer_types, f"expected a list of {n} layer types")
     # configuration_utils.remap_legacy_layer_types: "attention" is "full_attention"
     out = tuple(FULL if t == "attention" else t for t in layer_types)
     bad = sorted({str(t) for t in out if t not in LAYER_TYPES})
     if bad or len(out) != n:
-        refuse(source, "layer_types", layer_types,
-               f"expected {n} entries among {', '.join(LAYER_TYPES)}")
+        get.refuse("layer_types", layer_types,
+                   f"expected {n} entries among {', '.join(LAYER_TYPES)}")
     return out
 
 
-def _ropes_from_hf(cfg: dict, head_dim: int, max_pos: int, source: str) -> dict[str, RopeSpec]:
+def _ropes_from_hf(get: Reader, head_dim: int, max_pos: int) -> dict[str, RopeSpec]:
     """One :class:`RopeSpec` per layer type, as ``Gemma3TextConfig.convert_rope_params_to_dict``
     and ``standardize_rope_params`` (nested case) build ``rope_parameters``."""
+    cfg, source = get.cfg, get.source
     raw = cfg.get("rope_parameters")
     if raw is None:
         params: dict = {}
     elif isinstance(raw, dict):
         params = copy.deepcopy(raw)
     else:
-        refuse(source, "rope_parameters", raw, "expected a dictionary per layer type")
+        get.refuse("rope_parameters", raw, "expected a dictionary per layer type")
     flat = sorted(k for k in params if k not in LAYER_TYPES)
     if flat:  # kept beside the nested ones by transformers, and never read
-        refuse(source, "rope_parameters", raw,
-               f"keys {flat} are not layer types: transformers' Gemma 3 reads one dictionary per "
-               f"layer type ({', '.join(LAYER_TYPES)}) and ignores these; nest them")
+        get.refuse("rope_parameters", raw,
+                   f"keys {flat} are not layer types: transformers' Gemma 3 reads one "
+                   f"dictionary per layer type ({', '.join(LAYER_TYPES)}) and ignores these; "
+                   "nest them")
     for lt in LAYER_TYPES:
         if params.get(lt) is None:
             params[lt] = {"rope_type": "default"}
         elif not isinstance(params[lt], dict):
-            refuse(source, f"rope_parameters.{lt}", params[lt], "expected a dictionary")
+            get.refuse(f"rope_parameters.{lt}", params[lt], "expected a dictionary")
     scaling = cfg.get("rope_scaling")
     if scaling is not None:
         if not isinstance(scaling, dict):
-            refuse(source, "rope_scaling", scaling, "expected a dictionary")
+            get.refuse("rope_scaling", scaling, "expected a dictionary")
         params[FULL] = {**params[FULL], **scaling}  # convert_rope_params_to_dict: full layers only
     params[FULL].setdefault("rope_theta", cfg.get("rope_theta", DEFAULT_THETA[FULL]))
     params[SLIDING].setdefault("rope_theta", cfg.get("rope_local_base_freq", DEFAULT_THETA[SLIDING]))
@@ -352,13 +297,13 @@ def _ropes_from_hf(cfg: dict, head_dim: int, max_pos: int, source: str) -> dict[
         if "type" in p and p.get("rope_type", p["type"]) != p["type"]:
             # rope_scaling {"type": "linear"} merged into {"rope_type": "default"}: transformers
             # keeps rope_type and computes the default rope
-            refuse(source, f"{field}.type", p["type"],
-                   f"transformers reads rope_type={p['rope_type']!r} and ignores the legacy 'type' "
-                   "key here; write rope_type")
+            get.refuse(f"{field}.type", p["type"],
+                       f"transformers reads rope_type={p['rope_type']!r} and ignores the legacy "
+                       "'type' key here; write rope_type")
         rope_type = p.get("rope_type", p.get("type", "default"))
         if rope_type not in ROPE_TYPES:
-            refuse(source, f"{field}.rope_type", rope_type,
-                   f"supported for Gemma 3: {', '.join(ROPE_TYPES)}")
+            get.refuse(f"{field}.rope_type", rope_type,
+                       f"supported for Gemma 3: {', '.join(ROPE_TYPES)}")
         try:
             spec = rope_from_hf({"rope_parameters": p,
                                   "partial_rotary_factor": cfg.get("partial_rotary_factor")},
@@ -470,10 +415,7 @@ class Gemma3DecoderLayer(nnx.Module):
 class Gemma3TextModel(nnx.Module):
     def __init__(self, cfg: Gemma3TextConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, rngs=rngs)
-        self.layers = nnx.List([Gemma3DecoderLayer(cfg, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+        self.embed_tokens, self.layers = decoder_stack(cfg, Gemma3DecoderLayer, rngs=rngs)
         self.norm = Gemma3RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, dropout_rng=None):

@@ -39,13 +39,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models import hf_config
-from jaxgrad.models.hf_config import (COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT, NOT_APPLIED,
-                                      REFUSED, Reader, family_refusals, resolve_config_dtypes)
+from jaxgrad.models.hf_config import (GENERIC_EXTRAS, GENERIC_FIELDS, Reader, field_table,
+                                      resolve_config_dtypes)
 from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, causal_mask, mask_value,
                                    split_rng)
 
 DOC = "docs/models/gpt2.md"  # refusals point to this family's table of config.json keys
-refuse, check_refused_fields = family_refusals(DOC)
 
 MODEL_TYPE = "gpt2"
 
@@ -74,63 +73,34 @@ ACTIVATIONS = {
     "linear": lambda x: x,
 }
 
-# config.json key -> (transformers' default, rule). The GPT2Config fields and defaults are those
-# of the installed transformers (checked by tests/test_gpt2.py), then the further keys that
-# modeling_gpt2.py / masking_utils.py read.
-_GPT2_OWN: dict[str, tuple[Any, str]] = {
-    "vocab_size": (50257, COMPUTED),
-    "n_positions": (1024, COMPUTED),
-    "n_embd": (768, COMPUTED),
-    "n_layer": (12, COMPUTED),
-    "n_head": (12, COMPUTED),
-    "n_inner": (None, COMPUTED),
-    "activation_function": ("gelu_new", COMPUTED),
-    "resid_pdrop": (0.1, NOT_APPLIED),
-    "embd_pdrop": (0.1, NOT_APPLIED),
-    "attn_pdrop": (0.1, NOT_APPLIED),
-    "layer_norm_epsilon": (1e-5, COMPUTED),
-    "initializer_range": (0.02, INERT),
-    "summary_type": ("cls_index", INERT),
-    "summary_use_proj": (True, INERT),
-    "summary_activation": (None, INERT),
-    "summary_proj_to_labels": (True, INERT),
-    "summary_first_dropout": (0.1, INERT),
-    "scale_attn_weights": (True, COMPUTED),
-    "use_cache": (True, INERT),
-    "bos_token_id": (50256, INERT),
-    "eos_token_id": (50256, INERT),
-    "pad_token_id": (None, INERT),
-    "scale_attn_by_inverse_layer_idx": (False, COMPUTED),
-    "reorder_and_upcast_attn": (False, COMPUTED),
-    "add_cross_attention": (False, REFUSED),
-    "tie_word_embeddings": (True, COMPUTED),
-}
 # GPT2Config.attribute_map aliases: a (non-null) value under one of these names wins.
 ATTRIBUTE_MAP = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
                  "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
-_GPT2_EXTRAS: dict[str, tuple[Any, str]] = {
-    **{alias: (None, COMPUTED) for alias in ATTRIBUTE_MAP},
-    # not GPT2Config fields; read with hasattr by heads other than the LM head
-    "summary_last_dropout": (None, INERT),  # GPT2DoubleHeadsModel's summary
-    "classifier_dropout": (None, INERT),  # GPT2ForTokenClassification
-    "hidden_dropout": (None, INERT),  # GPT2ForTokenClassification
-    # masking_utils reads them for sliding-window masks GPT2Model never builds
-    "sliding_window": (None, INERT),
-    "layer_types": (None, INERT),
-}
-HF_FIELDS: dict[str, tuple[Any, str]] = {**GENERIC_FIELDS, **_GPT2_OWN, **_GPT2_EXTRAS,
-                                         **GENERIC_EXTRAS}
+# config.json key -> (transformers' default, rule). The GPT2Config fields and defaults are those
+# of the installed transformers (checked by tests/test_gpt2.py), and the further keys that
+# modeling_gpt2.py / masking_utils.py read.
+HF_FIELDS: dict[str, tuple[Any, str]] = field_table(
+    GENERIC_FIELDS, GENERIC_EXTRAS,
+    computed=dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                  n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                  scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                  reorder_and_upcast_attn=False, tie_word_embeddings=True,
+                  **dict.fromkeys(ATTRIBUTE_MAP)),
+    not_applied=dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),
+    inert=dict(initializer_range=0.02, summary_type="cls_index", summary_use_proj=True,
+               summary_activation=None, summary_proj_to_labels=True, summary_first_dropout=0.1,
+               use_cache=True, bos_token_id=50256, eos_token_id=50256, pad_token_id=None,
+               # not GPT2Config fields; read with hasattr by heads other than the LM head:
+               # GPT2DoubleHeadsModel's summary, GPT2ForTokenClassification
+               summary_last_dropout=None, classifier_dropout=None, hidden_dropout=None,
+               # masking_utils reads them for sliding-window masks GPT2Model never builds
+               sliding_window=None, layer_types=None),
+    refused=dict(add_cross_attention=False))
 
 _REFUSAL_REASONS = {
     "add_cross_attention": "cross-attention blocks (crossattention, ln_cross_attn over "
                            "encoder_hidden_states) are not implemented",
 }
-
-
-def _positive_int(source: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        refuse(source, key, value, "expected a positive integer")
-    return value
 
 
 # ---- the typed config ------------------------------------------------------------------------------
@@ -195,40 +165,21 @@ class GPT2Config:
         model_type = cfg.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"{source}: model_type={model_type!r} is not {MODEL_TYPE!r}")
+        get = Reader(cfg, HF_FIELDS, source, doc=DOC, aliases=ATTRIBUTE_MAP)
         for name, why in _REFUSAL_REASONS.items():
             if name in cfg and cfg[name] != HF_FIELDS[name][0]:
-                refuse(source, name, cfg[name], why)
-        check_refused_fields(cfg, HF_FIELDS, source)
-        get = Reader(cfg, HF_FIELDS)
-
-        def field(name):  # (value, the key it came from)
-            for alias, target in ATTRIBUTE_MAP.items():
-                if target == name and cfg.get(alias) is not None:
-                    return cfg[alias], alias
-            return get(name), name
-
-        dims = {}
-        for name in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"):
-            value, key = field(name)
-            dims[name] = _positive_int(source, key, value)
+                get.refuse(name, cfg[name], why)
+        get.check_refused()
+        dims = {name: get.positive_int(name)
+                for name in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")}
         if dims["n_embd"] % dims["n_head"]:
-            key = field("n_head")[1]
-            refuse(source, key, dims["n_head"],
-                   f"it does not divide n_embd={dims['n_embd']} (transformers raises too)")
-        inner = get("n_inner")
-        if inner is not None:
-            inner = _positive_int(source, "n_inner", inner)
-        act = get("activation_function")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            refuse(source, "activation_function", act, f"supported: {', '.join(ACTIVATIONS)}")
-        eps = get("layer_norm_epsilon")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            refuse(source, "layer_norm_epsilon", eps, "expected a non-negative number")
+            get.refuse(get.field("n_head")[1], dims["n_head"],
+                       f"it does not divide n_embd={dims['n_embd']} (transformers raises too)")
         return cls(
             **dims,
-            n_inner=inner,
-            activation_function=act,
-            layer_norm_epsilon=float(eps),
+            n_inner=get.positive_int("n_inner", or_none=True),
+            activation_function=get.option("activation_function", ACTIVATIONS),
+            layer_norm_epsilon=float(get.number("layer_norm_epsilon")),
             scale_attn_weights=bool(get("scale_attn_weights")),
             scale_attn_by_inverse_layer_idx=bool(get("scale_attn_by_inverse_layer_idx")),
             reorder_and_upcast_attn=bool(get("reorder_and_upcast_attn")),

@@ -48,15 +48,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models import llama as _llama
-from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, causal_mask,
-                                   dot_product_attention, split_rng)
-from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, Reader, check_option, family_refusals,
+from jaxgrad.models.layers import (CausalLM, DecoderSizes, LayerNorm, Linear, causal_mask,
+                                   decoder_stack, dot_product_attention, split_rng)
+from jaxgrad.models.hf_config import (ACTIVATIONS, GENERIC_EXTRAS, GENERIC_FIELDS, Reader,
+                                      check_option, field_table,
                                       resolve_config_dtypes)
 from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_frequencies, rope_from_hf
 
 DOC = "docs/models/gpt_neox.md"  # refusals point to this family's table of config.json keys
-refuse, check_refused_fields = family_refusals(DOC)
 
 MODEL_TYPE = "gpt_neox"
 DEFAULT_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta
@@ -66,44 +65,29 @@ DEFAULT_ROTARY_PCT = 0.25  # GPTNeoXConfig.convert_rope_params_to_dict
 # dataclass fields with their defaults (tests/test_gpt_neox.py checks them against the installed
 # transformers); the rest are the keys GPTNeoXConfig.convert_rope_params_to_dict, the modeling
 # code, masking_utils.py and modeling_rope_utils.py read besides.
-HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {MODEL_TYPE: {
-    **GENERIC_FIELDS,
-    "vocab_size": (50432, COMPUTED),
-    "hidden_size": (6144, COMPUTED),
-    "num_hidden_layers": (44, COMPUTED),
-    "num_attention_heads": (64, COMPUTED),
-    "intermediate_size": (24576, COMPUTED),
-    "hidden_act": ("gelu", COMPUTED),
-    "attention_dropout": (0.0, NOT_APPLIED),
-    "hidden_dropout": (0.0, NOT_APPLIED),  # embedding, post-attention and post-MLP dropout
-    "classifier_dropout": (0.1, INERT),  # GPTNeoXForTokenClassification only
-    "max_position_embeddings": (2048, COMPUTED),  # rope: dynamic threshold, yarn/longrope defaults
-    "initializer_range": (0.02, INERT),
-    "layer_norm_eps": (1e-5, COMPUTED),
-    "use_cache": (True, INERT),
-    "bos_token_id": (0, INERT),
-    "eos_token_id": (2, INERT),
-    "pad_token_id": (None, INERT),
-    "tie_word_embeddings": (False, COMPUTED),
-    "use_parallel_residual": (True, COMPUTED),
-    "rope_parameters": (None, COMPUTED),
-    "attention_bias": (True, COMPUTED),
-    "is_decoder": (False, INERT),
-    **GENERIC_EXTRAS,
-    # read (and popped) by GPTNeoXConfig.convert_rope_params_to_dict
-    "rotary_pct": (DEFAULT_ROTARY_PCT, COMPUTED),
-    "rotary_emb_base": (DEFAULT_THETA, COMPUTED),
-    "rope_scaling": (None, COMPUTED),
-    # read by modeling_rope_utils; GPTNeoXConfig fills the rope dictionary's rope_theta and
-    # partial_rotary_factor before standardize_rope_params looks at these, so they are ignored
-    "rope_theta": (None, INERT),
-    "partial_rotary_factor": (None, INERT),
-    "original_max_position_embeddings": (None, COMPUTED),
-    "head_dim": (None, COMPUTED),  # rope only: GPTNeoXAttention uses hidden_size // heads
-    # read by masking_utils for sliding masks; GPTNeoXModel builds a plain causal mask
-    "sliding_window": (None, INERT),
-    "layer_types": (None, INERT),
-}}
+HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {MODEL_TYPE: field_table(
+    GENERIC_FIELDS, GENERIC_EXTRAS,
+    computed=dict(
+        vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+        intermediate_size=24576, hidden_act="gelu",
+        max_position_embeddings=2048,  # rope: dynamic threshold, yarn/longrope defaults
+        layer_norm_eps=1e-5, tie_word_embeddings=False, use_parallel_residual=True,
+        rope_parameters=None, attention_bias=True,
+        # read (and popped) by GPTNeoXConfig.convert_rope_params_to_dict
+        rotary_pct=DEFAULT_ROTARY_PCT, rotary_emb_base=DEFAULT_THETA, rope_scaling=None,
+        original_max_position_embeddings=None,  # read by modeling_rope_utils
+        head_dim=None),  # rope only: GPTNeoXAttention uses hidden_size // heads
+    not_applied=dict(attention_dropout=0.0,
+                     hidden_dropout=0.0),  # embedding, post-attention and post-MLP dropout
+    inert=dict(
+        classifier_dropout=0.1,  # GPTNeoXForTokenClassification only
+        initializer_range=0.02, use_cache=True, bos_token_id=0, eos_token_id=2,
+        pad_token_id=None, is_decoder=False,
+        # read by modeling_rope_utils; GPTNeoXConfig fills the rope dictionary's rope_theta and
+        # partial_rotary_factor before standardize_rope_params looks at these, so they are ignored
+        rope_theta=None, partial_rotary_factor=None,
+        # read by masking_utils for sliding masks; GPTNeoXModel builds a plain causal mask
+        sliding_window=None, layer_types=None))}
 
 _ROPE_FIELDS = ("rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
                 "rope_high_freq_factor", "rope_original_max_position", "rope_attention_factor",
@@ -115,12 +99,7 @@ _ROPE_FIELDS = ("rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor"
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+class GPTNeoXConfig(DecoderSizes):
     layer_norm_eps: float = 1e-5
     hidden_act: str = "gelu"
     use_parallel_residual: bool = True
@@ -210,31 +189,21 @@ class GPTNeoXConfig:
         model_type = cfg.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"{source}: model_type={model_type!r} is not {MODEL_TYPE!r}")
-        fields = HF_FIELDS[MODEL_TYPE]
-        check_refused_fields(cfg, fields, source)
-        get = Reader(cfg, fields)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings"):
-            value = get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                refuse(source, key, value, "expected a positive integer")
-        hidden, heads = get("hidden_size"), get("num_attention_heads")
+        get = Reader(cfg, HF_FIELDS[MODEL_TYPE], source, doc=DOC)
+        get.check_refused()
+        dims = {key: get.positive_int(key) for key in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "max_position_embeddings")}
+        hidden, heads = dims["hidden_size"], dims["num_attention_heads"]
         if hidden % heads:
-            refuse(source, "num_attention_heads", heads,
-                   f"it does not divide hidden_size={hidden} (transformers refuses this too)")
-        act = get("hidden_act")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            refuse(source, "hidden_act", act, f"supported: {', '.join(ACTIVATIONS)}")
-        eps = get("layer_norm_eps")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            refuse(source, "layer_norm_eps", eps, "expected a non-negative number")
-        max_pos = get("max_position_embeddings")
-        rope, partial, partial_field, rope_head = _neox_rope_from_hf(cfg, hidden // heads, max_pos,
-                                                                     source)
+            get.refuse("num_attention_heads", heads,
+                       f"it does not divide hidden_size={hidden} (transformers refuses this too)")
+        act = get.option("hidden_act", ACTIVATIONS)
+        eps = get.number("layer_norm_eps")
+        max_pos = dims.pop("max_position_embeddings")
+        rope, partial, partial_field, rope_head = _neox_rope_from_hf(get, hidden // heads, max_pos)
         kwargs = dict(
-            vocab_size=get("vocab_size"), hidden_size=hidden,
-            intermediate_size=get("intermediate_size"), num_hidden_layers=get("num_hidden_layers"),
-            num_attention_heads=heads, layer_norm_eps=float(eps), hidden_act=act,
+            **dims, layer_norm_eps=float(eps), hidden_act=act,
             use_parallel_residual=bool(get("use_parallel_residual")),
             attention_bias=bool(get("attention_bias")),
             tie_word_embeddings=bool(get("tie_word_embeddings")),
@@ -244,7 +213,7 @@ class GPTNeoXConfig:
         if problem:
             if rope_head is not None:
                 problem += f" (head_dim={rope_head} in {source})"
-            refuse(source, partial_field, partial, problem)
+            get.refuse(partial_field, partial, problem)
         return cls(**kwargs)
 
 
@@ -267,15 +236,16 @@ def _rotary_problem(head_size: int, rope_head_dim: int | None, partial: Any,
     return None
 
 
-def _neox_rope_from_hf(cfg: dict, head_size: int, max_pos: int, source: str):
+def _neox_rope_from_hf(get: Reader, head_size: int, max_pos: int):
     """``(rope fields, partial_rotary_factor, the key it came from, rope head_dim)`` as
     ``GPTNeoXConfig.convert_rope_params_to_dict`` and ``standardize_rope_params`` build
     ``config.rope_parameters``, and the rope functions then read it."""
+    cfg = get.cfg
     scaling = cfg.get("rope_scaling")
     field = "rope_scaling" if scaling else "rope_parameters"
     raw = scaling or cfg.get("rope_parameters") or {}  # rope_scaling, when set, wins entirely
     if not isinstance(raw, dict):
-        refuse(source, field, raw, "expected a dictionary")
+        get.refuse(field, raw, "expected a dictionary")
     p = dict(raw)
     # setdefault: the dictionary's own values win over the legacy keys; a top-level rope_theta or
     # partial_rotary_factor comes too late to matter (standardize_rope_params uses setdefault too)
@@ -284,16 +254,14 @@ def _neox_rope_from_hf(cfg: dict, head_size: int, max_pos: int, source: str):
         else f"{field}.partial_rotary_factor"  # absent from both: GPTNeoXConfig's default 0.25
     partial = p.setdefault("partial_rotary_factor", cfg.get("rotary_pct", DEFAULT_ROTARY_PCT))
     if isinstance(partial, bool) or not isinstance(partial, (int, float)) or partial < 0:
-        refuse(source, partial_field, partial, "expected a non-negative number")
+        get.refuse(partial_field, partial, "expected a non-negative number")
     rope_type = p["rope_type"] if "rope_type" in p else p.get("type", "default")
     # modeling_rope_utils reads getattr(config, "head_dim") (a config.json key, not a field)
     head_dim = cfg.get("head_dim", None)
     if head_dim is None and "head_dim" in cfg and rope_type in ("dynamic", "yarn", "longrope"):
-        refuse(source, "head_dim", None, f"rope type {rope_type!r} reads it without a fallback "
-               "and fails in transformers")
-    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)
-                                 or head_dim < 1):
-        refuse(source, "head_dim", head_dim, "expected a positive integer or null")
+        get.refuse("head_dim", None, f"rope type {rope_type!r} reads it without a fallback "
+                   "and fails in transformers")
+    head_dim = get.positive_int("head_dim", or_none=True)
     rope_head = head_dim or head_size
     if rope_type != "proportional":  # the rope functions compute on dim = int(head_dim * partial)
         p.pop("partial_rotary_factor")
@@ -303,9 +271,9 @@ def _neox_rope_from_hf(cfg: dict, head_size: int, max_pos: int, source: str):
     legacy = {field: p}
     if "original_max_position_embeddings" in cfg:
         legacy["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
-    rope = rope_from_hf(legacy, dim, max_pos, source)
+    rope = rope_from_hf(legacy, dim, max_pos, get.source)
     rope.pop("rope_partial_rotary_factor", None)
-    return rope, partial, partial_field, (head_dim if head_dim is not None else None)
+    return rope, partial, partial_field, head_dim
 
 
 def to_hf_config(cfg: GPTNeoXConfig) -> dict:
@@ -393,9 +361,7 @@ class GPTNeoXLayer(nnx.Module):
 class GPTNeoXModel(nnx.Module):
     def __init__(self, cfg: GPTNeoXConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
-        self.layers = nnx.List([GPTNeoXLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.embed_in, self.layers = decoder_stack(cfg, GPTNeoXLayer, rngs=rngs)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=cfg.dtype,
                                           param_dtype=cfg.param_dtype)
 

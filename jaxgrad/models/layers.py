@@ -14,6 +14,7 @@ than a stateful RNG stream, so the model stays a pure function of (parameters, i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -122,6 +123,28 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...h,vh->...v", x, self.weight[...].astype(x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSizes:
+    """The sizes a decoder family's config starts with, under transformers' names (the Llama,
+    Gemma 3 and GPT-NeoX configs extend it; :func:`decoder_stack` builds from them)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+
+
+def decoder_stack(cfg: DecoderSizes, layer: type[nnx.Module], *,
+                  rngs: nnx.Rngs) -> tuple[Embed, nnx.List]:
+    """``(embedding, layers)`` of a decoder stack: the token embedding ``[vocab_size,
+    hidden_size]`` in the config's ``dtype`` / ``param_dtype``, then ``num_hidden_layers`` of
+    ``layer(cfg, rngs=rngs)``, initialised in that order from ``rngs``."""
+    embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  rngs=rngs)
+    return embed, nnx.List([layer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
 
 class RMSNorm(nnx.Module):

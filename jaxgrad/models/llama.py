@@ -41,22 +41,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad._compat import moved_names
-from jaxgrad.models.hf_config import (
-    ACTIVATIONS,
-    COMPUTED,
-    GENERIC_EXTRAS,
-    GENERIC_FIELDS,
-    INERT,
-    NOT_APPLIED,
-    Reader,
-    check_option,
-    check_refused_fields,
-    refuse,
-    resolve_config_dtypes,
-)
-from jaxgrad.models.layers import (CausalLM, Embed, GatedMLP, Linear, RMSNorm, causal_mask,
-                                   dot_product_attention, split_rng)
-from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_frequencies, rope_from_hf
+from jaxgrad.models.hf_config import (ACTIVATIONS, GENERIC_EXTRAS, GENERIC_FIELDS, Reader,
+                                      check_option, field_table, resolve_config_dtypes)
+from jaxgrad.models.layers import (CausalLM, DecoderSizes, GatedMLP, Linear, RMSNorm, causal_mask,
+                                   decoder_stack, dot_product_attention, split_rng)
+from jaxgrad.models.rope import (ROPE_TYPES, apply_rope, rope_cos_sin, rope_frequencies,
+                                 rope_from_hf, rope_to_hf)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ROPE_TYPES  # older name
@@ -64,50 +54,32 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # ---- config.json keys -------------------------------------------------------------------------------
 
-_ROPE_EXTRAS = {  # read by PreTrainedConfig.convert_rope_params_to_dict / standardize_rope_params
-    "rope_theta": (10000.0, COMPUTED),
-    "rope_scaling": (None, COMPUTED),
-    "partial_rotary_factor": (None, COMPUTED),
-    "original_max_position_embeddings": (None, COMPUTED),
-}
+# read by PreTrainedConfig.convert_rope_params_to_dict / standardize_rope_params
+_ROPE_EXTRAS = field_table(computed=dict(rope_theta=10000.0, rope_scaling=None,
+                                         partial_rotary_factor=None,
+                                         original_max_position_embeddings=None))
 
-# Keys every Llama-family config class declares, with one rule each, and the default where the
-# three classes agree (_PER_TYPE: each gives its own, see HF_FIELDS).
-_PER_TYPE = object()
-_DECODER_SHARED = {
-    "vocab_size": (_PER_TYPE, COMPUTED),
-    "hidden_size": (4096, COMPUTED),
-    "intermediate_size": (_PER_TYPE, COMPUTED),
-    "num_hidden_layers": (32, COMPUTED),
-    "num_attention_heads": (32, COMPUTED),
-    "num_key_value_heads": (_PER_TYPE, COMPUTED),
-    "head_dim": (None, COMPUTED),  # not a Qwen2Config field; Qwen2Attention reads it
-    "hidden_act": ("silu", COMPUTED),
-    "max_position_embeddings": (_PER_TYPE, COMPUTED),
-    "initializer_range": (0.02, INERT),
-    "rms_norm_eps": (1e-6, COMPUTED),
-    "use_cache": (True, INERT),
-    "pad_token_id": (None, INERT),
-    "bos_token_id": (_PER_TYPE, INERT),
-    "eos_token_id": (_PER_TYPE, INERT),
-    "tie_word_embeddings": (False, COMPUTED),
-    "rope_parameters": (None, COMPUTED),
-    "attention_dropout": (0.0, NOT_APPLIED),
-}
+# Keys every Llama-family config class declares, with the default where the three classes agree,
+# and the extras every one reads; each model type adds its own defaults and keys (HF_FIELDS).
+_DECODER_SHARED = field_table(
+    GENERIC_FIELDS, GENERIC_EXTRAS, _ROPE_EXTRAS,
+    computed=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                  head_dim=None,  # not a Qwen2Config field; Qwen2Attention reads it
+                  hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_parameters=None),
+    inert=dict(initializer_range=0.02, use_cache=True, pad_token_id=None),
+    not_applied=dict(attention_dropout=0.0))
 
 
-def _decoder_fields(own: dict[str, tuple[Any, str]], **defaults) -> dict[str, tuple[Any, str]]:
-    """One model type's table: the generic keys, the shared decoder keys with this type's
-    ``defaults`` (every ``_PER_TYPE`` one must be given), its ``own`` keys, and the extras."""
-    shared = {}
-    for key, (default, rule) in _DECODER_SHARED.items():
-        default = defaults.pop(key, default)
-        if default is _PER_TYPE:
-            raise TypeError(f"_decoder_fields: no default given for {key!r}")
-        shared[key] = (default, rule)
-    if defaults:
-        raise TypeError(f"_decoder_fields: {sorted(defaults)} are not shared decoder keys")
-    return {**GENERIC_FIELDS, **shared, **own, **GENERIC_EXTRAS, **_ROPE_EXTRAS}
+def _decoder_fields(*, vocab_size, intermediate_size, num_key_value_heads, max_position_embeddings,
+                    bos_token_id, eos_token_id, computed=None, inert=None):
+    """One model type's table: the shared keys, the ones whose default is the type's own (every
+    one required), and its own ``computed`` / ``inert`` keys."""
+    return field_table(_DECODER_SHARED, computed=dict(
+        vocab_size=vocab_size, intermediate_size=intermediate_size,
+        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+        **(computed or {})), inert=dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                                        **(inert or {})))
 
 
 # model_type -> {config.json key: (transformers' default, rule)}. The class fields and defaults
@@ -115,26 +87,21 @@ def _decoder_fields(own: dict[str, tuple[Any, str]], **defaults) -> dict[str, tu
 # tests/test_model_configs.py); the extras are the further keys their modeling code reads.
 HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
     "llama": _decoder_fields(
-        {"pretraining_tp": (1, INERT),
-         "attention_bias": (False, COMPUTED),
-         "mlp_bias": (False, COMPUTED),
-         # not LlamaConfig fields; LlamaModel always builds a plain causal mask
-         "sliding_window": (None, INERT),
-         "layer_types": (None, INERT)},
         vocab_size=32000, intermediate_size=11008, num_key_value_heads=None,
-        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+        computed=dict(attention_bias=False, mlp_bias=False),
+        # sliding_window, layer_types: not LlamaConfig fields; LlamaModel builds a causal mask
+        inert=dict(pretraining_tp=1, sliding_window=None, layer_types=None)),
     "mistral": _decoder_fields(
-        {"sliding_window": (4096, COMPUTED),
-         "layer_types": (None, INERT)},  # not a MistralConfig field: warned about, never read
         vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
-        max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2),
+        max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2,
+        computed=dict(sliding_window=4096),
+        inert=dict(layer_types=None)),  # not a MistralConfig field: warned about, never read
     "qwen2": _decoder_fields(
-        {"use_sliding_window": (False, COMPUTED),
-         "sliding_window": (4096, COMPUTED),
-         "max_window_layers": (28, COMPUTED),
-         "layer_types": (None, COMPUTED)},
         vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
-        max_position_embeddings=32768, bos_token_id=None, eos_token_id=None),
+        max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+        computed=dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                      layer_types=None)),
 }
 
 
@@ -142,12 +109,7 @@ HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+class LlamaConfig(DecoderSizes):
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-6
@@ -215,59 +177,39 @@ class LlamaConfig:
             raise ValueError(
                 f"{source}: model_type={model_type!r} is not a Llama-family type; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        fields = HF_FIELDS[model_type]
-        check_refused_fields(cfg, fields, source)
-        get = Reader(cfg, fields)
+        get = Reader(cfg, HF_FIELDS[model_type], source)
+        get.check_refused()
         heads = get("num_attention_heads")
         kv = get("num_key_value_heads") or heads
         if heads % kv:
-            refuse(source, "num_key_value_heads", kv,
-                   f"num_attention_heads={heads} is not a multiple of it")
+            get.refuse("num_key_value_heads", kv,
+                       f"num_attention_heads={heads} is not a multiple of it")
         head_dim = get("head_dim") or get("hidden_size") // heads
-        act = get("hidden_act")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            refuse(source, "hidden_act", act, f"supported: {', '.join(ACTIVATIONS)}")
+        act = get.option("hidden_act", ACTIVATIONS)
         if model_type == "llama":  # LlamaAttention: bias=config.attention_bias on q, k, v and o
             qkv_bias = o_bias = bool(get("attention_bias"))
             mlp_bias = bool(get("mlp_bias"))
         else:  # Qwen2Attention: q/k/v bias=True, o bias=False; Mistral: no biases at all
             qkv_bias, o_bias, mlp_bias = model_type == "qwen2", False, False
         max_pos = get("max_position_embeddings")
-        window, layer_types = _sliding_from_hf(cfg, model_type, get, source)
+        window, layer_types = _sliding_from_hf(cfg, model_type, get)
         return cls(
-            vocab_size=get("vocab_size"),
-            hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"),
-            num_hidden_layers=get("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            head_dim=head_dim,
-            rms_norm_eps=float(get("rms_norm_eps")),
-            **rope_from_hf(cfg, head_dim, max_pos, source),
-            max_position_embeddings=int(max_pos),
-            attention_bias=qkv_bias,
-            o_proj_bias=o_bias,
-            mlp_bias=mlp_bias,
-            tie_word_embeddings=bool(get("tie_word_embeddings")),
-            hidden_act=act,
-            sliding_window=window,
-            layer_types=layer_types,
-            model_type=model_type,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+            **get.values("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"),
+            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+            rms_norm_eps=float(get("rms_norm_eps")), **rope_from_hf(cfg, head_dim, max_pos, source),
+            max_position_embeddings=int(max_pos), attention_bias=qkv_bias, o_proj_bias=o_bias,
+            mlp_bias=mlp_bias, tie_word_embeddings=bool(get("tie_word_embeddings")),
+            hidden_act=act, sliding_window=window, layer_types=layer_types,
+            model_type=model_type, dtype=dtype, param_dtype=param_dtype)
 
 
-def _sliding_from_hf(cfg: dict, model_type: str, get, source: str):
+def _sliding_from_hf(cfg: dict, model_type: str, get: Reader):
     """``(sliding_window, layer_types)`` as MistralModel / Qwen2Model build their masks."""
     n = get("num_hidden_layers")
     if model_type == "llama":  # LlamaModel always builds a full causal mask
         return None, None
     if model_type == "mistral":  # every layer, when sliding_window is not None
-        window = get("sliding_window")
-        if window is not None:
-            _check_window(window, source)
-        return window, None
+        return get.positive_int("sliding_window", or_none=True), None
     # Qwen2Config.__post_init__: the window only with use_sliding_window; layer_types (default:
     # sliding from layer max_window_layers on) decides which layers use it.
     window = get("sliding_window") if get("use_sliding_window") else None
@@ -281,21 +223,16 @@ def _sliding_from_hf(cfg: dict, model_type: str, get, source: str):
         layer_types = ["full_attention" if t == "attention" else t for t in layer_types]
         bad = sorted({t for t in layer_types if t not in LAYER_TYPES})
         if bad or len(layer_types) != n:
-            refuse(source, "layer_types", cfg.get("layer_types"),
-                   f"expected {n} entries among {', '.join(LAYER_TYPES)}")
+            get.refuse("layer_types", cfg.get("layer_types"),
+                       f"expected {n} entries among {', '.join(LAYER_TYPES)}")
         if "sliding_attention" in layer_types and window is None:
-            refuse(source, "layer_types", cfg.get("layer_types"),
-                   "sliding_attention layers without a window (use_sliding_window="
-                   f"{get('use_sliding_window')!r}, sliding_window={get('sliding_window')!r}); "
-                   "transformers refuses this too")
+            get.refuse("layer_types", cfg.get("layer_types"),
+                       "sliding_attention layers without a window (use_sliding_window="
+                       f"{get('use_sliding_window')!r}, sliding_window={get('sliding_window')!r}); "
+                       "transformers refuses this too")
     if window is not None:
-        _check_window(window, source)
+        window = get.positive_int("sliding_window", or_none=True)
     return window, tuple(layer_types)
-
-
-def _check_window(window: Any, source: str) -> None:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        refuse(source, "sliding_window", window, "expected a positive integer or null")
 
 
 def to_hf_config(cfg: LlamaConfig) -> dict:
@@ -313,25 +250,6 @@ def to_hf_config(cfg: LlamaConfig) -> dict:
         raise ValueError(f"to_hf_config: a {mt} config cannot have attention_bias="
                          f"{cfg.attention_bias}, o_proj_bias={cfg.o_proj_bias}, "
                          f"mlp_bias={cfg.mlp_bias} in transformers")
-    rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type != "default":
-        rope["factor"] = cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        rope.update(low_freq_factor=cfg.rope_low_freq_factor,
-                    high_freq_factor=cfg.rope_high_freq_factor)
-    if cfg.rope_type in ("llama3", "yarn", "longrope"):
-        rope["original_max_position_embeddings"] = cfg.rope_original_max_position
-    if cfg.rope_type in ("yarn", "longrope") and cfg.rope_attention_factor is not None:
-        rope["attention_factor"] = cfg.rope_attention_factor
-    if cfg.rope_type == "yarn":
-        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow,
-                    truncate=cfg.rope_truncate)
-        rope.update({k: v for k, v in (("mscale", cfg.rope_mscale),
-                                       ("mscale_all_dim", cfg.rope_mscale_all_dim)) if v is not None})
-    if cfg.rope_type == "longrope":
-        rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor))
-    if cfg.rope_type == "proportional":
-        rope["partial_rotary_factor"] = cfg.rope_partial_rotary_factor
     out = {
         "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                            "qwen2": "Qwen2ForCausalLM"}[mt]],
@@ -339,7 +257,7 @@ def to_hf_config(cfg: LlamaConfig) -> dict:
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope_to_hf(cfg),
         "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": cfg.hidden_act, "max_position_embeddings": cfg.max_position_embeddings,
         "dtype": "float32",
@@ -406,9 +324,7 @@ class LlamaDecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.embed_tokens, self.layers = decoder_stack(cfg, LlamaDecoderLayer, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, dropout_rng=None):

@@ -272,7 +272,7 @@ def attach_adapters(model: nnx.Module, cfg: LoraConfig, chosen: dict[str, Linear
 
 def split_lora(model: nnx.Module):
     """``(graphdef, adapters, base)``: adapter state (``nnx.LoRAParam``) and everything else."""
-    return nnx.split(model, nnx.LoRAParam, ...)
+    return split_trainable(model, full_finetune=False)
 
 
 # What a training run trains, by the name recorded in its checkpoints' ``meta["trainable"]``.
@@ -284,18 +284,39 @@ def trainable_kind(full_finetune: bool = False) -> str:
     return "full" if full_finetune else "lora"
 
 
-def split_trainable(model: nnx.Module, full_finetune: bool = False):
-    """``(graphdef, trainable, frozen)``: LoRA adapters vs the rest, or every Param vs the rest.
+def has_adapters(model: nnx.Module) -> bool:
+    """Whether ``model`` carries LoRA adapters (any ``nnx.LoRAParam``)."""
+    return bool(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+
+
+def trainable_filter(model: nnx.Module, full_finetune: bool = False):
+    """The NNX filter of what is trained and differentiated: ``nnx.Param`` (every parameter)
+    under full fine-tuning, else ``nnx.LoRAParam`` (the adapters). The one trainable split of
+    jaxgrad: training, per-sample gradients, the estimates and fidelity all go through it.
 
     Raises:
-      ValueError: LoRA mode on a model without adapters.
+      ValueError: LoRA mode on a model without adapters (never a silent fall-back to every
+        parameter).
     """
-    graphdef, trainable, frozen = nnx.split(
-        model, TRAINABLE_FILTERS[trainable_kind(full_finetune)], ...)
-    if not full_finetune and not jax.tree.leaves(trainable):
-        raise ValueError("LoRA training needs LoRA adapters on the model (apply_lora / "
-                         "load_pretrained(lora=...)), or set full_finetune=True")
-    return graphdef, trainable, frozen
+    kind = trainable_kind(full_finetune)
+    if kind == "lora" and not has_adapters(model):
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters, and LoRA mode "
+                         "(full_finetune=False) trains and differentiates only those: set "
+                         "train.full_finetune=True to use every parameter, or give the model "
+                         "adapters (lora.rank > 0 in the config; apply_lora / "
+                         "load_pretrained(lora=...))")
+    return TRAINABLE_FILTERS[kind]
+
+
+def trainable_state(model: nnx.Module, full_finetune: bool = False) -> nnx.State:
+    """The trainable parameters θ (:func:`trainable_filter`); raises as it does."""
+    return nnx.state(model, trainable_filter(model, full_finetune))
+
+
+def split_trainable(model: nnx.Module, full_finetune: bool = False):
+    """``(graphdef, trainable, frozen)`` by :func:`trainable_filter` (LoRA adapters vs the rest,
+    or every Param vs the rest); raises as it does."""
+    return nnx.split(model, trainable_filter(model, full_finetune), ...)
 
 
 def merge_lora(graphdef, adapters, base) -> nnx.Module:
@@ -303,6 +324,7 @@ def merge_lora(graphdef, adapters, base) -> nnx.Module:
 
 
 def lora_state(model: nnx.Module) -> nnx.State:
+    """The adapters' state (empty when the model has none)."""
     return nnx.state(model, nnx.LoRAParam)
 
 

@@ -325,23 +325,13 @@ def _base_tensor_plan(model, tensors: dict, raw: dict, path: str,
     return plan
 
 
-def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
-    """Attach (if needed) and fill adapters from a PEFT directory; returns ``model``.
-
-    Selection, per-module rank / alpha, rsLoRA, ``modules_to_save`` and ``bias`` follow the
-    module docstring (peft's rules). A model that already has adapters keeps them (and their
-    dropout); their alphas are set from the file. Nothing is changed when an error is raised.
-
-    Raises:
-      FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
-      ValueError: a refused config field (named, with the file); adapter tensors of embedding
-        layers; tensors the model has no place for or that no field explains; adapted layers the
-        file does not cover; mis-shaped tensors (each listed).
-    """
+def _read_adapter_tensors(path: str, raw: dict, cfg_path: str) -> tuple[dict, dict]:
+    """``(tensors, lora)`` of ``adapter_model.safetensors``: every tensor by its module path (the
+    ``base_model.model.`` prefix and peft's adapter name ``default`` taken off), and the LoRA A/B
+    weights among them. Raises FileNotFoundError without the file, ValueError for tensors outside
+    the prefix, embedding adapters and LoRA variants jaxgrad does not compute."""
     from safetensors.numpy import load_file
 
-    cfg, raw, cfg_path = _read_peft_file(directory)
-    path = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no PEFT adapter weights at {path}")
     # peft may save keys with the adapter name ("...lora_A.default.weight"); normalise.
@@ -360,6 +350,25 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
     if other_lora:
         raise ValueError(f"{path}: adapter tensors of a LoRA variant jaxgrad does not support: "
                          f"{other_lora[:10]}")
+    return tensors, lora
+
+
+def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
+    """Attach (if needed) and fill adapters from a PEFT directory; returns ``model``.
+
+    Selection, per-module rank / alpha, rsLoRA, ``modules_to_save`` and ``bias`` follow the
+    module docstring (peft's rules). A model that already has adapters keeps them (and their
+    dropout); their alphas are set from the file. Nothing is changed when an error is raised.
+
+    Raises:
+      FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
+      ValueError: a refused config field (named, with the file); adapter tensors of embedding
+        layers; tensors the model has no place for or that no field explains; adapted layers the
+        file does not cover; mis-shaped tensors (each listed).
+    """
+    cfg, raw, cfg_path = _read_peft_file(directory)
+    path = os.path.join(directory, "adapter_model.safetensors")
+    tensors, lora = _read_adapter_tensors(path, raw, cfg_path)
     plan = _base_tensor_plan(model, {k: v for k, v in tensors.items() if k not in lora}, raw, path,
                              cfg_path)
 

@@ -1,7 +1,8 @@
 """Rotary position embeddings (RoPE) as transformers computes them, for every family that rotates.
 
 :func:`rope_from_hf` standardises a config.json's rope fields as transformers'
-``PreTrainedConfig.convert_rope_params_to_dict`` / ``standardize_rope_params`` do;
+``PreTrainedConfig.convert_rope_params_to_dict`` / ``standardize_rope_params`` do, and
+:func:`rope_to_hf` writes them back;
 :func:`rope_frequencies` gives the inverse frequencies and attention factor of every rope type of
 ``modeling_rope_utils.ROPE_INIT_FUNCTIONS`` (:data:`ROPE_TYPES`); :func:`apply_rope` rotates
 queries and keys in Hugging Face's ``rotate_half`` layout. Llama, Gemma 3 and GPT-NeoX use them.
@@ -100,6 +101,32 @@ def rope_from_hf(cfg: dict, head_dim: int, max_pos: int, source: str) -> dict:
             out[f"rope_{key}"] = tuple(number(key, v) for v in values)
     if rope_type == "proportional":
         out["rope_partial_rotary_factor"] = partial
+    return out
+
+
+def rope_to_hf(cfg) -> dict:
+    """transformers' ``rope_parameters`` dictionary of a config's ``rope_*`` fields (those
+    :func:`rope_from_hf` returns; the inverse of it)."""
+    kind = cfg.rope_type
+    out: dict[str, Any] = {"rope_type": kind, "rope_theta": cfg.rope_theta}
+    if kind != "default":
+        out["factor"] = cfg.rope_factor
+    if kind == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor)
+    if kind in ("llama3", "yarn", "longrope"):
+        out["original_max_position_embeddings"] = cfg.rope_original_max_position
+    if kind in ("yarn", "longrope") and cfg.rope_attention_factor is not None:
+        out["attention_factor"] = cfg.rope_attention_factor
+    if kind == "yarn":
+        out.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow,
+                   truncate=cfg.rope_truncate)
+        out.update({k: v for k, v in (("mscale", cfg.rope_mscale),
+                                      ("mscale_all_dim", cfg.rope_mscale_all_dim)) if v is not None})
+    if kind == "longrope":
+        out.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor))
+    if kind == "proportional":
+        out["partial_rotary_factor"] = cfg.rope_partial_rotary_factor
     return out
 
 

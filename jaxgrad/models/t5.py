@@ -38,49 +38,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgrad.models.layers import Embed, Linear, RMSNorm, mask_value, split_rng
-from jaxgrad.models.hf_config import (ACTIVATIONS, COMPUTED, GENERIC_EXTRAS, GENERIC_FIELDS, INERT,
-                                      NOT_APPLIED, Reader, check_option, check_refused_fields,
-                                      refuse, resolve_config_dtypes)
+from jaxgrad.models.hf_config import (ACTIVATIONS, GENERIC_EXTRAS, GENERIC_FIELDS, Reader,
+                                      check_option, field_table, resolve_config_dtypes)
 
 
-# config.json key -> (transformers' default, rule); class fields of the installed T5Config plus
-# the keys modeling_t5.py reads (rules: jaxgrad.models.hf_config.RULES).
-HF_FIELDS: dict[str, tuple[Any, str]] = {
-    **GENERIC_FIELDS,
-    "vocab_size": (32128, COMPUTED),
-    "d_model": (512, COMPUTED),
-    "d_kv": (64, COMPUTED),
-    "d_ff": (2048, COMPUTED),
-    "num_layers": (6, COMPUTED),
-    "num_decoder_layers": (None, COMPUTED),
-    "num_heads": (8, COMPUTED),
-    "relative_attention_num_buckets": (32, COMPUTED),
-    "relative_attention_max_distance": (128, COMPUTED),
-    "dropout_rate": (0.1, NOT_APPLIED),
-    "layer_norm_epsilon": (1e-6, COMPUTED),
-    "initializer_factor": (1.0, INERT),
-    "feed_forward_proj": ("relu", COMPUTED),
-    "is_encoder_decoder": (True, INERT),
-    "use_cache": (True, INERT),
-    "pad_token_id": (0, COMPUTED),  # decoder inputs from labels (shift_right)
-    "eos_token_id": (1, INERT),
-    "classifier_dropout": (0.0, INERT),  # classification heads only
-    "is_decoder": (False, INERT),  # set per stack by T5ForConditionalGeneration
-    # not T5Config fields, read by T5Config.__post_init__ / modeling_t5.py:
-    "tie_word_embeddings": (None, COMPUTED),
-    "scale_decoder_outputs": (None, COMPUTED),
-    "dense_act_fn": (None, COMPUTED),
-    "is_gated_act": (None, COMPUTED),
-    "decoder_start_token_id": (None, COMPUTED),
-    # T5Config.attribute_map aliases: a value under one of these names wins
-    "hidden_size": (None, COMPUTED),
-    "num_attention_heads": (None, COMPUTED),
-    "num_hidden_layers": (None, COMPUTED),
-    "head_dim": (None, COMPUTED),
-    **GENERIC_EXTRAS,
-}
+# T5Config.attribute_map aliases: a value under one of these names wins
 ATTRIBUTE_MAP = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
                  "num_hidden_layers": "num_layers", "head_dim": "d_kv"}
+# config.json key -> (transformers' default, rule); class fields of the installed T5Config plus
+# the keys modeling_t5.py reads (rules: jaxgrad.models.hf_config.RULES).
+HF_FIELDS: dict[str, tuple[Any, str]] = field_table(
+    GENERIC_FIELDS, GENERIC_EXTRAS,
+    computed=dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6,
+                  num_decoder_layers=None, num_heads=8, relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+                  feed_forward_proj="relu",
+                  pad_token_id=0,  # decoder inputs from labels (shift_right)
+                  # not T5Config fields, read by T5Config.__post_init__ / modeling_t5.py:
+                  tie_word_embeddings=None, scale_decoder_outputs=None, dense_act_fn=None,
+                  is_gated_act=None, decoder_start_token_id=None,
+                  **dict.fromkeys(ATTRIBUTE_MAP)),
+    not_applied=dict(dropout_rate=0.1),
+    inert=dict(initializer_factor=1.0, is_encoder_decoder=True, use_cache=True, eos_token_id=1,
+               classifier_dropout=0.0,  # classification heads only
+               is_decoder=False))  # set per stack by T5ForConditionalGeneration
 
 
 def feed_forward_from_proj(feed_forward_proj: str) -> tuple[str, bool]:
@@ -142,20 +123,14 @@ class T5Config:
         Missing keys take T5Config's defaults; values jaxgrad does not compute exactly raise
         ValueError naming ``source``, the key and its value.
         """
-        check_refused_fields(cfg, HF_FIELDS, source)
-        get = Reader(cfg, HF_FIELDS)
-
-        def dim(name):  # T5Config.attribute_map: the alias, when present, is what is set last
-            for alias, target in ATTRIBUTE_MAP.items():
-                if target == name and cfg.get(alias) is not None:
-                    return cfg[alias]
-            return get(name)
-
+        # T5Config.attribute_map: the alias, when present, is what is set last
+        get = Reader(cfg, HF_FIELDS, source, aliases=ATTRIBUTE_MAP)
+        get.check_refused()
         ff = get("feed_forward_proj")
         try:
             act, gated = feed_forward_from_proj(str(ff))
         except ValueError:
-            refuse(source, "feed_forward_proj", ff, "expected `gated-<act>` or `<act>`")
+            get.refuse("feed_forward_proj", ff, "expected `gated-<act>` or `<act>`")
         act_field = "feed_forward_proj"
         # config.json's own values win over the derived ones (set after them in __post_init__)
         if "dense_act_fn" in cfg:
@@ -163,21 +138,16 @@ class T5Config:
         if "is_gated_act" in cfg:
             gated = bool(cfg["is_gated_act"])
         if not isinstance(act, str) or act not in ACTIVATIONS:
-            refuse(source, act_field, cfg.get(act_field),
-                   f"activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
+            get.refuse(act_field, cfg.get(act_field),
+                       f"activation {act!r}; supported: {', '.join(ACTIVATIONS)}")
         tied = cfg.get("tie_word_embeddings") is not False
         scale = bool(cfg["scale_decoder_outputs"]) if "scale_decoder_outputs" in cfg else tied
-        num_layers = dim("num_layers")
+        num_layers = get.field("num_layers")[0]
         return cls(
-            vocab_size=get("vocab_size"),
-            d_model=dim("d_model"),
-            d_kv=dim("d_kv"),
-            d_ff=get("d_ff"),
+            **get.values("vocab_size", "d_model", "d_kv", "d_ff", "num_heads",
+                         "relative_attention_num_buckets", "relative_attention_max_distance"),
             num_layers=num_layers,
             num_decoder_layers=get("num_decoder_layers") or num_layers,
-            num_heads=dim("num_heads"),
-            relative_attention_num_buckets=get("relative_attention_num_buckets"),
-            relative_attention_max_distance=get("relative_attention_max_distance"),
             layer_norm_epsilon=float(get("layer_norm_epsilon")),
             feed_forward_proj=str(ff),
             # transformers 5 always ties; whether the checkpoint unties is the loader's business.

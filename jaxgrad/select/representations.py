@@ -3,7 +3,8 @@
 The baseline ranks sources by the cosine between each source's mean representation and the
 target's (the representation-similarity selector GradEx is compared with, Li et al., EMNLP 2024;
 RDS in the data-selection literature). An example's representation is the mean over its real
-tokens of the model's last hidden state (after the final norm, before the LM head):
+tokens of the model's last hidden state (after the final norm, before the LM head;
+:func:`jaxgrad.models.forward.last_hidden_states`):
 
 * decoders (``LlamaForCausalLM`` and the families built on it): every token of BOS + prompt +
   completion + EOS, i.e. the positions where ``attention_mask`` is 1;
@@ -23,25 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.data.batching import collate, encode_for_model
-from jaxgrad.models.forward import is_encoder_decoder
-
-
-def last_hidden_states(model: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
-    """``(hidden [B, L, H] float32, mask [B, L])`` of ``model`` on ``batch``.
-
-    Raises:
-      TypeError: the model exposes neither ``hidden_states`` (decoders) nor ``encode`` (T5).
-    """
-    if is_encoder_decoder(model):
-        h = model.encode(batch["input_ids"], batch["attention_mask"])
-        return h.astype(jnp.float32), batch["attention_mask"]
-    hidden = getattr(model, "hidden_states", None)
-    if hidden is None or not callable(hidden):
-        raise TypeError(f"last_hidden_states: {type(model).__name__} has neither "
-                        "`hidden_states` (decoder families) nor `encode` (T5)")
-    return hidden(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32), \
-        batch["attention_mask"]
+from jaxgrad.data.batching import collate
+from jaxgrad.models.forward import encode_for_model, last_hidden_states
 
 
 def mean_representations(model: Any, tokenizer: Any, examples: Sequence[Mapping[str, Any]], *,

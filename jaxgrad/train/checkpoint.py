@@ -34,7 +34,7 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxgrad.common.jsonio import jsonable
-from jaxgrad.models.lora import TRAINABLE_FILTERS
+from jaxgrad.models.lora import TRAINABLE_FILTERS, has_adapters, trainable_state
 
 ITEMS = ("params", "opt_state", "train_state", "meta")
 
@@ -168,11 +168,11 @@ def restore_params(model: nnx.Module, directory: str | os.PathLike,
         trainable = meta.get("trainable", "lora")
         if trainable not in TRAINABLE_FILTERS:
             raise ValueError(f"{directory}/{step}: unknown trainable filter {trainable!r}")
-        target = nnx.state(model, TRAINABLE_FILTERS[trainable])
-        if not jax.tree.leaves(target):
+        if trainable == "lora" and not has_adapters(model):
             raise ValueError(f"restore_params: the model has no {trainable!r} parameters; the "
                              "checkpoint holds LoRA adapters: apply_lora with the run's "
                              "LoraConfig first")
+        target = trainable_state(model, full_finetune=trainable == "full")
         restored = mngr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_like(target))))["params"]
     finally:

@@ -35,9 +35,10 @@ from jax.experimental import multihost_utils
 
 from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.config import TrainConfig
-from jaxgrad.data import batching
-from jaxgrad.data.batching import collate, encode_for_model
-from jaxgrad.models.forward import model_logits
+from jaxgrad.data.batching import collate
+from jaxgrad.models.forward import (encode_for_model, is_encoder_decoder, model_layout,
+                                    model_logits)
+from jaxgrad.models.lora import split_trainable
 from jaxgrad.train.batches import Batches, example_batches
 from jaxgrad.train.generation import default_extract_answer, generate, prompt_inputs
 from jaxgrad.train.step import eval_step
@@ -90,9 +91,9 @@ class Evaluator:
     def __call__(self, model: nnx.Module, mesh: jax.sharding.Mesh) -> dict[str, float]:
         """Metrics ``{prefix}_loss``, ``{prefix}_loss/<source>`` and, with generation,
         ``{prefix}_acc``, ``{prefix}_acc/<source>`` (sources with answers only)."""
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, params, rest = split_trainable(model, full_finetune=True)  # every Param
         fn = self._eval_fn(graphdef, mesh)
-        enc_dec = batching.model_layout(model)[0] == "encoder_decoder"
+        enc_dec = is_encoder_decoder(model)
         ce, tok, src, idx, valid, hits = [], [], [], [], [], []
         for batch in self.batches.iterate(0, 0):
             sharded = sharding_lib.shard_batch(dict(batch), mesh)
@@ -150,7 +151,7 @@ def make_evaluator(model: nnx.Module, tokenizer: Any, examples: Sequence[Mapping
                    extract_answer: Callable[[str], str | None] | None = None,
                    prefix: str = "val") -> Evaluator:
     """An :class:`Evaluator` over example dicts, batched like training but not shuffled."""
-    arch, start = batching.model_layout(model)
+    arch, start = model_layout(model)
     enc_dec = arch == "encoder_decoder"
     examples = list(examples)
     batches = example_batches(examples, tokenizer, batch_size=cfg.eval_batch_size or cfg.batch_size,

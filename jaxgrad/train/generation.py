@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgrad.data import batching
-from jaxgrad.models.forward import is_encoder_decoder
+from jaxgrad.models.forward import is_encoder_decoder, model_layout
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id",
@@ -93,7 +92,7 @@ def generate(model: nnx.Module, input_ids: jax.typing.ArrayLike,
     Args:
       model: a decoder (prompts in ``input_ids``) or an encoder–decoder (encoder inputs; the
         decoder starts from ``decoder_start_id``, default the model config's
-        ``decoder_start_token_id``, :func:`jaxgrad.data.batching.model_layout`).
+        ``decoder_start_token_id``, :func:`jaxgrad.models.forward.model_layout`).
       input_ids, attention_mask: ``[B, L]``; ``attention_mask`` is 1 on prompt tokens, which
         must be one contiguous run per row (left, right or no padding). A row of zeros is a
         filler row of a fixed-size batch: it gets ``pad_id`` throughout.
@@ -111,7 +110,7 @@ def generate(model: nnx.Module, input_ids: jax.typing.ArrayLike,
         raise ValueError(f"generate: input_ids and attention_mask must both be [B, L], got "
                          f"{np.shape(input_ids)} and {np.shape(attention_mask)}")
     _check_padding(attention_mask)
-    arch, model_start = batching.model_layout(model)
+    arch, model_start = model_layout(model)
     if decoder_start_id is None:
         decoder_start_id = model_start if arch == "encoder_decoder" else 0
     graphdef, state = nnx.split(model)

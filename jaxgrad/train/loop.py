@@ -37,8 +37,8 @@ from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.common.jsonio import jsonable
 from jaxgrad.common.progress import progress_bar
 from jaxgrad.config import TrainConfig
-from jaxgrad.data import batching
-from jaxgrad.models.lora import split_trainable, trainable_kind
+from jaxgrad.models.forward import model_layout
+from jaxgrad.models.lora import has_adapters, split_trainable, trainable_kind
 from jaxgrad.models.peft import save_peft_adapter
 from jaxgrad.train import checkpoint as ckpt_lib
 from jaxgrad.train.batches import Batches, example_batches
@@ -390,7 +390,7 @@ def fit(model: nnx.Module, tokenizer: Any, train_examples: Sequence[Mapping[str,
       mesh: device mesh (default from ``cfg.mesh``).
       callback: see :func:`run_training`.
     """
-    arch, start = batching.model_layout(model)
+    arch, start = model_layout(model)
     enc_dec = arch == "encoder_decoder"
     every = list(train_examples) + list(val_examples or [])
     sources = list(sources) if sources is not None else sorted({e["source"] for e in every})
@@ -412,7 +412,7 @@ def save_adapter(model: nnx.Module, workdir: str, *,
     Returns None (and writes nothing) when the model has no adapters or on processes other than 0.
     ``peft.PeftModel.from_pretrained(torch_model, path)`` loads it.
     """
-    if jax.process_index() != 0 or not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+    if jax.process_index() != 0 or not has_adapters(model):
         return None
     path = os.path.join(workdir, rundir.ADAPTER_DIR)
     save_peft_adapter(model, path, base_model_name_or_path=base_model_name_or_path)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jaxgrad.models.forward import Batch, model_logits
 
@@ -72,7 +73,7 @@ def batch_loss(model_or_fn: Any | Callable[[Batch], jax.Array], batch: Batch, *,
       normalizer: divide the summed cross-entropy by this instead of the batch's own token count
         (gradient accumulation passes the token count of the whole batch).
     """
-    if hasattr(model_or_fn, "is_encoder_decoder"):
+    if isinstance(model_or_fn, nnx.Module):
         logits = model_logits(model_or_fn, batch, dropout_rng)
     elif callable(model_or_fn):
         logits = model_or_fn(batch)
