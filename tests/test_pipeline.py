@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxgrad.fingerprint import stage_fingerprints
+from jaxgrad.pipeline.fingerprint import stage_fingerprints
 from jaxgrad.pipeline import STAGES, ConfigChangedError, run_pipeline
-from jaxgrad.records import downstream
+from jaxgrad.pipeline.records import downstream
 from jaxgrad.select.stage import ranking_auc
 
 UP_TO_SELECTION = ["base", "meta_train", "gradients", "estimates", "selection"]
@@ -116,8 +116,8 @@ def test_report_scores_agree_with_estimates_table(run_dir):
 def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(run_dir, tmp_path):
     """issue 16, item 7: the report gives the next command, which ranks the intervals separate,
     θ*'s validation loss per source, one name per quantity, and lists hand-made fine-tunes."""
-    from jaxgrad.report import write_report
-    from jaxgrad.runtime import python_command
+    from jaxgrad.pipeline.report import write_report
+    from jaxgrad.pipeline.runtime import python_command
 
     report = open(os.path.join(run_dir, "report.md")).read()
     sel = os.path.join(run_dir, "selection", "selection.json")
@@ -132,7 +132,7 @@ def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(ru
     for source in ("add", "copy", "noisy_add"):
         m = re.search(rf"\| {source} \| ([\d.]+) \|", report.split("## θ* (meta-training)")[1])
         assert m and float(m.group(1)) == pytest.approx(last[f"val_loss/{source}"], abs=1e-4)
-    from jaxgrad.report import estimated_quantity
+    from jaxgrad.pipeline.report import estimated_quantity
 
     output_fn = demo.get_config("tiny").gradients.output_fn
     assert f"of the estimated {estimated_quantity('loss', output_fn)}" in report  # the estimate's
@@ -737,7 +737,7 @@ def test_full_finetune_with_adapters_refused_before_any_stage(tmp_path):
 
 
 def test_report_names_the_stepwise_search(run_dir, tmp_path):
-    from jaxgrad.report import write_report
+    from jaxgrad.pipeline.report import write_report
 
     out, _, _ = _rerun_selection(run_dir, tmp_path, method="forward", top=2)
     write_report(demo.get_config("tiny"), str(tmp_path / "run"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxgrad.report import significance_line
+from jaxgrad.pipeline.report import significance_line
 
 
 def _selection(intervals, selected):
@@ -38,7 +38,7 @@ def test_next_command_keeps_config_overrides_but_not_pipeline_or_finetune_ones()
     """`--config.pipeline.finetune_runs=...` (how the README adds a baseline) means nothing to
     scripts/finetune.py: the printed command leaves it out, as it leaves out finetune.*."""
     from configs import demo
-    from jaxgrad.report import next_steps_lines
+    from jaxgrad.pipeline.report import next_steps_lines
 
     argv = ["run_pipeline.py", "--config=configs/demo.py", "--config.train.seed=3",
             "--config.pipeline.finetune_runs=selection,random", "--config.finetune.name=x"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+from jaxgrad.common.checkout import make_configs_importable
 from jaxgrad.pipeline.run import run_pipeline
-from jaxgrad.runtime import (enable_compilation_cache, make_configs_importable,
-                             resume_hint_on_interrupt)
+from jaxgrad.pipeline.runtime import enable_compilation_cache, resume_hint_on_interrupt
 
 
 def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = None) -> None:

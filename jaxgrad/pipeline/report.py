@@ -1,5 +1,5 @@
 """The run report: ``report.md``, built only from a run directory's artefacts (its PNG plots:
-:mod:`jaxgrad.plots`)."""
+:mod:`jaxgrad.pipeline.plots`); the pipeline's last stage (:func:`stage_report`)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import shlex
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxgrad import rundir
-from jaxgrad._compat import moved_names
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import FINETUNE_RUNS
-from jaxgrad.fingerprint import config_changes, model_input_digests, stage_fingerprints
-from jaxgrad.plots import plot_clusters, plot_fidelity, plot_scores
-from jaxgrad.records import read_records
-from jaxgrad.runtime import python_command
+from jaxgrad.pipeline.fingerprint import config_changes, model_input_digests, stage_fingerprints
+from jaxgrad.pipeline.plots import plot_clusters, plot_fidelity, plot_scores
+from jaxgrad.pipeline.records import read_records
+from jaxgrad.pipeline.runtime import python_command
 
 
 def _cell(text: str) -> str:
@@ -362,6 +362,13 @@ def write_report(config, workdir: str) -> str:
     return path
 
 
+def stage_report(config, workdir: str) -> str:
+    """``report.md`` and plots from the artefacts of the earlier stages (nothing recomputed)."""
+    if jax.process_index() != 0:  # one process writes the report
+        return os.path.join(workdir, rundir.REPORT_FILE)
+    return write_report(config, workdir)
+
+
 def cluster_lines(groups: dict, selection: dict) -> list[str]:
     """The report's cluster view: per unit its size, sources, score with interval, whether it was
     kept, and the start of a few of its prompts."""
@@ -407,7 +414,7 @@ def fidelity_lines(fid: dict) -> list[str]:
     if "first_order_error" in fid:
         lines.append(f"\nFirst-order error (mean squared relative error of f(θ*)+gᵀΔ vs f(θ*+Δ)): "
                      f"{_fmt(fid['first_order_error'], 6)}. The calibrated scale "
-                     "(jaxgrad.fidelity.suggest_scale) matches the surrogate's step to the real "
+                     "(jaxgrad.pipeline.fidelity.suggest_scale) matches the surrogate's step to the real "
                      "fine-tunes' size; set `surrogate.scale` to it to estimate steps of that size.")
     return lines
 
@@ -476,5 +483,3 @@ def compare_tables(excerpt: str, report: str, atol: float = 0.0) -> list[str]:
                     problems.append(f"{header[0]} {row[0]!r}, {name}: README {a!r}, report {b!r}")
     return problems
 
-
-__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)
