@@ -38,7 +38,8 @@ def stage_estimates(config, workdir: str) -> str:
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
     subsets = sample_subsets(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
     # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
-    # (jaxgrad.pipeline.fingerprint; it replaced estimates/settings.json, still read in old run directories).
+    # (jaxgrad.pipeline.fingerprint; it replaced estimates/settings.json, still read in old run
+    # directories).
     done_rows = read_estimates(table) if os.path.isfile(table) else []
     todo = [i for i in range(len(subsets)) if i >= len(done_rows)]
     if not todo:

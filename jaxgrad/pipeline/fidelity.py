@@ -143,6 +143,7 @@ class _Estimates:
 
 
 def _estimates(config, rows, theta: ThetaStar, scorer: SurrogateScorer) -> _Estimates:
+    """The table ``rows``' subsets refit by ``scorer``, rescaled at θ* as the table's were."""
     fits = scorer.fit(subset_rows(rows, scorer.sources))
     coef = np.asarray(fits.coef)
     gram = np.asarray(scorer.gram)

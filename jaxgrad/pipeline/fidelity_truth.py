@@ -54,7 +54,8 @@ ONE_BATCH_SHORTCUT = True
 @dataclasses.dataclass
 class ThetaStar:
     """θ* of a run with its target outputs: where every fidelity fine-tune starts and how it is
-    measured (also the first-order test's point, :mod:`jaxgrad.pipeline.first_order`)."""
+    measured (also the point of the first-order test,
+    :func:`jaxgrad.pipeline.fidelity.first_order_error`)."""
 
     model: Any  # at θ* (the fine-tunes move it and put θ* back)
     tokenizer: Any

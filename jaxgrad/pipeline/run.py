@@ -36,7 +36,7 @@ log = logging.getLogger("jaxgrad.pipeline")
 
 STAGES = ("base", "meta_train", "gradients", "groups", "estimates", "selection", "finetune",
           "fidelity", "report")
-assert STAGES == STAGE_ORDER  # jaxgrad.pipeline.fingerprint declares each stage's inputs and config keys
+assert STAGES == STAGE_ORDER  # pipeline.fingerprint declares each stage's inputs and config keys
 
 
 def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
