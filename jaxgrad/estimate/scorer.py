@@ -74,13 +74,16 @@ class SurrogateScorer:
                                                 for x in jax.tree_util.tree_leaves(theta)))
         self.gram = self.projector.gram()
         self.t_feats, self.t_f = target.feats(), target.f()
-        self.exact_fn = (_exact_loss_fn(config, data or load_data(config.data), model, tokenizer)
-                         if s["mode"] == "exact" else None)
+        self.exact_fn = None
+        if s["mode"] == "exact":
+            data = data if data is not None else load_data(config.data)
+            self.exact_fn = _exact_loss_fn(config, data, model, tokenizer)
         self.mesh = global_data_mesh()
 
     def fit(self, rows) -> SubsetFits:
         """The surrogate's fits (``surrogate.*``) on the samples of each of the S×M boolean
-        ``rows`` (subsets of :attr:`sources`), in one batched solve."""
+        ``rows`` (subsets of :attr:`sources`), in one batched solve: the fits behind
+        ``scorer(rows)``'s estimates."""
         return self._fit(self._masks(rows))
 
     def _masks(self, rows):

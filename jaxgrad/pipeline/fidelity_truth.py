@@ -79,8 +79,8 @@ class ThetaStar:
         """The estimates stage's scorer of the run (its fits, projector and target store), on
         this θ*."""
         units = pipeline_units(config, workdir, data.sources)
-        return SurrogateScorer(config, workdir, units.names, theta_star=(self.model, self.tokenizer),
-                               data=data)
+        return SurrogateScorer(config, workdir, units.names,
+                               theta_star=(self.model, self.tokenizer), data=data)
 
 
 def load_theta_star_outputs(config, workdir: str, data) -> ThetaStar:
