@@ -1,4 +1,5 @@
-r"""What JAX's persistent compilation cache (``jaxgrad.runtime.enable_compilation_cache``) saves
+r"""What JAX's persistent compilation cache
+(``jaxgrad.pipeline.runtime.enable_compilation_cache``) saves
 a pipeline run, as a user meets it: the same config run three times in fresh processes.
 
   python benchmarks/compile_cache.py [--config=configs/demo.py:tiny]

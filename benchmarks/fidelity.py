@@ -4,10 +4,10 @@ r"""Fidelity of GradEx estimates on the demo config: real fine-tunes from θ* vs
       [--steps=1] [--learning-rate=0.5] [--batch-size=1200] [--max-grad-norm=0.1] [--no-write]
 
 Needs a finished pipeline run (``make demo`` writes checkpoints/demo). For each of the first
-``--subsets`` subsets of its estimates table, fine-tunes θ* on the subset (``jaxgrad.fidelity``)
+``--subsets`` subsets of its estimates table, fine-tunes θ* on the subset (``jaxgrad.pipeline.fidelity``)
 and appends to benchmarks/RESULTS.md: relative error and Spearman correlation of the linearized
 and exact estimates against the true target metric (level and change from θ*), at the config's
-``surrogate.scale`` and at the scale ``jaxgrad.fidelity.suggest_scale`` calibrates from the real
+``surrogate.scale`` and at the scale ``jaxgrad.pipeline.fidelity.suggest_scale`` calibrates from the real
 updates' size, the paper's first-order error, the measured update ratios and direction cosines.
 
 Defaults: one full-batch (the demo's subsets are 2 × 600 examples), normalised gradient step
@@ -82,7 +82,7 @@ def main():
     import ml_collections
 
     from common import load_config
-    from jaxgrad.fidelity import run_fidelity
+    from jaxgrad.pipeline.fidelity import run_fidelity
 
     config = load_config(args.config)
     config.fidelity = ml_collections.ConfigDict(dict(
@@ -226,7 +226,7 @@ def _repeat(config, args) -> dict:
     the run directory's θ*, gradients and estimates; the truth's test-retest agreement."""
     import numpy as np
 
-    from jaxgrad.fidelity import _pearson, _spearman, run_fidelity
+    from jaxgrad.pipeline.fidelity import _pearson, _spearman, run_fidelity
 
     seed = int(config.train.seed) + 1
     workdir = f"{args.workdir.rstrip('/')}_fidelity_seed{seed}"

@@ -7,7 +7,7 @@ Perturbations Δ of the LoRA parameters with ‖Δ‖ = s·‖θ*_LoRA‖, s in 
 each, in random directions and in the surrogate's (the lifted solutions P w_S of the first 5
 subsets of the estimates table); on the target's validation samples, the mean squared relative
 error of the first-order prediction and of the no-gradient baseline f(θ*)
-(:func:`jaxgrad.fidelity.first_order_error`). Appends to benchmarks/RESULTS.md under "## First-order
+(:func:`jaxgrad.pipeline.fidelity.first_order_error`). Appends to benchmarks/RESULTS.md under "## First-order
 error (the paper's protocol)" and writes the ``first_order`` section of
 ``--results`` (default: benchmarks/results/real_model.json for the real config,
 benchmarks/results/demo.json otherwise). About 2 minutes on 2 cores for the real run.
@@ -41,7 +41,7 @@ def main():
 
     import jax
 
-    from jaxgrad.fidelity import FIRST_ORDER_SCALES, first_order_error
+    from jaxgrad.pipeline.fidelity import FIRST_ORDER_SCALES, first_order_error
 
     config = load_config(args.config)
     t0 = time.time()

@@ -117,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.gradients.shard_size = 512
 
     # ||Delta|| / ||theta*_LoRA||: the size of the fine-tuning step the estimates stand for. The
-    # ranking does not depend on it (every c_S scales alike). 0.012 is what jaxgrad.fidelity's
+    # ranking does not depend on it (every c_S scales alike). 0.012 is what jaxgrad.pipeline.fidelity's
     # suggest_scale measures against one clipped SGD step from θ* per pair (the report's fidelity
     # section: "calibrated" rows).
     c.surrogate.scale = 0.012
@@ -136,7 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fidelity stage (14 s on idle cores): every pair really fine-tuned from θ* by one full-batch
     # SGD step (2 x 600 examples) clipped to norm 0.1, so every pair moves the same distance, as
     # Delta_S does. One step on one batch is computed from the 7 sources' gradient sums
-    # (jaxgrad.fidelity).
+    # (jaxgrad.pipeline.fidelity).
     c.pipeline.fidelity = True
     c.fidelity.num_subsets = 21
     c.fidelity.steps = 1

@@ -125,7 +125,7 @@ def as_fields(section: Any, cls: type, name: str, exclude: Sequence[str] = ()) -
 class ConfigError(ValueError):
     """A config (or its data) refused before any stage runs: the message names the setting, the
     file or the source and what was expected. The command-line scripts print it as one line and
-    exit with status 2 (``jaxgrad.runtime.resume_hint_on_interrupt``)."""
+    exit with status 2 (``jaxgrad.pipeline.runtime.resume_hint_on_interrupt``)."""
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -309,7 +309,7 @@ class GroupsSection:
 @dataclasses.dataclass(frozen=True)
 class FidelityConfig:
     """The ``fidelity`` section, checked: the settings of the fidelity stage
-    (:mod:`jaxgrad.fidelity`)."""
+    (:mod:`jaxgrad.pipeline.fidelity`)."""
 
     num_subsets: int = 8  # subsets of the estimates table really fine-tuned from theta*
     steps: int = 8  # fine-tuning steps per subset (short: the first-order regime)
@@ -319,7 +319,7 @@ class FidelityConfig:
     # Gradient clipping (< 0 = train.max_grad_norm, 0 = off). Below the gradient norms every step
     # has length learning_rate * max_grad_norm, for every subset, like the surrogate's Delta_S.
     max_grad_norm: float = 0.1
-    calibrate: bool = True  # also report estimates at jaxgrad.fidelity.suggest_scale
+    calibrate: bool = True  # also report estimates at jaxgrad.pipeline.fidelity.suggest_scale
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:

@@ -97,7 +97,7 @@ def resolved_config(config, workdir: str):
     """The config with ``model.name_or_path`` pointing at the pretrained base when one is built.
 
     Stage fingerprints are taken from the config as given: these two keys are left out of them
-    when ``base.pretrain`` is on (``jaxgrad.fingerprint``), so a run directory can be moved.
+    when ``base.pretrain`` is on (``jaxgrad.pipeline.fingerprint``), so a run directory can be moved.
     """
     if config.get("base") is not None and config.base.pretrain:
         config = copy.deepcopy(config)

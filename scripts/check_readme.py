@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from jaxgrad.report import compare_tables
+from jaxgrad.pipeline.report import compare_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## What `make demo` shows"

@@ -18,8 +18,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxgrad.common.checkout import make_configs_importable
 from jaxgrad.common.cli import run_app
-from jaxgrad.runtime import make_configs_importable
 
 make_configs_importable()  # user configs may `from configs import demo`
 
@@ -38,8 +38,8 @@ def main(argv):
 
     from jaxgrad.common.distributed import initialize_distributed
     from jaxgrad.rundir import resolved_config
-    from jaxgrad.runtime import enable_compilation_cache, resume_hint_on_interrupt
-    from jaxgrad.train.final_finetune import finetune
+    from jaxgrad.pipeline.runtime import enable_compilation_cache, resume_hint_on_interrupt
+    from jaxgrad.pipeline.finetune import finetune
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     enable_compilation_cache()  # $JAXGRAD_COMPILATION_CACHE, default ~/.cache/jaxgrad/xla

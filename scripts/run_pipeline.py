@@ -13,10 +13,10 @@ stage's artefacts and everything downstream and recomputes them (or use a new --
 from absl import flags, logging
 from ml_collections import config_flags
 
+from jaxgrad.common.checkout import make_configs_importable
 from jaxgrad.common.cli import run_app
-from jaxgrad.runtime import (enable_compilation_cache, make_configs_importable,
-                             resume_hint_on_interrupt)
 from jaxgrad.pipeline import STAGES, define_on_config_change_flag, run_pipeline
+from jaxgrad.pipeline.runtime import enable_compilation_cache, resume_hint_on_interrupt
 
 make_configs_importable()  # user configs may `from configs import demo`
 

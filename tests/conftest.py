@@ -1,4 +1,4 @@
-"""Test-session set-up: JAX's persistent compilation cache (jaxgrad.runtime), shared by the tests
+"""Test-session set-up: JAX's persistent compilation cache (jaxgrad.pipeline.runtime), shared by the tests
 and the subprocesses they start (through the environment), so the tiny pipeline's programs are
 compiled once per session rather than once per fixture, test and process. Results do not depend
 on it; a fresh checkout starts with an empty cache under the system's temporary directory.

@@ -1,6 +1,6 @@
 """Shipped configs and their stage fingerprints against the golden files in tests/fixtures/compat/.
 
-A run directory's stages are reused only under unchanged fingerprints (jaxgrad.fingerprint). So a
+A run directory's stages are reused only under unchanged fingerprints (jaxgrad.pipeline.fingerprint). So a
 renamed key, a newly declared key or a changed default silently costs every old run directory a
 recomputation. These tests name the config, the stage and the keys when that happens. Generator
 and the description of what is pinned: tests/fixtures/compat/make_golden.py.

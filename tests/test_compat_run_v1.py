@@ -83,8 +83,8 @@ def rerun(tmp_path_factory):
 
 
 def test_every_stage_reused_nothing_recomputed(rerun):
-    from jaxgrad.fingerprint import config_changes, stage_fingerprints
-    from jaxgrad.records import REGENERATED
+    from jaxgrad.pipeline.fingerprint import config_changes, stage_fingerprints
+    from jaxgrad.pipeline.records import REGENERATED
     from jaxgrad.pipeline import STAGES
 
     workdir, out, printed, warnings, before = rerun
@@ -180,7 +180,7 @@ def test_theta_star_restores_to_the_parameters_the_stores_were_computed_at(rerun
 
 
 def test_finetune_run_record_matches(rerun):
-    from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
+    from jaxgrad.pipeline.finetune import check_finetune_run, finetune_run_values
     from jaxgrad.rundir import resolved_config
     from jaxgrad.data.sources import load_data
 

@@ -125,7 +125,7 @@ def test_config_file_counts_take_a_fraction_from_the_command_line():
 
 
 def test_two_and_two_point_zero_have_one_fingerprint():
-    from jaxgrad.fingerprint import stage_fingerprints
+    from jaxgrad.pipeline.fingerprint import stage_fingerprints
 
     a, b = demo.get_config("tiny"), demo.get_config("tiny")
     a.selection.top, b.selection.top = 2, 2.0

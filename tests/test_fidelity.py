@@ -1,4 +1,4 @@
-"""jaxgrad.fidelity on configs/demo.py:tiny: real fine-tunes from θ* against the estimates."""
+"""jaxgrad.pipeline.fidelity on configs/demo.py:tiny: real fine-tunes from θ* against the estimates."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxgrad import fidelity
 from jaxgrad.config import FidelityConfig
-from jaxgrad.fidelity import _summary, first_order_error, run_fidelity, suggest_scale
+from jaxgrad.pipeline import fidelity_truth
+from jaxgrad.pipeline.fidelity import _summary, first_order_error, run_fidelity, suggest_scale
 from jaxgrad.pipeline import run_pipeline
 
 
@@ -144,7 +144,7 @@ def test_first_order_error_vanishes_quadratically(run_dir):
 def test_spearman_averages_ties_and_refuses_constant_or_missing_values():
     from scipy.stats import spearmanr
 
-    from jaxgrad.fidelity import _spearman
+    from jaxgrad.pipeline.fidelity import _spearman
 
     a, b = [1.0, 2.0, 2.0, 3.0, 5.0], [0.5, 0.5, 0.5, 0.7, 0.9]
     assert _spearman(a, b) == pytest.approx(spearmanr(a, b)[0])
@@ -163,7 +163,7 @@ def test_one_step_from_unit_gradient_sums_equals_fit(run_dir, tmp_path, monkeypa
     def run(shortcut: bool, name: str):
         workdir = tmp_path / name
         shutil.copytree(run_dir, workdir, ignore=shutil.ignore_patterns("fidelity"))
-        monkeypatch.setattr(fidelity, "ONE_BATCH_SHORTCUT", shortcut)
+        monkeypatch.setattr(fidelity_truth, "ONE_BATCH_SHORTCUT", shortcut)
         out = run_fidelity(_config(**settings), str(workdir))
         subsets = [workdir / "fidelity" / f"subset_{r['subset']}" for r in out["rows"]]
         return out, [np.load(d / "truth.npz")["update"] for d in subsets], subsets

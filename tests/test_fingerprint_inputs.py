@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from configs import demo
-from jaxgrad import fingerprint as F
-from jaxgrad import records as R
+from jaxgrad.pipeline import fingerprint as F
+from jaxgrad.pipeline import records as R
 from jaxgrad import rundir
 from jaxgrad.pipeline import ConfigChangedError
 
@@ -66,8 +66,8 @@ def test_hashes_are_cached_by_size_and_mtime(model_dir, tmp_path, monkeypatch):
     first = F.model_input_digests(config, workdir)
     assert os.path.isfile(os.path.join(workdir, rundir.HASHES_FILE))
     calls = []
-    real = F._sha256_file
-    monkeypatch.setattr(F, "_sha256_file", lambda p: calls.append(p) or real(p))
+    real = F.file_sha256
+    monkeypatch.setattr(F, "file_sha256", lambda p: calls.append(p) or real(p))
     assert F.model_input_digests(config, workdir) == first and calls == []
     os.utime(model_dir / "config.json", ns=(1, 1))  # touched: hashed again, same digest
     assert F.model_input_digests(config, workdir) == first

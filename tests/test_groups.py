@@ -95,7 +95,7 @@ def test_groups_section_refusals():
     GroupsSpec().check({"a": 1})  # by = "source": nothing to check
     with pytest.raises(ValueError, match=r"groups.sources = \['a'\] is read only with groups.by"):
         GroupsSpec(sources=("a",)).check({"a": 1})  # set but not read: refused, not ignored
-    from jaxgrad.train.final_finetune import finetune_sources
+    from jaxgrad.pipeline.finetune import finetune_sources
 
     with pytest.raises(ValueError, match="set finetune.groups_file="):
         finetune_sources({"sources": "c01,c03"}, ["add", "copy"])

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from configs import demo
 from jaxgrad.common.checks import as_names
 from jaxgrad.config import NAME_LISTS
-from jaxgrad.fingerprint import flatten_config, stage_fingerprints
+from jaxgrad.pipeline.fingerprint import flatten_config, stage_fingerprints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

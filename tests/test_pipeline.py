@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from jaxgrad.fingerprint import stage_fingerprints
+from jaxgrad.pipeline.fingerprint import stage_fingerprints
 from jaxgrad.pipeline import STAGES, ConfigChangedError, run_pipeline
-from jaxgrad.records import downstream
+from jaxgrad.pipeline.records import downstream
 from jaxgrad.select.stage import ranking_auc
 
 UP_TO_SELECTION = ["base", "meta_train", "gradients", "estimates", "selection"]
@@ -77,7 +77,7 @@ def test_a_finetune_run_still_to_do_is_timed(run_dir, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "timings.jsonl"))]
     assert [r["reused"] for r in rows if r["stage"] == "finetune"][-2:] == [False, True]
     # the report's time of the stage is the first run's plus the added run's, not the last's
-    from jaxgrad.report import stage_seconds
+    from jaxgrad.pipeline.timings import stage_seconds
 
     computing = [r for r in rows if r["stage"] == "finetune" and not r["reused"]]
     assert computing[-1]["fresh"] is False
@@ -123,8 +123,8 @@ def test_report_scores_agree_with_estimates_table(run_dir):
 def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(run_dir, tmp_path):
     """issue 16, item 7: the report gives the next command, which ranks the intervals separate,
     θ*'s validation loss per source, one name per quantity, and lists hand-made fine-tunes."""
-    from jaxgrad.report import write_report
-    from jaxgrad.runtime import python_command
+    from jaxgrad.pipeline.report import write_report
+    from jaxgrad.pipeline.runtime import python_command
 
     report = open(os.path.join(run_dir, "report.md")).read()
     sel = os.path.join(run_dir, "selection", "selection.json")
@@ -139,7 +139,7 @@ def test_report_says_what_next_what_is_significant_and_how_good_theta_star_is(ru
     for source in ("add", "copy", "noisy_add"):
         m = re.search(rf"\| {source} \| ([\d.]+) \|", report.split("## θ* (meta-training)")[1])
         assert m and float(m.group(1)) == pytest.approx(last[f"val_loss/{source}"], abs=1e-4)
-    from jaxgrad.report import estimated_quantity
+    from jaxgrad.pipeline.report import estimated_quantity
 
     output_fn = demo.get_config("tiny").gradients.output_fn
     assert f"of the estimated {estimated_quantity('loss', output_fn)}" in report  # the estimate's
@@ -167,7 +167,7 @@ def test_the_reports_next_command_runs_and_returns_the_tables_selection_run(run_
     import subprocess
     import sys
 
-    from jaxgrad.report import next_steps_lines
+    from jaxgrad.pipeline.report import next_steps_lines
 
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
@@ -189,7 +189,7 @@ def test_the_reports_next_command_runs_and_returns_the_tables_selection_run(run_
 
 
 def test_the_next_command_for_a_longer_budget_has_a_name_that_does_not_pin_the_steps():
-    from jaxgrad.report import next_steps_lines
+    from jaxgrad.pipeline.report import next_steps_lines
 
     lines = next_steps_lines(demo.get_config(), "/w", {"selected": ["add"]},
                              argv=["x", "--config=configs/demo.py"])
@@ -814,7 +814,7 @@ def test_full_finetune_without_adapters_differentiates_every_parameter(tmp_path)
 
 
 def test_report_names_the_stepwise_search(run_dir, tmp_path):
-    from jaxgrad.report import write_report
+    from jaxgrad.pipeline.report import write_report
 
     out, _, _ = _rerun_selection(run_dir, tmp_path, method="forward", top=2)
     write_report(demo.get_config("tiny"), str(tmp_path / "run"))

@@ -3,7 +3,7 @@ run's report, cell by cell."""
 
 from __future__ import annotations
 
-from jaxgrad.report import compare_tables, markdown_tables
+from jaxgrad.pipeline.report import compare_tables, markdown_tables
 
 REPORT = """# report
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxgrad.report import significance_line
+from jaxgrad.pipeline.report import significance_line
 
 
 def _selection(intervals, selected):
@@ -38,7 +38,7 @@ def test_next_command_keeps_config_overrides_but_not_pipeline_or_finetune_ones()
     """`--config.pipeline.finetune_runs=...` (how the README adds a baseline) means nothing to
     scripts/finetune.py: the printed command leaves it out, as it leaves out finetune.*."""
     from configs import demo
-    from jaxgrad.report import next_steps_lines
+    from jaxgrad.pipeline.report import next_steps_lines
 
     argv = ["run_pipeline.py", "--config=configs/demo.py", "--config.train.seed=3",
             "--config.pipeline.finetune_runs=selection,random", "--config.finetune.name=x"]
@@ -51,7 +51,7 @@ def test_stage_seconds_add_the_runs_that_resumed_or_extended_a_stage():
     """A fine-tune run added later (or a resumed interruption) is not the stage's whole time: the
     report adds the seconds of the runs that computed the current artefacts (new-user trial of
     issue 16: after adding a run, the table showed only the new run's seconds)."""
-    from jaxgrad.report import stage_seconds
+    from jaxgrad.pipeline.timings import stage_seconds
 
     rows = [
         {"stage": "finetune", "seconds": 60.0, "reused": False, "fingerprint": "a", "fresh": True},
@@ -75,7 +75,7 @@ def test_the_stages_table_says_in_how_many_runs(tmp_path):
     import json
 
     from jaxgrad import rundir
-    from jaxgrad.report import _timings_section
+    from jaxgrad.pipeline.report import _timings_section
 
     rows = [{"stage": "finetune", "seconds": 60.0, "reused": False, "fingerprint": "a",
              "fresh": True},

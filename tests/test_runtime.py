@@ -1,4 +1,4 @@
-"""jaxgrad.runtime: the persistent compilation cache the command-line entry points turn on."""
+"""jaxgrad.pipeline.runtime: the persistent compilation cache the command-line entry points turn on."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_a_second_process_reads_the_compiled_program_from_the_cache(tmp_path):
     code = """
         import jax, jax.numpy as jnp
         from jax._src import monitoring
-        from jaxgrad.runtime import enable_compilation_cache
+        from jaxgrad.pipeline.runtime import enable_compilation_cache
         hits = []
         monitoring.register_event_listener(
             lambda e, **kw: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
@@ -43,14 +43,14 @@ def test_a_second_process_reads_the_compiled_program_from_the_cache(tmp_path):
 def test_cache_can_be_switched_off(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAXGRAD_COMPILATION_CACHE"] = "off"
-    out = _run("from jaxgrad.runtime import enable_compilation_cache as e; print(e())", env)
+    out = _run("from jaxgrad.pipeline.runtime import enable_compilation_cache as e; print(e())", env)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
 
 
 def test_ctrl_c_gives_one_line_and_status_130():
     """issue 16, item 8: an interrupted run says how to resume instead of printing a traceback."""
     code = """
-        from jaxgrad.runtime import resume_hint_on_interrupt
+        from jaxgrad.pipeline.runtime import resume_hint_on_interrupt
         with resume_hint_on_interrupt():
             raise KeyboardInterrupt
     """
@@ -77,8 +77,8 @@ def test_a_user_config_importing_the_shipped_ones_needs_no_pythonpath(tmp_path):
 
 def test_a_changed_config_prints_its_message_without_a_traceback():
     code = """
-        from jaxgrad.fingerprint import ConfigChangedError
-        from jaxgrad.runtime import resume_hint_on_interrupt
+        from jaxgrad.pipeline.fingerprint import ConfigChangedError
+        from jaxgrad.pipeline.runtime import resume_hint_on_interrupt
         with resume_hint_on_interrupt():
             raise ConfigChangedError("train.learning_rate: 0.1 → 0.5", stage="finetune",
                                      workdir="w", changes=[])

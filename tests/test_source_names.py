@@ -16,7 +16,7 @@ from helpers import fixture
 from jaxgrad.config import default_config
 from jaxgrad.estimate.stage import read_estimates, subset_sources
 from jaxgrad.pipeline import run_pipeline
-from jaxgrad.train.final_finetune import finetune_run_name, finetune_sources
+from jaxgrad.pipeline.finetune import finetune_run_name, finetune_sources
 
 NAMES = ["c++", "a,b", "q&a/v2", "x+y", "[draft] |2|"]
 TARGET = "x+y"
@@ -130,7 +130,7 @@ def test_kinds_as_pairs_for_names_a_config_cannot_key(tmp_path):
 
 
 def test_report_cells_keep_names_readable():
-    from jaxgrad.report import _name, _names
+    from jaxgrad.pipeline.report import _name, _names
 
     assert _names(["ünï 名", "a,b"]) == '"ünï 名", "a,b"', "non-ASCII must not become \\u escapes"
     assert _names(["c++", "x+y"]) == "c++, x+y"

@@ -31,7 +31,7 @@ from jaxgrad.train import checkpoint as ckpt_lib
 from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.models.forward import model_logits
 from jaxgrad.models import LoraConfig, load_pretrained
-from jaxgrad.fingerprint import ConfigChangedError
+from jaxgrad.pipeline.fingerprint import ConfigChangedError
 from jaxgrad.config import MeshConfig, ModelSpec, TrainConfig
 from jaxgrad.pipeline import check_method_sections
 from jaxgrad.models.loading import load_model
@@ -517,7 +517,7 @@ def test_meta_train_and_finetune_stages_on_tiny_demo(tmp_path):
     """The stages end to end on configs/demo.py:tiny: run layout, PEFT adapter round trip, the
     selection-file path of finetune and its test-split metrics."""
     from jaxgrad.models import load_peft_adapter
-    from jaxgrad.train.final_finetune import finetune
+    from jaxgrad.pipeline.finetune import finetune
     from jaxgrad.train.stage import meta_train
 
     config = config_module("demo").get_config("tiny")
@@ -576,7 +576,7 @@ def test_finetune_sources_from_a_selection_file(tmp_path):
     """selection_file: the selection stage's selection.json gives its "selected" list (not the
     "sources" list, which names every source), a {"sources": [...]} object its list, a JSON list
     or one name per line as they are; unknown names and empty choices are refused."""
-    from jaxgrad.train.final_finetune import finetune_sources
+    from jaxgrad.pipeline.finetune import finetune_sources
 
     available = ["add", "copy", "noisy_add"]
     stage_output = tmp_path / "selection.json"

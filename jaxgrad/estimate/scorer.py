@@ -1,7 +1,8 @@
 """The surrogate's estimates for subsets of units, as the estimates table records them
 (:class:`SurrogateScorer`): the fits of steps 3–4 on a run's gradient stores, lifted and rescaled
 at θ*, and (``surrogate.mode = "exact"``) the target loss of θ* + Δ_S by a forward pass. The
-estimates stage writes them; the stepwise selectors score candidate subsets with them."""
+estimates stage writes them; the stepwise selectors score candidate subsets with them, and the
+fidelity stage compares them with real fine-tunes."""
 
 from __future__ import annotations
 
@@ -9,22 +10,20 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxgrad import rundir
 from jaxgrad.common.checks import section_dict
 from jaxgrad.common.flat import tree_norm
 from jaxgrad.common.sharding import global_data_mesh
-from jaxgrad.data.batching import collate
 from jaxgrad.data.sources import load_data
 from jaxgrad.estimate.lift import estimate_subsets, exact_estimates, rescale_factors
+from jaxgrad.estimate.solver import SubsetFits
 from jaxgrad.estimate.subsets import masks_from_sources
 from jaxgrad.estimate.surrogate import fit_subsets
-from jaxgrad.gradients.outputs import get_output_fn, outputs_loss
+from jaxgrad.estimate.target import target_batch, target_loss_fn
 from jaxgrad.gradients.stage import projector_from_config
 from jaxgrad.gradients.store import GradientStore
 from jaxgrad.groups.stage import pipeline_units
-from jaxgrad.models.forward import encode_for_model, model_logits
 from jaxgrad.models.lora import split_trainable, trainable_state
 from jaxgrad.train.stage import load_theta_star
 
@@ -42,11 +41,18 @@ class SurrogateScorer:
     after ``subset`` and ``sources``: ``n_samples``, ``converged``, ``n_iter``, ``loss``,
     ``accuracy`` / ``mean_output`` (``logit_odds``; else ""), ``exact_loss`` (``surrogate.mode =
     "exact"``; else ""), each a length-S sequence. The estimates stage writes them; the
-    stepwise selectors (``selection.method``) call it round by round.
+    stepwise selectors (``selection.method``) call it round by round; the fidelity stage refits
+    the table's subsets with :meth:`fit` and reads :attr:`projector`, :attr:`gram` and the target
+    store's ``t_feats`` / ``t_f``.
     """
-    def __init__(self, config, workdir: str, sources: Sequence[str]):
+    def __init__(self, config, workdir: str, sources: Sequence[str], *,
+                 theta_star: tuple | None = None, data=None):
+        """``theta_star``: ``(model, tokenizer)`` at θ* as :func:`load_theta_star` returns them,
+        when the caller has them (else loaded here); ``data``: the run's data, likewise
+        (``surrogate.mode = "exact"`` reads its target examples)."""
         s = section_dict(config, "surrogate")
         self.s = s
+        self.scale = None if float(s["scale"]) <= 0 else float(s["scale"])  # None: no rescaling
         self.sources = list(sources)
         train = GradientStore.open(rundir.gradients_dir(workdir, "train"))
         target = GradientStore.open(rundir.gradients_dir(workdir, "target"))
@@ -61,17 +67,33 @@ class SurrogateScorer:
             raise ValueError(f"SurrogateScorer: sources {self.sources} are not the run's units "
                              f"{units.names}")
         self.ids = units.row_ids(train.example_ids, train.source_ids)
-        model, _ = load_theta_star(config, workdir)
+        model, tokenizer = theta_star or load_theta_star(config, workdir)
         self.theta_norm, theta = _theta_norm_and_state(model, bool(config.train.full_finetune))
         self.projector = projector_from_config(config, sum(int(np.prod(x.shape))
                                                 for x in jax.tree_util.tree_leaves(theta)))
         self.gram = self.projector.gram()
         self.t_feats, self.t_f = target.feats(), target.f()
-        self.exact_fn = _exact_loss_fn(config, workdir, model) if s["mode"] == "exact" else None
+        self.exact_fn = None
+        if s["mode"] == "exact":
+            data = data if data is not None else load_data(config.data)
+            self.exact_fn = _exact_loss_fn(config, data, model, tokenizer)
         self.mesh = global_data_mesh()
 
-    def __call__(self, rows) -> dict[str, Sequence]:
+    def fit(self, rows) -> SubsetFits:
+        """The surrogate's fits (``surrogate.*``) on the samples of each of the S×M boolean
+        ``rows`` (subsets of :attr:`sources`), in one batched solve: the fits behind
+        ``scorer(rows)``'s estimates."""
+        return self._fit(self._masks(rows))
+
+    def _masks(self, rows):
+        return masks_from_sources(self.ids, np.asarray(rows, bool), n_sources=len(self.sources))
+
+    def _fit(self, masks) -> SubsetFits:
         s = self.s
+        return fit_subsets(self.feats, masks, objective=s["objective"], C=float(s["C"]),
+                           seed=int(s["seed"]), offsets=self.offsets, mesh=self.mesh)
+
+    def __call__(self, rows) -> dict[str, Sequence]:
         rows = np.asarray(rows, bool)
         empty = ~rows.any(axis=1)
         if empty.any():  # no sources: Δ = 0, the estimate at θ* (the stepwise selectors' start)
@@ -84,11 +106,9 @@ class SurrogateScorer:
                 j += not is_empty
             return merged
         n = rows.shape[0]
-        masks = masks_from_sources(self.ids, rows, n_sources=len(self.sources))
-        fits = fit_subsets(self.feats, masks, objective=s["objective"], C=float(s["C"]),
-                           seed=int(s["seed"]), offsets=self.offsets, mesh=self.mesh)
-        scale = None if float(s["scale"]) <= 0 else float(s["scale"])
-        c = rescale_factors(fits.coef, self.gram, self.theta_norm, scale=scale)
+        masks = self._masks(rows)
+        fits = self._fit(masks)
+        c = rescale_factors(fits.coef, self.gram, self.theta_norm, scale=self.scale)
         est = estimate_subsets(fits.coef, c, self.t_feats, self.t_f, output=self.output_fn)
         exact = self.exact_fn(fits.coef, c, self.projector) if self.exact_fn else None
         blank = [""] * n
@@ -118,27 +138,16 @@ class SurrogateScorer:
                 "exact_loss": float(np.asarray(exact)[0]) if exact is not None else ""}
 
 
-def _exact_loss_fn(config, workdir, model):
+def _exact_loss_fn(config, data, model, tokenizer):
     """exact mode: the target validation loss of θ* + Δ_S by a forward pass per subset.
 
     The loss is the one the linearized estimate predicts (``outputs.outputs_loss`` of the config's
-    output function), so the table's ``loss`` and ``exact_loss`` columns compare.
+    output function, :func:`jaxgrad.estimate.target.target_loss_fn`), so the table's ``loss`` and
+    ``exact_loss`` columns compare.
     """
-    data = load_data(config.data)
-    examples = data.target_examples()
-    _, tokenizer = load_theta_star(config, workdir)
-    enc, arch = encode_for_model(examples, tokenizer, model, sources=data.sources)
-    batch = collate(enc, list(range(len(examples))), max_length=int(config.train.max_length), arch=arch)
-    batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    _, batch = target_batch(config, data, model, tokenizer)
     graphdef, theta, rest = split_trainable(model, bool(config.train.full_finetune))
-
-    output = str(config.gradients.output_fn)
-    out_fn = get_output_fn(output, float(config.gradients.eps))
-
-    def loss_fn(params):
-        logits = model_logits(nnx.merge(graphdef, params, rest), batch)
-        return outputs_loss(out_fn(logits, batch["targets"], batch["target_mask"]), output)
-
+    loss_fn = target_loss_fn(config, graphdef, rest, batch)
     mesh = global_data_mesh()
 
     def run(coef, c, projector):

@@ -1,7 +1,7 @@
 """Steps 3–4 as a pipeline stage: surrogate fits for random subsets of the units and their
 estimated target metrics, one row per subset in ``<workdir>/estimates/estimates.csv``
 (:data:`ESTIMATE_FIELDS`), computed by :class:`jaxgrad.estimate.scorer.SurrogateScorer`; and
-reading that table back (:func:`read_estimates`, :func:`subset_sources`)."""
+reading that table back (:func:`read_estimates`, :func:`subset_sources`, :func:`subset_rows`)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def stage_estimates(config, workdir: str) -> str:
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
     subsets = _sample(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
     # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
-    # (jaxgrad.fingerprint; it replaced estimates/settings.json, still read in old run directories).
+    # (jaxgrad.pipeline.fingerprint; it replaced estimates/settings.json, still read in old run
+    # directories).
     done_rows = read_estimates(table) if os.path.isfile(table) else []
     todo = [i for i in range(len(subsets)) if i >= len(done_rows)]
     if not todo:
@@ -115,3 +116,14 @@ def subset_sources(value: str | Sequence[str]) -> list[str]:
                              f"{value!r}")
         return names
     return value.split("+") if value else []
+
+
+def subset_rows(rows: Sequence[dict], sources: Sequence[str]) -> np.ndarray:
+    """The subsets of :func:`read_estimates` ``rows`` as the S×M boolean rows over ``sources``
+    that :class:`~jaxgrad.estimate.scorer.SurrogateScorer` fits (to refit the table's subsets).
+
+    >>> subset_rows([{"source_list": ["b"]}, {"source_list": ["a", "c"]}], ["a", "b", "c"])
+    array([[False,  True, False],
+           [ True, False,  True]])
+    """
+    return np.array([[s in r["source_list"] for s in sources] for r in rows], dtype=bool)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+from jaxgrad.common.checkout import make_configs_importable
 from jaxgrad.common.cli import run_app
 from jaxgrad.pipeline.run import run_pipeline
-from jaxgrad.runtime import (enable_compilation_cache, make_configs_importable,
-                             resume_hint_on_interrupt)
+from jaxgrad.pipeline.runtime import enable_compilation_cache, resume_hint_on_interrupt
 
 
 def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = None) -> None:

@@ -29,11 +29,11 @@ from jaxgrad.config import (CHOICES, FINETUNE_RUNS, ConfigError, MeshConfig, Mod
                             TrainConfig, default_config)
 from jaxgrad.data.sources import SourcesSpec, load_data
 from jaxgrad.data.synthetic import SyntheticSpec
-from jaxgrad.fingerprint import STAGE_ORDER, ConfigChangedError
+from jaxgrad.pipeline.fingerprint import STAGE_ORDER, ConfigChangedError
 from jaxgrad.groups.units import GroupsSpec
 from jaxgrad.models.hf_config import resolve_dtype
 from jaxgrad.models.lora import LoraConfig
-from jaxgrad.records import (artefacts_exist, delete_artefacts, downstream, read_records,
+from jaxgrad.pipeline.records import (artefacts_exist, delete_artefacts, downstream, read_records,
                              write_records)
 
 log = logging.getLogger("jaxgrad.pipeline")
@@ -211,7 +211,7 @@ def _stores_disagree(workdir: str, data) -> bool:
 def check_data_splits(workdir: str, data, mode: str) -> None:
     """Artefacts are reused only with the data they were computed on.
 
-    The config fingerprints (:mod:`jaxgrad.fingerprint`) cannot see the data change when the same
+    The config fingerprints (:mod:`jaxgrad.pipeline.fingerprint`) cannot see the data change when the same
     config loads other examples or other splits (an edited file; a jaxgrad version that reads
     text or splits duplicates differently). ``<workdir>/data_splits.json`` records the splits'
     digest; when it differs and data-dependent artefacts exist, ``mode`` "error" raises and

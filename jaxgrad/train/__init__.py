@@ -7,9 +7,8 @@ epoch (:mod:`~jaxgrad.train.batches`), greedy decoding (:mod:`~jaxgrad.train.gen
 evaluation (:mod:`~jaxgrad.train.evaluate`: loss per source, exact-match and multiple-choice
 accuracy), orbax checkpoints (:mod:`~jaxgrad.train.checkpoint`), the loop with exact resume
 (:mod:`~jaxgrad.train.loop`). The stages driven by a config are imported from their modules:
-:mod:`~jaxgrad.train.stage` (base model, meta-training, θ*) and
-:mod:`~jaxgrad.train.final_finetune` (the final fine-tune; not named ``finetune``, which would
-shadow the function of that name in ``from jaxgrad.train import finetune``).
+:mod:`~jaxgrad.train.stage` (base model, meta-training, θ*); the final fine-tune, which reads
+the selection, is the pipeline's (:mod:`jaxgrad.pipeline.finetune`).
 
 Names are resolved on first access, so importing a light submodule (``jaxgrad.train.losses``)
 does not import orbax.

@@ -1,4 +1,5 @@
-"""Process-wide JAX settings for jaxgrad's command-line entry points.
+"""Process-wide settings for jaxgrad's command-line entry points: the compilation cache, how an
+interrupted or refused run ends, the interpreter to name in printed commands.
 
 :func:`enable_compilation_cache` turns on JAX's persistent compilation cache
 (``jax_compilation_cache_dir``): XLA executables are stored on disk, keyed by the program, the
@@ -8,6 +9,10 @@ surrogate programs in every run and in every fine-tune; on 2 CPU cores compilati
 small run's time (the tiny demo pipeline in a fresh process: 50 s with the cache off, 44 s with an
 empty cache, 21 s with a warm one; ``benchmarks/compile_cache.py``). Results do not depend on
 it: a cached executable is the one XLA would compile.
+
+The scripts' other set-up, :func:`~jaxgrad.common.checkout.make_configs_importable`, runs before
+their flags load a config file and lives in :mod:`jaxgrad.common.checkout`, so that it imports
+neither JAX nor the pipeline.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import contextlib
 import os
 import sys
 
+import jax
+
 from jaxgrad.config import ConfigError
+from jaxgrad.pipeline.fingerprint import ConfigChangedError
 
 ENV = "JAXGRAD_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "jaxgrad", "xla")
@@ -35,8 +43,6 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     = 0``): a run compiles hundreds of small programs whose compile times add up. Must be called
     before the first compilation to cover it.
     """
-    import jax
-
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
     path = os.environ.get(ENV, DEFAULT_DIR) if path is None else path
@@ -57,8 +63,6 @@ def resume_hint_on_interrupt():
     run directory computed under other settings (``ConfigChangedError``) or a config refused
     before any stage (``ConfigError``) prints its message, which names the changes or the setting
     and the ways out, and exits with status 2, without a traceback."""
-    from jaxgrad.fingerprint import ConfigChangedError
-
     try:
         yield
     except KeyboardInterrupt:
@@ -68,19 +72,6 @@ def resume_hint_on_interrupt():
     except (ConfigChangedError, ConfigError) as e:
         print(f"\n{e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-
-
-def make_configs_importable() -> str | None:
-    """Put the repository root on ``sys.path`` so that a user's config file can ``from configs
-    import demo`` (the shipped configs) from any directory, without ``PYTHONPATH``. The root is
-    the directory above the ``jaxgrad`` package when it holds ``configs/__init__.py`` (a
-    checkout, installed editable); the root added, or None."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "configs", "__init__.py")):
-        return None
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return root
 
 
 def python_command() -> str:

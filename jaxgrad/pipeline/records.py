@@ -1,5 +1,5 @@
 """``stages.json`` and the reuse decisions: a pipeline stage reuses its artefacts only under the
-same fingerprint (:mod:`jaxgrad.fingerprint`).
+same fingerprint (:mod:`jaxgrad.pipeline.fingerprint`).
 
 ``<workdir>/stages.json`` holds one record per stage: the fingerprint, the fingerprints of its
 inputs and every config value it depends on (its own and its inputs', to name what changed). A
@@ -10,7 +10,7 @@ Before any stage runs, :func:`reconcile` compares the records of the stages to r
 stages before them, with the config:
 
 * artefacts on disk and the same fingerprint: the stage is skipped or resumed, as before;
-* artefacts and another fingerprint: :class:`~jaxgrad.fingerprint.ConfigChangedError` names the
+* artefacts and another fingerprint: :class:`~jaxgrad.pipeline.fingerprint.ConfigChangedError` names the
   earliest changed stage, the run directory and the changed keys (old → new); nothing is deleted.
   With ``pipeline.on_config_change = "rerun"`` (``--on_config_change=rerun``) the artefacts of
   that stage and of every stage after it are deleted instead, and the stages recompute;
@@ -33,8 +33,9 @@ import jax
 from jaxgrad.common.distributed import barrier
 from jaxgrad.common.jsonio import read_json, write_json
 from jaxgrad.config import CONFIG_CHANGE_MODES
-from jaxgrad.fingerprint import (RECORDS_VERSION, STAGE_INPUTS, STAGE_ORDER, ConfigChangedError,
-                                 StageFingerprint, _canonical, _fmt, config_changes)
+from jaxgrad.pipeline.fingerprint import (RECORDS_VERSION, STAGE_INPUTS, STAGE_ORDER,
+                                          ConfigChangedError, StageFingerprint, _canonical,
+                                          config_changes, format_value)
 from jaxgrad.rundir import LEGACY_ESTIMATES_SETTINGS, RECORDS_FILE, STAGE_ARTEFACTS
 
 log = logging.getLogger("jaxgrad.pipeline")
@@ -121,7 +122,7 @@ def _message(workdir: str, stage: str, rec: dict, fp: StageFingerprint, changes,
              "be reused."]
     if changes:
         lines.append("Changed config keys (old → new):")
-        lines += [f"  {k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes]
+        lines += [f"  {k}: {format_value(a)} → {format_value(b)}" for k, a, b in changes]
     else:
         changed_inputs = [d for d, f in fp.inputs.items() if rec.get("inputs", {}).get(d) != f]
         lines.append(f"The stages it reads ({', '.join(changed_inputs) or 'its inputs'}) were "
@@ -205,7 +206,7 @@ def _rerun_from(workdir: str, fps: Mapping[str, StageFingerprint], stages: Seque
         records.pop(stage, None)
     log.warning("jaxgrad pipeline: config changed since stage %r ran in %s (%s); "
                 "on_config_change='rerun': deleted %s; recomputing from %r on", first, workdir,
-                "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes) or
+                "; ".join(f"{k}: {format_value(a)} → {format_value(b)}" for k, a, b in changes) or
                 "inputs recomputed", ", ".join(deleted) or "nothing", first)
     return affected
 

@@ -1,17 +1,21 @@
-"""The final fine-tune: the *base* model with fresh adapters, trained on the selected sources
-(or units of a groups record), validated and tested on the target.
+"""The final fine-tunes: the *base* model with fresh adapters, trained on the selected sources
+(or units of a groups record), validated and tested on the target; one per run of
+``pipeline.finetune_runs`` (:func:`stage_finetune`: the selection and the baselines), or one named
+by ``config.finetune`` (:func:`finetune`, ``scripts/finetune.py``).
 
-It belongs to the pipeline level (plan §2.1: it reads the selection's output and the run records
-of :mod:`jaxgrad.fingerprint`), and moves there with the ``pipeline/`` package; it is a module of
-its own here so that the rest of :mod:`jaxgrad.train` imports nothing above it.
+Each fine-tune records what its result depends on in ``finetune/<name>/run.json``
+(:func:`finetune_run_values`, checked by :func:`check_finetune_run` before anything is loaded):
+one made with other settings is refused by name, never silently resumed or returned.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import re
+import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -20,17 +24,21 @@ from jaxgrad import rundir
 from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.common.distributed import barrier, describe_devices, initialize_distributed
 from jaxgrad.common.checks import as_names
-from jaxgrad.common.jsonio import read_json
-from jaxgrad.config import ModelSpec, TrainConfig
+from jaxgrad.common.jsonio import atomic_write_json, read_json, write_shared_json
+from jaxgrad.config import CONFIG_CHANGE_MODES, ModelSpec, TrainConfig
 from jaxgrad.data.batching import num_batches
 from jaxgrad.data.sources import load_data
-from jaxgrad.fingerprint import check_finetune_run, finetune_run_values
+from jaxgrad.groups.stage import pipeline_units
 from jaxgrad.groups.units import Units
 from jaxgrad.models.loading import load_model, lora_from_config
+from jaxgrad.pipeline.fingerprint import (RECORDS_VERSION, ConfigChangedError, config_changes,
+                                          excluded, flatten_config, format_value,
+                                          model_input_digests)
+from jaxgrad.rundir import CONFIG_FILE, RUN_FILE
 from jaxgrad.train import checkpoint as ckpt_lib
 from jaxgrad.train.evaluate import choice_metrics, make_evaluator
 from jaxgrad.train.loop import MetricsLog, TrainResult, fit, save_adapter
-from jaxgrad.train.stage import save_config
+from jaxgrad.train.stage import save_config, stopped_early
 
 
 def finetune_run_name(sources: Sequence[str]) -> str:
@@ -190,3 +198,138 @@ def finetune(config: Any, workdir: str) -> TrainResult:
                        "metrics": result.metrics}, f, indent=1)
     barrier(f"finetune/{name}")  # the other processes read sources.json next
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The record of each fine-tune (run.json)
+
+RUN_SECTIONS = ("model", "lora", "data", "train", "inputs")
+
+
+def finetune_run_values(config: Any, workdir: str, units: Sequence[str],
+                        train_ids: Sequence[str]) -> dict[str, Any]:
+    """What a fine-tune's result depends on: the config keys of ``model``, ``lora``, ``data``,
+    ``train`` (the exclusions of the stage fingerprints apply), the base model's file hashes,
+    the units trained on (``finetune.units``) and a sha256 of their train example ids
+    (``finetune.train_examples``: it changes with the data or a groups file)."""
+    flat = flatten_config(config)
+    flat.update(model_input_digests(config, workdir))
+    values = {k: v for k, v in flat.items()
+              if k.split(".", 1)[0] in RUN_SECTIONS and not excluded(k, flat)}
+    values["finetune.units"] = [str(u) for u in units]
+    ids = json.dumps(sorted(str(i) for i in train_ids))
+    values["finetune.train_examples"] = (f"{len(train_ids)} examples, sha256:"
+                                         f"{hashlib.sha256(ids.encode()).hexdigest()[:16]}")
+    return values
+
+
+def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "error") -> str:
+    """Whether the fine-tune in ``run_dir`` was made with ``values`` (:func:`finetune_run_values`).
+
+    Returns "new" (nothing there, or deleted in "rerun" mode: train from scratch), "same"
+    (resume or reuse). ``run_dir/run.json`` is written (process 0) before training starts. A
+    directory from before run records is compared through its ``config.json`` (config keys
+    only) and adopted when they agree.
+
+    Raises:
+      ConfigChangedError: the run was made with other values and ``mode`` is "error"; it names
+        the run directory and the changed keys, and deletes nothing.
+      ValueError: ``mode`` outside :data:`CONFIG_CHANGE_MODES`.
+    """
+    if mode not in CONFIG_CHANGE_MODES:
+        raise ValueError(f"pipeline.on_config_change must be one of {CONFIG_CHANGE_MODES}, got {mode!r}")
+    path = os.path.join(run_dir, RUN_FILE)
+    old: dict[str, Any] | None = None
+    if os.path.isfile(path):
+        old = read_json(path)["values"]
+    elif os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):  # before run records
+        flat = flatten_config(read_json(os.path.join(run_dir, CONFIG_FILE)))
+        old = {k: v for k, v in flat.items()
+               if k.split(".", 1)[0] in RUN_SECTIONS and not excluded(k, flat)}
+        old.update({k: v for k, v in values.items() if k not in old and
+                    (k.startswith("inputs.") or k.startswith("finetune."))})
+    status = "new" if not os.path.isdir(run_dir) else "same"
+    if old is not None:
+        changes = config_changes(old, dict(values))
+        if changes and mode == "error":
+            lines = [f"jaxgrad finetune: {run_dir} holds a fine-tune made with other settings; "
+                     "it cannot be reused or resumed.", "Changed (old → new):"]
+            lines += [f"  {k}: {format_value(a)} → {format_value(b)}" for k, a, b in changes[:20]]
+            lines += ["Either give this fine-tune another name (--config.finetune.name=...), or "
+                      "retrain it: --config.pipeline.on_config_change=rerun deletes "
+                      f"{run_dir} first. Nothing was deleted."]
+            raise ConfigChangedError("\n".join(lines), stage="finetune", workdir=run_dir,
+                                     changes=changes)
+        if changes:
+            status = "new"
+    barrier(f"finetune/checked/{os.path.basename(run_dir)}")  # all read the old record first
+    if jax.process_index() == 0:
+        if old is not None and changes:
+            shutil.rmtree(run_dir)
+            print(f"[jaxgrad] finetune: settings changed since {run_dir} was trained ("
+                  + "; ".join(f"{k}: {format_value(a)} → {format_value(b)}" for k, a, b in changes[:5])
+                  + "); on_config_change='rerun': deleted it, training again", flush=True)
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_json(path, {"version": RECORDS_VERSION, "values": dict(sorted(values.items()))})
+    barrier(f"finetune/recorded/{os.path.basename(run_dir)}")  # nobody trains in it before
+    return status
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage: the selection and the baselines
+
+
+def stage_finetune(config, workdir: str) -> dict:
+    """Final step: fine-tune the base model on the selection and on each baseline; test metrics."""
+    selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
+    runs = {"selection": selection["selected"], **selection["baselines"]}
+    units = pipeline_units(config, workdir)
+    wanted = list(as_names(config.pipeline.finetune_runs) or ())
+    results = {}
+    trained: dict[str, str] = {}  # units (JSON) -> the run that trained on exactly them
+    for name in wanted:
+        run_dir = rundir.finetune_dir(workdir, name)
+        done = os.path.join(run_dir, rundir.SOURCES_FILE)
+        key = json.dumps(sorted(str(u) for u in runs[name]))
+        twin = trained.get(key)
+        # Decided once per process before anything is written (process 0 writes `done`).
+        exists = os.path.isfile(done)
+        if not exists and twin is not None:
+            # The same units under the same settings and seed: the same fine-tune (training is
+            # deterministic), recorded once more instead of trained twice.
+            barrier(f"finetune/{name}/looked")  # every process has looked before process 0 writes
+            if jax.process_index() == 0:
+                os.makedirs(run_dir, exist_ok=True)
+            twin_done = os.path.join(rundir.finetune_dir(workdir, twin), rundir.SOURCES_FILE)
+            write_shared_json(done, {**read_json(twin_done), "same_as": twin},
+                              f"finetune/{name}/same_as")
+        elif not exists:
+            cfg = copy.deepcopy(config)
+            cfg.finetune.sources = json.dumps(list(runs[name]))  # names may hold commas
+            cfg.finetune.selection_file = ""
+            cfg.finetune.name = name
+            # Units that are clusters of samples: finetune() reads their sample ids.
+            cfg.finetune.groups_file = (os.path.join(workdir, rundir.GROUPS_FILE)
+                                        if units.members is not None else "")
+            steps = int(config.pipeline.get("finetune_steps", 0))
+            if steps > 0:  # the same optimisation budget for every choice of sources
+                cfg.train.num_steps = steps
+            seed = int(config.pipeline.get("finetune_seed", -1))
+            if seed >= 0:  # data order, dropout and the fresh adapters' initialisation
+                cfg.train.seed = seed
+                cfg.lora.seed = seed
+            result = finetune(cfg, workdir)
+            if stopped_early(cfg, result.step,
+                              lambda data: units.examples(data, "train", runs[name])):
+                if jax.process_index() == 0 and os.path.isfile(done):
+                    os.remove(done)  # not done: the next run resumes this fine-tune
+                return {**results, name: {"step": result.step}, "stopped_early": True}
+        results[name] = read_json(done)
+        trained.setdefault(key, results[name].get("same_as", name))
+    return results
+
+
+def finetune_runs_done(config, workdir: str) -> bool:
+    """Every run of ``pipeline.finetune_runs`` has finished (one added later has not)."""
+    return all(os.path.isfile(os.path.join(rundir.finetune_dir(workdir, name), rundir.SOURCES_FILE))
+               for name in as_names(config.pipeline.finetune_runs) or ())

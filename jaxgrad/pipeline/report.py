@@ -1,5 +1,5 @@
 """The run report: ``report.md``, built only from a run directory's artefacts (its PNG plots:
-:mod:`jaxgrad.plots`)."""
+:mod:`jaxgrad.pipeline.plots`); the pipeline's last stage (:func:`stage_report`)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import json
 import os
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 
 from jaxgrad import rundir
-from jaxgrad._compat import moved_names
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import FINETUNE_RUNS
-from jaxgrad.fingerprint import config_changes, model_input_digests, stage_fingerprints
-from jaxgrad.plots import plot_clusters, plot_fidelity, plot_scores
-from jaxgrad.records import read_records
-from jaxgrad.runtime import python_command
+from jaxgrad.pipeline.fingerprint import config_changes, model_input_digests, stage_fingerprints
+from jaxgrad.pipeline.plots import plot_clusters, plot_fidelity, plot_scores
+from jaxgrad.pipeline.records import read_records
+from jaxgrad.pipeline.runtime import python_command
+from jaxgrad.pipeline.timings import stage_seconds
 
 
 def _cell(text: str) -> str:
@@ -245,29 +246,6 @@ def _timings_section(workdir: str) -> list[str]:
                     for k, (v, n) in computed.items() if k != "report"] + [""]
 
 
-def stage_seconds(rows: Sequence[dict]) -> dict[str, tuple[float, int]]:
-    """Per stage, the seconds spent computing its current artefacts and in how many runs, from
-    the rows of ``timings.jsonl`` (:func:`jaxgrad.pipeline.run._append_timing`), oldest first.
-
-    Rows of runs that reused the stage are skipped. A row that is not ``fresh`` (the stage had
-    artefacts when it started: it resumed after an interruption or extended them, e.g. a run
-    added to ``pipeline.finetune_runs``) adds its seconds to the rows before it under the same
-    fingerprint; a fresh row, or another fingerprint, starts the count again. Rows written
-    before ``fresh`` was recorded count as fresh (the last one's seconds, as before)."""
-    out: dict[str, tuple[float, int]] = {}
-    fingerprints: dict[str, str | None] = {}
-    for r in rows:
-        if r.get("reused", False):
-            continue
-        stage, seconds = r["stage"], float(r["seconds"])
-        extends = (not r.get("fresh", True) and stage in out
-                   and fingerprints[stage] == r.get("fingerprint"))
-        total, runs = out[stage] if extends else (0.0, 0)
-        out[stage] = (total + seconds, runs + 1)
-        fingerprints[stage] = r.get("fingerprint")
-    return out
-
-
 def _estimates_section(config, est_rows: list[dict]) -> list[str]:
     conv = np.mean([r["converged"] == "True" for r in est_rows]) if est_rows else float("nan")
     return ["## Estimates", "",
@@ -390,6 +368,13 @@ def write_report(config, workdir: str) -> str:
     return path
 
 
+def stage_report(config, workdir: str) -> str:
+    """``report.md`` and plots from the artefacts of the earlier stages (nothing recomputed)."""
+    if jax.process_index() != 0:  # one process writes the report
+        return os.path.join(workdir, rundir.REPORT_FILE)
+    return write_report(config, workdir)
+
+
 def cluster_lines(groups: dict, selection: dict) -> list[str]:
     """The report's cluster view: per unit its size, sources, score with interval, whether it was
     kept, and the start of a few of its prompts."""
@@ -435,7 +420,7 @@ def fidelity_lines(fid: dict) -> list[str]:
     if "first_order_error" in fid:
         lines.append(f"\nFirst-order error (mean squared relative error of f(θ*)+gᵀΔ vs f(θ*+Δ)): "
                      f"{_fmt(fid['first_order_error'], 6)}. The calibrated scale "
-                     "(jaxgrad.fidelity.suggest_scale) matches the surrogate's step to the real "
+                     "(jaxgrad.pipeline.fidelity.suggest_scale) matches the surrogate's step to the real "
                      "fine-tunes' size; set `surrogate.scale` to it to estimate steps of that size.")
     return lines
 
@@ -504,5 +489,3 @@ def compare_tables(excerpt: str, report: str, atol: float = 0.0) -> list[str]:
                     problems.append(f"{header[0]} {row[0]!r}, {name}: README {a!r}, report {b!r}")
     return problems
 
-
-__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -6,7 +6,8 @@ over those keys' values and its inputs' fingerprints, so the fingerprints form a
 to meta-training changes the fingerprints of gradients, estimates, selection, ... as well.
 
 The records of ``<workdir>/stages.json`` and the decision to reuse, resume or recompute a
-stage are :mod:`jaxgrad.records`' (:func:`jaxgrad.records.reconcile`).
+stage are :mod:`jaxgrad.pipeline.records`' (:func:`jaxgrad.pipeline.records.reconcile`); the
+record of each final fine-tune (``run.json``) is :mod:`jaxgrad.pipeline.finetune`'s.
 
 Besides config keys, the base model's files are inputs: ``inputs.model.<path>`` holds a sha256 of
 each file of a local ``model.name_or_path`` (a directory's top-level files, or the GGUF file)
@@ -29,20 +30,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
 
-from jaxgrad._compat import moved_names
 from jaxgrad.common import counts
 from jaxgrad.common.checks import as_names
-from jaxgrad.common.distributed import barrier
-from jaxgrad.common.jsonio import atomic_write_json, jsonable, read_json
-from jaxgrad.config import COLUMN_ROLES, CONFIG_CHANGE_MODES, NAME_LISTS
-from jaxgrad.rundir import CONFIG_FILE, HASHES_FILE, RUN_FILE
+from jaxgrad.common.digest import file_sha256
+from jaxgrad.common.jsonio import atomic_write_json, jsonable
+from jaxgrad.config import COLUMN_ROLES, NAME_LISTS
+from jaxgrad.rundir import HASHES_FILE
 
-RECORDS_VERSION = 1  # of stages.json (jaxgrad.records) and of each fine-tune's run.json
+RECORDS_VERSION = 1  # of stages.json (pipeline.records) and of each fine-tune's run.json (.finetune)
 
 # Stages in order, with the stages whose artefacts each one reads.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
@@ -183,7 +182,7 @@ def flatten_config(config: Any) -> dict[str, Any]:
     return out
 
 
-def _excluded(key: str, flat: Mapping[str, Any]) -> bool:
+def excluded(key: str, flat: Mapping[str, Any]) -> bool:
     if key in FINGERPRINT_EXCLUDE:
         return True
     if key in INERT_DEFAULTS and flat.get(key) == INERT_DEFAULTS[key]:
@@ -203,7 +202,7 @@ def _own_values(stage: str, flat: Mapping[str, Any]) -> dict[str, Any]:
         return {"base.pretrain": False}
     prefixes = STAGE_CONFIG[stage]
     return {k: v for k, v in flat.items()
-            if any(k == p or k.startswith(p + ".") for p in prefixes) and not _excluded(k, flat)}
+            if any(k == p or k.startswith(p + ".") for p in prefixes) and not excluded(k, flat)}
 
 
 def _off(flat: Mapping[str, Any]) -> set[str]:
@@ -211,16 +210,6 @@ def _off(flat: Mapping[str, Any]) -> set[str]:
     unless ``groups.by = "cluster"`` (every run directory from before the stage keeps its
     fingerprints)."""
     return set() if flat.get("groups.by") == "cluster" else {"groups"}
-
-
-
-
-def _sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _model_files(path: str) -> list[str]:
@@ -263,7 +252,7 @@ def model_input_digests(config: Any, workdir: str | None = None) -> dict[str, st
         key = os.path.abspath(f)
         hit = cache.get(key)
         if not (isinstance(hit, list) and hit[:2] == [st.st_size, st.st_mtime_ns]):
-            hit = [st.st_size, st.st_mtime_ns, _sha256_file(f)]
+            hit = [st.st_size, st.st_mtime_ns, file_sha256(f)]
             cache[key], dirty = hit, True
         out[f"inputs.model.{f}"] = f"sha256:{hit[2]}"
     if dirty and cache_path and jax.process_index() == 0:
@@ -304,83 +293,6 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     return changes
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A config value as a change message shows it: JSON, or ``<absent>``."""
     return value if value is _ABSENT else json.dumps(value)
-
-
-# ------------------------------------------------------------------------------------------------
-# Final fine-tunes made one at a time (scripts/finetune.py, and each run of the finetune stage)
-
-RUN_SECTIONS = ("model", "lora", "data", "train", "inputs")
-
-
-def finetune_run_values(config: Any, workdir: str, units: Sequence[str],
-                        train_ids: Sequence[str]) -> dict[str, Any]:
-    """What a fine-tune's result depends on: the config keys of ``model``, ``lora``, ``data``,
-    ``train`` (the exclusions of the stage fingerprints apply), the base model's file hashes,
-    the units trained on (``finetune.units``) and a sha256 of their train example ids
-    (``finetune.train_examples``: it changes with the data or a groups file)."""
-    flat = flatten_config(config)
-    flat.update(model_input_digests(config, workdir))
-    values = {k: v for k, v in flat.items()
-              if k.split(".", 1)[0] in RUN_SECTIONS and not _excluded(k, flat)}
-    values["finetune.units"] = [str(u) for u in units]
-    ids = json.dumps(sorted(str(i) for i in train_ids))
-    values["finetune.train_examples"] = (f"{len(train_ids)} examples, sha256:"
-                                         f"{hashlib.sha256(ids.encode()).hexdigest()[:16]}")
-    return values
-
-
-def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "error") -> str:
-    """Whether the fine-tune in ``run_dir`` was made with ``values`` (:func:`finetune_run_values`).
-
-    Returns "new" (nothing there, or deleted in "rerun" mode: train from scratch), "same"
-    (resume or reuse). ``run_dir/run.json`` is written (process 0) before training starts. A
-    directory from before run records is compared through its ``config.json`` (config keys
-    only) and adopted when they agree.
-
-    Raises:
-      ConfigChangedError: the run was made with other values and ``mode`` is "error"; it names
-        the run directory and the changed keys, and deletes nothing.
-      ValueError: ``mode`` outside :data:`CONFIG_CHANGE_MODES`.
-    """
-    if mode not in CONFIG_CHANGE_MODES:
-        raise ValueError(f"pipeline.on_config_change must be one of {CONFIG_CHANGE_MODES}, got {mode!r}")
-    path = os.path.join(run_dir, RUN_FILE)
-    old: dict[str, Any] | None = None
-    if os.path.isfile(path):
-        old = read_json(path)["values"]
-    elif os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):  # before run records
-        flat = flatten_config(read_json(os.path.join(run_dir, CONFIG_FILE)))
-        old = {k: v for k, v in flat.items()
-               if k.split(".", 1)[0] in RUN_SECTIONS and not _excluded(k, flat)}
-        old.update({k: v for k, v in values.items() if k not in old and
-                    (k.startswith("inputs.") or k.startswith("finetune."))})
-    status = "new" if not os.path.isdir(run_dir) else "same"
-    if old is not None:
-        changes = config_changes(old, dict(values))
-        if changes and mode == "error":
-            lines = [f"jaxgrad finetune: {run_dir} holds a fine-tune made with other settings; "
-                     "it cannot be reused or resumed.", "Changed (old → new):"]
-            lines += [f"  {k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:20]]
-            lines += ["Either give this fine-tune another name (--config.finetune.name=...), or "
-                      "retrain it: --config.pipeline.on_config_change=rerun deletes "
-                      f"{run_dir} first. Nothing was deleted."]
-            raise ConfigChangedError("\n".join(lines), stage="finetune", workdir=run_dir,
-                                     changes=changes)
-        if changes:
-            status = "new"
-    barrier(f"finetune/checked/{os.path.basename(run_dir)}")  # all read the old record first
-    if jax.process_index() == 0:
-        if old is not None and changes:
-            shutil.rmtree(run_dir)
-            print(f"[jaxgrad] finetune: settings changed since {run_dir} was trained ("
-                  + "; ".join(f"{k}: {_fmt(a)} → {_fmt(b)}" for k, a, b in changes[:5])
-                  + "); on_config_change='rerun': deleted it, training again", flush=True)
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_write_json(path, {"version": RECORDS_VERSION, "values": dict(sorted(values.items()))})
-    barrier(f"finetune/recorded/{os.path.basename(run_dir)}")  # nobody trains in it before
-    return status
-
-
-__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)
