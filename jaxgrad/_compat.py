@@ -164,6 +164,9 @@ MOVED: dict[str, dict[str, str]] = {
         "token_ce_sums": "jaxgrad.train.losses",
         "token_cross_entropy": "jaxgrad.train.losses",
     },
+    "jaxgrad.models.gguf": {
+        "file_digest": "jaxgrad.common.digest:file_sha256",
+    },
     "jaxgrad.models.llama": {
         "ACTIVATIONS": "jaxgrad.models.hf_config",
         "COMPUTED": "jaxgrad.models.hf_config",

@@ -34,7 +34,6 @@ names transformers 4 reads.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -43,6 +42,9 @@ import sys
 import tempfile
 from collections import Counter
 from typing import Any
+
+from jaxgrad._compat import moved_names
+from jaxgrad.common.digest import file_sha256
 
 GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 CACHE_ENV = "JAXGRAD_GGUF_CACHE"
@@ -154,15 +156,6 @@ def check_architecture(info: dict, path: str) -> None:
             "mistral, qwen2, gemma3_text; Mistral GGUFs are written as 'llama')")
 
 
-def file_digest(path: str, chunk: int = 1 << 24) -> str:
-    """sha256 (hex) of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_path(gguf_path: str, cache_dir: str | None = None) -> str:
     """Where the converted directory of ``gguf_path`` lives: ``<cache_dir>/<stem>.hf``, with
     ``cache_dir`` defaulting to ``$JAXGRAD_GGUF_CACHE``, else the GGUF's own directory."""
@@ -198,7 +191,7 @@ def is_current(record: dict | None, gguf_path: str) -> bool:
         return False
     if record.get("mtime_ns") == mtime_ns:
         return True
-    return record.get("sha256") == file_digest(gguf_path)
+    return record.get("sha256") == file_sha256(gguf_path)
 
 
 def _refresh_mtime(directory: str, record: dict, gguf_path: str) -> None:
@@ -224,7 +217,7 @@ def make_record(gguf_path: str, info: dict) -> dict:
     """The provenance/cache record of a conversion of ``gguf_path`` (inspected as ``info``)."""
     size, mtime_ns = _stat(gguf_path)
     return {"cache_format": CACHE_FORMAT, "gguf_file": os.path.abspath(gguf_path), "size": size,
-            "mtime_ns": mtime_ns, "sha256": file_digest(gguf_path),
+            "mtime_ns": mtime_ns, "sha256": file_sha256(gguf_path),
             "architecture": info["architecture"], "name": info["name"],
             "quantization": info["quantization"], "tensor_types": info["tensor_types"],
             "dequantized_to": "float32", **_versions()}
@@ -402,3 +395,6 @@ def describe_gguf_source(directory: str) -> str | None:
         return None
     return (f"weights dequantised to {src.get('dequantized_to', 'float32')} from the "
             f"{src.get('quantization')} GGUF {os.path.basename(src.get('gguf_file', '?'))}")
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)
