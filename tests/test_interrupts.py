@@ -238,3 +238,41 @@ def test_the_progress_bar_line_comes_before_the_interrupt_message(tmp_path, caps
     gc.collect()  # an unclosed bar prints its last line when it is collected
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("[jaxgrad] interrupted"), lines[-3:]
+
+
+def test_an_interrupted_stage_keeps_its_time_for_the_report(tmp_path, monkeypatch):
+    """run_pipeline writes a timings.jsonl row for a stage stopped by Ctrl-C (its seconds, not
+    reused, ``fresh`` and the fingerprint as a finished stage's row has them), so the report's
+    Stages table adds them to the resumed run's: "(in 2 runs)"."""
+    import time
+
+    from configs import demo
+    from jaxgrad import rundir
+    from jaxgrad.pipeline import run as run_mod
+    from jaxgrad.pipeline.timings import stage_seconds
+
+    def interrupted_base(config, workdir):  # started writing its artefact, then Ctrl-C
+        os.makedirs(os.path.join(workdir, rundir.BASE_DIR), exist_ok=True)
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    def resumed_base(config, workdir):
+        time.sleep(0.2)
+        with open(os.path.join(workdir, rundir.BASE_MODEL_FILE), "w") as f:
+            f.write("weights")
+        return os.path.join(workdir, rundir.BASE_DIR)
+
+    config, workdir = demo.get_config("tiny"), str(tmp_path / "run")
+    monkeypatch.setattr(run_mod, "stage_base", interrupted_base)
+    with pytest.raises(KeyboardInterrupt):
+        run_mod.run_pipeline(config, workdir, ["base"])
+    monkeypatch.setattr(run_mod, "stage_base", resumed_base)
+    run_mod.run_pipeline(config, workdir, ["base"])
+    with open(os.path.join(workdir, rundir.TIMINGS_FILE)) as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["stage"], r["reused"], r["fresh"]) for r in rows] == [
+        ("base", False, True), ("base", False, False)], rows
+    assert rows[0]["fingerprint"] == rows[1]["fingerprint"] is not None
+    assert rows[0]["seconds"] >= 0.3
+    seconds, runs = stage_seconds(rows)["base"]
+    assert runs == 2 and seconds >= 0.5

@@ -126,8 +126,10 @@ def _selection_file_names(path: str) -> list[str]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where}: not valid JSON ({e}); expected {SELECTION_FILE_FORMS}") from None
     if isinstance(raw, Mapping):
-        key = "selected" if "selected" in raw else "sources"
-        raw = raw.get(key)
+        if "selected" not in raw and "sources" not in raw:
+            raise ConfigError(f"{where}: a JSON object needs a 'selected' or 'sources' list of "
+                              "source names")
+        raw = raw["selected" if "selected" in raw else "sources"]
     if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
         raise ConfigError(f"{where}: expected {SELECTION_FILE_FORMS}")
     return raw
