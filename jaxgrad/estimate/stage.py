@@ -26,17 +26,22 @@ ESTIMATE_FIELDS = ("subset", "sources", "n_samples", "converged", "n_iter", "los
                    "mean_output", "exact_loss")
 
 
-def _sample(n_units: int, m: int, size: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """:func:`sample_subsets` and its warning about repeated subsets as lines for the stage to
-    print (with the config keys to change; a raw ``UserWarning`` names a source line of jaxgrad)
-    when it computes rows: a stage whose rows are all there has nothing to say about them."""
+def _sample(n_units: int, m: int, size: int, seed: int, notes: list | None = None) -> np.ndarray:
+    """:func:`sample_subsets`, its warning about repeated subsets said once as a line of the stage
+    with the config keys to change (a raw ``UserWarning`` names a source line of jaxgrad):
+    printed, or appended to ``notes`` (the stage prints them only when it computes rows)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         subsets = sample_subsets(n_units, m, size, seed)
-    notes = [f"[jaxgrad] estimates: {str(w.message).removeprefix('sample_subsets: ')} "
-             f"(config.surrogate.num_subsets = {m}, subset_size = {size} of {n_units}: fewer "
-             "subsets or another size would not repeat any)" for w in caught]
-    return subsets, notes
+    for w in caught:
+        line = (f"[jaxgrad] estimates: {str(w.message).removeprefix('sample_subsets: ')} "
+                f"(config.surrogate.num_subsets = {m}, subset_size = {size} of {n_units}: fewer "
+                "subsets or another size would not repeat any)")
+        if notes is None:
+            print(line, flush=True)
+        else:
+            notes.append(line)
+    return subsets
 
 
 def stage_estimates(config, workdir: str) -> str:
@@ -50,7 +55,8 @@ def stage_estimates(config, workdir: str) -> str:
     table = os.path.join(workdir, rundir.ESTIMATES_FILE)
     sources = pipeline_units(config, workdir).names
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
-    subsets, notes = _sample(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
+    notes: list[str] = []  # said only when rows are computed (not when the stage is reused)
+    subsets = _sample(len(sources), int(s["num_subsets"]), size, int(s["seed"]), notes)
     # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
     # (jaxgrad.pipeline.fingerprint; it replaced estimates/settings.json, still read in old run
     # directories).
