@@ -248,9 +248,9 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be divisible by "
                              f"grad_accum_steps={self.grad_accum_steps}")
-        if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("TrainConfig: learning_rate, weight_decay and max_grad_norm must be "
-                             ">= 0")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            if not getattr(self, name) >= 0:  # NaN too
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if isinstance(self.mesh, Mapping):
             object.__setattr__(self, "mesh", MeshConfig(**self.mesh))
 

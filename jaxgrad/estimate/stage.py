@@ -26,16 +26,21 @@ ESTIMATE_FIELDS = ("subset", "sources", "n_samples", "converged", "n_iter", "los
                    "mean_output", "exact_loss")
 
 
-def _sample(n_units: int, m: int, size: int, seed: int):
+def _sample(n_units: int, m: int, size: int, seed: int, notes: list | None = None) -> np.ndarray:
     """:func:`sample_subsets`, its warning about repeated subsets said once as a line of the stage
-    with the config keys to change (a raw ``UserWarning`` names a source line of jaxgrad)."""
+    with the config keys to change (a raw ``UserWarning`` names a source line of jaxgrad):
+    printed, or appended to ``notes`` (the stage prints them only when it computes rows)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         subsets = sample_subsets(n_units, m, size, seed)
     for w in caught:
-        print(f"[jaxgrad] estimates: {str(w.message).removeprefix('sample_subsets: ')} "
-              f"(config.surrogate.num_subsets = {m}, subset_size = {size} of {n_units}: fewer "
-              "subsets or another size would not repeat any)", flush=True)
+        line = (f"[jaxgrad] estimates: {str(w.message).removeprefix('sample_subsets: ')} "
+                f"(config.surrogate.num_subsets = {m}, subset_size = {size} of {n_units}: fewer "
+                "subsets or another size would not repeat any)")
+        if notes is None:
+            print(line, flush=True)
+        else:
+            notes.append(line)
     return subsets
 
 
@@ -50,7 +55,8 @@ def stage_estimates(config, workdir: str) -> str:
     table = os.path.join(workdir, rundir.ESTIMATES_FILE)
     sources = pipeline_units(config, workdir).names
     size = subset_size(len(sources), s["subset_size"], name="config.surrogate.subset_size")
-    subsets = _sample(len(sources), int(s["num_subsets"]), size, int(s["seed"]))
+    notes: list[str] = []  # said only when rows are computed (not when the stage is reused)
+    subsets = _sample(len(sources), int(s["num_subsets"]), size, int(s["seed"]), notes)
     # Rows are reused only under the same config: run_pipeline checks the stage's fingerprint
     # (jaxgrad.pipeline.fingerprint; it replaced estimates/settings.json, still read in old run
     # directories).
@@ -58,6 +64,8 @@ def stage_estimates(config, workdir: str) -> str:
     todo = [i for i in range(len(subsets)) if i >= len(done_rows)]
     if not todo:
         return table
+    for note in notes:
+        print(note, flush=True)
     score = SurrogateScorer(config, workdir, sources)
     chunk = int(s["chunk_subsets"])
     new_file = not done_rows
@@ -69,21 +77,21 @@ def stage_estimates(config, workdir: str) -> str:
         if new_file:
             writer.writeheader()
         starts = range(todo[0], len(subsets), chunk)
-        bar = (progress_bar(total=len(subsets), initial=todo[0], desc="estimates",
-                            unit="subset", disable=not config.train.get("progress", True)
-                            or jax.process_index() != 0))
-        for c0 in starts:
-            rows = subsets[c0 : c0 + chunk]
-            out = score(rows)
-            bar.update(rows.shape[0])
-            for r in range(rows.shape[0]):
-                writer.writerow({
-                    "subset": c0 + r,
-                    "sources": json.dumps([sources[j] for j in np.flatnonzero(rows[r])]),
-                    **{k: v[r] for k, v in out.items()},
-                })
-            fh.flush()
-        bar.close()
+        # Closed however the loop ends: no bar line after what an interruption prints.
+        with progress_bar(total=len(subsets), initial=todo[0], desc="estimates", unit="subset",
+                          disable=not config.train.get("progress", True)
+                          or jax.process_index() != 0) as bar:
+            for c0 in starts:
+                rows = subsets[c0 : c0 + chunk]
+                out = score(rows)
+                bar.update(rows.shape[0])
+                for r in range(rows.shape[0]):
+                    writer.writerow({
+                        "subset": c0 + r,
+                        "sources": json.dumps([sources[j] for j in np.flatnonzero(rows[r])]),
+                        **{k: v[r] for k, v in out.items()},
+                    })
+                fh.flush()
     barrier("estimates")
     return table
 

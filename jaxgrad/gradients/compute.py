@@ -76,22 +76,23 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
     if not missing:
         return store
     encoded, arch = encode_for_model(examples, tokenizer, model, sources=sources)
-    shards = missing
-    if progress:
-        shards = progress_bar(missing, desc=f"gradients[{split}]", unit="shard")
-    for i in shards:
-        start, stop = store.shard_rows(i)
-        feats, fs = [], []
-        for b0 in range(start, stop, batch_size):
-            rows = list(range(b0, min(b0 + batch_size, stop)))
-            batch = collate(encoded, rows, max_length=max_length, arch=arch, batch_size=batch_size)
-            res = per_sample_projected_grads(model, batch, projector, output_fn, eps=eps,
-                                             chunk_size=chunk_size, full_finetune=full_finetune,
-                                             mesh=mesh)
-            n = len(rows)
-            feats.append(np.asarray(res.feats)[:n])
-            fs.append(np.asarray(res.f)[:n])
-        store.write_shard(i, np.concatenate(feats), np.concatenate(fs))
+    # Closed however the loop ends: no bar line after what an interruption prints.
+    with progress_bar(missing, desc=f"gradients[{split}]", unit="shard",
+                      disable=not progress) as shards:
+        for i in shards:
+            start, stop = store.shard_rows(i)
+            feats, fs = [], []
+            for b0 in range(start, stop, batch_size):
+                rows = list(range(b0, min(b0 + batch_size, stop)))
+                batch = collate(encoded, rows, max_length=max_length, arch=arch,
+                                batch_size=batch_size)
+                res = per_sample_projected_grads(model, batch, projector, output_fn, eps=eps,
+                                                 chunk_size=chunk_size,
+                                                 full_finetune=full_finetune, mesh=mesh)
+                n = len(rows)
+                feats.append(np.asarray(res.feats)[:n])
+                fs.append(np.asarray(res.f)[:n])
+            store.write_shard(i, np.concatenate(feats), np.concatenate(fs))
     return store
 
 

@@ -265,9 +265,8 @@ def run_fidelity(config, workdir: str, *, write: bool = True) -> dict:
     units = pipeline_units(config, workdir, data.sources)
     tunes = SubsetFineTunes(config, workdir, data, units, theta, tc, accuracy)
     show = bool(config.train.get("progress", True)) and jax.process_index() == 0
-    results = [_compare(i, row, tunes.measure(row), theta, est)
-               for i, row in enumerate(progress_bar(rows, desc="fidelity fine-tunes",
-                                                    unit="subset", disable=not show))]
+    with progress_bar(rows, desc="fidelity fine-tunes", unit="subset", disable=not show) as bar:
+        results = [_compare(i, row, tunes.measure(row), theta, est) for i, row in enumerate(bar)]
     s = config.surrogate
     out = _summarise(results, est, base_acc, {**settings, "scale": s.scale,
                                               "objective": s.objective, "C": float(s.C),

@@ -200,8 +200,10 @@ class SubsetFineTunes:
             trained = model
         else:
             grad_norms = []
+            # No checkpoint on Ctrl-C: a resumed fine-tune would miss the grad norms of the
+            # steps before it (these fine-tunes are a few steps long).
             trained = fit(model, theta.tokenizer, train_examples, tc, run_dir,
-                          sources=self.data.sources,
+                          sources=self.data.sources, save_on_interrupt=False,
                           callback=lambda step, m: grad_norms.append(float(m["grad_norm"]))).model
             theta_s = nnx.state(trained, theta.filt)
         f_true = np.asarray(theta.f(theta_s))

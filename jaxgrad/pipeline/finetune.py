@@ -25,7 +25,7 @@ from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.common.distributed import barrier, describe_devices, initialize_distributed
 from jaxgrad.common.checks import as_names
 from jaxgrad.common.jsonio import atomic_write_json, read_json, write_shared_json
-from jaxgrad.config import CONFIG_CHANGE_MODES, ModelSpec, TrainConfig
+from jaxgrad.config import CONFIG_CHANGE_MODES, ConfigError, ModelSpec, TrainConfig
 from jaxgrad.data.batching import num_batches
 from jaxgrad.data.sources import load_data
 from jaxgrad.groups.stage import pipeline_units
@@ -68,7 +68,8 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
     ``selection/selection.json``) or else a "sources" list, or one name per line.
 
     Raises:
-      ValueError: both or neither given; a name not among ``available``; a malformed JSON list.
+      ConfigError: both or neither given; a name not among ``available``; a malformed JSON list;
+        a selection file that cannot be read or that starts like JSON but is not valid JSON.
     """
     d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     names = d.get("sources") or []
@@ -76,43 +77,79 @@ def finetune_sources(section: Any, available: Sequence[str]) -> list[str]:
         try:
             names = json.loads(names)
         except json.JSONDecodeError as e:
-            raise ValueError(f"config.finetune.sources: {names!r} starts like a JSON list but is "
-                             f"not one ({e})") from None
+            raise ConfigError(f"config.finetune.sources: {names!r} starts like a JSON list but is "
+                              f"not one ({e})") from None
         if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
-            raise ValueError("config.finetune.sources: a JSON value must be a list of names")
+            raise ConfigError("config.finetune.sources: a JSON value must be a list of names")
     elif isinstance(names, str):
         names = list(as_names(names))
     path = d.get("selection_file") or ""
     if path:
         if names:
-            raise ValueError("config.finetune: give sources or selection_file, not both")
-        with open(path) as f:
-            text = f.read()
-        try:
-            raw = json.loads(text)
-            if isinstance(raw, Mapping):
-                key = "selected" if "selected" in raw else "sources"
-                if key not in raw:
-                    raise ValueError(f"config.finetune.selection_file {path}: a JSON object needs "
-                                     "a 'selected' or 'sources' list of source names")
-                names = raw[key]
-            else:
-                names = raw
-        except json.JSONDecodeError:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
+            raise ConfigError("config.finetune: give sources or selection_file, not both")
+        names = _selection_file_names(path)
     names = list(names)
     if not names:
-        raise ValueError("config.finetune names no sources (set finetune.sources=a,b or "
-                         "finetune.selection_file)")
+        raise ConfigError("config.finetune names no sources (set finetune.sources=a,b or "
+                          "finetune.selection_file)")
     unknown = [s for s in names if s not in available]
     if unknown:
         hint = ""
         if not d.get("groups_file") and any(re.fullmatch(r"c\d{2,}", s) for s in unknown):
             hint = (" (clusters of a pipeline run are units of its groups record: set "
                     "finetune.groups_file=<workdir>/groups/groups.json)")
-        raise ValueError(f"config.finetune: unknown sources {unknown}; available: "
-                         f"{list(available)}{hint}")
+        raise ConfigError(f"config.finetune: unknown sources {unknown}; available: "
+                          f"{list(available)}{hint}")
     return names
+
+
+SELECTION_FILE_FORMS = ("a JSON object with a 'selected' (or 'sources') list of names, as the "
+                        "selection stage's selection/selection.json, a JSON list of names, or "
+                        "one name per line")
+
+
+def _selection_file_names(path: str) -> list[str]:
+    """The names ``config.finetune.selection_file`` holds (:data:`SELECTION_FILE_FORMS`); a text
+    that starts like JSON (``{`` or ``[``) must be valid JSON, never read as names per line."""
+    where = f"config.finetune.selection_file={path}"
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "no such file" if isinstance(e, FileNotFoundError) else (
+            getattr(e, "strerror", None) or str(e))
+        raise ConfigError(f"{where}: {reason}; expected {SELECTION_FILE_FORMS}") from None
+    if not text.lstrip().startswith(("{", "[")):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e}); expected {SELECTION_FILE_FORMS}") from None
+    if isinstance(raw, Mapping):
+        if "selected" not in raw and "sources" not in raw:
+            raise ConfigError(f"{where}: a JSON object needs a 'selected' or 'sources' list of "
+                              "source names")
+        raw = raw["selected" if "selected" in raw else "sources"]
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+        raise ConfigError(f"{where}: expected {SELECTION_FILE_FORMS}")
+    return raw
+
+
+def finetune_selection(config: Any, data) -> tuple[Units | None, list[str]]:
+    """The units record ``config.finetune.groups_file`` names (None without one) and the units
+    (sources, or clusters of that record) ``config.finetune`` selects (:func:`finetune_sources`).
+
+    Raises:
+      ConfigError: a groups file that cannot be read, or what :func:`finetune_sources` refuses.
+    """
+    groups_file = config.finetune.get("groups_file", "") or ""
+    units = None
+    if groups_file:  # names are units of a groups record: clusters of samples, or sources
+        try:
+            units = Units.from_file(groups_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config.finetune.groups_file={groups_file}: {e}") from None
+    return units, finetune_sources(config.finetune, units.names if units else data.sources)
 
 
 def _finished_run(model, run_dir: str, total: int) -> TrainResult | None:
@@ -151,12 +188,7 @@ def finetune(config: Any, workdir: str) -> TrainResult:
     describe_devices()
     spec = ModelSpec.from_config(config.model)
     data = load_data(config.data)
-    groups_file = config.finetune.get("groups_file", "") or ""
-    if groups_file:  # names are units of a groups record: clusters of samples, or sources
-        units = Units.from_file(groups_file)
-    else:
-        units = None
-    selected = finetune_sources(config.finetune, units.names if units else data.sources)
+    units, selected = finetune_selection(config, data)
     train_examples = (units.examples(data, "train", selected) if units
                       else data.examples("train", selected))
     name = config.finetune.name or finetune_run_name(selected)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 
 from jaxgrad.common.distributed import barrier, initialize_distributed
+from jaxgrad.config import ConfigError
 from jaxgrad.estimate.stage import stage_estimates
 from jaxgrad.gradients.stage import stage_gradients
 from jaxgrad.groups.stage import groups_enabled, stage_groups
@@ -55,11 +56,17 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     Returns:
       ``{stage: its result, "timings": {stage: seconds}}``; ``"stopped_early": stage`` when a
       training stage stopped at ``train.stop_after_steps`` (the stages after it did not run).
+      A stage interrupted (``KeyboardInterrupt``) gets its ``timings.jsonl`` row too, so the
+      report adds its seconds to those of the run that resumes it.
+
+    Raises:
+      ConfigError: an unknown stage name, or a config :func:`validate_config` refuses.
     """
     stages = list(stages or STAGES)
     unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown pipeline stages {unknown}; expected some of {list(STAGES)}")
+    if unknown:  # a ConfigError: the scripts print it as one line (--stages=foo)
+        raise ConfigError(f"--stages: unknown pipeline stages {unknown}; expected some of "
+                          f"{list(STAGES)}")
     if on_config_change is None:
         pipeline_section = config.get("pipeline") or {}
         on_config_change = pipeline_section.get("on_config_change", "error") or "error"
@@ -89,15 +96,10 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
         fp = fingerprints[name]
         reused = _reused_or_started(config, workdir, name, fp, records)
         cfg = config if name == "base" else resolved_config(config, workdir)
-        fresh = not artefacts_exist(workdir, name)  # else it resumes or extends what is there
-        t0 = time.time()
         if not (name == "base" and not (config.get("base") or {}).get("pretrain", False)):
             # (no line for a base that is not built: a pretrained model is the base)
             print(f"[jaxgrad] stage {name} ..." + (" reused" if reused else ""), flush=True)
-        out[name] = fns[name](cfg, workdir)
-        timings[name] = time.time() - t0
-        append_timing(workdir, name, timings[name], reused or out[name] is None,
-                      fingerprint=fp.fingerprint, fresh=fresh)
+        out[name], timings[name] = _timed_stage(fns[name], cfg, workdir, name, fp, reused)
         if isinstance(out[name], dict) and out[name].get("stopped_early"):
             print(f"[jaxgrad] stage {name} stopped early (train.stop_after_steps) after "
                   f"{timings[name]:.1f}s; run again to resume", flush=True)
@@ -111,6 +113,23 @@ def run_pipeline(config, workdir: str, stages: Sequence[str] | None = None,
     out["timings"] = timings
     barrier("pipeline/done")  # no process leaves (and shuts down) while another still writes
     return out
+
+
+def _timed_stage(fn, cfg, workdir: str, name: str, fp, reused: bool):
+    """``fn(cfg, workdir)``, stage ``name``, and its seconds; its ``timings.jsonl`` row is written
+    also when Ctrl-C stops it, so that its time counts with the run that resumes it."""
+    fresh = not artefacts_exist(workdir, name)  # else it resumes or extends what is there
+    t0 = time.time()
+    try:
+        result = fn(cfg, workdir)
+    except KeyboardInterrupt:
+        append_timing(workdir, name, time.time() - t0, reused, fingerprint=fp.fingerprint,
+                      fresh=fresh)
+        raise
+    seconds = time.time() - t0
+    append_timing(workdir, name, seconds, reused or result is None, fingerprint=fp.fingerprint,
+                  fresh=fresh)
+    return result, seconds
 
 
 def _reused_or_started(config, workdir: str, name: str, fp, records: dict) -> bool:

@@ -18,6 +18,7 @@ import os
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from jaxgrad import rundir
 from jaxgrad.common import counts
@@ -25,16 +26,19 @@ from jaxgrad.common.checks import as_names
 from jaxgrad.common.counts import check_fraction_or_count, fraction_or_count
 from jaxgrad.common.distributed import barrier
 from jaxgrad.common.jsonio import read_json, write_json
-from jaxgrad.config import (CHOICES, FINETUNE_RUNS, ConfigError, MeshConfig, ModelSpec,
-                            TrainConfig, default_config)
+from jaxgrad.config import (CHOICES, FINETUNE_RUNS, ConfigError, FidelityConfig, MeshConfig,
+                            ModelSpec, TrainConfig, default_config)
 from jaxgrad.data.sources import SourcesSpec, load_data
 from jaxgrad.data.synthetic import SyntheticSpec
 from jaxgrad.pipeline.fingerprint import STAGE_ORDER, ConfigChangedError
 from jaxgrad.groups.units import GroupsSpec
 from jaxgrad.models.hf_config import resolve_dtype
+from jaxgrad.models.hub import FAMILIES, family_classes
+from jaxgrad.models.loading import lora_from_config
 from jaxgrad.models.lora import LoraConfig
 from jaxgrad.pipeline.records import (artefacts_exist, delete_artefacts, downstream, read_records,
                              write_records)
+from jaxgrad.train.stage import base_model_config, base_train_config
 
 log = logging.getLogger("jaxgrad.pipeline")
 
@@ -57,6 +61,8 @@ def check_config(config, stages: Sequence[str] | None = None):
     """Checks, before the first stage, what would otherwise fail only after hours of training.
 
     * ``model.dtype`` / ``model.param_dtype`` (float32 or bfloat16);
+    * the typed configs the stages build (:func:`check_typed_sections`: ``train.learning_rate =
+      -1`` is refused here, not after the stages before meta-training);
     * ``train.full_finetune`` only without adapters (``lora.rank = 0``);
     * every "fraction or count" setting (:data:`FRACTION_OR_COUNT`) under the one rule of
       :mod:`jaxgrad.common.counts`, whether it came from Python, a config file or the command line;
@@ -85,6 +91,7 @@ def check_config(config, stages: Sequence[str] | None = None):
         if get(key) not in (None, ""):
             resolve_dtype(get(key), f"config.{key}")
     check_method_sections(config)
+    check_typed_sections(config, stages)
     if get("train.full_finetune") and int(get("lora.rank") or 0) > 0:
         # Meta-training would train every parameter, the later stages differentiate w.r.t. the
         # adapters whenever there are some: θ* and its gradients would differ in parameters.
@@ -179,6 +186,86 @@ def check_method_sections(config) -> None:
                             f"{FINETUNE_RUNS}" + (f" (did you mean {near}?)" if near else ""))
     if problems:
         raise ValueError("\n".join(problems))
+
+
+# Whole-number settings that no typed config checks, read with int() inside their stages: the
+# lowest value allowed, and the highest where there is one (Projector's k and seed).
+INT_SETTINGS: dict[str, tuple[int, int | None]] = {
+    "gradients.projection_dim": (1, 2**20), "gradients.projection_seed": (0, 2**64 - 1),
+    "gradients.batch_size": (1, None), "gradients.chunk_size": (1, None),
+    "gradients.shard_size": (1, None), "surrogate.num_subsets": (1, None),
+    "surrogate.chunk_subsets": (1, None), "surrogate.exact_chunk": (1, None),
+    "selection.n_boot": (0, None), "pipeline.finetune_steps": (0, None),
+    "pipeline.finetune_seed": (-1, None),
+}
+
+# How the base's TrainConfig (jaxgrad.train.stage.base_train_config) names the config's keys.
+_BASE_KEYS = (("TrainConfig.learning_rate", "config.base.learning_rate"),
+              ("TrainConfig.num_steps", "config.base.steps"), ("TrainConfig.seed", "config.base.seed"),
+              ("TrainConfig.", "config.train."))
+
+
+def check_typed_sections(config, stages: Sequence[str] | None = None) -> None:
+    """Build the typed configs the stages build from ``config`` (``TrainConfig`` from ``train``
+    and ``mesh``, ``LoraConfig``, ``ModelSpec`` and a from-scratch model's family config, with
+    ``base.pretrain`` the base's model and ``TrainConfig``, with the fidelity stage
+    ``FidelityConfig``) and check :data:`INT_SETTINGS`, so that a value they refuse stops the
+    run before the first stage, under the config key's name, instead of inside its stage.
+
+    Raises:
+      ValueError: naming the key (``config.train.learning_rate must be >= 0, got -1.0``).
+    """
+    stages = set(stages or STAGE_ORDER)
+    sections = {n: config.get(n) for n in ("train", "lora", "model", "base", "pipeline",
+                                          "fidelity")} if hasattr(config, "get") else {}
+    if sections.get("train") is not None:
+        _built("train", lambda: TrainConfig.from_config(config.train, config.get("mesh")),
+               (("TrainConfig.", "config.train."), ("TrainConfig:", "config.train:")))
+    if sections.get("lora") is not None:
+        _built("lora", lambda: lora_from_config(config.lora),
+               (("LoraConfig.", "config.lora."), ("LoraConfig:", "config.lora:")))
+    pretrain = bool((sections.get("base") or {}).get("pretrain", False))
+    if pretrain and "base" in stages and sections.get("train") is not None:
+        _built("base", lambda: base_train_config(config), _BASE_KEYS)
+    if sections.get("model") is not None:
+        spec = _built("model", lambda: ModelSpec.from_config(config.model))
+        scratch = dict(spec.scratch)
+        if pretrain and "base" in stages:
+            _built("model.scratch", lambda: base_model_config(
+                config, int(scratch.get("vocab_size", 1) or 1)))
+        elif not spec.name_or_path and scratch and spec.family in FAMILIES and not pretrain:
+            _built("model.scratch", lambda: family_classes(spec.family)[0](**scratch))
+    if ("fidelity" in stages and sections.get("fidelity") is not None
+            and (sections.get("pipeline") or {}).get("fidelity", False)):
+        _built("fidelity", lambda: FidelityConfig(**dict(config.fidelity)),
+               (("fidelity.", "config.fidelity."),))
+    for key, (low, high) in INT_SETTINGS.items():
+        section, name = key.split(".")
+        node = config.get(section) if hasattr(config, "get") else None
+        value = node.get(name) if hasattr(node, "get") else None
+        if value is None:
+            continue
+        whole = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer))
+                 and float(value).is_integer())
+        if not whole or value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"config.{key} must be a whole number {bounds}, got {value!r}")
+
+
+def _built(where: str, build, renames=()):
+    """``build()``; its TypeError / ValueError (KeyError: a missing key) as a ValueError whose
+    message names the config keys (``renames``: the typed config's field names to the config's
+    keys), else prefixed with ``config.<where>``."""
+    try:
+        return build()
+    except (TypeError, ValueError, KeyError) as e:
+        msg = str(e)
+        for old, new in renames:
+            if not msg.startswith("config."):
+                msg = msg.replace(old, new)
+        if not msg.startswith("config."):
+            msg = f"config.{where}: {msg}"
+        raise ValueError(msg) from None
 
 
 DATA_STAGES = ("meta_train", "gradients", "groups", "estimates", "selection", "finetune", "fidelity")

@@ -14,7 +14,13 @@ One checkpoint per saved step, ``<ckpt_dir>/<step>/`` with four items:
 Orbax also records the step's metrics (``mngr.save(metrics=...)``). Retention keeps the latest
 ``keep`` steps (resume always finds the latest) *and* the best step by ``best_metric``
 (``AnyPreservationPolicy(LatestN, BestN)``; orbax's ``best_fn`` + ``max_to_keep`` alone would
-delete the latest step when it is not among the best).
+delete the latest step when it is not among the best). A checkpoint saved on Ctrl-C
+(:func:`deferred_interrupt`, ``jaxgrad.train.loop``) has no metrics (its step was not evaluated):
+it is never the best, and is kept only while it is among the latest ``keep``.
+
+A save is atomic: orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` when
+every item is written, so a save cut short (a second Ctrl-C, a crash) leaves the earlier steps as
+they were and no ``<step>`` directory; managers opened for writing delete such leftovers.
 
 :func:`restore_params` loads the trained parameters of a checkpoint into a model in a fresh
 process, without optimizer state: what evaluation and the gradient stage need.
@@ -25,6 +31,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
 from typing import Any, Mapping
 
 import jax
@@ -55,32 +64,40 @@ def make_manager(directory: str | os.PathLike, *, keep: int = 2, best_metric: st
     best_fn = None
     if best_metric:
         best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
-        policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1))
+        # A step saved without metrics (on Ctrl-C) is not kept for being unranked.
+        policies.append(ocm.BestN(get_metric_fn=best_fn, reverse=(best_mode == "min"), n=1,
+                                  keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode,
         preservation_policy=ocm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only,
+        cleanup_tmp_directories=not read_only,  # what a save cut short left behind
         # read-only: no saves (orbax warns that it sets this itself otherwise)
         **({"save_interval_steps": 0} if read_only else {}))
-    with _quiet_read_only(read_only):
+    with _quiet("is read only", read_only):
         return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), item_names=ITEMS,
                                      options=options)
 
 
-class _DropReadOnlyNotice(logging.Filter):
-    """orbax warns "Given directory is read only" whenever a manager is opened read-only, which
-    is how jaxgrad restores θ* (several times a run): expected, so not shown."""
+class _DropNotice(logging.Filter):
+    """Drops the log records holding ``text``: orbax warns "Given directory is read only" whenever
+    a manager is opened read-only, which is how jaxgrad restores θ* (several times a run), and
+    "did not provide metrics" for a step saved on Ctrl-C: both expected, so not shown."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "is read only" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
 @contextlib.contextmanager
-def _quiet_read_only(read_only: bool):
-    if not read_only:
+def _quiet(text: str, on: bool = True):
+    if not on:
         yield
         return
-    notice = _DropReadOnlyNotice()
+    notice = _DropNotice(text)
     loggers = [logging.getLogger("absl"), logging.getLogger()]
     for lg in loggers:
         lg.addFilter(notice)
@@ -94,16 +111,60 @@ def _quiet_read_only(read_only: bool):
 def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
          train_state: Mapping[str, Any], meta: Mapping[str, Any],
          metrics: Mapping[str, float] | None = None) -> bool:
-    """Save one step (asynchronously when the manager is async); True when a save started."""
-    return mngr.save(
-        int(step),
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            train_state=ocp.args.StandardSave(dict(train_state)),
-            meta=ocp.args.JsonSave(jsonable(meta))),
-        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-        force=True)
+    """Save one step (asynchronously when the manager is async); True when a save started.
+    ``metrics`` None: a step that is not ranked for the best checkpoint (saved on Ctrl-C)."""
+    with _quiet("did not provide metrics", metrics is None):
+        return mngr.save(
+            int(step),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                train_state=ocp.args.StandardSave(dict(train_state)),
+                meta=ocp.args.JsonSave(jsonable(meta))),
+            metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+            force=True)
+
+
+class InterruptRequest:
+    """Whether Ctrl-C was pressed inside :func:`deferred_interrupt` (``requested``)."""
+
+    requested: bool = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt(enabled: bool = True, notice: str = ""):
+    """Turn the first Ctrl-C (SIGINT) into a request the training loop honours between steps.
+
+    A ``KeyboardInterrupt`` raised at an arbitrary point of a step (say, when the jitted step
+    returns, its inputs donated, its outputs not yet assigned) leaves no consistent state to
+    save. Inside this context the first SIGINT only sets ``requested`` (and prints ``notice``);
+    the loop saves a checkpoint at the end of the step and raises ``KeyboardInterrupt`` itself.
+    A second Ctrl-C raises at once (Python's default handler is back). When the body ends with a
+    request still pending, ``KeyboardInterrupt`` is raised on leaving.
+
+    Does nothing (``requested`` stays False, Ctrl-C raises as usual) when ``enabled`` is False,
+    outside the main thread (signal handlers can only be set there), or when SIGINT already has
+    a handler other than Python's default (the program handles Ctrl-C itself).
+    """
+    request = InterruptRequest()
+    if not (enabled and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        yield request
+        return
+
+    def handler(signum, frame):
+        request.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+        if notice:
+            print(f"\n{notice}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if request.requested:
+        raise KeyboardInterrupt
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

@@ -7,13 +7,19 @@ evaluations, checkpoints on their schedules) and checkpointing (:func:`_save_che
 Checkpoints (:mod:`jaxgrad.train.checkpoint`) hold the trainable state, optimizer state, base
 RNG key, step and data position; a run restarted in the same directory resumes from the latest
 checkpoint and ends in the same state as an uninterrupted run (the data order is a function of
-``(seed, epoch)`` and step keys are ``fold_in(rng, step)``). Progress goes to a tqdm bar and to
-``metrics.jsonl`` (one JSON object per logged step or evaluation).
+``(seed, epoch)`` and step keys are ``fold_in(rng, step)``; each checkpoint also holds the
+loss averages in progress, so the resumed run logs the same rows). Ctrl-C saves a checkpoint
+at the step it stops at (:func:`_save_on_interrupt`) before the ``KeyboardInterrupt`` goes on, so
+a rerun resumes there rather than at the last scheduled checkpoint. Progress goes to a tqdm bar
+and to ``metrics.jsonl`` (one JSON object per logged step or evaluation: on a (re)start at step
+``s``, the rows past ``s`` of abandoned attempts are dropped).
 
 Multi-host: each process reads its own rows of every global batch (``process_index`` /
 ``process_count`` in the batch iterator) and :func:`jaxgrad.common.sharding.shard_batch`
 assembles global arrays with ``jax.make_array_from_process_local_data``. Only process 0 writes
-logs and adapters; all processes take part in checkpointing (orbax coordinates).
+logs and adapters; all processes take part in checkpointing (orbax coordinates). A checkpoint on
+Ctrl-C is saved by single-process runs only: SIGINT reaches the processes of a multi-host run
+separately (or only one of them), and a save that not every process joins would hang.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -123,6 +130,8 @@ class _Run:
     since_save: list = dataclasses.field(default_factory=list)  # host losses since the last save
     train_loss: float = float("nan")
     last_eval: dict = dataclasses.field(default_factory=dict)
+    saved: int = 0  # the step of the last checkpoint saved or restored (0: nothing to save)
+    phase: str = ""  # "step" / "save" while the state is in flux (no checkpoint on Ctrl-C then)
 
     def fetch(self) -> None:
         """Bring the pending device metrics to the host."""
@@ -185,6 +194,7 @@ def _restore(run: _Run, mngr, metrics_log: MetricsLog) -> dict[str, float]:
     with it (empty when there is none)."""
     latest = mngr.latest_step()
     if latest is None:
+        metrics_log.truncate_after(0)  # rows of attempts that stopped before any checkpoint
         return {}
     workdir, sh, repl = run.workdir, run.shardings, run.shardings["repl"]
     meta = ckpt_lib.read_meta(mngr, latest)
@@ -204,9 +214,14 @@ def _restore(run: _Run, mngr, metrics_log: MetricsLog) -> dict[str, float]:
         train_state=ckpt_lib.abstract_like(train_state, {"rng": repl, "step": repl}))
     run.trainable, run.opt_state = restored["params"], restored["opt_state"]
     run.rng_data = restored["train_state"]["rng"]
-    run.step = int(restored["train_state"]["step"])
+    run.step = run.saved = int(restored["train_state"]["step"])
     if run.step != latest:
         raise ValueError(f"{workdir}: checkpoint {latest} holds step {run.step}")
+    loop = meta.get("loop") or {}  # checkpoints from before it was saved: the averages restart
+    run.unlogged = [dict(h) for h in loop.get("unlogged", [])]
+    run.since_save = [float(x) for x in loop.get("since_save", [])]
+    run.last_eval = dict(loop.get("last_eval", {}))
+    run.train_loss = float(loop.get("train_loss", float("nan")))
     metrics_log.truncate_after(run.step)
     log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", workdir, run.step,
              run.step // run.spe, run.step % run.spe)
@@ -250,50 +265,104 @@ def _evaluate(run: _Run, evaluator: Evaluator, metrics_log: MetricsLog) -> None:
     log.info("step %d: %s", run.step, _short(run.last_eval))
 
 
-def _save_checkpoint(run: _Run, mngr, best_metric: str) -> None:
+def _save_checkpoint(run: _Run, mngr, best_metric: str, interrupted: bool = False) -> None:
     """Save the run's state at its step, with the metrics since the last save and the last
-    evaluation's (the best checkpoint is chosen by ``best_metric`` among them)."""
+    evaluation's (the best checkpoint is chosen by ``best_metric`` among them; a checkpoint
+    saved on Ctrl-C, ``interrupted``, is not ranked: its step was not evaluated) and the loop's
+    averages in progress (``meta["loop"]``: the resumed run continues them)."""
     run.fetch()
     metrics = {"train_loss": float(np.mean(run.since_save)), **run.last_eval}
-    if best_metric not in metrics:
+    if best_metric not in metrics and not interrupted:
         raise ValueError(f"best_metric {best_metric!r} is not among the metrics "
                          f"{sorted(metrics)}")
     step, spe = run.step, run.spe
+    loop = {"unlogged": [{k: float(v) for k, v in h.items()} for h in run.unlogged],
+            "since_save": list(run.since_save) if interrupted else [],
+            "last_eval": run.last_eval, "train_loss": run.train_loss}
     ckpt_lib.save(mngr, step, params=run.trainable, opt_state=run.opt_state,
                   train_state={"rng": run.rng_data,  # global arrays (multi-host)
                                "step": sharding_lib.from_host(
                                    np.asarray(step, np.int32), run.shardings["repl"])},
                   meta={"step": step, "epoch": step // spe,
                         "step_in_epoch": step % spe, "steps_per_epoch": spe,
-                        "trainable": run.kind, "metrics": metrics,
-                        "config": dataclasses.asdict(run.cfg)},
-                  metrics=metrics)
-    run.since_save.clear()
+                        "trainable": run.kind, "metrics": metrics, "loop": loop,
+                        "interrupted": interrupted, "config": dataclasses.asdict(run.cfg)},
+                  metrics=None if interrupted else metrics)
+    if not interrupted:
+        run.since_save.clear()
+
+
+def _save_on_interrupt(run: _Run, mngr, best_metric: str, stop_at: int) -> None:
+    """On Ctrl-C: save a checkpoint at the run's step, unless one is there already, the state is
+    mid-step or mid-save (then the last checkpoint stays the resume point), the step is the
+    last (its evaluation and checkpoint are the run's result: the rerun redoes them from the
+    last checkpoint) or other processes run too (they would not join the save)."""
+    if (run.phase or run.step == run.saved or run.step >= stop_at
+            or jax.process_count() > 1):
+        return
+    try:
+        _save_checkpoint(run, mngr, best_metric, interrupted=True)
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - the interrupt goes on whatever the save did
+        log.warning("could not save a checkpoint at step %d on Ctrl-C: %s", run.step, e)
+        return
+    run.saved = run.step
+    if jax.process_index() == 0:
+        print(f"[jaxgrad] {run.workdir}: checkpoint saved at step {run.step} of {run.total}",
+              file=sys.stderr, flush=True)
 
 
 def _step_loop(run: _Run, train: Batches, step_fn, mngr, metrics_log: MetricsLog,
                evaluator: Evaluator | None, best_metric: str,
-               callback: Callable[[int, dict], None] | None) -> None:
+               callback: Callable[[int, dict], None] | None, save_on_interrupt: bool) -> None:
     """Steps from ``run.step`` to the last (or ``stop_after_steps``), logging, evaluating and
-    saving checkpoints on their schedules."""
-    cfg, spe = run.cfg, run.spe
-    rng = jax.random.wrap_key_data(run.rng_data)
+    saving checkpoints on their schedules; on Ctrl-C a checkpoint at the step reached
+    (:func:`_save_on_interrupt`; the first Ctrl-C is honoured between steps,
+    :func:`~jaxgrad.train.checkpoint.deferred_interrupt`). The progress bar is closed whatever
+    happens, so that no bar line follows what the caller prints about an interruption."""
+    cfg = run.cfg
     stop_at = min(run.total, cfg.stop_after_steps) if cfg.stop_after_steps else run.total
-    last_saved = run.step
     bar = None
     if cfg.progress and jax.process_index() == 0:
         bar = progress_bar(total=run.total, initial=run.step,
                            desc=os.path.basename(os.path.normpath(run.workdir)),
                            dynamic_ncols=True)
+    save_on_interrupt = save_on_interrupt and jax.process_count() == 1
+    try:
+        with ckpt_lib.deferred_interrupt(
+                save_on_interrupt, notice="[jaxgrad] Ctrl-C: saving a checkpoint after this step "
+                "(Ctrl-C again stops at once)") as interrupt:
+            _steps(run, train, step_fn, mngr, metrics_log, evaluator, best_metric, callback,
+                   stop_at, interrupt, bar)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if save_on_interrupt:
+            _save_on_interrupt(run, mngr, best_metric, stop_at)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _steps(run: _Run, train: Batches, step_fn, mngr, metrics_log: MetricsLog,
+           evaluator: Evaluator | None, best_metric: str,
+           callback: Callable[[int, dict], None] | None, stop_at: int,
+           interrupt: ckpt_lib.InterruptRequest, bar) -> None:
+    """The step loop of :func:`_step_loop`; ``interrupt.requested`` stops it after a step."""
+    cfg, spe = run.cfg, run.spe
+    rng = jax.random.wrap_key_data(run.rng_data)
     t0 = time.time()
     while run.step < stop_at:
         epoch, start = divmod(run.step, spe)
         before = run.step
         for batch in train.iterate(epoch, start):
             batch = sharding_lib.shard_batch(dict(batch), run.mesh)
+            run.phase = "step"  # donated inputs, outputs not yet assigned: nothing to save
             run.trainable, run.opt_state, m = step_fn(run.trainable, run.frozen, run.opt_state,
                                                       batch, jax.random.fold_in(rng, run.step))
             run.step += 1
+            run.phase = ""
             run.pending.append(m)
             if callback is not None:
                 callback(run.step, m)
@@ -305,21 +374,24 @@ def _step_loop(run: _Run, train: Batches, step_fn, mngr, metrics_log: MetricsLog
             save_now = _due(cfg.save_every, run.step, spe) or final
             if evaluator is not None and (_due(cfg.eval_every, run.step, spe) or save_now):
                 _evaluate(run, evaluator, metrics_log)
-            if save_now and run.step != last_saved:
+            if save_now and run.step != run.saved:
+                run.phase = "save"
                 _save_checkpoint(run, mngr, best_metric)
-                last_saved = run.step
+                run.phase = ""
+                run.saved = run.step
             if final:
                 break
+            if interrupt.requested:
+                raise KeyboardInterrupt
         if run.step == before:
             raise RuntimeError(f"train.iterate({epoch}, {start}) yielded no batch although "
                                f"{spe} steps per epoch were announced")
-    if bar is not None:
-        bar.close()
 
 
 def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: str, *,
                  evaluator: Evaluator | None = None, mesh: jax.sharding.Mesh | None = None,
-                 callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+                 callback: Callable[[int, dict], None] | None = None,
+                 save_on_interrupt: bool = True) -> TrainResult:
     """Train ``model`` on ``train`` batches; resume from ``workdir`` if it holds checkpoints.
 
     Args:
@@ -332,7 +404,10 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
       mesh: device mesh (default :func:`jaxgrad.common.sharding.make_mesh` from ``cfg.mesh``).
       callback: ``callback(step, metrics)`` after every step; ``metrics`` are device scalars
         (reading them synchronizes). An exception raised in it stops training (the checkpoints
-        written so far stay, as after a crash).
+        written so far stay, as after a crash; a ``KeyboardInterrupt`` is a Ctrl-C).
+      save_on_interrupt: on Ctrl-C (``KeyboardInterrupt``), save a checkpoint at the step
+        reached before it propagates (single-process runs; not at the last step), so that a
+        rerun resumes there. False: a rerun resumes from the last scheduled checkpoint.
 
     Returns:
       A :class:`TrainResult`.
@@ -351,7 +426,7 @@ def run_training(model: nnx.Module, train: Batches, cfg: TrainConfig, workdir: s
         resumed_metrics = _restore(run, mngr, metrics_log)
         start_step = run.step
         _step_loop(run, train, _compile_step(run), mngr, metrics_log, evaluator, best_metric,
-                   callback)
+                   callback, save_on_interrupt)
         mngr.wait_until_finished()
         best = mngr.best_step()
     finally:
@@ -375,7 +450,8 @@ def fit(model: nnx.Module, tokenizer: Any, train_examples: Sequence[Mapping[str,
         sources: Sequence[str] | None = None,
         extract_answer: Callable[[str], str | None] | None = None,
         mesh: jax.sharding.Mesh | None = None,
-        callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+        callback: Callable[[int, dict], None] | None = None,
+        save_on_interrupt: bool = True) -> TrainResult:
     """:func:`run_training` on example dicts (``example_id, source, prompt, completion, answer``).
 
     Args:
@@ -388,7 +464,7 @@ def fit(model: nnx.Module, tokenizer: Any, train_examples: Sequence[Mapping[str,
       sources: source names in the order metrics should index them (default: sorted names).
       extract_answer: answer extractor for accuracy (default :func:`default_extract_answer`).
       mesh: device mesh (default from ``cfg.mesh``).
-      callback: see :func:`run_training`.
+      callback, save_on_interrupt: see :func:`run_training`.
     """
     arch, start = model_layout(model)
     enc_dec = arch == "encoder_decoder"
@@ -402,7 +478,7 @@ def fit(model: nnx.Module, tokenizer: Any, train_examples: Sequence[Mapping[str,
         evaluator = make_evaluator(model, tokenizer, val_examples, cfg, sources=sources,
                                    extract_answer=extract_answer)
     return run_training(model, train, cfg, workdir, evaluator=evaluator, mesh=mesh,
-                        callback=callback)
+                        callback=callback, save_on_interrupt=save_on_interrupt)
 
 
 def save_adapter(model: nnx.Module, workdir: str, *,

@@ -83,27 +83,48 @@ def stage_base(config, workdir: str) -> str | None:
     if os.path.isfile(os.path.join(workdir, rundir.BASE_MODEL_FILE)):
         return out
     b = config.base.to_dict() if hasattr(config.base, "to_dict") else dict(config.base)
+    tokenizer = build_char_tokenizer()
+    cfg = base_model_config(config, len(tokenizer))
+    model = build_model(cfg, seed=int(b["seed"]))
+    texts = generic_text(int(b["num_texts"]), seed=int(b["seed"]))
+    examples = make_examples(("generic", "", t, None) for t in texts)
+    tc = base_train_config(config)
+    result = fit(model, tokenizer, examples, tc, os.path.join(workdir, rundir.BASE_RUN_DIR))
+    save_pretrained(result.model, out, to_hf_config(cfg), tokenizer)
+    write_json(os.path.join(workdir, rundir.PRETRAIN_FILE), {"steps": tc.num_steps, **result.metrics})
+    return out
+
+
+def base_model_config(config, vocab_size: int) -> LlamaConfig:
+    """The Llama config of the base :func:`stage_base` builds (``model.scratch``).
+
+    Raises:
+      ValueError: ``model.family`` is not "llama", or a ``model.scratch`` field LlamaConfig
+        refuses (checked before any stage by ``jaxgrad.pipeline.validate``).
+    """
     family = str(config.model.get("family", "llama") or "llama")
     if family != "llama":
         raise ValueError(f"config.base.pretrain builds a Llama-family base; config.model.family is "
                          f"{family!r}. Set model.family = 'llama', or base.pretrain = False and "
                          "model.name_or_path to a pretrained checkpoint")
-    tokenizer = build_char_tokenizer()
-    scratch = dict(config.model.scratch)
-    scratch["vocab_size"] = len(tokenizer)
-    cfg = LlamaConfig(**scratch)
-    model = build_model(cfg, seed=int(b["seed"]))
-    texts = generic_text(int(b["num_texts"]), seed=int(b["seed"]))
-    examples = make_examples(("generic", "", t, None) for t in texts)
-    tc = TrainConfig(learning_rate=float(b["learning_rate"]), warmup_steps=20, end_lr_ratio=0.1,
-                     batch_size=int(config.train.batch_size), max_length=int(config.train.max_length),
-                     num_steps=int(b["steps"]), full_finetune=True, seed=int(b["seed"]),
-                     progress=bool(config.train.progress), log_every=50, async_checkpoint=False,
-                     keep_checkpoints=1, best_metric="train_loss", schedule="cosine")
-    result = fit(model, tokenizer, examples, tc, os.path.join(workdir, rundir.BASE_RUN_DIR))
-    save_pretrained(result.model, out, to_hf_config(cfg), tokenizer)
-    write_json(os.path.join(workdir, rundir.PRETRAIN_FILE), {"steps": tc.num_steps, **result.metrics})
-    return out
+    return LlamaConfig(**{**dict(config.model.scratch), "vocab_size": vocab_size})
+
+
+def base_train_config(config) -> TrainConfig:
+    """How :func:`stage_base` pretrains: ``base.learning_rate`` / ``steps`` / ``seed``, and the
+    batch size, length and progress bar of ``train``.
+
+    Raises:
+      ValueError: a value TrainConfig refuses (checked before any stage by
+        ``jaxgrad.pipeline.validate``, which names the config key).
+    """
+    b = config.base
+    return TrainConfig(learning_rate=float(b["learning_rate"]), warmup_steps=20, end_lr_ratio=0.1,
+                       batch_size=int(config.train.batch_size),
+                       max_length=int(config.train.max_length), num_steps=int(b["steps"]),
+                       full_finetune=True, seed=int(b["seed"]),
+                       progress=bool(config.train.progress), log_every=50, async_checkpoint=False,
+                       keep_checkpoints=1, best_metric="train_loss", schedule="cosine")
 
 
 def stage_meta_train(config, workdir: str) -> dict:
