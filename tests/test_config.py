@@ -1,27 +1,43 @@
-"""One source of defaults (issue 17): every section's defaults are declared in jaxgrad/config.py.
+"""jaxgrad/config.py: the config's sections, their typed forms and their checks.
+
+One source of defaults (issue 17): every section's defaults are declared in jaxgrad/config.py.
 A section that a dataclass or function reads has no defaults of its own: ``default_config()``
 builds it from the field defaults of a dataclass declared in jaxgrad/config.py, and the library
 reads the same dataclass (or subclasses it without adding fields, or takes its keyword defaults
-from it), so the config and the library cannot disagree again."""
+from it), so the config and the library cannot disagree again.
+
+Also: the typed configs (TrainConfig, ModelSpec, ...) refuse bad values by name, every shipped
+config and variant converts to them, and the name lists and count fields read from a command
+line as from Python."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
+import os
 import pathlib
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from configs import demo
+from helpers import REPO
+from helpers.training import config_module, tiny_model
 from jaxgrad import config
-from jaxgrad.config import (LORA_PEFT_ONLY, OPTIMIZERS, FidelityConfig, GradientsConfig,
+from jaxgrad.config import (LORA_PEFT_ONLY, NAME_LISTS, OPTIMIZERS, FidelityConfig, GradientsConfig,
                             GroupsSection, LoraSection, MeshConfig, ModelSpec, TrainConfig,
                             default_config, files_section)
 from jaxgrad.data.sources import SourcesSpec
 from jaxgrad.gradients.compute import compute_gradient_store
 from jaxgrad.groups.units import GroupsSpec
-from jaxgrad.models.lora import LoraConfig
+from jaxgrad.models import LoraConfig
 from jaxgrad.models.loading import lora_from_config
+from jaxgrad.models.lora import split_trainable
+from jaxgrad.pipeline import check_method_sections
+from jaxgrad.pipeline.fingerprint import flatten_config
+
 
 JAXGRAD = pathlib.Path(config.__file__).parent
 
@@ -180,3 +196,61 @@ def test_option_defaults_are_allowed_values():
         assert c[section][name] in allowed, (key, c[section][name], allowed)
     assert tuple(c.pipeline.finetune_runs) == config.FINETUNE_RUNS
 
+
+# ------------------------------------------------------------------------------------------------
+# Values from a config file and the command line; the typed configs
+
+
+def test_config_file_counts_take_a_fraction_from_the_command_line():
+    """configs/smollm2_bigbench.py writes validation=100 (a count); ml_collections would lock the
+    field to int and refuse --config.data.files.validation=0.1 (files_section holds floats)."""
+    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'smollm2_bigbench.py')}",
+            "--config.data.files.validation=0.1", "--config.data.files.test=30"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    assert fv.config.data.files.validation == 0.1 and fv.config.data.files.test == 30
+
+
+def test_name_lists_are_keys_of_the_default_config():
+    flat = flatten_config(demo.get_config())
+    missing = [k for k in NAME_LISTS if k not in flat]
+    assert not missing, f"NAME_LISTS names keys the config does not have: {missing}"
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="exponential")
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        TrainConfig(batch_size=6, grad_accum_steps=4)
+    with pytest.raises(ValueError, match="unknown keys.*learning_rat"):
+        TrainConfig.from_config({"learning_rat": 1e-3})
+    cfg = TrainConfig.from_config({"learning_rate": 1e-3, "batch_size": 4},
+                                  {"data": 2, "model": 1, "fsdp": True, "rules": None})
+    assert cfg.mesh == MeshConfig(data=2, model=1, fsdp=True) and cfg.batch_size == 4
+    model, _ = tiny_model(lora=False)
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        split_trainable(model)
+
+
+@pytest.mark.parametrize("name,variants", [("demo", (None, "tiny")),
+                                           ("llama_alpaca", (None, "bf16")),
+                                           ("t5_cot", (None, "bf16"))])
+def test_configs_convert_to_typed_configs(name, variants):
+    """Every config file and variant yields valid TrainConfig / ModelSpec / LoraConfig and sets
+    only keys its sections define (the check run_pipeline makes before the first stage; that it
+    refuses a misspelt key is tested in tests/pipeline/test_validate.py)."""
+    from jaxgrad.models.loading import lora_from_config
+
+    module = config_module(name)
+    for variant in variants:
+        c = module.get_config(variant)
+        cfg = TrainConfig.from_config(c.train, c.mesh)
+        spec = ModelSpec.from_config(c.model)
+        lora = lora_from_config(c.lora)
+        assert cfg.batch_size % cfg.grad_accum_steps == 0 and lora.rank > 0
+        assert spec.name_or_path or spec.scratch, f"{name}:{variant} names no model"
+        assert set(c) >= {"model", "lora", "data", "train", "mesh", "finetune"}
+        check_method_sections(c)  # raises, naming them, on keys no section defines
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("nope")

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from helpers import REPO
 
 def _script(name, *args, tmp_path):
     return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args,

@@ -1,6 +1,7 @@
 """Issue 12, kind 10: "fraction or count" settings mean the same from Python, a config file or the
 command line (where ml_collections turns ``2`` into ``2.0`` when the default is a float), under
-one rule (jaxgrad.common.counts), checked for the whole config before the first stage starts."""
+one rule (jaxgrad.common.counts), checked for the whole config before the first stage starts
+(tests/pipeline/test_validate.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import demo
+from helpers import REPO
 from jaxgrad.common.counts import RULE, check_fraction_or_count, fraction_or_count
-from jaxgrad.pipeline import FRACTION_OR_COUNT, run_pipeline, validate_config
 from jaxgrad.estimate.subsets import subset_size
-from jaxgrad.select.scores import select_top
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from jaxgrad.pipeline import validate_config
 
 
 @pytest.mark.parametrize("two", [2, 2.0, "2", "2.0", np.int64(2), np.float32(2.0)])
@@ -50,14 +48,8 @@ def test_bad_values_are_named_and_explained(bad, err, says):
         assert msg.count("fraction") == 1, f"one statement of the rule, not two: {msg}"
 
 
-def test_select_top_follows_the_rule():
-    scores = np.array([0.1, 0.9, 0.5, np.nan, 0.7])
-    np.testing.assert_array_equal(select_top(scores, 2.0), select_top(scores, 2))
-    np.testing.assert_array_equal(select_top(scores, 0.5), [1, 4])  # half of the 4 scored
-
-
 def _cli(*overrides):
-    argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:tiny", *overrides]
+    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'demo.py')}:tiny", *overrides]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, sys_argv=argv)
     fv(argv)
@@ -73,69 +65,7 @@ def test_command_line_counts_mean_what_python_counts_mean():
     assert subset_size(n, config.surrogate.subset_size) == 1
 
 
-def test_every_listed_setting_is_checked_before_any_stage(tmp_path):
-    for key in FRACTION_OR_COUNT:
-        config = demo.get_config("tiny")
-        if key.startswith("data.files"):
-            config.data.kind = "files"
-            config.data.files = dict(format="alpaca", path=str(tmp_path / "none.jsonl"),
-                                     validation=0.1, test=0.1)
-        section, field = key.rsplit(".", 1)
-        node = config
-        for part in section.split("."):
-            node = node[part]
-        node[field] = 2.5
-        workdir = tmp_path / key
-        with pytest.raises(ValueError, match=f"config.{key}.*not a whole number"):
-            run_pipeline(config, str(workdir))
-        assert not workdir.exists() or not os.listdir(workdir), f"{key}: a stage started"
-
-
-def test_a_count_above_the_sources_is_refused_before_any_stage(tmp_path):
-    config = demo.get_config("tiny")
-    config.selection.top = 5
-    with pytest.raises(ValueError, match="config.selection.top=5 asks for 5 of only 3"):
-        run_pipeline(config, str(tmp_path / "run"))
-    assert not (tmp_path / "run").exists()
-
-
 def test_check_without_a_total():
     assert check_fraction_or_count("0.5", name="x") == 0.5
     assert check_fraction_or_count(3.0, name="x") == 3 and isinstance(
         check_fraction_or_count(3.0, name="x"), int)
-
-
-def test_a_config_without_target_is_refused_before_any_stage(tmp_path):
-    config = demo.get_config("tiny")
-    config.data.synthetic.target = ""
-    with pytest.raises(ValueError, match="config.data.synthetic.target is not set"):
-        run_pipeline(config, str(tmp_path / "run"))
-    assert not (tmp_path / "run").exists()
-
-
-def test_config_file_counts_take_a_fraction_from_the_command_line():
-    """configs/smollm2_bigbench.py writes validation=100 (a count); ml_collections would lock the
-    field to int and refuse --config.data.files.validation=0.1 (files_section holds floats)."""
-    argv = ["prog", f"--config={os.path.join(ROOT, 'configs', 'smollm2_bigbench.py')}",
-            "--config.data.files.validation=0.1", "--config.data.files.test=30"]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, sys_argv=argv)
-    fv(argv)
-    assert fv.config.data.files.validation == 0.1 and fv.config.data.files.test == 30
-
-
-def test_two_and_two_point_zero_have_one_fingerprint():
-    from jaxgrad.pipeline.fingerprint import stage_fingerprints
-
-    a, b = demo.get_config("tiny"), demo.get_config("tiny")
-    a.selection.top, b.selection.top = 2, 2.0
-    assert stage_fingerprints(a)["selection"].fingerprint == \
-        stage_fingerprints(b)["selection"].fingerprint
-
-
-def test_an_unsupported_dtype_is_refused_before_any_stage(tmp_path):
-    config = demo.get_config("tiny")
-    config.model.dtype = "float16"
-    with pytest.raises(ValueError, match="config.model.dtype='float16' is not supported"):
-        run_pipeline(config, str(tmp_path / "run"))
-    assert not (tmp_path / "run").exists()

@@ -22,10 +22,8 @@ from jaxgrad.common import sharding as sh
 from jaxgrad.models import LoraConfig, load_pretrained
 from jaxgrad.models.layers import named_variables
 
-from helpers import fixture
+from helpers import REPO, fixture
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS_DIR)
 MESH_4x2 = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
 LLAMA_TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
 

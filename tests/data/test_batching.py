@@ -1,8 +1,8 @@
-"""Tests of jaxgrad/data/batching.py (and the character tokenizer of jaxgrad/data/tokenizer.py)."""
+"""jaxgrad.data.batching: the decoder and encoder-decoder layouts by hand, target masks,
+truncation, special ids, and the iteration: length buckets, epochs, order by seed, resuming and
+process shards."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from jaxgrad.data import batching as B
 from jaxgrad.data.examples import make_examples
 from jaxgrad.data.synthetic import SyntheticSpec, generic_text, synthetic_sources
-from jaxgrad.data.tokenizer import DEFAULT_CHARSET, build_char_tokenizer, save_char_tokenizer
+from jaxgrad.data.tokenizer import build_char_tokenizer
 from jaxgrad.models.forward import encode_for_model, model_layout
 
 
@@ -28,36 +28,7 @@ def _ids(tok, text):
     return [tok.convert_tokens_to_ids(c) for c in text]
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizer.
-
-
-def test_char_tokenizer_round_trips_and_loads_with_autotokenizer(tok, data, tmp_path):
-    from transformers import AutoTokenizer
-
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-    assert len(tok) == 4 + len(DEFAULT_CHARSET)
-    texts = [e["prompt"] + e["completion"] for e in data.examples("train")] + generic_text(50)
-    texts.append("two  spaces\nand a newline")
-    for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"]
-        assert len(ids) == len(t), f"one token per character expected for {t!r}"
-        assert ids == [4 + DEFAULT_CHARSET.index(c) for c in t], t
-        assert tok.decode(ids) == t, f"decode(encode({t!r})) differs"
-    assert tok("a\u00e9", add_special_tokens=False)["input_ids"][1] == tok.unk_token_id
-    save_char_tokenizer(str(tmp_path / "tok"))
-    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "PreTrainedTokenizerFast", "a class transformers 4 knows"
-    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
-    for t in texts[:20]:
-        assert loaded(t, add_special_tokens=False)["input_ids"] == \
-            tok(t, add_special_tokens=False)["input_ids"], "saved tokenizer encodes differently"
-    with pytest.raises(ValueError, match="repeats characters \\['a'\\]"):
-        build_char_tokenizer("abca")
-
-
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Layout.
 
 
@@ -165,7 +136,7 @@ def test_special_ids_fallbacks_and_errors():
         B.special_ids(NoEos())
 
 
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Iteration.
 
 

@@ -4,12 +4,16 @@ The task files are written here, in the layout of bigbench/benchmark_tasks (the 
 canary and are never committed); the expected prompts follow BIG-bench's default_format_fn.
 """
 
+from __future__ import annotations
+
 import json
 import os
 
 import pytest
 
+from helpers.data import write_text
 from jaxgrad.data import bigbench, extract_leading_answer, load_sources
+
 
 STRATEGY = {
     "name": "strategyqa",
@@ -164,9 +168,14 @@ def test_load_sources_answers_kinds_and_label_noise(tasks_root):
         data.with_label_noise(["nope"])
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Yes. Because ...", "Yes"), (" No.", "No"), ("109", "109"), ("3.5 hours.", "3.5 hours"),
-    ("plausible\nmore", "plausible"), ("", ""),
-])
-def test_extract_leading_answer(text, expected):
-    assert extract_leading_answer(text) == expected
+def test_bigbench_targets_keep_their_literal(tmp_path):
+    task = tmp_path / "numbers"
+    task.mkdir()
+    write_text(task / "task.json", '{"name": "numbers", "keywords": ["mathematics"], "examples": ['
+                '{"input": "half of 5?", "target": 2.50},'
+                '{"input": 7, "target": [18, "eighteen"]},'
+                '{"input": "pick", "target_scores": {"small": 0.5, "big": 1.0}}]}')
+    rows, _ = bigbench.read_tasks(str(task))
+    assert [(p.split("Q: ")[1].split("\n")[0], c) for _, p, c, _ in rows] == \
+        [("half of 5?", "2.50"), ("7", "18"), ("pick", "big")], \
+        "JSON numbers keep their literal; numeric target_scores still pick the best choice"

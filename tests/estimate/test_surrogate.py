@@ -1,9 +1,10 @@
-"""Tests for jaxgrad.surrogate: batched fits against scikit-learn / scipy, lift, estimates.
+"""jaxgrad.estimate.surrogate (and its solver): batched fits against scikit-learn and scipy.
 
 References are independent: scikit-learn's liblinear for gradex, scipy L-BFGS-B on the
-objective written out in NumPy float64 for one_class/taylor, dense projection matrices and hand
-loops for the lift and the estimates. Data are small (N = 240 samples in 6 sources, k = 12) and
-share shapes across tests so the jitted solver compiles a few times only.
+objective written out in NumPy float64 for one_class/taylor. Data are small (N = 240 samples in
+6 sources, k = 12) and share shapes across tests so the jitted solver compiles a few times only.
+The lift and the estimates are tests/estimate/test_lift.py's (the 8-device test here shards
+exact_estimates too).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import scipy.optimize
 from sklearn.linear_model import LogisticRegression
 
 from jaxgrad.common import flat
-from jaxgrad.estimate.lift import (HIGHER_IS_BETTER, estimate_subsets, exact_estimates,
-                                   lift_updates, rescale_factors)
-from jaxgrad.estimate.solver import SubsetFits
+from jaxgrad.estimate.lift import exact_estimates
 from jaxgrad.estimate.surrogate import fit_subsets, gradex_labels
 from jaxgrad.gradients.projection import Projector
 
@@ -251,95 +250,6 @@ def test_fit_subsets_rejects_bad_input():
         fit_subsets(x, masks, C=0.0)
     with pytest.raises(ValueError, match="non-negative"):
         fit_subsets(x, -masks.astype(np.float32))
-
-
-# ----------------------------------------------------------------------------------------------
-# Lift, rescale, estimates
-# ----------------------------------------------------------------------------------------------
-
-D = 300
-
-
-def test_rescale_and_lift_against_dense_projection():
-    proj = Projector(seed=3, dim=D, k=K)
-    p_DxK = np.asarray(proj.dense(), np.float64)
-    coef = np.random.default_rng(0).normal(size=(5, K)).astype(np.float32)
-    coef[2] = 0.0
-    c = rescale_factors(coef, proj, theta_norm=4.0, scale=0.25)
-    delta = np.asarray(lift_updates(coef, c, proj), np.float64)
-    norms = np.linalg.norm(delta, axis=1)
-    np.testing.assert_allclose(norms[[0, 1, 3, 4]], 0.25 * 4.0, rtol=1e-5,
-                               err_msg="‖Δ‖ must equal scale·‖θ*‖")
-    assert float(c[2]) == 0.0 and norms[2] == 0.0, "w = 0 must give c = 0 and Δ = 0"
-    np.testing.assert_allclose(delta, np.asarray(c, np.float64)[:, None] * (coef @ p_DxK.T),
-                               rtol=1e-5, atol=1e-6, err_msg="Δ is not c·P w")
-    # A precomputed Gram matrix gives the same factors; scale=None means unscaled.
-    np.testing.assert_allclose(np.asarray(rescale_factors(coef, proj.gram(), 4.0, scale=0.25)),
-                               np.asarray(c), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(rescale_factors(coef, proj, None, scale=None)), 1.0)
-    with pytest.raises(ValueError, match="theta_norm must be finite and > 0"):
-        rescale_factors(coef, proj, 0.0, scale=0.1)
-    with pytest.raises(ValueError, match="k = 12 columns but the projector has k = 7"):
-        lift_updates(coef, c, Projector(seed=3, dim=D, k=7))
-
-
-def test_linearized_estimates_equal_hand_computation_and_unprojected_identity():
-    rng = np.random.default_rng(1)
-    proj = Projector(seed=5, dim=D, k=K)
-    g_JxD = rng.normal(size=(9, D)).astype(np.float32)
-    x_JxK = np.asarray(proj.project(g_JxD))
-    f_J = rng.normal(size=9).astype(np.float32)
-    coef = rng.normal(size=(4, K)).astype(np.float32)
-    fits = SubsetFits(jnp.asarray(coef), jnp.zeros(4), jnp.ones(4, bool), jnp.zeros(4, jnp.int32),
-                      jnp.zeros(4))
-    c = rescale_factors(coef, proj, theta_norm=3.0, scale=0.1)
-    est = estimate_subsets(fits, c, x_JxK, f_J)
-    f_hat = f_J[None, :] + np.asarray(c, np.float64)[:, None] * (coef.astype(np.float64) @ x_JxK.T)
-    np.testing.assert_allclose(np.asarray(est["loss"]), np.logaddexp(0, -f_hat).mean(1), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(est["accuracy"]), (f_hat > 0).mean(1))
-    np.testing.assert_allclose(np.asarray(est["mean_output"]), f_hat.mean(1), rtol=1e-5, atol=1e-6)
-    # ⟨Pᵀg, w⟩ = ⟨g, P w⟩: the same estimate from the unprojected gradients and Δ = c·P w.
-    delta_SxD = np.asarray(lift_updates(coef, c, proj), np.float64)
-    f_hat_full = f_J[None, :] + delta_SxD @ g_JxD.astype(np.float64).T
-    np.testing.assert_allclose(np.asarray(est["mean_output"]), f_hat_full.mean(1), rtol=1e-4,
-                               atol=1e-5)
-    ce = estimate_subsets(coef, c, x_JxK, np.abs(f_J), output="token_ce", chunk_size=3)
-    np.testing.assert_allclose(np.asarray(ce["loss"]),
-                               (np.abs(f_J)[None, :] + f_hat - f_J[None, :]).mean(1), rtol=1e-5)
-    assert set(ce) == {"loss"} and set(est) <= set(HIGHER_IS_BETTER)
-    with pytest.raises(ValueError, match="k = 5 columns but the coefficients have k = 12"):
-        estimate_subsets(coef, c, x_JxK[:, :5], f_J)
-    with pytest.raises(ValueError, match=r"target_f_J must have shape \(9,\)"):
-        estimate_subsets(coef, c, x_JxK, f_J[:4])
-    with pytest.raises(ValueError, match="output must be one of"):
-        estimate_subsets(coef, c, x_JxK, f_J, output="bleu")
-
-
-def test_exact_estimates_equal_a_hand_loop():
-    rng = np.random.default_rng(2)
-    theta = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-             "b": {"c": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}}
-    dim = flat.flat_spec(theta).size
-    proj = Projector(seed=11, dim=dim, k=K)
-    inputs = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
-
-    def loss_fn(params):
-        hidden = jnp.tanh(inputs @ params["a"].T)
-        return jnp.mean(jax.nn.softplus(-hidden.sum(1) * params["b"]["c"].sum()))
-
-    coef = rng.normal(size=(5, K)).astype(np.float32)
-    c = rescale_factors(coef, proj, float(flat.tree_norm(theta)), scale=0.2)
-    got = np.asarray(exact_estimates(loss_fn, theta, coef, c, proj, chunk_size=2))
-    p_DxK = np.asarray(proj.dense())
-    theta_flat = np.asarray(flat.flatten(theta))
-    want = []
-    for s in range(5):
-        params = flat.unflatten(jnp.asarray(theta_flat + float(c[s]) * p_DxK @ coef[s]),
-                                flat.flat_spec(theta))
-        want.append(float(loss_fn(params)))
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    with pytest.raises(ValueError, match="D = 17 parameters but the projector has dim = 300"):
-        exact_estimates(loss_fn, theta, coef, c, Projector(seed=1, dim=D, k=K))
 
 
 def test_subsets_sharded_over_8_devices_equal_one_device(tmp_path):

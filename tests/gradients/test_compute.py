@@ -10,40 +10,21 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch  # the test extra installs torch (CPU) and transformers: references, never skipped
 
+from helpers import TESTS
+from helpers.gradients import STORE_KW, store_inputs
+from helpers.models import START, START_EXAMPLES
 from jaxgrad.data.batching import collate, encode_examples
-from jaxgrad.data.synthetic import SyntheticSpec, synthetic_sources
 from jaxgrad.gradients.compute import compute_gradient_store
-from jaxgrad.models import LoraConfig, load_pretrained
-from jaxgrad.models.layers import named_variables
-from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
-from jaxgrad.gradients.projection import Projector
 from jaxgrad.gradients.manifest import StoreMismatchError
+from jaxgrad.gradients.per_sample import per_sample_projected_grads
 from jaxgrad.gradients.store import GradientStore
-
-from helpers import fixture
-
-SPEC = SyntheticSpec(tasks=("add", "copy"), noisy=("add",), unrelated=1, n_train=6, n_validation=2,
-                     n_test=2, seed=0)
-
-
-def setup():
-    model, tok = load_pretrained(fixture("tiny-llama"), lora=LoraConfig(rank=2, seed=1))
-    for name, var in named_variables(model).items():
-        if name.endswith("lora_B"):
-            var[...] = var[...] + 0.05  # a nonzero adapter: every LoRA gradient informative
-    data = synthetic_sources(SPEC)
-    examples = data.examples("train")
-    proj = Projector(seed=5, dim=num_trainable(model), k=8)
-    return model, tok, data, examples, proj
-
-
-KW = dict(split="train", batch_size=4, chunk_size=2, max_length=48, shard_size=5)
 
 
 def test_store_rows_equal_direct_computation(tmp_path):
-    model, tok, data, examples, proj = setup()
-    store = compute_gradient_store(model, examples, tok, proj, str(tmp_path / "g"), sources=data.sources, **KW)
+    model, tok, data, examples, proj = store_inputs()
+    store = compute_gradient_store(model, examples, tok, proj, str(tmp_path / "g"), sources=data.sources, **STORE_KW)
     assert store.complete and store.num_examples == len(examples) == 24
     enc = encode_examples(examples, tok, sources=data.sources)
     batch = collate(enc, [3, 11, 17], max_length=48)
@@ -58,8 +39,8 @@ def test_store_rows_equal_direct_computation(tmp_path):
 
 
 def test_resume_after_crash_gives_same_store(tmp_path):
-    model, tok, data, examples, proj = setup()
-    full = compute_gradient_store(model, examples, tok, proj, str(tmp_path / "full"), sources=data.sources, **KW)
+    model, tok, data, examples, proj = store_inputs()
+    full = compute_gradient_store(model, examples, tok, proj, str(tmp_path / "full"), sources=data.sources, **STORE_KW)
 
     class Crash(Exception):
         pass
@@ -76,10 +57,10 @@ def test_resume_after_crash_gives_same_store(tmp_path):
     GradientStore.write_shard = crashing_write
     try:
         with pytest.raises(Crash):
-            compute_gradient_store(model, examples, tok, proj, str(tmp_path / "resumed"), sources=data.sources, **KW)
+            compute_gradient_store(model, examples, tok, proj, str(tmp_path / "resumed"), sources=data.sources, **STORE_KW)
     finally:
         GradientStore.write_shard = orig_write
-    resumed = compute_gradient_store(model, examples, tok, proj, str(tmp_path / "resumed"), sources=data.sources, **KW)
+    resumed = compute_gradient_store(model, examples, tok, proj, str(tmp_path / "resumed"), sources=data.sources, **STORE_KW)
     assert resumed.complete
     np.testing.assert_array_equal(resumed.feats(), full.feats())
     np.testing.assert_array_equal(resumed.f(), full.f())
@@ -96,18 +77,18 @@ def test_two_processes_under_jax_distributed_write_the_same_store(tmp_path):
     # platform even where the test session itself runs on a GPU (TF32 matmuls there).
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {TESTS!r})
         import jax
         pid, n, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
         if n > 1:
             jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}",
                                        num_processes=n, process_id=pid)
         assert jax.process_count() == n and jax.process_index() == pid
-        from test_gradients import setup, KW
+        from helpers.gradients import STORE_KW, store_inputs
         from jaxgrad.gradients.compute import compute_gradient_store
-        model, tok, data, examples, proj = setup()
+        model, tok, data, examples, proj = store_inputs()
         compute_gradient_store(model, examples, tok, proj, out, sources=data.sources,
-                               process_index=jax.process_index(), process_count=jax.process_count(), **KW)
+                               process_index=jax.process_index(), process_count=jax.process_count(), **STORE_KW)
         if n > 1:
             jax.distributed.shutdown()
     """)
@@ -132,3 +113,29 @@ def test_two_processes_under_jax_distributed_write_the_same_store(tmp_path):
     np.testing.assert_array_equal(merged.feats(), single.feats())
     np.testing.assert_array_equal(merged.f(), single.f())
     assert merged.example_ids == single.example_ids
+
+
+def _torch_loss(m, tokenizer, prompt, completion):
+    enc = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] + [2]])
+    lab = torch.tensor([tokenizer(completion, add_special_tokens=False)["input_ids"] + [2]])
+    with torch.no_grad():
+        return float(m(input_ids=enc, labels=lab).loss)
+
+
+def test_gradient_store_outputs_use_the_decoder_start(t5_start7, tmp_path):
+    from jaxgrad.gradients.compute import compute_gradient_store
+    from jaxgrad.gradients.per_sample import num_trainable
+    from jaxgrad.gradients.projection import Projector
+    from jaxgrad.models import LoraConfig, load_pretrained
+
+    d, m = t5_start7
+    model, tokenizer = load_pretrained(d, lora=LoraConfig(rank=2, alpha=4))
+    assert model.config.decoder_start_token_id == START
+    store = compute_gradient_store(model, START_EXAMPLES, tokenizer,
+                                   Projector(seed=0, dim=num_trainable(model), k=16),
+                                   str(tmp_path / "store"), split="train", sources=["s"],
+                                   output_fn="token_ce", batch_size=2, chunk_size=2, max_length=32)
+    want = [_torch_loss(m, tokenizer, e["prompt"], e["completion"]) for e in START_EXAMPLES]
+    np.testing.assert_allclose(store.f(), want, rtol=1e-4, atol=1e-4,
+                               err_msg="f_i (token CE) of the store vs torch with labels= "
+                                       "(decoder starts with decoder_start_token_id)")

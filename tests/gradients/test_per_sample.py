@@ -8,21 +8,18 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgrad.common.flat import flatten
 from jaxgrad.data.tokenizer import build_char_tokenizer
-from jaxgrad.models.forward import model_logits
 from jaxgrad.models import load_peft_adapter, load_pretrained
 from jaxgrad.gradients.compute import compute_gradient_store
-from jaxgrad.gradients.outputs import get_output_fn
 from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
 from jaxgrad.gradients.projection import Projector
 
-from helpers import fixture, fixture_batch
+from helpers import TESTS, fixture, fixture_batch
+from helpers.gradients import one_at_a_time
 
 K = 16
 
@@ -32,27 +29,6 @@ def adapted(name):
     model, _ = load_pretrained(fixture(name))
     load_peft_adapter(model, os.path.join(fixture(name), "peft_adapter"))
     return model
-
-
-def one_at_a_time(model, batch, output_fn, full_finetune=False):
-    """Reference: jax.grad on each example alone (batch of one), flattened, no vmap."""
-    filt = nnx.Param if full_finetune else nnx.LoRAParam
-    graphdef, params, rest = nnx.split(model, filt, ...)
-    fn = get_output_fn(output_fn)
-
-    def f(p, ex):
-        logits = model_logits(nnx.merge(graphdef, p, rest), ex)
-        return fn(logits, ex["targets"], ex["target_mask"])[0]
-
-    grads, vals = [], []
-    n = batch["input_ids"].shape[0]
-    value_and_grad = jax.jit(jax.value_and_grad(f))  # one example at a time: no vmap anywhere
-    for i in range(n):
-        ex = {k: jnp.asarray(v[i : i + 1]) for k, v in batch.items()}
-        v, g = value_and_grad(params, ex)
-        grads.append(np.asarray(flatten(g)))
-        vals.append(float(v))
-    return np.stack(grads), np.array(vals)
 
 
 @pytest.mark.parametrize("name,output_fn", [("tiny-llama", "logit_odds"), ("tiny-t5", "token_ce"),
@@ -131,7 +107,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
     """Sharding the examples over a (4, 2) mesh's data axis changes nothing (own process)."""
     script = textwrap.dedent(f"""
         import os, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {TESTS!r})
         import numpy as np, jax
         from jaxgrad.models import load_pretrained, load_peft_adapter
         from jaxgrad.gradients.per_sample import per_sample_projected_grads, num_trainable

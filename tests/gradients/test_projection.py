@@ -1,9 +1,9 @@
-"""jaxgrad.gradients.projection (with its prng, xla and pallas modules): the counter-based projector
-against dense references and its own spec.
+"""jaxgrad.gradients.projection (with its XLA path, jaxgrad.gradients.xla): the counter-based
+projector against dense references and its own spec. The entries themselves are
+tests/gradients/test_prng.py's, the Pallas kernels tests/gradients/test_pallas.py's.
 
-The references are independent of the code under test: a pure-Python (arbitrary-precision int)
-implementation of the documented hash, float64 numpy products with the materialised matrix,
-and statistical bounds derived in the comments.
+The references are independent of the code under test: float64 numpy products with the
+materialised matrix, and statistical bounds derived in the comments.
 """
 
 from __future__ import annotations
@@ -14,38 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats
 from jax.extend import core as jex_core
 
-from jaxgrad.gradients import pallas
-from jaxgrad.gradients.pallas import _lift_pallas, _project_pallas
 from jaxgrad.gradients.projection import Projector
-
-# ------------------------------------------------------------------------------------------
-# The documented hash, written again in plain Python ints (the golden reference for P).
-# ------------------------------------------------------------------------------------------
-_M32 = 0xFFFFFFFF
-
-
-def _py_mix(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _py_entry(seed: int, d: int, j: int, k: int, kind: str) -> float:
-    s = _py_mix(_py_mix(0x299F31D0 ^ (seed & _M32)) ^ (seed >> 32))
-    r1, r2, c1, c2 = (_py_mix(s ^ t) for t in (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344))
-    row = _py_mix((_py_mix(_py_mix((d >> 32) ^ r1) ^ (d & _M32)) + r2) & _M32)
-    col = _py_mix((_py_mix(j ^ c1) + c2) & _M32)
-    h = _py_mix((row + col) & _M32)
-    if kind == "rademacher":
-        return (1 - 2 * (h >> 31)) / math.sqrt(k)
-    h2 = _py_mix(h ^ 0xA4093822)
-    u1, u2 = ((h >> 8) + 1) * 2.0**-24, (h2 >> 8) * 2.0**-24
-    return math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2) / math.sqrt(k)
 
 
 def _rng(seed=0):
@@ -56,28 +27,6 @@ def _int_valued(shape, seed=0):
     """Small integers as float32: with ±1 entries every partial sum is an exact integer, so any
     blocking or summation order gives bit-identical results."""
     return _rng(seed).integers(-8, 9, shape).astype(np.float32)
-
-
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-def test_entries_follow_the_documented_hash(kind):
-    # Rows across the 2^32 boundary exercise the (hi, lo) split and its carry.
-    k, seed = 24, 2**40 + 12345
-    proj = Projector(seed=seed, dim=2**41, k=k, kind=kind, block_d=4)
-    # Rademacher: exactly float32(±1/√k). Gaussian: float32 rounding of log/sqrt and the
-    # polynomial cos (error < 1e-9) against float64 libm, scaled by 1/√k: far below 2e-6.
-    tol = 0 if kind == "rademacher" else 2e-6
-    as_p = (lambda a: np.asarray(a, np.float32)) if kind == "rademacher" else np.asarray
-    for start in (0, 777, 2**31 - 3, 2**32 - 5, 2**40 + 3):
-        rows = np.asarray(proj.project(jnp.eye(8, dtype=jnp.float32), offset=start))
-        ref = as_p([[_py_entry(seed, start + i, j, k, kind) for j in range(k)]
-                    for i in range(8)])
-        np.testing.assert_allclose(rows, ref, rtol=0, atol=tol,
-                                   err_msg=f"rows {start}..{start + 7} of P differ from the "
-                                           "documented hash (pure-Python reference)")
-    small = Projector(seed=seed, dim=50, k=k, kind=kind)
-    ref = as_p([[_py_entry(seed, d, j, k, kind) for j in range(k)] for d in range(50)])
-    np.testing.assert_allclose(np.asarray(small.dense()), ref, rtol=0, atol=tol,
-                               err_msg="dense() differs from the documented hash")
 
 
 # (dim, k, block_d, block_k, offset, width): ragged row blocks, several column tiles (k not a
@@ -134,59 +83,6 @@ def test_gram_equals_dense_product(kind):
     assert abs(norm2 - w @ gram @ w) <= 1e-4 * norm2, "‖P w‖² != wᵀ gram w"
 
 
-def test_rademacher_entries_are_exactly_plus_minus_inv_sqrt_k():
-    proj = Projector(seed=5, dim=3000, k=100)
-    p = np.asarray(proj.dense())
-    assert set(np.unique(p).tolist()) == {-np.float32(0.1), np.float32(0.1)}, \
-        "Rademacher entries must be exactly ±1/√k (float32)"
-    # Fraction of +: a fair coin over n = 3e5 entries has sd 0.5/√n ≈ 9e-4; 6 sd is a
-    # one-in-10^9 event.
-    frac = np.mean(p > 0)
-    assert abs(frac - 0.5) < 6 * 0.5 / math.sqrt(p.size), f"fraction of + signs is {frac}"
-
-
-def test_gaussian_entries_are_standard_normal_over_sqrt_k():
-    k = 256
-    z = np.asarray(Projector(seed=9, dim=4096, k=k, kind="gaussian").dense(),
-                   np.float64).ravel() * math.sqrt(k)
-    n = z.size  # 2^20 samples
-    # Standard errors for N(0,1): mean 1/√n ≈ 1e-3, variance √(2/n) ≈ 1.4e-3, excess kurtosis
-    # √(24/n) ≈ 4.8e-3. Bounds at 6 standard errors (a one-in-10^9 event for a true normal).
-    assert abs(z.mean()) < 6 / math.sqrt(n), f"mean of √k·P is {z.mean()}"
-    assert abs(z.var() - 1) < 6 * math.sqrt(2 / n), f"variance of √k·P is {z.var()}"
-    kurt = scipy.stats.kurtosis(z)
-    assert abs(kurt) < 6 * math.sqrt(24 / n), f"excess kurtosis of √k·P is {kurt}"
-    # Kolmogorov–Smirnov against N(0,1): by the DKW inequality P(D_n > t) <= 2 exp(-2 n t²),
-    # so t = 0.003 is exceeded with probability 2·exp(-18.9) ≈ 1e-8.
-    ks = scipy.stats.kstest(z, "norm").statistic
-    assert ks < 0.003, f"KS distance of √k·P from N(0, 1) is {ks}"
-
-
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-def test_rows_columns_and_seeds_are_uncorrelated(kind):
-    dim, k = 2048, 512
-    s = np.asarray(Projector(seed=1, dim=dim, k=k, kind=kind).dense(), np.float64) * math.sqrt(k)
-    # For independent entries with unit variance, a correlation over m pairs has sd ≈ 1/√m
-    # (for the Gaussian kind the products have variance 1, for ±1 exactly 1). Each check below
-    # takes the max over at most ~2000 correlations; 6/√m bounds each with probability
-    # 1 - 2e-9, so the max with probability > 1 - 1e-5.
-    adjacent_rows = np.sum(s[1:] * s[:-1], axis=1) / k
-    assert np.abs(adjacent_rows).max() < 6 / math.sqrt(k), "adjacent rows of P are correlated"
-    adjacent_cols = np.sum(s[:, 1:] * s[:, :-1], axis=0) / dim
-    assert np.abs(adjacent_cols).max() < 6 / math.sqrt(dim), "adjacent columns are correlated"
-    assert not np.any(np.all(s[1:] == s[:-1], axis=1)), "two adjacent rows are identical"
-    # Different seeds, including seeds that differ only in the high 32-bit word.
-    for other_seed in (2, 1 + 2**32):
-        t = np.asarray(Projector(seed=other_seed, dim=dim, k=k, kind=kind).dense(),
-                       np.float64) * math.sqrt(k)
-        corr = np.mean(s * t)
-        assert abs(corr) < 6 / math.sqrt(s.size), \
-            f"P for seeds 1 and {other_seed} are correlated ({corr})"
-        same = np.mean(np.sign(s) == np.sign(t))
-        assert abs(same - 0.5) < 6 * 0.5 / math.sqrt(s.size), \
-            f"seeds 1 and {other_seed} agree in sign on a fraction {same} of entries"
-
-
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_independent_of_block_sizes_and_offset_splitting(kind):
     # k = 64: the scale 1/√k = 1/8 is a power of two, so scaling pieces before summing them is
@@ -216,77 +112,6 @@ def test_independent_of_block_sizes_and_offset_splitting(kind):
     lifted = np.concatenate([np.asarray(base.lift(g[:2, :k], offset=50 + a, length=b - a))
                              for a, b in pieces], axis=1)
     check(lifted, ref_lift, "lift in pieces (with offsets) != lift of the whole")
-
-
-# Pallas variants in interpret mode. GPU tiles: N 16, D 64, k 128; TPU: D 512, k 256. The
-# shapes leave ragged N, D (tail through XLA) and k edges in both. The GPU kernel splits its 5
-# D blocks over programs: 5 splits of 1 block by default, or 2 uneven splits (3 + 2 blocks)
-# when only 4 programs are targeted for its 2 output tiles.
-@pytest.mark.parametrize("platform,n,width,programs", [("gpu", 5, 64 * 5 + 17, 1024),
-                                                       ("gpu", 5, 64 * 5 + 17, 4),
-                                                       ("tpu", 3, 512 * 2 + 76, None)])
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
-def test_pallas_interpret_matches_xla(platform, n, width, programs, kind, monkeypatch):
-    # Interpret mode for a platform other than the one running (the TPU kernel on a GPU, both on
-    # a CPU); on a GPU the GPU kernel runs compiled by Triton, the same check.
-    if platform != jax.default_backend():
-        monkeypatch.setattr(pallas, "_interpret", lambda: True)
-    if programs is not None:
-        monkeypatch.setattr(pallas, "_GPU_PROGRAMS", programs)
-    dim, k, offset = 2**33, 200, 2**32 - 300  # rows straddle 2^32 inside a kernel block
-    xla = Projector(seed=8, dim=dim, k=k, kind=kind, backend="xla")
-    g = _int_valued((n, width), seed=6)
-    ref = np.asarray(xla.project(g, offset=offset))
-    # _project_pallas returns the unscaled product; project() multiplies by 1/√k once.
-    got = np.asarray(_project_pallas(xla, jnp.asarray(g), offset, platform=platform))
-    got = got * np.float32(xla.scale)
-    if kind == "rademacher":
-        np.testing.assert_array_equal(got, ref, err_msg=f"Pallas ({platform}) project != XLA")
-    else:
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max(),
-                                   err_msg=f"Pallas ({platform}) project != XLA")
-    w = _rng(7).standard_normal((3, k)).astype(np.float32)
-    ref_l = np.asarray(xla.lift(w, offset=offset, length=width))
-    got_l = np.asarray(_lift_pallas(xla, jnp.asarray(w), offset, width, platform=platform))
-    np.testing.assert_allclose(got_l, ref_l, rtol=0, atol=1e-5 * np.abs(ref_l).max(),
-                               err_msg=f"Pallas ({platform}) lift != XLA")
-
-
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_pallas_kernels_lower_to_triton_and_mosaic(platform, monkeypatch):
-    # Interpret mode cannot catch what only the real compilers reject (Triton: power-of-two
-    # block shapes, supported ops on uint32; Mosaic: block tiling). Cross-platform lowering
-    # runs those lowering rules on this CPU machine; a kernel that fails them raises here.
-    from jax import export
-
-    monkeypatch.setattr(pallas, "_interpret", lambda: False)
-    target, call = {"gpu": ("cuda", "__gpu$xla.gpu.triton"),
-                    "tpu": ("tpu", "tpu_custom_call")}[platform]
-    checks = [export.DisabledSafetyCheck.custom_call(call)]
-    for kind, dtype in [("rademacher", jnp.float32), ("gaussian", jnp.bfloat16)]:
-        proj = Projector(seed=0, dim=10**11, k=1000, kind=kind, backend="pallas")
-        fns = [(lambda g: _project_pallas(proj, g, 2**32 - 7, platform=platform),
-                jax.ShapeDtypeStruct((40, 100_037), dtype)),
-               (lambda w: _lift_pallas(proj, w, 5, 100_037, platform=platform),
-                jax.ShapeDtypeStruct((3, 1000), jnp.float32))]
-        for fn, arg in fns:
-            exported = export.export(jax.jit(fn), platforms=[target], disabled_checks=checks)(arg)
-            assert call in exported.mlir_module(), f"no {call} kernel in the {target} lowering"
-
-
-def test_backend_pallas_under_jit_and_vmap():
-    k = 150
-    pal = Projector(seed=2, dim=5000, k=k, backend="pallas")  # interpret mode on CPU
-    xla = Projector(seed=2, dim=5000, k=k, backend="xla")
-    g = _int_valued((2, 3, 200), seed=9)
-    got = jax.jit(jax.vmap(lambda x: pal.project(x, offset=40)))(g)
-    ref = np.stack([np.asarray(xla.project(x, offset=40)) for x in g])
-    np.testing.assert_array_equal(np.asarray(got), ref,
-                                  err_msg="jit(vmap(project)) with the Pallas backend != XLA")
-    w = _rng(3).standard_normal((2, k)).astype(np.float32)
-    got_l = jax.vmap(lambda v: pal.lift(v, offset=7, length=130))(w)
-    np.testing.assert_allclose(np.asarray(got_l), np.asarray(xla.lift(w, 7, 130)), rtol=0,
-                               atol=1e-6, err_msg="vmap(lift) with the Pallas backend != XLA")
 
 
 def test_jit_vmap_and_static_projector():
@@ -343,9 +168,7 @@ def test_johnson_lindenstrauss_at_k_1024(kind):
     assert inner_err.max() < 0.25, f"inner-product errors {inner_err} exceed the JL bound 0.25"
 
 
-# ------------------------------------------------------------------------------------------
 # Memory: tracing D = 10^7, k = 4096 must never create a D×k (or anything near it) array.
-# ------------------------------------------------------------------------------------------
 
 
 def _subjaxprs(value):
@@ -396,11 +219,6 @@ def test_tracing_d_1e7_k_4096_creates_no_dxk_array(backend):
     assert all(x == s * dim for x in big), \
         f"lift creates arrays of {big} elements; only the S×D = {s * dim} output may exceed " \
         f"the tile budget {budget} (D·k = {dim * k})"
-
-
-# ------------------------------------------------------------------------------------------
-# Errors
-# ------------------------------------------------------------------------------------------
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -1,16 +1,13 @@
-"""Tests for jaxgrad.groups: clustering samples, the groups section's checks, units made of
-clusters and whole sources, their sample ids, and the size-matched random baseline
-(jaxgrad.select)."""
+"""jaxgrad.groups.units: the groups section's checks, units made of clusters of chosen sources and
+whole other sources, their sample ids and rows, and empty k-means clusters dropped."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from jaxgrad.groups.clusters import cluster_samples
 from jaxgrad.groups.units import (AGGLOMERATIVE_MAX_SAMPLES, GroupsSpec, Units, cluster_names,
                                   make_groups)
-from jaxgrad.select.baselines import baseline_random_total
 
 
 def _store(seed=0):
@@ -102,27 +99,6 @@ def test_groups_section_refusals():
     assert cluster_names(3) == ["c00", "c01", "c02"] and cluster_names(101)[-1] == "c100"
 
 
-def test_random_baseline_matches_the_selections_size():
-    # One large cluster and small ones, as average linkage makes them: the size of the
-    # selection is hit whenever a random order reaches it.
-    sizes = [60, 1, 2, 4, 3, 4, 2, 1, 3, 5, 2, 4, 1]
-    for total in (64, 60, 20, 13, 1):
-        picks = {tuple(baseline_random_total(sizes, total, seed=s)) for s in range(10)}
-        for p in picks:
-            assert sum(sizes[i] for i in p) == total, (total, p)
-            assert list(p) == sorted(p)
-        if total == 20:
-            assert len(picks) > 1, "the same units every seed: not random"
-    assert baseline_random_total(sizes, 64, seed=3).tolist() == \
-        baseline_random_total(sizes, 64, seed=3).tolist()
-    for seed in range(8):  # a huge unit is not kept when small ones reach the total
-        assert baseline_random_total([5, 5, 5, 1000], 10, seed=seed).tolist() in (
-            [0, 1], [0, 2], [1, 2]), seed
-    assert baseline_random_total([300, 500], 10).tolist() == [0]  # none fits: the closest
-    with pytest.raises(ValueError, match="sizes must be"):
-        baseline_random_total([], 3)
-
-
 def test_empty_kmeans_clusters_are_dropped_and_zero_gradients_named():
     rng = np.random.default_rng(0)
     dirs = rng.normal(size=(3, 8))
@@ -152,41 +128,3 @@ def test_cluster_units_refuse_other_splits_and_missing_samples():
         units.examples(Data(), "validation", ["c00"])
     with pytest.raises(ValueError, match=r"1 samples of units \['c00'\] are not in the data"):
         units.examples(Data(), "train", ["c00"])
-
-
-def _planted_clusters(seed=0):
-    rng = np.random.default_rng(seed)
-    directions = np.linalg.qr(rng.normal(size=(10, 4)))[0].T  # 4 orthonormal directions
-    truth = rng.integers(0, 4, size=120)
-    feats = directions[truth] + 0.15 * rng.normal(size=(120, 10))
-    # Norms over three decades: only the direction defines a cluster (cosine).
-    feats *= np.exp(rng.uniform(-3.0, 3.0, size=120))[:, None]
-    return feats.astype(np.float32), truth
-
-
-@pytest.mark.parametrize("method", ["agglomerative", "kmeans"])
-def test_cluster_samples_recovers_planted_clusters(method):
-    feats, truth = _planted_clusters()
-    labels = np.asarray(cluster_samples(feats, 4, method=method, seed=0))
-    assert labels.shape == (120,) and set(labels) == {0, 1, 2, 3}
-    pairs = {(t, p) for t, p in zip(truth, labels, strict=True)}
-    assert len(pairs) == 4, f"{method}: clusters do not match the planted ones: {sorted(pairs)}"
-    first_seen = [labels[np.argmax(labels == c)] for c in range(4)]
-    assert labels[0] == 0 and np.all(np.diff(np.unique(labels, return_index=True)[1]) > 0), (
-        f"clusters must be numbered by first sample, got {first_seen}")
-
-
-def test_cluster_samples_rejects_bad_input():
-    feats, _ = _planted_clusters()
-    bad = feats.copy()
-    bad[5, 0] = np.nan
-    with pytest.raises(ValueError, match=r"NaN or inf in 1 of 120 rows \(first: row 5\)"):
-        cluster_samples(bad, 3)
-    with pytest.raises(ValueError, match="n_clusters must be <= N = 120"):
-        cluster_samples(feats, 121)
-    zero = feats.copy()
-    zero[7] = 0.0
-    with pytest.raises(ValueError, match="1 rows of zero norm"):
-        cluster_samples(zero, 3)
-    with pytest.raises(ValueError, match="method must be one of"):
-        cluster_samples(feats, 3, method="dbscan")

@@ -1,4 +1,14 @@
-"""Small shared helpers for tests: hand-built batches from the fixture reference inputs."""
+"""Small shared helpers for tests: the repository's paths and hand-built batches from the fixture
+reference inputs.
+
+Test files live one folder below tests/ (tests/<package>/test_<module>.py), so a path computed
+from a test's own ``__file__`` depends on its depth: use :data:`REPO`, :data:`TESTS` and
+:func:`fixture` instead. The submodules hold helpers shared by test files of one package:
+:mod:`helpers.data`, :mod:`helpers.models`, :mod:`helpers.gradients`, :mod:`helpers.stores`,
+:mod:`helpers.training` and :mod:`helpers.runs` (tiny pipeline runs). pyproject.toml puts tests/
+on ``sys.path`` (``pythonpath``), so ``import helpers`` works from every folder; a subprocess a
+test starts needs :data:`TESTS` on its own path.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +16,9 @@ import os
 
 import numpy as np
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(TESTS)
+FIXTURES = os.path.join(TESTS, "fixtures")
 
 
 def fixture(name: str) -> str:

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import test_model_configs as mc
 import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
+from helpers import REPO
+from helpers import models as mc
 from jaxgrad.common.flat import flatten
 from jaxgrad.models.forward import model_logits
 from jaxgrad.models import (
@@ -44,8 +45,7 @@ from jaxgrad.gradients.outputs import get_output_fn
 from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
 from jaxgrad.gradients.projection import Projector
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ATOL = 1e-4  # float32, relative to the logit scale when that exceeds 1 (mc._tol)
+ATOL = 1e-4  # float32, relative to the logit scale when that exceeds 1 (mc.tol)
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=3,
             max_position_embeddings=128)
@@ -91,7 +91,7 @@ def _err(ours, ref, mask):
 
 def _compare(path, label, width=12, **load_kw):
     """Load ``path`` with jaxgrad and transformers; assert and record max |Δlogit| < ATOL."""
-    ids, mask = mc._batch(width)
+    ids, mask = mc.batch(width)
     ref = _torch_logits(_load_torch(path), ids, mask)
     model, _ = load_pretrained(path, with_tokenizer=False, **load_kw)
     ours = np.asarray(model(ids, mask))
@@ -99,7 +99,7 @@ def _compare(path, label, width=12, **load_kw):
     ERRORS[label] = err
     assert ours.dtype == np.float32 and np.isfinite(ours).all()
     assert np.abs(ref).max() > 1.0, "reference logits too small to test anything"
-    assert err < mc._tol(ref, ATOL), f"{label}: max |jaxgrad - torch| = {err:.2e}"
+    assert err < mc.tol(ref, ATOL), f"{label}: max |jaxgrad - torch| = {err:.2e}"
     return model, ours, ref
 
 
@@ -122,7 +122,7 @@ def base_dir(tmp_path_factory):
 def test_default_layer_pattern_and_inert_keys(tmp_path):
     """Default pattern 6 (4 layers: all sliding); keys transformers stores but never applies."""
     d = _save(tmp_path / "m")
-    mc._edit(d, _sliding_window_pattern=2, attention_dropout=0.3, initializer_range=0.5,
+    mc.edit_config(d, _sliding_window_pattern=2, attention_dropout=0.3, initializer_range=0.5,
              partial_rotary_factor=0.5,  # the default rope ignores it
              pad_token_id=5, bos_token_id=6, eos_token_id=7, use_cache=False,
              some_future_key={"a": 1}, layer_types=None)  # None: key deleted
@@ -132,7 +132,7 @@ def test_default_layer_pattern_and_inert_keys(tmp_path):
     # the window matters: the same weights with a window wider than the rows differ
     wide = nnx.eval_shape(lambda: build_model(dataclasses.replace(model.config, sliding_window=100)))
     nnx.update(wide, nnx.state(model))
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     assert _err(wide(ids, mask), ours, mask) > 1e-2
 
 
@@ -147,7 +147,7 @@ def test_query_pre_attn_scalar_bias_activation_untied_and_layer_types(tmp_path):
     d = _save(tmp_path / "m", query_pre_attn_scalar=2, attention_bias=True, hidden_activation="gelu",
               tie_word_embeddings=False, rms_norm_eps=0.1,
               layer_types=[F, S, S, F])
-    mc._edit(d, layer_types=["attention", S, S, F])  # legacy name of full_attention
+    mc.edit_config(d, layer_types=["attention", S, S, F])  # legacy name of full_attention
     model, _, _ = _compare(d, "query_pre_attn_scalar 2, biases, gelu, untied")
     assert model.config.query_pre_attn_scalar == 2 and model.config.layer_types == (F, S, S, F)
     assert model.lm_head is not None and model.model.layers[0].self_attn.o_proj.bias is not None
@@ -170,7 +170,7 @@ def test_yarn_global_llama3_local(tmp_path):
         F: {"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0, "rope_theta": 100.0},
         S: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8, "rope_theta": 500.0}})
-    mc._edit(d, original_max_position_embeddings=4)
+    mc.edit_config(d, original_max_position_embeddings=4)
     model, _, _ = _compare(d, "yarn full, llama3 sliding")
     assert model.config.full_rope.rope_original_max_position == 32
     for lt in (F, S):
@@ -185,7 +185,7 @@ def test_transformers4_rope_keys(tmp_path):
     d = _save(tmp_path / "m", sliding_window_pattern=2, rope_parameters={
         F: {"rope_type": "linear", "factor": 2.0, "rope_theta": 50.0},
         S: {"rope_type": "default", "rope_theta": 500.0}})
-    mc._edit(d, rope_parameters=None, layer_types=None, rope_theta=50.0, rope_local_base_freq=500.0,
+    mc.edit_config(d, rope_parameters=None, layer_types=None, rope_theta=50.0, rope_local_base_freq=500.0,
              rope_scaling={"rope_type": "linear", "factor": 2.0})
     model, _, _ = _compare(d, "transformers-4 rope keys")
     cfg = model.config
@@ -197,7 +197,7 @@ def test_transformers4_rope_keys(tmp_path):
 def test_attn_logit_softcapping_is_not_applied_by_transformers():
     """Why jaxgrad refuses the key: transformers 5's Gemma3Attention never applies it."""
     kw = {**TINY, "sliding_window_pattern": 2}
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     plain = _torch_logits(_torch_model(transformers.Gemma3TextConfig(**kw)), ids, mask)
     capped = _torch_logits(_torch_model(transformers.Gemma3TextConfig(
         **kw, attn_logit_softcapping=0.01)), ids, mask)
@@ -233,7 +233,7 @@ def test_refusals_name_config_json_and_key(tmp_path, changes, names):
         else:
             cfg[k] = v
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    mc._refused(str(tmp_path), *names)
+    mc.refused(str(tmp_path), *names)
 
 
 def test_null_bidirectional_flag_is_causal():
@@ -242,7 +242,7 @@ def test_null_bidirectional_flag_is_causal():
 
 
 def test_bfloat16_compute_close_to_float32(base_dir):
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     ref = _torch_logits(_load_torch(base_dir), ids, mask)
     model, _ = load_pretrained(base_dir, dtype="bfloat16", with_tokenizer=False)
     assert model.model.layers[0].self_attn.q_proj.dtype is jnp.bfloat16
@@ -310,16 +310,16 @@ def test_gguf_gemma3_matches_transformers_and_the_original(tmp_path):
     original = _torch_model(config, seed=3)
     path = tmp_path / "tiny-gemma3.gguf"
     _write_gemma3_gguf(path, original)
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     ref = _torch_logits(original, ids, mask)
     theirs = _torch_logits(transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval(), ids, mask)
     model, tok = load_pretrained(str(path))
     ours = np.asarray(model(ids, mask))
     ERRORS["GGUF: jaxgrad vs transformers' GGUF reading"] = err = _err(ours, theirs, mask)
-    assert err < mc._tol(theirs, ATOL)
+    assert err < mc.tol(theirs, ATOL)
     ERRORS["GGUF: jaxgrad vs original torch model"] = err = _err(ours, ref, mask)
-    assert err < mc._tol(ref, ATOL), "norms must come back as w (llama.cpp stores 1 + w)"
+    assert err < mc.tol(ref, ATOL), "norms must come back as w (llama.cpp stores 1 + w)"
     cfg = model.config
     assert cfg.layer_types == (S,) * 5 + (F,) and cfg.full_rope.rope_theta == 100.0
     assert cfg.sliding_rope.rope_theta == 10000.0 and model.lm_head is None and tok is None
@@ -343,7 +343,7 @@ def peft_dir(base_dir, tmp_path_factory):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
     d = str(tmp_path_factory.mktemp("adapter") / "peft")
     model.save_pretrained(d)
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     return d, _torch_logits(model, ids, mask)
 
 
@@ -359,13 +359,13 @@ QKV = {f"model.layers.{i}.self_attn.{n}" for i in range(4) for n in ("q_proj", "
 
 def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, adapted, tmp_path):
     adapter, ref = peft_dir
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     assert _err(ref, _torch_logits(_load_torch(base_dir), ids, mask), mask) > 1e-2, \
         "the adapter should matter"
     assert {p for p, lin in linear_modules(adapted).items() if lin.lora_A is not None} == QKV
     ours = np.asarray(adapted(ids, mask))
     ERRORS["peft adapter: jaxgrad vs torch+peft"] = err = _err(ours, ref, mask)
-    assert err < mc._tol(ref, ATOL), f"max |jaxgrad - torch+peft| = {err:.2e}"
+    assert err < mc.tol(ref, ATOL), f"max |jaxgrad - torch+peft| = {err:.2e}"
 
     out = tmp_path / "ours"  # export: peft rebuilds the same model from our files
     save_peft_adapter(adapted, out, base_model_name_or_path=base_dir)
@@ -374,7 +374,7 @@ def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, adapted, 
     back = _torch_logits(peft.PeftModel.from_pretrained(_load_torch(base_dir), str(out)).eval(),
                          ids, mask)
     ERRORS["our export: torch+peft vs jaxgrad"] = err = _err(ours, back, mask)
-    assert err < mc._tol(back, ATOL), f"max |torch+peft(our export) - jaxgrad| = {err:.2e}"
+    assert err < mc.tol(back, ATOL), f"max |torch+peft(our export) - jaxgrad| = {err:.2e}"
 
 
 def test_lora_defaults():
@@ -389,7 +389,7 @@ def test_lora_defaults():
 
 
 def test_per_sample_projected_grads_equal_one_at_a_time(adapted):
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     ids = np.concatenate([ids, ids[:1, ::-1]]).astype(np.int32)
     mask = np.concatenate([mask, mask[:1]]).astype(np.int32)
     b = ids.shape[0]
@@ -441,17 +441,17 @@ def test_every_key_transformers_reads_is_in_the_table():
     read = set()
     for f in ("models/gemma3/modeling_gemma3.py", "masking_utils.py", "modeling_rope_utils.py"):
         with open(os.path.join(root, f)) as fh:
-            for m in mc._READ.finditer(fh.read()):
+            for m in mc.READ.finditer(fh.read()):
                 read.add(next(g for g in m.groups() if g))
     # read by Gemma3Model / Gemma3ForConditionalGeneration (the multimodal model, model_type
     # gemma3) on its own config, never on a Gemma3TextConfig
     multimodal = {"text_config", "vision_config", "image_token_id", "mm_tokens_per_image"}
-    unknown = sorted(read - set(g3.HF_FIELDS["gemma3_text"]) - mc._NOT_KEYS - multimodal)
+    unknown = sorted(read - set(g3.HF_FIELDS["gemma3_text"]) - mc.NOT_KEYS - multimodal)
     assert not unknown, f"transformers reads {unknown}; add them to gemma3.HF_FIELDS and the doc"
 
 
 def test_doc_table_equals_code_table():
-    with open(os.path.join(ROOT, "docs", "models", "gemma3.md")) as f:
+    with open(os.path.join(REPO, "docs", "models", "gemma3.md")) as f:
         text = f.read()
     section = text.split("## config.json keys", 1)[1].split("\n## ", 1)[0]
     doc = {}

@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import transformers
 
+from helpers import fixture
 from jaxgrad.models import describe_gguf_source, gguf_source, load_pretrained
 from jaxgrad.models import gguf as jgguf
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-gguf")
+FIXTURE = fixture("tiny-gguf")
 LLAMA, LLAMA_Q8, QWEN = "tiny-llama-f32.gguf", "tiny-llama-q8_0.gguf", "tiny-qwen2-f32.gguf"
-ATOL = 1e-4  # float32 parity, as in tests/test_models.py
+ATOL = 1e-4  # float32 parity, as in tests/models/test_hub.py
 
 
 @pytest.fixture(scope="module")

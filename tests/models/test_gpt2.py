@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import test_model_configs as mc
 import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from helpers import REPO
+from helpers import models as mc
 from jaxgrad.common.flat import flatten
 from jaxgrad.models.forward import model_logits
 from jaxgrad.models import (
@@ -41,8 +42,7 @@ from jaxgrad.gradients.outputs import get_output_fn
 from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
 from jaxgrad.gradients.projection import Projector
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ATOL = 1e-4  # float32, relative to the logit scale when that exceeds 1 (mc._tol)
+ATOL = 1e-4  # float32, relative to the logit scale when that exceeds 1 (mc.tol)
 TINY = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=1,
             eos_token_id=1)
 WIDTH = 12
@@ -73,7 +73,7 @@ def _save(path, seed=0, **kw) -> str:
 
 
 def _inputs(width=WIDTH):
-    ids, mask = mc._batch(width)
+    ids, mask = mc.batch(width)
     return ids, mask
 
 
@@ -99,7 +99,7 @@ def _compare(path, label, *, torch_kw=None, **load_kw):
     err = _err(ours, ref, mask)
     ERRORS[label] = err
     assert ours.dtype == np.float32 and np.isfinite(ours).all()
-    assert err < mc._tol(ref, ATOL), f"{label}: max |jaxgrad - torch| = {err:.2e}"
+    assert err < mc.tol(ref, ATOL), f"{label}: max |jaxgrad - torch| = {err:.2e}"
     return model, ours, ref
 
 
@@ -225,7 +225,7 @@ def test_refused_config_values_name_file_and_key(tmp_path, base_dir, changes, na
     with open(d / "config.json", "w") as f:
         json.dump(hf, f)
     os.link(os.path.join(base_dir, "model.safetensors"), d / "model.safetensors")
-    mc._refused(str(d), *names)
+    mc.refused(str(d), *names)
 
 
 def test_sequence_longer_than_n_positions_refused(base_dir):
@@ -291,7 +291,7 @@ def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, tmp_path)
     assert {p for p, l in linear_modules(model).items() if l.lora_A is not None} == C_ATTN
     ours = np.asarray(model(ids, mask))
     ERRORS["peft adapter: jaxgrad vs torch+peft"] = err = _err(ours, ref, mask)
-    assert err < mc._tol(ref, ATOL), f"max |jaxgrad - torch+peft| = {err:.2e}"
+    assert err < mc.tol(ref, ATOL), f"max |jaxgrad - torch+peft| = {err:.2e}"
 
     # export: peft rebuilds the same model from our files
     out = tmp_path / "ours"
@@ -304,7 +304,7 @@ def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, tmp_path)
     torch_model = peft.PeftModel.from_pretrained(_torch_model(base_dir), str(out)).eval()
     back = _torch_logits(torch_model, ids, mask)
     ERRORS["our export: torch+peft vs jaxgrad"] = err = _err(ours, back, mask)
-    assert err < mc._tol(back, ATOL), f"max |torch+peft(our export) - jaxgrad| = {err:.2e}"
+    assert err < mc.tol(back, ATOL), f"max |torch+peft(our export) - jaxgrad| = {err:.2e}"
 
 
 def test_adapter_config_without_target_modules_adapts_peft_default(base_dir, peft_dir, tmp_path):
@@ -320,7 +320,7 @@ def test_adapter_config_without_target_modules_adapts_peft_default(base_dir, pef
     model = _adapted(base_dir, d)
     assert {p for p, l in linear_modules(model).items() if l.lora_A is not None} == C_ATTN
     ids, mask = _inputs()
-    assert _err(model(ids, mask), ref, mask) < mc._tol(ref, ATOL)
+    assert _err(model(ids, mask), ref, mask) < mc.tol(ref, ATOL)
 
 
 def test_lora_defaults():
@@ -403,16 +403,16 @@ def test_every_key_transformers_reads_is_in_the_table():
     read = set()
     for f in ("models/gpt2/modeling_gpt2.py", "masking_utils.py"):
         with open(os.path.join(root, f)) as fh:
-            for m in mc._READ.finditer(fh.read()):
+            for m in mc.READ.finditer(fh.read()):
                 read.add(next(g for g in m.groups() if g))
-    not_keys = mc._NOT_KEYS | {"num_labels",  # classification heads, set from id2label
+    not_keys = mc.NOT_KEYS | {"num_labels",  # classification heads, set from id2label
                                "crossattention", "q_attn"}  # hasattr(self, ...) on modules
     unknown = sorted(read - set(gpt2_lib.HF_FIELDS) - not_keys)
     assert not unknown, f"transformers reads {unknown}; add them to gpt2.HF_FIELDS and the doc"
 
 
 def test_doc_table_equals_code_table():
-    with open(os.path.join(ROOT, "docs", "models", "gpt2.md")) as f:
+    with open(os.path.join(REPO, "docs", "models", "gpt2.md")) as f:
         text = f.read()
     section = text.split("## config.json keys", 1)[1].split("\n## ", 1)[0]
     doc = {}

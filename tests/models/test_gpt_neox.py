@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import test_model_configs as mc
 import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from helpers import REPO
+from helpers import models as mc
 from jaxgrad.models import (
     LoraConfig,
     apply_lora,
@@ -37,7 +38,6 @@ from jaxgrad.models import gpt_neox as neox
 from jaxgrad.models.hf_config import RULES
 from jaxgrad.models.lora import linear_modules
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, initializer_range=0.2, max_position_embeddings=64)
 ATOL = 1e-4
@@ -70,19 +70,19 @@ def _run_torch(model, ids, mask):
 
 def _compare(path, name, **load_kw):
     """max |jaxgrad - torch| over real tokens of a right-padded batch; asserted below ATOL."""
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     ref = _run_torch(_torch(path), ids, mask)
     model, _ = load_pretrained(path, with_tokenizer=False, **load_kw)
     ours = np.asarray(model(ids, mask))
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     err = float(np.abs(ours - ref)[mask > 0].max())
     print(f"max |jaxgrad - torch| {name}: {err:.2e}")
-    assert err < mc._tol(ref, ATOL), f"{name}: max |jaxgrad - torch| = {err:.2e}"
+    assert err < mc.tol(ref, ATOL), f"{name}: max |jaxgrad - torch| = {err:.2e}"
     return model, ours, ref
 
 
 def _edit(path, **changes):
-    mc._edit(path, **changes)
+    mc.edit_config(path, **changes)
     return path
 
 
@@ -140,7 +140,7 @@ def test_transformers4_rotary_pct_and_base(tmp_path, copy, pct):
     # the rotation matters: the same weights with full rotary give other logits
     _edit(d, rotary_pct=1.0)
     other, _ = load_pretrained(d, with_tokenizer=False)
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     assert np.abs(np.asarray(other(ids, mask)) - ours)[mask > 0].max() > 1e-3
 
 
@@ -222,7 +222,7 @@ def test_checkpoint_of_the_bare_base_model(tmp_path):
 
 
 def test_bfloat16_close_to_float32(base_dir):
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     ref = _run_torch(_torch(base_dir), ids, mask)
     model, _ = load_pretrained(base_dir, with_tokenizer=False, dtype="bfloat16")
     assert model.config.dtype is jnp.bfloat16
@@ -261,7 +261,7 @@ def test_refusals_name_config_json_and_the_key(copy, changes, names):
     for k in [k for k, v in changes.items() if v is None and k != "head_dim"]:
         cfg.pop(k)
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    mc._refused(d, *names)
+    mc.refused(d, *names)
 
 
 # ---- the table, the doc and transformers agree -------------------------------------------------------
@@ -283,18 +283,18 @@ def test_every_key_transformers_reads_is_in_the_table():
     root = os.path.dirname(transformers.__file__)
     read = set()
     for f in ("models/gpt_neox/modeling_gpt_neox.py", "masking_utils.py", "modeling_rope_utils.py"):
-        for m in mc._READ.finditer(open(os.path.join(root, f)).read()):
+        for m in mc.READ.finditer(open(os.path.join(root, f)).read()):
             read.add(next(g for g in m.groups() if g))
     source = open(os.path.join(root, "models/gpt_neox/configuration_gpt_neox.py")).read()
     popped = set(re.findall(r'kwargs\.pop\("(\w+)"', source))
     assert {"rotary_pct", "rotary_emb_base", "rope_scaling"} <= popped
-    ignored = mc._NOT_KEYS | {"num_labels"}  # classification / QA heads only
+    ignored = mc.NOT_KEYS | {"num_labels"}  # classification / QA heads only
     unknown = sorted((read | popped) - set(TABLE) - ignored)
     assert not unknown, f"transformers reads {unknown}; add them to HF_FIELDS and the doc"
 
 
 def test_doc_table_equals_code_table():
-    text = open(os.path.join(ROOT, "docs", "models", "gpt_neox.md")).read()
+    text = open(os.path.join(REPO, "docs", "models", "gpt_neox.md")).read()
     section = text.split("## config.json keys", 1)[1]
     doc = {}
     for line in section.splitlines():
@@ -329,9 +329,9 @@ def test_save_pretrained_loads_in_transformers(base_dir, tmp_path):
 
     model, _ = load_pretrained(base_dir, with_tokenizer=False)
     save_pretrained(model, tmp_path / "out", neox.to_hf_config(model.config))
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     ref = _run_torch(_torch(tmp_path / "out"), ids, mask)
-    assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc._tol(ref, ATOL)
+    assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc.tol(ref, ATOL)
 
 
 # ---- LoRA and peft -----------------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def _adapted(model):
 def test_peft_adapter_both_ways(base_dir, tmp_path):
     """torch peft adapter -> load_peft_adapter: same logits; our save_peft_adapter ->
     peft.PeftModel.from_pretrained: same logits; no target_modules: peft's default."""
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     torch.manual_seed(1)
     pm = peft.get_peft_model(_torch(base_dir), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["query_key_value"], lora_dropout=0.0))
@@ -362,7 +362,7 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
     ours = np.asarray(model(ids, mask))
     err = float(np.abs(ours - ref)[mask > 0].max())
     print(f"max |jaxgrad - torch| peft adapter torch -> jaxgrad: {err:.2e}")
-    assert err < mc._tol(ref, ATOL), err
+    assert err < mc.tol(ref, ATOL), err
 
     for lin in linear_modules(model).values():  # new values, then export
         if lin.lora_B is not None:
@@ -373,7 +373,7 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
     ref = _run_torch(back, ids, mask)
     err = float(np.abs(ours - ref)[mask > 0].max())
     print(f"max |jaxgrad - torch| peft adapter jaxgrad -> torch: {err:.2e}")
-    assert err < mc._tol(ref, ATOL), err
+    assert err < mc.tol(ref, ATOL), err
 
     f = tmp_path / "theirs" / "adapter_config.json"
     raw = json.load(open(f))
@@ -384,7 +384,7 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
     assert _adapted(model) == QKV
     torch_default = peft.PeftModel.from_pretrained(_torch(base_dir), tmp_path / "theirs").eval()
     ref = _run_torch(torch_default, ids, mask)
-    assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc._tol(ref, ATOL)
+    assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc.tol(ref, ATOL)
 
 
 def test_apply_lora_targets(base_dir, tmp_path):
@@ -412,7 +412,7 @@ def test_apply_lora_targets(base_dir, tmp_path):
 def test_per_sample_projected_grads_equal_one_at_a_time(tmp_path):
     """vmap(grad) + projection against jax.grad one example at a time, projected densely. One
     layer: the two jit compilations dominate this file's time, and a layer adds nothing here."""
-    from test_per_sample import one_at_a_time
+    from helpers.gradients import one_at_a_time
 
     from jaxgrad.gradients.per_sample import num_trainable, per_sample_projected_grads
     from jaxgrad.gradients.projection import Projector
@@ -422,7 +422,7 @@ def test_per_sample_projected_grads_equal_one_at_a_time(tmp_path):
     for lin in linear_modules(model).values():
         if lin.lora_B is not None:  # nonzero B: the A gradients are informative too
             lin.lora_B[...] = 0.1 * jnp.ones_like(lin.lora_B[...])
-    ids, mask = mc._batch()
+    ids, mask = mc.batch()
     ids, mask = np.concatenate([ids, ids[:1, ::-1]]), np.concatenate([mask, mask[:1]])
     ids, mask = ids.astype(np.int32), mask.astype(np.int32)
     b = ids.shape[0]

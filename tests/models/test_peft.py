@@ -5,7 +5,9 @@ tests/fixtures/peft-configs/make_peft_config_fixtures.py (tiny random Llama, Qwe
 ``save_pretrained`` with alpha_pattern, rank_pattern, modules_to_save, layers_to_transform /
 layers_pattern, exclude_modules, regex and dotted targets, all-linear, rsLoRA, bias, ...; the
 reference logits are peft's own reload of each saved adapter). Refusals are checked on those
-fixtures and on copies of a fixture whose adapter_config.json is edited here.
+fixtures and on copies of a fixture whose adapter_config.json is edited here. The committed tiny
+fixtures' own adapters (tests/fixtures/*/peft_adapter) are checked against torch+peft too, and
+exported then imported again.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from helpers import fixture
-from jaxgrad.models import (LoraConfig, apply_lora, load_peft_adapter, load_pretrained,
-                            lora_state, num_params, save_peft_adapter, split_lora)
+from helpers.models import ALL, ATOL, max_err, reference, run
+from jaxgrad.models import (LoraConfig, apply_lora, load_peft_adapter, load_pretrained, lora_state,
+                            num_params, save_peft_adapter, split_lora)
 from jaxgrad.models.lora import linear_modules
 from jaxgrad.models.peft import lora_config_of, read_peft_config
+
 
 HERE = fixture("peft-configs")
 CASES = json.load(open(os.path.join(HERE, "cases.json")))
@@ -54,10 +59,6 @@ def loaded(case):
     model = base_model(CASES[case]["base"])
     load_peft_adapter(model, os.path.join(HERE, case))
     return model
-
-
-def lora_keys(directory):
-    return {k for k in load_file(os.path.join(directory, "adapter_model.safetensors")) if "lora_" in k}
 
 
 def edited_copy(tmp_path, case="alpha_pattern_name", **fields):
@@ -191,27 +192,6 @@ def test_existing_adapters_keep_dropout_and_take_the_file_alphas():
     assert err_vs(ours, REF["alpha_pattern_name"], mask) < 1e-5
 
 
-def test_lora_config_rules_match_peft():
-    cfg = LoraConfig(rank=4, alpha=8, target_modules=("self_attn.q_proj", "model.layers.1.mlp.up_proj",
-                                                      "down_proj"),
-                     layers_to_transform=0, exclude_modules="layers.0.mlp.down_proj",
-                     rank_pattern={r"layers\.1\..*": 2, "q_proj": 6}, alpha_pattern={"up_proj": 3},
-                     use_rslora=True)
-    assert cfg.selects("model.layers.0.self_attn.q_proj")
-    assert not cfg.selects("model.layers.1.self_attn.q_proj")  # layers_to_transform
-    assert cfg.selects("model.layers.1.mlp.up_proj")  # a full path bypasses the layer filter
-    assert not cfg.selects("model.layers.0.mlp.down_proj")  # excluded
-    assert not cfg.selects("model.layers.0.self_attn.q_proj", modules_to_save=("self_attn",))
-    assert cfg.rank_for("model.layers.1.self_attn.q_proj") == 2  # first matching key wins
-    assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 6
-    assert (cfg.alpha_for("model.layers.1.mlp.up_proj"), cfg.alpha_for("x.v_proj")) == (3.0, 8.0)
-    assert cfg.scaling == 8 / 2  # alpha / sqrt(r)
-    with pytest.raises(ValueError, match="layers_to_transform"):
-        LoraConfig(target_regex=r".*q_proj", layers_to_transform=(0,))
-    with pytest.raises(ValueError, match="layers_pattern needs layers_to_transform"):
-        LoraConfig(layers_pattern="layers")
-
-
 def test_lora_config_of_records_per_module_rank_and_alpha():
     model = base_model("t5")
     cfg = LoraConfig(rank=4, alpha=8, target_modules=("q", "v"), layers_to_transform=[1],
@@ -270,3 +250,34 @@ def test_export_loads_back_in_torch_peft(case, tmp_path):
             mask = REF[f"{base}_attention_mask"] > 0
     err = err_vs(out.float().numpy(), REF[case], mask)
     assert err < 1e-5, f"{case}: our export loaded in torch+peft, max |diff| = {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_peft_adapter_matches_torch_peft(name):
+    """A nonzero adapter trained/saved by peft gives the same logits in our model as in torch."""
+    model, _ = load_pretrained(fixture(name))
+    load_peft_adapter(model, os.path.join(fixture(name), "peft_adapter"))
+    ref = reference(name)
+    ours, mask = run(model, ref)
+    assert max_err(ref["peft_logits"], ref["logits"], mask) > 1e-2, "fixture adapter should matter"
+    err = max_err(ours, ref["peft_logits"], mask)
+    assert err < ATOL, f"{name}: with the peft adapter, max |ours - torch+peft| = {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_peft_export_then_import_is_exact(name, tmp_path):
+    model, _ = load_pretrained(fixture(name))
+    load_peft_adapter(model, os.path.join(fixture(name), "peft_adapter"))
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=fixture(name))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    keys = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    original = set(load_file(os.path.join(fixture(name), "peft_adapter", "adapter_model.safetensors")))
+    assert keys == original, "exported key names must be PEFT's, identical to peft's own save"
+    fresh, _ = load_pretrained(fixture(name))
+    load_peft_adapter(fresh, tmp_path / "adapter")
+    a = jax.tree_util.tree_leaves(lora_state(model))
+    b = jax.tree_util.tree_leaves(lora_state(fresh))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

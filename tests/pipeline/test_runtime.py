@@ -1,4 +1,6 @@
-"""jaxgrad.pipeline.runtime: the persistent compilation cache the command-line entry points turn on."""
+"""jaxgrad.pipeline.runtime: the persistent compilation cache the command-line entry points turn
+on, and the one-line messages (no traceback) of an interrupted run, a changed config and a config
+refused before any stage."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+from helpers import REPO
 
 
 def _run(code, env):
@@ -60,21 +62,6 @@ def test_ctrl_c_gives_one_line_and_status_130():
     assert "Traceback" not in out.stderr, out.stderr
 
 
-def test_a_user_config_importing_the_shipped_ones_needs_no_pythonpath(tmp_path):
-    """issue 16, item 5: `from configs import demo` in a config outside the repository works
-    when the scripts are run from another directory without PYTHONPATH."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    (tmp_path / "mine.py").write_text("from configs import demo\n\n\ndef get_config():\n"
-                                      "    return demo.get_config('tiny')\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, os.path.join(repo, "scripts", "run_pipeline.py"),
-                          f"--config={tmp_path / 'mine.py'}", f"--workdir={tmp_path / 'run'}",
-                          "--stages=nope"], cwd=tmp_path, env=env, text=True,
-                         capture_output=True, timeout=300)
-    assert "No module named 'configs'" not in out.stderr, out.stderr[-2000:]
-    assert "unknown pipeline stages ['nope']" in out.stderr, out.stderr[-2000:]  # config loaded
-
-
 def test_a_changed_config_prints_its_message_without_a_traceback():
     code = """
         from jaxgrad.pipeline.fingerprint import ConfigChangedError
@@ -91,7 +78,7 @@ def test_a_changed_config_prints_its_message_without_a_traceback():
 def test_a_config_refused_before_any_stage_is_one_line_from_the_scripts(tmp_path):
     """scripts/run_pipeline.py with a misspelt run name: the refusal (raised by validate_config
     before any stage) is printed as its message with status 2, not as a 24-line traceback."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    script = os.path.join(REPO,
                           "scripts", "run_pipeline.py")
     out = subprocess.run([sys.executable, script, "--config=configs/demo.py:tiny",
                           f"--workdir={tmp_path / 'run'}", "--config.pipeline.finetune_runs=al"],
@@ -101,15 +88,3 @@ def test_a_config_refused_before_any_stage_is_one_line_from_the_scripts(tmp_path
     assert "config.pipeline.finetune_runs: unknown runs ['al']" in out.stderr, out.stderr[-2000:]
     assert "did you mean ['all']" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
-
-
-def test_config_error_is_a_value_error_raised_by_run_pipeline(tmp_path):
-    from configs import demo
-    from jaxgrad.config import ConfigError
-    from jaxgrad.pipeline import run_pipeline
-
-    config = demo.get_config("tiny")
-    config.pipeline.finetune_runs = ("al",)
-    with pytest.raises(ConfigError, match="unknown runs"):
-        run_pipeline(config, str(tmp_path / "run"))
-    assert issubclass(ConfigError, ValueError)

@@ -15,9 +15,10 @@ import re
 
 import pytest
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers import fixture
+
 _spec = importlib.util.spec_from_file_location(
-    "compat_make_golden", os.path.join(_HERE, "fixtures", "compat", "make_golden.py"))
+    "compat_make_golden", os.path.join(fixture("compat"), "make_golden.py"))
 golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(golden)
 

@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 SCRIPT = os.path.join(REPO, "benchmarks", "device_check.py")
 PARTS = ("projection", "per_sample", "batched", "surrogate")
 

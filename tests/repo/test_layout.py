@@ -43,8 +43,10 @@ import pathlib
 import sys
 from typing import NamedTuple
 
+from helpers import REPO
+
 ROOT = pathlib.Path(
-    os.environ.get("JAXGRAD_LAYOUT_ROOT") or pathlib.Path(__file__).resolve().parents[1] / "jaxgrad"
+    os.environ.get("JAXGRAD_LAYOUT_ROOT") or pathlib.Path(REPO) / "jaxgrad"
 ).resolve()
 
 MAX_MODULE_LINES = 500

@@ -22,7 +22,9 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "gradex_colab_tpu.ipynb"
+from helpers import REPO
+
+NOTEBOOK = pathlib.Path(REPO) / "notebooks" / "gradex_colab_tpu.ipynb"
 KERNEL = "jaxgrad-notebook-test"
 TABLE_HEADER = ("| rank | source | kind | score | 95% CI | subsets | grad-sim cosine | repr-sim cosine "
                 "| selected |")

@@ -10,11 +10,12 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 
 
 def _load(name, rel):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, rel))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,12 +1,15 @@
 """The public API of ``jaxgrad`` and its packages: every name in ``__all__`` resolves to the
 object its defining module holds, the lazy table and the type checker's imports agree, and the
-names are listed one a line, sorted (optax's convention)."""
+names are listed one a line, sorted (optax's convention); ``import jaxgrad`` pulls in none of
+the heavy optional dependencies."""
 
 from __future__ import annotations
 
 import ast
 import importlib
 import inspect
+import subprocess
+import sys
 
 import pytest
 
@@ -50,3 +53,11 @@ def test_lazy_table_matches_the_type_checking_imports(name):
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'fit_subset'"):
         jaxgrad.fit_subset  # noqa: B018
+
+
+def test_import_jaxgrad_is_light():
+    code = ("import sys, jaxgrad, jaxgrad.models, jaxgrad.common.flat; "
+            "bad = [m for m in ('datasets', 'transformers', 'ml_collections') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"`import jaxgrad` imported heavy modules: {proc.stdout} {proc.stderr[-500:]}"

@@ -1,15 +1,13 @@
-"""Tests for jaxgrad.select (random ensembles, stepwise selection, baselines) and the subsets
-of jaxgrad.estimate.
+"""jaxgrad.select.scores: ensemble scores (means over the subsets holding each source, bootstrap
+intervals) rank planted sources and equal hand means; top-k and threshold selection, a count
+meaning a count whatever its type.
 
-Planted structure throughout: a score function whose best subset is known by brute force,
-synthetic projected gradients with one source aligned with the target and two opposed to it,
-clusters of directions with scattered norms. References are hand loops in NumPy.
+Planted structure: synthetic projected gradients with one source aligned with the target and two
+opposed to it, fitted with the gradex surrogate; references are hand loops in NumPy.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import warnings
 
 import numpy as np
@@ -19,42 +17,7 @@ from jaxgrad import select as sel
 from jaxgrad.estimate import subsets as subsets_lib
 from jaxgrad.estimate.lift import estimate_subsets
 from jaxgrad.estimate.surrogate import fit_subsets
-
-
-def test_sample_subsets_sizes_distinct_and_seeded():
-    subsets = subsets_lib.sample_subsets(20, 300, 0.5, seed=3)
-    assert subsets.shape == (300, 20) and subsets.dtype == bool
-    assert np.all(subsets.sum(axis=1) == 10), "every subset must hold half of the 20 sources"
-    assert len({row.tobytes() for row in subsets}) == 300, "subsets must be distinct"
-    np.testing.assert_array_equal(subsets, subsets_lib.sample_subsets(20, 300, 0.5, seed=3))
-    assert not np.array_equal(subsets, subsets_lib.sample_subsets(20, 300, 0.5, seed=4))
-    assert np.all(subsets_lib.sample_subsets(7, 5, 3).sum(axis=1) == 3), "a count is a count"
-    # 6 distinct subsets of 2 of 4 sources: asking for 5 draws 5 distinct ones, 9 repeats some.
-    assert len({r.tobytes() for r in subsets_lib.sample_subsets(4, 5, 2)}) == 5
-    with pytest.warns(UserWarning, match="only 6 distinct subsets"):
-        many = subsets_lib.sample_subsets(4, 9, 2, seed=1)
-    assert len({r.tobytes() for r in many}) == 6, "every distinct subset must appear"
-    for bad in (0.0, 1.5, 0, 21):
-        with pytest.raises(ValueError, match="size must be a fraction in \\[0, 1\\) or a whole|of only 20"):
-            subsets_lib.sample_subsets(20, 3, bad)
-    assert np.all(subsets_lib.sample_subsets(7, 5, 3.0).sum(axis=1) == 3), "3.0 is the count 3"
-    with pytest.raises(TypeError, match="size must be"):
-        subsets_lib.sample_subsets(20, 3, True)
-
-
-def test_masks_from_sources():
-    ids = np.array([2, 0, 1, 2, 3, 0])
-    subsets = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]], bool)
-    masks = subsets_lib.masks_from_sources(ids, subsets)
-    want = np.array([[subsets[s, i] for i in ids] for s in range(3)])
-    np.testing.assert_array_equal(masks, want)
-    np.testing.assert_array_equal(subsets_lib.masks_from_sources(ids, [[0, 2], [3], []]), want)
-    with pytest.raises(ValueError, match=r"subset 1 names unknown source\(s\) \[4\]"):
-        subsets_lib.masks_from_sources(ids, [[0], [4]])
-    with pytest.raises(ValueError, match="names source 3 but the subsets cover only 3 sources"):
-        subsets_lib.masks_from_sources(ids, subsets[:, :3])
-    with pytest.raises(ValueError, match="1-D array of ints"):
-        subsets_lib.masks_from_sources(ids.astype(float), subsets)
+from jaxgrad.select.scores import select_top
 
 
 def _planted_surrogate_estimates(subsets, seed=0):
@@ -122,73 +85,6 @@ def test_select_top_and_threshold():
         sel.select_top(np.array([np.nan]), 1)
 
 
-# Planted score: additive values with one redundant pair (2 and 4 overlap).
-_VALUES = np.array([3.0, -1.0, 2.0, -2.0, 1.5, -0.5, 0.7, -3.0])
-
-
-def _planted_score(masks):
-    masks = np.asarray(masks, bool)
-    return masks @ _VALUES - 1.8 * (masks[:, 2] & masks[:, 4])
-
-
-def test_forward_selection_recovers_planted_best_subset_one_call_per_round():
-    m = len(_VALUES)
-    every = np.array(list(itertools.product([False, True], repeat=m)))
-    best = set(np.flatnonzero(every[np.argmax(_planted_score(every))]))
-    calls = []
-
-    def score_fn(masks):
-        calls.append(masks.shape[0])
-        return _planted_score(masks)
-
-    res = sel.forward_selection(score_fn, m)
-    assert set(res.selected) == best == {0, 2, 6}, f"selected {res.selected}, best {best}"
-    assert res.selected == [0, 2, 6], "greedy order follows the gains"
-    np.testing.assert_allclose(res.path_scores, [3.0, 5.0, 5.7])
-    assert res.initial_score == 0.0
-    # One batched call per round: all candidates (plus the empty set in round one).
-    assert calls == [m + 1, m - 1, m - 2, m - 3] and res.n_calls == 4
-    capped = sel.forward_selection(_planted_score, m, max_size=2)
-    assert capped.selected == [0, 2]
-    assert sel.forward_selection(_planted_score, m, min_gain=1.0).selected == [0, 2]
-    with pytest.raises(ValueError, match="one score per row"):
-        sel.forward_selection(lambda masks: np.zeros(2), m)
-
-
-def test_ordered_selection_keeps_improving_sources():
-    res = sel.ordered_selection(_VALUES, _planted_score)
-    # Visits 0, 2, 4, 6, ...: 4 is redundant with 2 (+1.5 - 1.8), the negatives never help.
-    assert res.selected == [0, 2, 6]
-    np.testing.assert_allclose(res.path_scores, [3.0, 5.0, 5.7])
-    assert res.n_calls == len(_VALUES) and res.n_evaluated == len(_VALUES) + 1
-
-
-def test_baselines_and_gradient_similarity():
-    np.testing.assert_array_equal(sel.baseline_all(4), [0, 1, 2, 3])
-    pick = sel.baseline_random(10, 0.3, seed=2)
-    assert pick.size == 3 and np.all(np.diff(pick) > 0) and pick.max() < 10
-    np.testing.assert_array_equal(pick, sel.baseline_random(10, 0.3, seed=2))
-    rng = np.random.default_rng(0)
-    feats = rng.normal(size=(30, 5)).astype(np.float32)
-    ids = rng.integers(0, 3, size=30)
-    target = rng.normal(size=(7, 5)).astype(np.float32)
-    got = np.asarray(sel.gradient_similarity_scores(feats, ids, target, n_sources=4))
-    t = target.mean(0)
-    for source in range(3):
-        mean = feats[ids == source].mean(0)
-        want = mean @ t / (np.linalg.norm(mean) * np.linalg.norm(t))
-        assert math.isclose(got[source], want, rel_tol=1e-5, abs_tol=1e-6)
-    assert np.isnan(got[3]), "a source without samples has no score"
-    with pytest.raises(ValueError, match="k = 4 columns but feats_NxK has k = 5"):
-        sel.gradient_similarity_scores(feats, ids, target[:, :4])
-    with pytest.raises(ValueError, match="30 ints"):
-        sel.gradient_similarity_scores(feats, ids[:5], target)
-    bad = feats.copy()
-    bad[2, 2] = np.inf
-    with pytest.raises(ValueError, match="NaN or inf"):
-        sel.gradient_similarity_scores(bad, ids, target)
-
-
 def test_no_warning_when_all_sources_sampled():
     """Subsets that cover every source give every source a finite score and interval, silently
     (the warning is for sources no subset contains)."""
@@ -203,3 +99,9 @@ def test_no_warning_when_all_sources_sampled():
         assert np.isfinite(np.asarray(field)).all(), field
     want = [np.arange(8.0)[subsets[:, m]].mean() for m in range(5)]
     np.testing.assert_allclose(out.scores, want, rtol=1e-6)
+
+
+def test_select_top_follows_the_rule():
+    scores = np.array([0.1, 0.9, 0.5, np.nan, 0.7])
+    np.testing.assert_array_equal(select_top(scores, 2.0), select_top(scores, 2))
+    np.testing.assert_array_equal(select_top(scores, 0.5), [1, 4])  # half of the 4 scored

@@ -1,17 +1,27 @@
-"""Answer-choice likelihoods and last-layer representations against torch transformers."""
+"""jaxgrad.train.evaluate against torch transformers and numpy: answer-choice log-likelihoods
+and accuracy (also with a T5 whose decoder start token is not its pad id, issue 12 kind 6), the
+evaluator's per-source losses in metrics.jsonl and its exact-match accuracy (filler rows of the
+last batch not counted)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch  # the test extra installs torch (CPU) and transformers: references, never skipped
+import transformers
+from flax import nnx
 
 from helpers import fixture
-from jaxgrad.train.evaluate import answer_choices, choice_accuracy, choice_log_likelihoods
+from helpers.models import START_EXAMPLES
+from helpers.training import quick_cfg, tiny_data, tiny_model
+from jaxgrad.common import sharding as sharding_lib
 from jaxgrad.models import load_pretrained
-from jaxgrad.select.representations import mean_representations
+from jaxgrad.models.forward import model_logits
+from jaxgrad.train import fit, make_evaluator
+from jaxgrad.train.evaluate import answer_choices, choice_accuracy, choice_log_likelihoods
 
-import torch  # noqa: E402  (the test extra installs it)
-import transformers  # noqa: E402
 
 EXAMPLES = [
     {"source": "qa", "prompt": "Q: Is ice cold?\nA: ", "completion": "Yes. It is frozen.",
@@ -70,17 +80,79 @@ def test_choice_accuracy_and_answer_sets(llama):
     assert answer_choices([EXAMPLES[0], EXAMPLES[2]]) is None
 
 
-def test_mean_representations_match_torch_last_hidden_state(llama):
-    """Mean over the real tokens (BOS + prompt + completion + EOS) of the last hidden state after
-    the final norm: transformers' hidden_states[-1]; independent of the batch size."""
-    model, tok, ref = llama
-    reps = mean_representations(model, tok, EXAMPLES, sources=["qa"], max_length=64, batch_size=2)
-    assert reps.shape == (3, ref.config.hidden_size) and reps.dtype == np.float32
-    for i, e in enumerate(EXAMPLES):
-        seq = [tok.bos_token_id] + _ids(tok, e["prompt"]) + _ids(tok, e["completion"]) + \
-            [tok.eos_token_id]
-        with torch.no_grad():
-            h = ref(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
-        np.testing.assert_allclose(reps[i], h.mean(0).numpy(), atol=1e-4, rtol=1e-4)
-    again = mean_representations(model, tok, EXAMPLES, sources=["qa"], max_length=64, batch_size=3)
-    np.testing.assert_allclose(again, reps, atol=1e-5)
+def test_choice_log_likelihoods_use_the_decoder_start(t5_start7):
+    from jaxgrad.models import load_pretrained
+    from jaxgrad.train.evaluate import choice_log_likelihoods
+
+    d, m = t5_start7
+    model, tokenizer = load_pretrained(d)
+    choices = ["chat", "chien"]
+    got = choice_log_likelihoods(model, tokenizer, START_EXAMPLES[:2], choices, sources=["s"],
+                                 max_length=32)
+    for i, e in enumerate(START_EXAMPLES[:2]):
+        for j, c in enumerate(choices):
+            enc = torch.tensor([tokenizer(e["prompt"], add_special_tokens=False)["input_ids"] + [2]])
+            lab = torch.tensor([tokenizer(c, add_special_tokens=False)["input_ids"]])
+            with torch.no_grad():
+                logp = torch.log_softmax(m(input_ids=enc, labels=lab).logits, -1)
+            want = float(logp[0, torch.arange(lab.shape[1]), lab[0]].sum())
+            assert got[i, j] == pytest.approx(want, abs=2e-4), (i, c)
+
+
+def test_per_source_metrics_in_jsonl_match_reference(tmp_path):
+    """metrics.jsonl's per-source validation losses equal a numpy token-weighted cross-entropy."""
+    from jaxgrad.data import batching
+
+    d = tiny_data()
+    model, tok = tiny_model()
+    result = fit(model, tok, d.examples("train"), quick_cfg(num_steps=4, eval_every=2),
+                 str(tmp_path), val_examples=d.examples("validation"), sources=d.sources)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4], f"eval rows at steps {[r['step'] for r in evals]}"
+    last = evals[-1]
+    for source in d.sources:
+        exs = d.examples("validation", [source])
+        enc = batching.encode_examples(exs, tok, sources=d.sources)
+        batch = batching.collate(enc, range(len(exs)), max_length=32)
+        logits = np.asarray(nnx.jit(model_logits)(result.model, batch), np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                                  keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        gold = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        ref = float(-(gold * batch["target_mask"]).sum() / batch["target_mask"].sum())
+        key = f"val_loss/{source}"
+        assert key in last, f"{key} missing from the eval row {sorted(last)}"
+        assert last[key] == pytest.approx(ref, rel=1e-5), f"{key}: {last[key]} vs reference {ref}"
+
+
+def test_accuracy_counts_exact_matches_per_source(tmp_path):
+    """With an extractor that always answers "yes", accuracy is the share of answers "yes"."""
+    d = tiny_data()
+    model, tok = tiny_model()
+    exs = d.examples("validation")
+    for i, e in enumerate(exs):
+        e["answer"] = "yes" if i % 4 == 0 else ("no" if i % 4 == 1 else None)
+    cfg = quick_cfg(num_steps=1, max_new_tokens=3)
+    ev = make_evaluator(model, tok, exs, cfg, sources=d.sources, extract_answer=lambda t: "yes")
+    metrics = ev(model, sharding_lib.make_mesh(1, 1))
+    for source in d.sources:
+        scored = [e for e in exs if e["source"] == source and e["answer"] is not None]
+        want = np.mean([e["answer"] == "yes" for e in scored])
+        assert metrics[f"val_acc/{source}"] == pytest.approx(want), (source, metrics)
+    assert metrics["val_acc"] == pytest.approx(0.5)
+
+
+def test_accuracy_with_filler_rows_in_the_last_batch():
+    """The last evaluation batch is filled up with all-zero rows; generation must accept them
+    (they are not a padding layout error) and they must not count."""
+    d = tiny_data()
+    model, tok = tiny_model()
+    cfg = quick_cfg(num_steps=1, max_new_tokens=2)
+    exs = d.examples("validation")
+    exs = exs[:cfg.batch_size + 1]  # one full batch and a batch with one real row
+    for e in exs:
+        e["answer"] = "yes"
+    ev = make_evaluator(model, tok, exs, cfg, sources=d.sources, extract_answer=lambda t: "yes")
+    metrics = ev(model, sharding_lib.make_mesh(1, 1))
+    assert metrics["val_acc"] == pytest.approx(1.0)

@@ -1,10 +1,8 @@
-"""Issue 12, kinds 6 and 7: the encoder-decoder start token and the padding side, vs torch.
+"""jaxgrad.train.generation against torch transformers: greedy decoding, the encoder-decoder start
+token (issue 12, kind 6) and the padding side (kind 7), and the default answer extraction.
 
-Kind 6: a T5 whose ``decoder_start_token_id`` is not its pad id (MADLAD-400's is not). Every
-place that builds encoder-decoder batches reads the start from the model
-(``jaxgrad.models.forward.model_layout``): the gradient store's outputs f_i, the answer-choice
-log-likelihoods and greedy generation must equal torch's, whose ``_shift_right`` and ``generate``
-use the config's start token.
+Kind 6: a T5 whose ``decoder_start_token_id`` is not its pad id (MADLAD-400's is not): greedy
+generation starts the decoder with it, as transformers' ``generate`` does.
 
 Kind 7: ``jaxgrad.train.generate`` on left-padded prompts (transformers' generation layout) gives
 each row what the prompt gives alone, and what transformers' ``generate`` gives; masks that are
@@ -17,79 +15,12 @@ import numpy as np
 import pytest
 import torch  # the test extra installs torch (CPU) and transformers: references, never skipped
 import transformers
+from flax import nnx
 
 from helpers import fixture
-
-START = 7  # decoder start token, distinct from pad (0) and eos (2)
-
-
-@pytest.fixture(scope="module")
-def t5_start7(tmp_path_factory):
-    """(directory, torch model): a tiny random T5 with decoder_start_token_id=7."""
-    from jaxgrad.data import build_char_tokenizer
-
-    d = tmp_path_factory.mktemp("t5_start7")
-    tok = build_char_tokenizer()  # pad 0, bos 1, eos 2
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                                relative_attention_max_distance=12, feed_forward_proj="gated-gelu",
-                                tie_word_embeddings=False, dropout_rate=0.0, pad_token_id=0,
-                                eos_token_id=2, decoder_start_token_id=START)
-    m = transformers.T5ForConditionalGeneration(cfg).eval()
-    m.save_pretrained(d)
-    return str(d), m
-
-
-EXAMPLES = [{"example_id": f"s/{i}", "source": "s", "prompt": p, "completion": c, "answer": None}
-            for i, (p, c) in enumerate([("translate: cat", "chat"), ("translate: dog", "chien"),
-                                        ("say: a b", "ab")])]
-
-
-def _torch_loss(m, tokenizer, prompt, completion):
-    enc = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] + [2]])
-    lab = torch.tensor([tokenizer(completion, add_special_tokens=False)["input_ids"] + [2]])
-    with torch.no_grad():
-        return float(m(input_ids=enc, labels=lab).loss)
-
-
-def test_gradient_store_outputs_use_the_decoder_start(t5_start7, tmp_path):
-    from jaxgrad.gradients.compute import compute_gradient_store
-    from jaxgrad.models import LoraConfig, load_pretrained
-    from jaxgrad.gradients.per_sample import num_trainable
-    from jaxgrad.gradients.projection import Projector
-
-    d, m = t5_start7
-    model, tokenizer = load_pretrained(d, lora=LoraConfig(rank=2, alpha=4))
-    assert model.config.decoder_start_token_id == START
-    store = compute_gradient_store(model, EXAMPLES, tokenizer,
-                                   Projector(seed=0, dim=num_trainable(model), k=16),
-                                   str(tmp_path / "store"), split="train", sources=["s"],
-                                   output_fn="token_ce", batch_size=2, chunk_size=2, max_length=32)
-    want = [_torch_loss(m, tokenizer, e["prompt"], e["completion"]) for e in EXAMPLES]
-    np.testing.assert_allclose(store.f(), want, rtol=1e-4, atol=1e-4,
-                               err_msg="f_i (token CE) of the store vs torch with labels= "
-                                       "(decoder starts with decoder_start_token_id)")
-
-
-def test_choice_log_likelihoods_use_the_decoder_start(t5_start7):
-    from jaxgrad.train.evaluate import choice_log_likelihoods
-    from jaxgrad.models import load_pretrained
-
-    d, m = t5_start7
-    model, tokenizer = load_pretrained(d)
-    choices = ["chat", "chien"]
-    got = choice_log_likelihoods(model, tokenizer, EXAMPLES[:2], choices, sources=["s"],
-                                 max_length=32)
-    for i, e in enumerate(EXAMPLES[:2]):
-        for j, c in enumerate(choices):
-            enc = torch.tensor([tokenizer(e["prompt"], add_special_tokens=False)["input_ids"] + [2]])
-            lab = torch.tensor([tokenizer(c, add_special_tokens=False)["input_ids"]])
-            with torch.no_grad():
-                logp = torch.log_softmax(m(input_ids=enc, labels=lab).logits, -1)
-            want = float(logp[0, torch.arange(lab.shape[1]), lab[0]].sum())
-            assert got[i, j] == pytest.approx(want, abs=2e-4), (i, c)
+from helpers.models import START, START_EXAMPLES
+from helpers.training import tiny_model
+from jaxgrad.train import default_extract_answer, generate
 
 
 def test_t5_generation_starts_like_transformers(t5_start7):
@@ -98,7 +29,7 @@ def test_t5_generation_starts_like_transformers(t5_start7):
 
     d, m = t5_start7
     model, tokenizer = load_pretrained(d)
-    ids = [tokenizer(e["prompt"], add_special_tokens=False)["input_ids"] + [2] for e in EXAMPLES]
+    ids = [tokenizer(e["prompt"], add_special_tokens=False)["input_ids"] + [2] for e in START_EXAMPLES]
     L = max(map(len, ids))
     batch = np.zeros((len(ids), L), np.int32)
     mask = np.zeros((len(ids), L), np.int32)
@@ -203,3 +134,50 @@ def test_generate_stops_when_every_row_is_done_with_the_same_tokens(llama):
             row[hit[0] + 1:] = 0
     got = np.asarray(generate(model, ids, mask, max_new_tokens=8, eos_id=eos, pad_id=0))
     np.testing.assert_array_equal(got, want, "early stop changed the generated tokens")
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_generate_is_greedy(family):
+    """Every generated token is the argmax of a teacher-forced forward pass over the prompt and
+    the tokens generated before it (the definition of greedy decoding), for prompts of different
+    lengths batched together, up to and including eos; pad after eos."""
+    model, tok = tiny_model(family, seed=3)
+    prompts = ["12+3=", "copy ab>", "7+88="]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [[tok.bos_token_id] + x if family == "llama" else x + [tok.eos_token_id] for x in ids]
+    n, eos = 6, tok.eos_token_id
+    input_ids, mask = right_pad(ids)
+    got = np.asarray(generate(model, input_ids, mask, max_new_tokens=n, eos_id=eos))
+    assert got.shape == (3, n)
+    gens = []
+    for row in got.tolist():
+        k = row.index(eos) + 1 if eos in row else n
+        assert row[k:] == [0] * (n - k), f"tokens after eos are not pad: {row}"
+        gens.append(row[:k])
+    forward = nnx.jit(lambda m, *args: m(*args))
+    if family == "llama":
+        seq_ids, seq_mask = right_pad([x + g for x, g in zip(ids, gens)])
+        logits = np.asarray(forward(model, seq_ids, seq_mask))
+        for r, (x, g) in enumerate(zip(ids, gens)):
+            want = logits[r, len(x) - 1:len(x) - 1 + len(g)].argmax(-1)
+            np.testing.assert_array_equal(g, want, err_msg=f"row {r} ({prompts[r]!r})")
+    else:
+        dec_ids, dec_mask = right_pad([[0] + g[:-1] for g in gens])
+        logits = np.asarray(forward(model, input_ids, mask, dec_ids, dec_mask))
+        for r, g in enumerate(gens):
+            np.testing.assert_array_equal(g, logits[r, :len(g)].argmax(-1),
+                                          err_msg=f"row {r} ({prompts[r]!r})")
+
+
+def right_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, rows))
+    ids = np.array([x + [0] * (width - len(x)) for x in rows], np.int32)
+    mask = np.array([[1] * len(x) + [0] * (width - len(x)) for x in rows], np.int32)
+    return ids, mask
+
+
+def test_default_extract_answer():
+    assert default_extract_answer("2+9=11,1+0+1=2 = 21 ") == "21"
+    assert default_extract_answer("so the answer is 42.") == "42"
+    assert default_extract_answer("a=1, thus the answer is b") == "b"
+    assert default_extract_answer(" plain ") == "plain"
