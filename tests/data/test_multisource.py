@@ -46,7 +46,8 @@ def test_label_noise_never_recombines_a_held_out_target_pair():
 def test_the_duplicates_line_is_logged_once_per_process(tmp_path, caplog, monkeypatch):
     """Every pipeline stage loads the data again: one warning, not one per stage."""
     monkeypatch.setattr(M, "_WARNED", set())
-    path = write_text(tmp_path / "dups.jsonl", "".join(json.dumps(r) + "\n" for r in duplicated_rows()))
+    path = write_text(tmp_path / "dups.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in duplicated_rows()))
     spec = {"format": "alpaca", "path": path, "target": "greet", "validation": 2, "test": 2}
     with caplog.at_level(logging.WARNING, logger=M.__name__):
         S.load_sources(spec)

@@ -31,6 +31,9 @@ def test_source_defaults_to_file_stem_and_files_combine(tmp_path):
     data = S.load_sources({"format": "generic", "path": [p1, p2], "columns": {"source": None},
                            "validation": 1, "test": 1})
     assert data.sources == ["first", "second"], "without a source column the file stem names it"
+    for name, prefix in (("first", "x"), ("second", "y")):  # each file's rows, all of them
+        exs = [e for split in ("train", "validation", "test") for e in data.examples(split, [name])]
+        assert sorted(e["prompt"] for e in exs) == [f"{prefix} prompt {i}" for i in range(5)], name
 
 
 def test_comma_separated_paths_read_as_a_list(tmp_path):
@@ -40,7 +43,8 @@ def test_comma_separated_paths_read_as_a_list(tmp_path):
     data = S.load_sources({"format": "generic", "path": f"{p1},{p2}", "columns": {"source": None},
                            "validation": 1, "test": 1})
     assert data.sources == ["first", "second"]
-    odd = write_rows(source_rows(5, ("z",)), tmp_path / "a,b.jsonl")  # an existing name is never split
+    # an existing name is never split
+    odd = write_rows(source_rows(5, ("z",)), tmp_path / "a,b.jsonl")
     assert S.load_sources({"format": "generic", "path": odd, "columns": {"source": None},
                            "validation": 1, "test": 1}).sources == ["a,b"]
 

@@ -122,7 +122,8 @@ def test_from_examples_names_the_plain_settings():
 @pytest.mark.parametrize("seed", range(8))
 def test_case_duplicate_rows_across_splits(tmp_path, seed, caplog, monkeypatch):
     monkeypatch.setattr(M, "_WARNED", set())  # logged once per process: forget earlier tests
-    path = write_text(tmp_path / "dups.jsonl", "".join(json.dumps(r) + "\n" for r in duplicated_rows()))
+    path = write_text(tmp_path / "dups.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in duplicated_rows()))
     with caplog.at_level(logging.WARNING, logger=M.__name__):
         data = S.load_sources({"format": "alpaca", "path": path, "target": "greet",
                                "validation": 2, "test": 2, "seed": seed})

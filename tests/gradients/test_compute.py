@@ -135,7 +135,8 @@ def test_gradient_store_outputs_use_the_decoder_start(t5_start7, tmp_path):
                                    Projector(seed=0, dim=num_trainable(model), k=16),
                                    str(tmp_path / "store"), split="train", sources=["s"],
                                    output_fn="token_ce", batch_size=2, chunk_size=2, max_length=32)
-    want = [_torch_loss(m, tokenizer, e["prompt"], e["completion"]) for e in START_EXAMPLES]
+    want = [_torch_loss(m, tokenizer, e["prompt"], e["completion"])
+            for e in START_EXAMPLES]
     np.testing.assert_allclose(store.f(), want, rtol=1e-4, atol=1e-4,
                                err_msg="f_i (token CE) of the store vs torch with labels= "
                                        "(decoder starts with decoder_start_token_id)")

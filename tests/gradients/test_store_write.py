@@ -128,7 +128,8 @@ def test_two_processes_give_the_same_store_as_one(tmp_path, dtype):
     p0 = fill_store(both, process_index=0, process_count=2, dtype=dtype)
     assert p0.owned_shards == [0, 2] and p0.complete
     merged = GradientStore.merge(both)
-    assert store_shard_bytes(both) == store_shard_bytes(reference), "merged shards differ from one writer"
+    assert store_shard_bytes(both) == store_shard_bytes(reference), \
+        "merged shards differ from one writer"
     assert store_manifest(both) == store_manifest(reference)
     np.testing.assert_array_equal(merged.feats(), GradientStore.open(reference).feats())
 

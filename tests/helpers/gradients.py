@@ -49,7 +49,8 @@ STORE_KW = dict(split="train", batch_size=4, chunk_size=2, max_length=48, shard_
 
 
 def store_inputs():
-    """(model, tokenizer, data, train examples, projector) for compute_gradient_store(..., **STORE_KW)."""
+    """(model, tokenizer, data, train examples, projector): the inputs of
+    ``compute_gradient_store(..., **STORE_KW)``."""
     model, tok = load_pretrained(fixture("tiny-llama"), lora=LoraConfig(rank=2, seed=1))
     for name, var in named_variables(model).items():
         if name.endswith("lora_B"):

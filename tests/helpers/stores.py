@@ -43,7 +43,8 @@ def fill_store(path, shards=None, seed=0, process_index=0, process_count=1, **ov
     """create_or_resume + write the given (default: all missing) shards; returns the store."""
     feats, f = store_data(seed)
     store = GradientStore.create_or_resume(
-        path, process_index=process_index, process_count=process_count, **store_settings(**overrides)
+        path, process_index=process_index, process_count=process_count,
+        **store_settings(**overrides)
     )
     for i in store.missing_shards() if shards is None else shards:
         start, stop = store.shard_rows(i)

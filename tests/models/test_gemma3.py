@@ -185,8 +185,8 @@ def test_transformers4_rope_keys(tmp_path):
     d = _save(tmp_path / "m", sliding_window_pattern=2, rope_parameters={
         F: {"rope_type": "linear", "factor": 2.0, "rope_theta": 50.0},
         S: {"rope_type": "default", "rope_theta": 500.0}})
-    mc.edit_config(d, rope_parameters=None, layer_types=None, rope_theta=50.0, rope_local_base_freq=500.0,
-             rope_scaling={"rope_type": "linear", "factor": 2.0})
+    mc.edit_config(d, rope_parameters=None, layer_types=None, rope_theta=50.0,
+                   rope_local_base_freq=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
     model, _, _ = _compare(d, "transformers-4 rope keys")
     cfg = model.config
     assert cfg.layer_types == (S, F, S, F)  # from sliding_window_pattern

@@ -55,9 +55,14 @@ def test_estimates_resume_does_not_recompute(run_dir, tmp_path):
     workdir = str(tmp_path / "run")  # a copy: the run appends to the shared run's timings
     shutil.copytree(run_dir, workdir)
     table = os.path.join(workdir, "estimates", "estimates.csv")
-    before = open(table).read()
+    before, stamp = open(table).read(), os.path.getmtime(table)
     run_pipeline(demo.get_config("tiny"), workdir, stages=["estimates"])
     assert open(table).read() == before
+    # the same numbers would come out of a recomputation too: the table is not written again,
+    # and the run is timed as a reuse
+    assert os.path.getmtime(table) == stamp, "the estimates were computed again"
+    last = json.loads(open(os.path.join(workdir, "timings.jsonl")).read().splitlines()[-1])
+    assert last["stage"] == "estimates" and last["reused"] is True, last
 
 
 def test_full_finetune_without_adapters_differentiates_every_parameter(tmp_path):

@@ -45,8 +45,17 @@ def test_a_second_process_reads_the_compiled_program_from_the_cache(tmp_path):
 def test_cache_can_be_switched_off(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAXGRAD_COMPILATION_CACHE"] = "off"
-    out = _run("from jaxgrad.pipeline.runtime import enable_compilation_cache as e; print(e())", env)
-    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
+    env["HOME"] = str(tmp_path)  # where the default cache directory (~/.cache/jaxgrad) would go
+    code = """
+        import jax
+        from jaxgrad.pipeline.runtime import enable_compilation_cache as e
+        print(e())
+        jax.jit(lambda x: x * 2.0)(1.0)  # a compilation a cache would store
+        print(jax.config.jax_compilation_cache_dir)
+    """
+    out = _run(code, env)
+    assert out.returncode == 0 and out.stdout.split() == ["None", "None"], out.stderr[-2000:]
+    assert not (tmp_path / ".cache").exists(), "switched off, yet something was cached"
 
 
 def test_ctrl_c_gives_one_line_and_status_130():

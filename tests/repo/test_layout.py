@@ -347,7 +347,8 @@ def _check_cycles(with_local: bool, allowed: set[frozenset[str]], allow_list: st
             continue  # reported above, as part of the larger cycle
         problems.append(
             f"the allow-listed import cycle {{{', '.join(sorted(key))}}} no longer exists "
-            f"through {kind}: remove it from the allow-list {allow_list} in tests/test_layout.py.")
+            f"through {kind}: remove it from the allow-list {allow_list} in "
+            f"tests/repo/test_layout.py.")
     _fail(problems, f"import cycles in {ROOT}")
 
 
@@ -388,12 +389,12 @@ def test_no_function_local_imports_except_optional_dependencies():
         if count == 0:
             problems.append(
                 f"{key[0]} no longer imports {key[1]} inside a function: remove {key!r} from "
-                f"the allow-list LOCAL_IMPORTS_TODAY in tests/test_layout.py.")
+                f"the allow-list LOCAL_IMPORTS_TODAY in tests/repo/test_layout.py.")
         elif count < allowed:
             problems.append(
                 f"{key[0]} imports {key[1]} inside a function {count} time(s), fewer than the "
                 f"{allowed} allow-listed: lower its count to {count} in LOCAL_IMPORTS_TODAY "
-                f"(tests/test_layout.py), so that the list keeps shrinking.")
+                f"(tests/repo/test_layout.py), so that the list keeps shrinking.")
     _fail(problems, f"function-local imports in {ROOT}")
 
 
@@ -415,12 +416,12 @@ def _check_sizes(sizes: dict[str, tuple[int, str]], limit: int, allowed: dict[st
     for key, ceiling in sorted(allowed.items()):
         if key not in sizes:
             problems.append(f"the allow-listed {what} {key} no longer exists: remove it from "
-                            f"{allow_list} in tests/test_layout.py (if it moved and is still over "
-                            f"{limit} lines, the new name is reported above).")
+                            f"{allow_list} in tests/repo/test_layout.py (if it moved and is still "
+                            f"over {limit} lines, the new name is reported above).")
         elif sizes[key][0] <= limit:
             problems.append(f"{what} {key} is now {sizes[key][0]} lines, within the limit of "
                             f"{limit}: remove it from the allow-list {allow_list} in "
-                            f"tests/test_layout.py.")
+                            f"tests/repo/test_layout.py.")
     return problems
 
 

@@ -29,7 +29,8 @@ def test_t5_generation_starts_like_transformers(t5_start7):
 
     d, m = t5_start7
     model, tokenizer = load_pretrained(d)
-    ids = [tokenizer(e["prompt"], add_special_tokens=False)["input_ids"] + [2] for e in START_EXAMPLES]
+    ids = [tokenizer(e["prompt"], add_special_tokens=False)["input_ids"] + [2]
+           for e in START_EXAMPLES]
     L = max(map(len, ids))
     batch = np.zeros((len(ids), L), np.int32)
     mask = np.zeros((len(ids), L), np.int32)

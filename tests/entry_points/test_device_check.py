@@ -33,7 +33,7 @@ class _Refuse:
         if name.partition(".")[0] in BLOCKED:
             with open(log_path, "a") as f:
                 f.write(name + "\\n")
-            raise ImportError(f"{name} is refused by tests/test_device_check.py")
+            raise ImportError(f"{name} is refused by tests/entry_points/test_device_check.py")
         return None
 
 for name in BLOCKED:
