@@ -124,9 +124,9 @@ def _torch_loss(m, tokenizer, prompt, completion):
 
 def test_gradient_store_outputs_use_the_decoder_start(t5_start7, tmp_path):
     from jaxgrad.gradients.compute import compute_gradient_store
+    from jaxgrad.models import LoraConfig, load_pretrained
     from jaxgrad.gradients.per_sample import num_trainable
     from jaxgrad.gradients.projection import Projector
-    from jaxgrad.models import LoraConfig, load_pretrained
 
     d, m = t5_start7
     model, tokenizer = load_pretrained(d, lora=LoraConfig(rank=2, alpha=4))

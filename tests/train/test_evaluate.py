@@ -81,8 +81,8 @@ def test_choice_accuracy_and_answer_sets(llama):
 
 
 def test_choice_log_likelihoods_use_the_decoder_start(t5_start7):
-    from jaxgrad.models import load_pretrained
     from jaxgrad.train.evaluate import choice_log_likelihoods
+    from jaxgrad.models import load_pretrained
 
     d, m = t5_start7
     model, tokenizer = load_pretrained(d)
