@@ -6,7 +6,7 @@ each old path gives the object from its new home, with a ``DeprecationWarning`` 
 new one. Modules that no longer exist are served by a finder on ``sys.meta_path`` (installed by
 ``import jaxgrad``, consulted only after the regular finders found nothing); modules that still
 exist but lost names forward them through a module ``__getattr__`` (:func:`moved_names`, PEP 562).
-jaxgrad itself never imports an old path (``tests/test_compat_imports.py`` checks every entry).
+jaxgrad itself never imports an old path (``tests/test_compat.py`` checks every entry).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A package lists ``{public name: defining module}`` and imports a module only when one of its names
 is first used, so importing the package stays light. Type checkers see the same names through
-``if TYPE_CHECKING:`` imports in the package (``tests/test_public_api.py`` checks both agree).
+``if TYPE_CHECKING:`` imports in the package (``tests/repo/test_public_api.py`` checks both agree).
 """
 
 from __future__ import annotations

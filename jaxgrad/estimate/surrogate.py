@@ -167,7 +167,7 @@ def fit_subsets(
         device's subsets have converged). With several processes the mesh spans them all and
         every process passes the same masks and gets every subset's fit back. Each subset's
         fit is the one-device fit up to float32 rounding (the matmuls of a smaller chunk may
-        sum in another order): ``tests/test_surrogate.py`` on 8 fake devices.
+        sum in another order): ``tests/estimate/test_surrogate.py`` on 8 fake devices.
 
     Returns:
       ``SubsetFits`` with S×k ``coef`` and S-vectors ``intercept``, ``converged``, ``n_iter``

@@ -69,7 +69,7 @@ DEFAULT_PATTERN = 6  # Gemma3TextConfig.__post_init__: kwargs.get("sliding_windo
 # ---- config.json keys -------------------------------------------------------------------------------
 
 # config.json key -> (transformers' default, rule). The class fields and defaults are those of the
-# installed transformers' Gemma3TextConfig (checked by tests/test_gemma3.py); the extras are the
+# installed transformers' Gemma3TextConfig (checked by tests/models/test_gemma3.py); the extras are the
 # further keys Gemma3TextConfig.__post_init__ / convert_rope_params_to_dict and the modeling code read.
 HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {MODEL_TYPE: field_table(
     GENERIC_FIELDS, GENERIC_EXTRAS,
@@ -95,7 +95,7 @@ HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {MODEL_TYPE: field_table(
         # written by transformers 4 next to layer_types; __post_init__ reads
         # `sliding_window_pattern` and the stored attribute is never read again
         _sliding_window_pattern=DEFAULT_PATTERN,
-        # the nested parameters take max_position_embeddings instead (tests/test_gemma3.py)
+        # the nested parameters take max_position_embeddings instead (tests/models/test_gemma3.py)
         original_max_position_embeddings=None),
     not_applied=dict(attention_dropout=0.0),
     refused=dict(attn_logit_softcapping=None, use_bidirectional_attention=False))}

@@ -34,6 +34,7 @@ names transformers 4 reads.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -206,11 +207,10 @@ def _refresh_mtime(directory: str, record: dict, gguf_path: str) -> None:
 
 
 def _versions() -> dict:
-    from importlib.metadata import version
-
     import transformers
 
-    return {"transformers_version": transformers.__version__, "gguf_version": version("gguf")}
+    return {"transformers_version": transformers.__version__,
+            "gguf_version": importlib.metadata.version("gguf")}
 
 
 def make_record(gguf_path: str, info: dict) -> dict:

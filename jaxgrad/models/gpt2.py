@@ -54,7 +54,7 @@ def _gelu_tanh_fast(x):  # FastGELUActivation: 0.5 x (1 + tanh(x 0.7978845608 (1
 
 
 # transformers.activations.ACT2FN names with the function each computes (every one checked
-# against ACT2FN by tests/test_gpt2.py). Others (`laplace`, `sqrtsoftplus`, `xielu`, `prelu`
+# against ACT2FN by tests/models/test_gpt2.py). Others (`laplace`, `sqrtsoftplus`, `xielu`, `prelu`
 # with its learned slope, ...) are refused by name.
 ACTIVATIONS = {
     **hf_config.ACTIVATIONS,  # silu, swish, relu, gelu (erf), gelu_new, gelu_pytorch_tanh
@@ -77,7 +77,7 @@ ACTIVATIONS = {
 ATTRIBUTE_MAP = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
                  "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 # config.json key -> (transformers' default, rule). The GPT2Config fields and defaults are those
-# of the installed transformers (checked by tests/test_gpt2.py), and the further keys that
+# of the installed transformers (checked by tests/models/test_gpt2.py), and the further keys that
 # modeling_gpt2.py / masking_utils.py read.
 HF_FIELDS: dict[str, tuple[Any, str]] = field_table(
     GENERIC_FIELDS, GENERIC_EXTRAS,

@@ -62,7 +62,7 @@ DEFAULT_THETA = 10000.0  # RotaryEmbeddingConfigMixin.default_theta
 DEFAULT_ROTARY_PCT = 0.25  # GPTNeoXConfig.convert_rope_params_to_dict
 
 # config.json key -> (transformers' default, rule). The first block is GPTNeoXConfig's own
-# dataclass fields with their defaults (tests/test_gpt_neox.py checks them against the installed
+# dataclass fields with their defaults (tests/models/test_gpt_neox.py checks them against the installed
 # transformers); the rest are the keys GPTNeoXConfig.convert_rope_params_to_dict, the modeling
 # code, masking_utils.py and modeling_rope_utils.py read besides.
 HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {MODEL_TYPE: field_table(

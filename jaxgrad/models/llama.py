@@ -84,7 +84,7 @@ def _decoder_fields(*, vocab_size, intermediate_size, num_key_value_heads, max_p
 
 # model_type -> {config.json key: (transformers' default, rule)}. The class fields and defaults
 # are those of the installed transformers' LlamaConfig / MistralConfig / Qwen2Config (checked by
-# tests/test_model_configs.py); the extras are the further keys their modeling code reads.
+# tests/models/test_hf_config.py); the extras are the further keys their modeling code reads.
 HF_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
     "llama": _decoder_fields(
         vocab_size=32000, intermediate_size=11008, num_key_value_heads=None,

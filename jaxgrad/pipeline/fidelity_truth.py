@@ -13,7 +13,7 @@ LoRA dropout) is computed without training: that step's gradient is the token-me
 subset, ``ΣG_u / ΣT_u`` over its units u (G_u the gradient at θ* of unit u's summed token
 cross-entropy, T_u its target-token count), so each unit's sum is computed once and every subset's
 update is ``make_optimizer``'s step on that gradient, as ``fit`` would take it (equal up to float
-rounding: ``tests/test_fidelity.py``). The demo's 21 pairs of 7 sources then cost 7 passes over
+rounding: ``tests/pipeline/test_fidelity.py``). The demo's 21 pairs of 7 sources then cost 7 passes over
 the data instead of 21 fine-tunes.
 """
 

@@ -91,14 +91,14 @@ FINGERPRINT_EXCLUDE: dict[str, str] = {
                               "resumes on the next run",
     "train.distributed": "how the processes start (jax.distributed.initialize)",
     "gradients.batch_size": "examples per jitted call: per-sample results do not depend on it "
-                            "(tests/test_per_sample.py::test_independent_of_chunk_and_batch_size)",
+                            "(tests/gradients/test_per_sample.py::test_independent_of_chunk_and_batch_size)",
     "gradients.chunk_size": "examples per vmap chunk (same test)",
     "gradients.shard_size": "store layout: a complete store is reused whatever its shard size; a "
                             "partial one refuses another shard size itself (StoreMismatchError)",
     "surrogate.chunk_subsets": "subsets per fit call / table flush: each subset is solved on its "
-                               "own (tests/test_surrogate.py, chunked fits)",
+                               "own (tests/estimate/test_surrogate.py, chunked fits)",
     "surrogate.exact_chunk": "subsets per vmapped forward pass in exact mode (tests/"
-                             "test_surrogate.py, exact_estimates chunk_size)",
+                             "estimate/test_lift.py, exact_estimates chunk_size)",
     "pipeline.finetune_runs": "which final fine-tunes run: each one is computed or skipped on its "
                               "own under finetune/<name>",
     "pipeline.on_config_change": "what to do on a change (this mechanism)",
