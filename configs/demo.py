@@ -34,7 +34,7 @@ Expected runtime and result (jax 0.10.2, 2026-12-01; README "What `make demo` sh
 gives each machine's tables): a fresh `make demo` (empty compilation cache) took 2 min 55 s on 2
 idle Intel Xeon cores (261 CPU-seconds; base 21 s for 800 steps, meta_train 45 s for 1500 steps,
 gradients 16 s, estimates 6 s, selection 6 s, three final fine-tunes of 1000 steps 62 s,
-fidelity 14 s) and 2 min 10 s on 2 shared AMD EPYC cores (186 CPU-seconds). Floating-point
+fidelity 14 s) and 2 min 6 s on 2 idle AMD EPYC cores (184 CPU-seconds). Floating-point
 rounding differs between the two CPUs and 1500 training steps carry it to another θ*, so the
 figures differ; on both, ``add`` and ``add_digit`` rank first and ``noisy_add`` last, and
 fine-tuning on the selection beats all sources (target test loss 0.094 against 0.381 on the
