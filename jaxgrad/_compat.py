@@ -394,10 +394,14 @@ def _resolve(old_module: str, name: str, stacklevel: int) -> Any:
     return getattr(importlib.import_module(module), new_name)
 
 
-def moved_names(module_name: str) -> Callable[[str], Any]:
-    """A module ``__getattr__`` that serves the names :data:`MOVED` lists for ``module_name``."""
+def moved_names(module_name: str, stacklevel: int = 3) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that serves the names :data:`MOVED` lists for ``module_name``.
+
+    ``stacklevel`` makes the DeprecationWarning point at the user's line (Python shows one
+    by default only there): 3 when this is the module's ``__getattr__`` itself, 4 when another
+    ``__getattr__`` calls it (:func:`jaxgrad.common.lazy.lazy_exports`' fallback)."""
     def __getattr__(name: str) -> Any:
-        return _resolve(module_name, name, stacklevel=3)
+        return _resolve(module_name, name, stacklevel=stacklevel)
     return __getattr__
 
 

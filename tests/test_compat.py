@@ -34,6 +34,25 @@ def test_old_path_gives_the_moved_object_with_a_warning(old, name):
         assert any(module in m for m in messages), (old, name, messages)
 
 
+@pytest.mark.parametrize("old,name", ENTRIES, ids=[f"{o}.{n}" for o, n in ENTRIES])
+def test_the_warning_points_at_the_users_line(old, name):
+    """Python shows a DeprecationWarning by default only when it is attributed to the user's own
+    code (``__main__``): the warning must name the line that used the old path, not a line of
+    jaxgrad (the packages with lazy exports forward through one more function)."""
+    code = compile(f"import importlib\ngetattr(importlib.import_module({old!r}), {name!r})\n",
+                   "user_code.py", "exec")
+    importlib.import_module(old)  # a removed module warns on import; the name's use is checked
+    if name in vars(sys.modules[old]):  # imported there for its own use: no forwarding
+        module, new_name = _compat.new_home(old, name)
+        assert vars(sys.modules[old])[name] is getattr(importlib.import_module(module), new_name)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(code, {})
+    where = [(w.filename, w.lineno) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert ("user_code.py", 2) in where, (old, name, where)
+
+
 def test_old_modules_no_longer_exist_as_files():
     """The finder only serves modules that are gone; one that exists is never shadowed."""
     import importlib.util

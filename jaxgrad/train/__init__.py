@@ -108,4 +108,5 @@ __all__ = [
     "train_step",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), moved_names(__name__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(),
+                                     moved_names(__name__, stacklevel=4))
