@@ -6,7 +6,8 @@ each old path gives the object from its new home, with a ``DeprecationWarning`` 
 new one. Modules that no longer exist are served by a finder on ``sys.meta_path`` (installed by
 ``import jaxgrad``, consulted only after the regular finders found nothing); modules that still
 exist but lost names forward them through a module ``__getattr__`` (:func:`moved_names`, PEP 562).
-jaxgrad itself never imports an old path (``tests/test_compat.py`` checks every entry).
+jaxgrad itself never imports an old path (``tests/repo/test_layout.py`` checks its imports;
+``tests/test_compat.py`` checks every entry and that its warning names the user's line).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ MOVED: dict[str, dict[str, str]] = {
     "jaxgrad.fidelity": {
         "FIRST_ORDER_SCALES": "jaxgrad.pipeline.fidelity",
         "FidelityConfig": "jaxgrad.config",
+        "OPTIMIZERS": "jaxgrad.config",
         "ONE_BATCH_SHORTCUT": "jaxgrad.pipeline.fidelity_truth",
         "first_order_error": "jaxgrad.pipeline.fidelity",
         "run_fidelity": "jaxgrad.pipeline.fidelity",
@@ -164,8 +166,20 @@ MOVED: dict[str, dict[str, str]] = {
         "token_ce_sums": "jaxgrad.train.losses",
         "token_cross_entropy": "jaxgrad.train.losses",
     },
+    "jaxgrad.models.gemma3": {
+        "check_refused_fields": "jaxgrad.models.hf_config",
+        "refuse": "jaxgrad.models.hf_config",
+    },
     "jaxgrad.models.gguf": {
         "file_digest": "jaxgrad.common.digest:file_sha256",
+    },
+    "jaxgrad.models.gpt2": {
+        "check_refused_fields": "jaxgrad.models.hf_config",
+        "refuse": "jaxgrad.models.hf_config",
+    },
+    "jaxgrad.models.gpt_neox": {
+        "check_refused_fields": "jaxgrad.models.hf_config",
+        "refuse": "jaxgrad.models.hf_config",
     },
     "jaxgrad.models.llama": {
         "ACTIVATIONS": "jaxgrad.models.hf_config",
@@ -262,6 +276,7 @@ MOVED: dict[str, dict[str, str]] = {
     },
     "jaxgrad.report": {
         "KIND_COLORS": "jaxgrad.pipeline.plots",
+        "RUN_ORDER": "jaxgrad.config:FINETUNE_RUNS",
         "cluster_lines": "jaxgrad.pipeline.report",
         "compare_tables": "jaxgrad.pipeline.report",
         "estimated_quantity": "jaxgrad.pipeline.report",

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad.models.layers import (CausalLM, DecoderSizes, GatedMLP, Linear, causal_mask,
                                    decoder_stack, dot_product_attention, split_rng)
 from jaxgrad.models.hf_config import (ACTIVATIONS, GENERIC_EXTRAS, GENERIC_FIELDS, Reader,
@@ -458,3 +459,6 @@ class Gemma3ForCausalLM(CausalLM, nnx.Module):
         logits = super().output_logits(h)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad.models import hf_config
 from jaxgrad.models.hf_config import (GENERIC_EXTRAS, GENERIC_FIELDS, Reader, field_table,
                                       resolve_config_dtypes)
@@ -320,3 +321,6 @@ class GPT2LMHeadModel(CausalLM, nnx.Module):
           ValueError: ``L`` exceeds ``n_positions``.
         """
         return self.transformer(input_ids, attention_mask, dropout_rng)
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgrad._compat import moved_names
 from jaxgrad.models import llama as _llama
 from jaxgrad.models.layers import (CausalLM, DecoderSizes, LayerNorm, Linear, causal_mask,
                                    decoder_stack, dot_product_attention, split_rng)
@@ -396,3 +397,6 @@ class GPTNeoXForCausalLM(CausalLM, nnx.Module):
         self.gpt_neox = GPTNeoXModel(cfg, rngs=rngs)
         self._init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings,
                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -67,8 +67,7 @@ MAX_FUNCTION_LINES = 80
 #   IPython         notebook-only helpers
 # NOT listed, on purpose: jax, flax, optax, numpy and the standard library (already imported or
 # cheap), and jax.experimental.multihost_utils, which imports only jax internals that `import jax`
-# has already loaded (no back-end start-up): its 14 local imports today are debt (plan §1.3: move
-# to module level, one `barrier(name)` helper).
+# has already loaded (no back-end start-up; jaxgrad.common.distributed imports it at module level).
 OPTIONAL_DEPENDENCIES = (
     "tqdm", "matplotlib", "scipy", "sklearn", "datasets", "pyarrow", "pandas", "tokenizers",
     "transformers", "safetensors", "huggingface_hub", "gguf", "torch", "accelerate", "peft",
@@ -310,7 +309,7 @@ def _check_cycles(with_local: bool) -> None:
         problems.append(
             f"import cycle among {', '.join(members)} through {kind}:\n" + "\n".join(edges)
             + "\n  Make imports point one way, down the method (data, models, train, gradients, "
-            "estimate, select, pipeline): move the code both sides need into the lower module "
+            "groups, estimate, select, pipeline): move the code both sides need into the lower module "
             f"(or a common one), and do not hide the import inside a function {ADVICE}.")
     _fail(problems, f"import cycles in {ROOT}")
 
@@ -414,3 +413,39 @@ def test_imports_point_down_the_method():
                     f"({', '.join(METHOD_ORDER[target])}); move the code it needs down to "
                     f"{name}'s package or below {ADVICE}.")
     _fail(problems, f"imports against the method order in {ROOT}")
+
+
+def _moved() -> dict[str, dict[str, str]]:
+    """``jaxgrad._compat.MOVED`` read from the source (old module -> {old name: new home})."""
+    tree = _source("jaxgrad._compat")[1]
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "MOVED" for t in targets):
+                return ast.literal_eval(node.value)
+    return {}
+
+
+def test_jaxgrad_imports_only_the_new_paths():
+    """jaxgrad's own modules import modules that exist and names from where they are defined,
+    never an old path that jaxgrad._compat serves for users (with a DeprecationWarning, which
+    the suite's warning filter would hide): such an import could also hide an upward import
+    (``jaxgrad.fidelity`` is ``jaxgrad.pipeline``'s)."""
+    modules, moved = set(_modules()), _moved()
+    problems = []
+    for name in _modules():
+        if name == "jaxgrad._compat":
+            continue
+        for imp in _imports(name):
+            if not _is_internal(imp.target):
+                continue
+            if imp.target not in modules:
+                problems.append(f"{_where(imp)}: {imp.target} is not a module of jaxgrad "
+                                f"(an old path? jaxgrad/_compat.py MOVED gives the new one) "
+                                f"{ADVICE}.")
+            for spelled in imp.spelled:
+                base, _, attr = spelled.rpartition(".")
+                if attr in moved.get(base, {}):
+                    problems.append(f"{_where(imp)}: {spelled} is an old path; import it from "
+                                    f"{moved[base][attr].partition(':')[0]} {ADVICE}.")
+    _fail(problems, f"imports of old paths in {ROOT}")
