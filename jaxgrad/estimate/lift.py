@@ -48,7 +48,11 @@ def rescale_factors(coef_SxK: jax.typing.ArrayLike, projector: Any,
       scale: ‖Δ‖/‖θ*‖ (the paper uses 0.02…0.4), or None for unscaled updates (c = 1).
 
     Returns:
-      S factors; 0 where w = 0 (an empty subset), so that its Δ is 0.
+      S factors (``coef_SxK``'s dtype); 0 where w = 0 (an empty subset), so that its Δ is 0.
+
+    Raises:
+      ValueError: ``coef_SxK`` not 2-D; the projector's k or Gram shape differing from k.
+      TypeError / ValueError: ``scale`` or ``theta_norm`` not a finite number > 0.
     """
     w = check_coef(coef_SxK)
     if scale is None:
@@ -68,7 +72,21 @@ def _rescale(w_SxK, gram_KxK, target):
 
 def lift_updates(coef_SxK: jax.typing.ArrayLike, c_S: jax.typing.ArrayLike,
                  projector: Any) -> jax.Array:
-    """The estimated updates Δ_S = c_S · P w_S, S×D (float32), via ``projector.lift``."""
+    """The estimated updates Δ_S = c_S · P w_S (GradEx step 4), via ``projector.lift``.
+
+    Args:
+      coef_SxK: S×k surrogate coefficients w_S (``SubsetFits.coef``), float.
+      c_S: S rescale factors (:func:`rescale_factors`), or a scalar for all subsets.
+      projector: a ``jaxgrad.gradients.projection.Projector`` (``k`` and ``lift(w_SxK)``).
+
+    Returns:
+      S×D updates in the projector's float dtype (float32), D = ``projector.dim``, in
+      ``jaxgrad.common.flat`` order.
+
+    Raises:
+      ValueError: ``coef_SxK`` not 2-D, ``c_S`` of the wrong shape or not finite, or k differing
+        from ``projector.k``.
+    """
     w = check_coef(coef_SxK)
     c = check_factors(c_S, w.shape[0], w.dtype)
     if w.shape[1] != projector.k:
@@ -95,6 +113,9 @@ def estimate_subsets(fits_or_coef: SubsetFits | jax.typing.ArrayLike, c_S: jax.t
       output: ``"logit_odds"`` or ``"token_ce"``.
       chunk_size: subsets per call (default: about 8M entries of f̂ per call).
 
+    Shapes: S subsets, J target samples, k projected dimensions; ``target_feats_JxK`` J×k,
+    ``target_f_J`` J, both real (computed in the promoted dtype of coefficients and features).
+
     Returns:
       A dict of S-vectors (``HIGHER_IS_BETTER`` gives each metric's direction):
 
@@ -104,6 +125,11 @@ def estimate_subsets(fits_or_coef: SubsetFits | jax.typing.ArrayLike, c_S: jax.t
       * ``token_ce``: ``loss`` = mean_j f̂_sj, the linearised cross-entropy (lower is better).
         The surrogate must then have been fitted so that Δ lowers the loss (on gradients of
         -CE), otherwise Δ points uphill.
+
+    Raises:
+      ValueError: unknown ``output``; k of features and coefficients differ; shapes of
+        ``target_f_J`` / ``c_S`` wrong or entries not finite.
+      TypeError: non-real ``target_feats_JxK``.
     """
     if output not in OUTPUT_FUNCTIONS:
         raise ValueError(f"output must be one of {OUTPUT_FUNCTIONS}, got {output!r}")
@@ -151,11 +177,24 @@ def exact_estimates(loss_fn: Callable[[Any], Any], theta_star: Any,
     (``chunk_size``×D floats), cut into the tree with ``flat.unflatten`` (cast to each leaf's
     dtype), added to θ*, and evaluated with ``jax.vmap(loss_fn)`` in one jitted call.
 
-    ``mesh``: shard each chunk's subsets over the mesh's ``data`` axis (θ* replicated; the
-    chunk is rounded up to a multiple of the axis), as :func:`fit_subsets` does.
+    Args:
+      loss_fn: ``params -> scalar`` (or pytree of arrays), jax-traceable; vmapped over subsets.
+      theta_star: θ*, the pytree of trainable parameters (D elements in all).
+      coef_SxK: S×k surrogate coefficients (``SubsetFits.coef``), S >= 1.
+      c_S: S rescale factors (:func:`rescale_factors`), or a scalar for all subsets.
+      projector: the ``jaxgrad.gradients.projection.Projector`` the gradients were projected
+        with (``dim`` = D, ``k``, ``lift``); P in Δ_s = c_s·P w_s.
+      chunk_size: subsets per jitted call (>= 1); the last chunk is padded with Δ = 0 rows.
+      mesh: shard each chunk's subsets over the mesh's ``data`` axis (θ* replicated; the
+        chunk is rounded up to a multiple of the axis), as :func:`fit_subsets` does.
 
     Returns:
       ``loss_fn``'s output with a leading axis of S.
+
+    Raises:
+      ValueError: ``theta_star`` has D != ``projector.dim``; S = 0; ``coef_SxK``/``c_S``
+        malformed or k != ``projector.k`` (as :func:`lift_updates`).
+      TypeError / ValueError: ``chunk_size`` not a positive int.
     """
     w = check_coef(coef_SxK)
     c = check_factors(c_S, w.shape[0], w.dtype)

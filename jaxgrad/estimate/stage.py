@@ -97,7 +97,19 @@ def stage_estimates(config, workdir: str) -> str:
 
 
 def read_estimates(path: str) -> list[dict]:
-    """Rows of ``estimates.csv`` as written, plus ``source_list`` (see :func:`subset_sources`)."""
+    """Rows of ``estimates.csv`` as written, plus ``source_list`` (see :func:`subset_sources`).
+
+    Args:
+      path: the ``estimates.csv`` written by the estimate stage (``ESTIMATE_FIELDS`` columns).
+
+    Returns:
+      One dict per row (``csv.DictReader``: every value a string), with ``source_list`` added:
+      the subset's source names, a list of str.
+
+    Raises:
+      OSError: the file cannot be read. ValueError: a ``sources`` cell that is JSON but not a
+        list of strings (:func:`subset_sources`).
+    """
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:

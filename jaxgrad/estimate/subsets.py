@@ -26,8 +26,17 @@ def subset_size(n_sources: int, size: float | int, *, name: str = "size") -> int
     (0, 1) of ``n_sources`` (rounded, at least 1) or a whole count in [1, n_sources], whatever
     the Python type (``2`` and ``2.0`` are both two sources; ``1.0`` is one).
 
+    Args:
+      n_sources: M, the number of sources (a positive int).
+      size: a fraction in (0, 1) of M, or a whole count in [1, M].
+      name: the argument name used in error messages.
+
+    Returns:
+      The count, an int in [1, n_sources].
+
     Raises:
-      TypeError / ValueError: naming ``name``, as :func:`jaxgrad.common.counts.fraction_or_count`.
+      TypeError / ValueError: ``n_sources`` not a positive int, or ``size`` outside the rule,
+        naming ``name``, as :func:`jaxgrad.common.counts.fraction_or_count`.
 
     >>> subset_size(7, 0.3), subset_size(7, 2), subset_size(7, 2.0), subset_size(7, 0.01)
     (2, 2, 2, 1)
@@ -41,7 +50,20 @@ def sample_subsets(n_sources: int, m: int, size: float | int, seed: int = 0) -> 
 
     Subsets are distinct whenever m does not exceed the number C(n, size) of distinct subsets;
     past that every distinct subset appears once and the rest repeat (with a warning).
-    Reproducible for a given seed.
+    Reproducible for a given seed (``numpy.random.default_rng``).
+
+    Args:
+      n_sources: M, the number of sources (a positive int).
+      m: the number of subsets to draw (a positive int).
+      size: sources per subset, as :func:`subset_size` (a fraction of M or a count).
+      seed: the seed of ``numpy.random.default_rng``.
+
+    Returns:
+      m×M ``bool`` array; row s marks the sources in subset s.
+
+    Raises:
+      TypeError / ValueError: ``n_sources``, ``m`` or ``size`` invalid (:func:`subset_size`).
+      ValueError: m exceeds C(M, size) when that is too large (> 200,000) to enumerate.
 
     >>> subsets = sample_subsets(5, 4, 0.4, seed=0)   # 4 subsets of 2 of 5 sources
     >>> subsets.shape, subsets.dtype.name, subsets.sum(axis=1).tolist()

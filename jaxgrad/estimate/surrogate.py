@@ -105,7 +105,19 @@ def gradex_labels(n: int, seed: int = 0, p: float = GRADEX_POSITIVE_RATE) -> jax
     """The gradex labels: n draws of Bernoulli(p) from ``jax.random.key(seed)``, int32 in {0, 1}.
 
     Drawn once for all samples, so a sample has the same label in every subset, and the same
-    labels for the same (n, seed, p) on every run and platform.
+    labels for the same (n, seed, p) on every run and platform. The paper's ``y_i ~
+    Bernoulli(0.7)`` of the ``gradex`` objective (module docstring).
+
+    Args:
+      n: the number of samples N (a non-negative int).
+      seed: the seed of ``jax.random.key``.
+      p: P(y = 1), in [0, 1] (default ``GRADEX_POSITIVE_RATE`` = 0.7).
+
+    Returns:
+      [N] int32 labels in {0, 1}.
+
+    Raises:
+      ValueError: ``n`` not a non-negative int, or ``p`` outside [0, 1].
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
