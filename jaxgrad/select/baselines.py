@@ -19,12 +19,34 @@ from jaxgrad.estimate.subsets import subset_size
 
 
 def baseline_all(n_sources: int) -> np.ndarray:
-    """Every source (the "train on everything" baseline)."""
+    """Every source (the "train on everything" baseline).
+
+    Args:
+      n_sources: M, the number of sources (a positive int).
+
+    Returns:
+      ``np.arange(M)``: the M source indices, int.
+
+    Raises:
+      TypeError / ValueError: ``n_sources`` not a positive int.
+    """
     return np.arange(positive_int("n_sources", n_sources))
 
 
 def baseline_random(n_sources: int, size: float | int, seed: int = 0) -> np.ndarray:
-    """A uniformly random subset of ``size`` sources (fraction or count), sorted."""
+    """A uniformly random subset of ``size`` sources (fraction or count), sorted.
+
+    Args:
+      n_sources: M, the number of sources (a positive int).
+      size: a fraction in (0, 1) of M or a count in [1, M] (:func:`subset_size`).
+      seed: the seed of ``numpy.random.default_rng`` (drawn without replacement).
+
+    Returns:
+      The chosen source indices, int, sorted ascending.
+
+    Raises:
+      TypeError / ValueError: ``n_sources`` or ``size`` invalid (:func:`subset_size`).
+    """
     count = subset_size(n_sources, size)
     return np.sort(np.random.default_rng(seed).choice(n_sources, size=count, replace=False))
 
@@ -72,8 +94,23 @@ def gradient_similarity_scores(feats_NxK: jax.typing.ArrayLike,
                                n_sources: int | None = None) -> jax.Array:
     """LESS-style scores: cosine of each source's mean projected gradient with the target's.
 
-    Returns M cosines in [-1, 1], higher meaning more aligned; NaN for a source with no samples
-    or a zero mean gradient.
+    The score of source i is cos(mean_{n: source n = i} x_n, mean_j t_j), computed in float32
+    (the source-level analogue of LESS, Xia et al. 2024, which scores single samples).
+
+    Args:
+      feats_NxK: N×k projected gradients of the training samples, real.
+      source_ids_N: [N] int source (0…M-1) of each row of ``feats_NxK``.
+      target_feats_JxK: J×k projected gradients of the target samples (J >= 1).
+      n_sources: M (default: max(source_ids_N) + 1).
+
+    Returns:
+      [M] float32 cosines in [-1, 1], higher meaning more aligned; NaN for a source with no
+      samples or a zero mean gradient.
+
+    Raises:
+      ValueError: features not 2-D or with NaN/inf rows; k differing between the two; no target
+        rows; ``source_ids_N`` not N ints >= 0 or naming a source >= ``n_sources``.
+      TypeError: non-real features; ``n_sources`` not an int.
     """
     x = check_feats("feats_NxK", feats_NxK)
     t = check_feats("target_feats_JxK", target_feats_JxK)

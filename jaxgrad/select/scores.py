@@ -118,7 +118,19 @@ def _bootstrap(key, subsets_SxM, est_S, n_boot, ci):
 def select_top(scores_M: jax.typing.ArrayLike, k: float | int) -> np.ndarray:
     """Indices of the best sources, best first: a fraction in (0, 1] of the scored (non-NaN)
     sources (rounded, at least 1) or a count (:mod:`jaxgrad.common.counts`). Ties keep the lower
-    index first.
+    index first. GradEx step 5 (top sources by their ensemble score).
+
+    Args:
+      scores_M: [M] scores, higher is better (e.g. ``EnsembleScores.scores``); NaN = unscored.
+      k: a fraction in (0, 1) of the scored sources or a count, at most their number.
+
+    Returns:
+      int source indices, best first.
+
+    Raises:
+      ValueError: ``scores_M`` not 1-D or with an inf; every score NaN; ``k`` above the number
+        of scored sources or otherwise outside :mod:`jaxgrad.common.counts`' rule.
+      TypeError: ``k`` not a number.
 
     >>> select_top([0.1, float("nan"), 0.5, 0.3], 2).tolist()   # the NaN source is not scored
     [2, 3]
@@ -134,7 +146,19 @@ def select_top(scores_M: jax.typing.ArrayLike, k: float | int) -> np.ndarray:
 
 
 def select_threshold(scores_M: jax.typing.ArrayLike, threshold: float) -> np.ndarray:
-    """Indices of the sources scoring at least ``threshold`` (NaN never), best first."""
+    """Indices of the sources scoring at least ``threshold`` (NaN never), best first.
+
+    Args:
+      scores_M: [M] scores, higher is better; NaN = unscored.
+      threshold: the least score kept (same units as the scores).
+
+    Returns:
+      int source indices with score >= ``threshold``, best first (ties: lower index first); may
+      be empty.
+
+    Raises:
+      ValueError: ``scores_M`` not 1-D or with an inf, or ``threshold`` NaN.
+    """
     scores = check_scores(scores_M)
     threshold = float(threshold)
     if math.isnan(threshold):

@@ -54,6 +54,13 @@ def forward_selection(score_fn: ScoreFn, n_sources: int, max_size: int | None = 
       n_sources: M.
       max_size: largest selection (default M).
       min_gain: the smallest improvement that counts, >= 0.
+
+    Returns:
+      ``StepwiseResult``.
+
+    Raises:
+      TypeError / ValueError: ``n_sources`` / ``max_size`` not positive ints, ``max_size`` > M,
+        ``min_gain`` < 0, or ``score_fn`` returning the wrong shape or non-finite scores.
     """
     n_sources = positive_int("n_sources", n_sources)
     max_size = n_sources if max_size is None else positive_int("max_size", max_size)
@@ -79,6 +86,19 @@ def ordered_selection(scores_M: jax.typing.ArrayLike, score_fn: ScoreFn, *,
     add each to the current set and keep it if ``score_fn`` improves by more than ``min_gain``.
 
     One ``score_fn`` call per visited source (the first call also scores the empty set).
+
+    Args:
+      scores_M: [M] per-source scores giving the order, higher first (e.g.
+        ``EnsembleScores.scores``); NaN sources are never visited.
+      score_fn: maps C×M boolean subset masks to C finite scores, higher is better.
+      min_gain: the smallest improvement that counts, >= 0.
+
+    Returns:
+      ``StepwiseResult``: the kept sources in visiting order, the score after each addition.
+
+    Raises:
+      ValueError: ``scores_M`` not 1-D or with an inf; ``min_gain`` negative or not finite;
+        ``score_fn`` returning the wrong shape or non-finite scores.
     """
     scores = check_scores(scores_M)
     min_gain = nonnegative_float("min_gain", min_gain)
