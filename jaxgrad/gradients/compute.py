@@ -57,12 +57,35 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
                            dtype: str = GradientsConfig.dtype, model_id: str | None = None,
                            full_finetune: bool = False, mesh=None, process_index: int = 0,
                            process_count: int = 1, progress: bool = False) -> GradientStore:
-    """Compute (or finish computing) the gradient store of ``examples`` at ``path``.
+    """Compute (or finish computing) the gradient store of ``examples`` at ``path`` (GradEx
+    step 2: ``x_i = Pᵀ∇f_i(θ*)``, k floats per example, and ``f_i(θ*)``).
 
-    Returns the store; it is complete when this process is the only one, otherwise after
-    ``GradientStore.merge(path)`` by process 0. The keyword defaults are the config's
-    ``gradients`` keys (:class:`jaxgrad.config.GradientsConfig` declares and documents them);
-    ``max_length``, where sequences are truncated, is meta-training's (``train.max_length``).
+    Args:
+      model: θ*, the fine-tuned NNX model (its trainable split gives D and the fingerprint).
+      examples: N example dicts (``example_id``, ``source``, and the text fields
+        :func:`jaxgrad.models.forward.encode_for_model` encodes); one store row each, in order.
+      tokenizer: the model's tokenizer (a ``transformers`` tokenizer or the char tokenizer).
+      projector: the :class:`~jaxgrad.gradients.projection.Projector` P (``dim`` = D, ``k``).
+      path: the store directory; an existing store there is resumed if it matches.
+      split: the split name recorded in the manifest (``"train"``, ``"target_val"``).
+      sources: source names fixing the order of source ids (default: as they appear).
+      model_id: the model's name or path recorded in the manifest.
+      full_finetune: differentiate every parameter instead of the LoRA adapters.
+      mesh, process_index, process_count: the devices and this process's share of the shards.
+      progress: show a bar over the missing shards.
+
+    The other keyword defaults are the config's ``gradients`` keys
+    (:class:`jaxgrad.config.GradientsConfig` declares and documents them); ``max_length``, where
+    sequences are truncated, is meta-training's (``train.max_length``).
+
+    Returns:
+      The :class:`GradientStore`; complete when this process is the only one, otherwise after
+      ``GradientStore.merge(path)`` by process 0.
+
+    Raises:
+      StoreMismatchError: ``path`` holds a store of other examples, θ*, projector or settings.
+      ValueError: LoRA mode on a model without adapters, an unknown ``output_fn``, bad
+        arguments (as :meth:`GradientStore.create_or_resume`).
     """
     trainable = trainable_state(model, full_finetune)
     store = GradientStore.create_or_resume(

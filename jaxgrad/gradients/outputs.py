@@ -43,6 +43,16 @@ def logit_odds(logits_BxLxV: jax.Array, targets_BxL: jax.Array, target_mask_BxL:
     Computed as ``z_gold - logsumexp(z_other)`` (exactly log(p / (1 - p)) without forming 1 - p,
     which float32 cannot resolve when p is near 1), then clipped to ``±log((1 - eps) / eps)``:
     the same as clipping p to [eps, 1 - eps], including the zero gradient of a clipped token.
+    The paper's output function.
+
+    Args:
+      logits_BxLxV: [B, L, V] logits, any float dtype (computed in float32).
+      targets_BxL: [B, L] int gold token ids (``targets[t]`` is what position t predicts).
+      target_mask_BxL: [B, L], 1 on completion tokens, 0 elsewhere.
+      eps: the clip of p, in (0, 0.5).
+
+    Returns:
+      [B] float32, in nats (natural-log odds); 0 for a row without target tokens.
     """
     z = logits_BxLxV.astype(jnp.float32)
     targets = targets_BxL.astype(jnp.int32)
@@ -54,12 +64,32 @@ def logit_odds(logits_BxLxV: jax.Array, targets_BxL: jax.Array, target_mask_BxL:
 
 
 def token_ce(logits_BxLxV: jax.Array, targets_BxL: jax.Array, target_mask_BxL: jax.Array) -> jax.Array:
-    """Mean token cross-entropy per example, ``[B]``."""
+    """Mean token cross-entropy per example, ``[B]``.
+
+    Args:
+      logits_BxLxV: [B, L, V] logits, any float dtype (computed in float32).
+      targets_BxL: [B, L] int gold token ids.
+      target_mask_BxL: [B, L], 1 on completion tokens, 0 elsewhere.
+
+    Returns:
+      [B] float32 cross-entropy in nats; 0 for a row without target tokens.
+    """
     return _masked_mean(-_gold_logprob(logits_BxLxV, targets_BxL), target_mask_BxL)
 
 
 def get_output_fn(name: str, eps: float = 1e-6) -> OutputFn:
-    """The output function called ``name`` (``logit_odds`` or ``token_ce``)."""
+    """The output function called ``name`` (``logit_odds`` or ``token_ce``).
+
+    Args:
+      name: ``"logit_odds"`` or ``"token_ce"`` (``jaxgrad.config.OUTPUT_FUNCTIONS``).
+      eps: the probability clip of ``logit_odds`` (ignored for ``token_ce``).
+
+    Returns:
+      ``f(logits_BxLxV, targets_BxL, target_mask_BxL) -> [B]`` float32.
+
+    Raises:
+      ValueError: an unknown ``name``.
+    """
     if name == "logit_odds":
         return lambda logits, targets, mask: logit_odds(logits, targets, mask, eps)
     if name == "token_ce":
@@ -74,6 +104,17 @@ def outputs_loss(f_J: jax.Array, output: str, axis: int = -1) -> jax.Array:
 
     The linearized estimates (``jaxgrad.estimate.lift.estimate_subsets``), the exact ones (a forward pass at
     θ* + Δ) and the fidelity check's true fine-tunes all use this, so their numbers compare.
+
+    Args:
+      f_J: per-sample outputs (any shape; reduced over ``axis``), float.
+      output: ``"logit_odds"`` or ``"token_ce"``.
+      axis: the sample axis averaged over.
+
+    Returns:
+      The mean loss in nats, ``f_J``'s shape without ``axis``.
+
+    Raises:
+      ValueError: an unknown ``output``.
     """
     if output == "token_ce":
         return jnp.mean(f_J, axis=axis)

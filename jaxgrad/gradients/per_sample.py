@@ -146,7 +146,18 @@ def per_sample_projected_grads(model: nnx.Module, batch: dict, projector, output
 
 
 def num_trainable(model: nnx.Module, full_finetune: bool = False) -> int:
-    """D: the number of parameters per-sample gradients are taken over."""
+    """D: the number of parameters per-sample gradients are taken over.
+
+    Args:
+      model: an NNX model.
+      full_finetune: count every ``nnx.Param`` instead of the LoRA adapters.
+
+    Returns:
+      D, an int (elements, not bytes).
+
+    Raises:
+      ValueError: LoRA mode on a model without adapters (:func:`trainable_filter`).
+    """
     return flat_spec(trainable_state(model, full_finetune)).size
 
 

@@ -23,7 +23,19 @@ from jaxgrad.train.stage import load_theta_star
 
 def projector_from_config(config, dim: int) -> Projector:
     """The run's projector ``P`` (``gradients.projection_{seed,dim,kind}``) for ``dim`` trainable
-    parameters: the same matrix every stage of the run uses (P is never stored)."""
+    parameters: the same matrix every stage of the run uses (P is never stored).
+
+    Args:
+      config: the run config (reads ``config.gradients``).
+      dim: D, the number of trainable parameters (:func:`num_trainable`).
+
+    Returns:
+      A :class:`Projector` (D×k, ``projection_dim`` = k).
+
+    Raises:
+      ValueError / TypeError: ``dim``, k or the seed out of range, or an unknown kind
+        (``Projector.__post_init__``).
+    """
     g = config.gradients
     return Projector(seed=int(g.projection_seed), dim=dim, k=int(g.projection_dim), kind=str(g.projection_kind))
 
