@@ -145,7 +145,14 @@ class GroupsSpec(GroupsSection):
 
 
 def cluster_names(n: int) -> list[str]:
-    """``c00``, ``c01``, ... (zero-padded to the width of ``n - 1``, at least 2 digits)."""
+    """``c00``, ``c01``, ... (zero-padded to the width of ``n - 1``, at least 2 digits).
+
+    Args:
+      n: the number of clusters (>= 0).
+
+    Returns:
+      n unit names, str, in cluster order (``CLUSTER_PREFIX`` + index).
+    """
     width = max(2, len(str(n - 1)))
     return [f"{CLUSTER_PREFIX}{i:0{width}d}" for i in range(n)]
 

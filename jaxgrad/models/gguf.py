@@ -379,7 +379,15 @@ def gguf_to_hf(gguf_path: str, cache_dir: str | None = None, *, force: bool = Fa
 
 def gguf_source(directory: str) -> dict | None:
     """The GGUF provenance recorded in a checkpoint's config.json (None for an ordinary one):
-    file, sha256, quantisation, tensor types, ``dequantized_to`` and the library versions."""
+    file, sha256, quantisation, tensor types, ``dequantized_to`` and the library versions.
+
+    Args:
+      directory: a Hugging Face checkpoint directory (as :func:`gguf_to_hf` writes).
+
+    Returns:
+      The ``gguf_source`` dict of its ``config.json``; None when absent, or when the file is
+      missing or not JSON (never raises for those).
+    """
     try:
         with open(os.path.join(directory, "config.json")) as f:
             return json.load(f).get("gguf_source")
@@ -389,7 +397,14 @@ def gguf_source(directory: str) -> dict | None:
 
 def describe_gguf_source(directory: str) -> str | None:
     """One line for reports, e.g. ``weights dequantised to float32 from the Q4_1 GGUF
-    SmolLM2-135M-Instruct.Q4_1.gguf``; None for a checkpoint that did not come from a GGUF."""
+    SmolLM2-135M-Instruct.Q4_1.gguf``; None for a checkpoint that did not come from a GGUF.
+
+    Args:
+      directory: a Hugging Face checkpoint directory.
+
+    Returns:
+      A str, or None (as :func:`gguf_source`).
+    """
     src = gguf_source(directory)
     if not src:
         return None

@@ -92,6 +92,19 @@ def config_from_hf(cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, sou
     ``dtype`` / ``param_dtype``: float32 or bfloat16 (a name or a numpy/JAX dtype); anything else
     raises ValueError. Config values jaxgrad does not compute raise ValueError naming ``source``,
     the key and its value (docs/config_fields.md).
+
+    Args:
+      cfg: a ``config.json`` dictionary (``transformers.PretrainedConfig.to_dict()`` form).
+      dtype: the computation dtype.
+      param_dtype: the parameters' storage dtype.
+      source: where ``cfg`` came from, for error messages (e.g. the file path).
+
+    Returns:
+      The family's typed config (``from_hf``).
+
+    Raises:
+      ValueError: an unsupported ``model_type``, a dtype other than float32/bfloat16, or a
+        config value jaxgrad does not compute.
     """
     dtype = resolve_dtype(dtype, "dtype")
     param_dtype = resolve_dtype(param_dtype, "param_dtype")
@@ -105,7 +118,18 @@ def config_from_hf(cfg: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, sou
 
 
 def build_model(config, *, seed: int = 0) -> nnx.Module:
-    """A randomly initialised model for a typed config (training from scratch, tests)."""
+    """A randomly initialised model for a typed config (training from scratch, tests).
+
+    Args:
+      config: a typed jaxgrad model config (``LlamaConfig``, ``T5Config``, ...).
+      seed: the ``nnx.Rngs(params=seed)`` seed of the initialisation.
+
+    Returns:
+      The family's ``nnx.Module``, without LoRA adapters.
+
+    Raises:
+      TypeError: ``config`` is not a jaxgrad model config.
+    """
     return model_class(config)(config, rngs=nnx.Rngs(params=seed))
 
 
@@ -379,6 +403,16 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike, hf_config: 
     ``hf_config`` is the Hugging Face config dictionary the model was built from (the inverse of
     :func:`config_from_hf`); LoRA adapters are not included (see ``save_peft_adapter``). The
     result loads with :func:`load_pretrained` and with ``transformers`` in torch.
+
+    Args:
+      model: the NNX model; every non-LoRA variable is written as float32, by its Hugging Face
+        name, to ``model.safetensors`` (one file, ``{"format": "pt"}`` metadata).
+      directory: the output directory (created if needed; files there are overwritten).
+      hf_config: written as ``config.json``.
+      tokenizer: if given, saved with its ``save_pretrained(directory)``.
+
+    Raises:
+      OSError: the directory or files cannot be written. ImportError: no ``safetensors``.
     """
     from safetensors.numpy import save_file
 

@@ -249,7 +249,15 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig) -> nnx.Module:
     """Attach LoRA adapters in place to the linear layers ``cfg`` selects; returns ``model``.
 
     Ranks and alphas are per module (``rank_pattern`` / ``alpha_pattern``); ``lora_A [r, in]`` and
-    ``lora_B [out, r]`` are float32.
+    ``lora_B [out, r]`` are float32. Selection and initialisation follow peft's ``LoraConfig``
+    (module docstring).
+
+    Args:
+      model: an NNX model of a supported family (its linear layers are ``layers.Linear``).
+      cfg: the :class:`LoraConfig` (rank, alpha, targets, patterns, dropout, seed).
+
+    Returns:
+      ``model`` itself, modified in place.
 
     Raises:
       ValueError: a target name matches no linear layer (the message lists the names that exist),
@@ -271,7 +279,17 @@ def attach_adapters(model: nnx.Module, cfg: LoraConfig, chosen: dict[str, Linear
 
 
 def split_lora(model: nnx.Module):
-    """``(graphdef, adapters, base)``: adapter state (``nnx.LoRAParam``) and everything else."""
+    """``(graphdef, adapters, base)``: adapter state (``nnx.LoRAParam``) and everything else.
+
+    Args:
+      model: an NNX model with LoRA adapters (:func:`apply_lora`).
+
+    Returns:
+      ``nnx.split``'s ``(GraphDef, State, State)``; :func:`merge_lora` inverts it.
+
+    Raises:
+      ValueError: the model has no adapters (:func:`trainable_filter`).
+    """
     return split_trainable(model, full_finetune=False)
 
 
@@ -320,21 +338,59 @@ def split_trainable(model: nnx.Module, full_finetune: bool = False):
 
 
 def merge_lora(graphdef, adapters, base) -> nnx.Module:
+    """Rebuild a model from :func:`split_lora`'s parts (``nnx.merge``), the inverse of the split.
+
+    It does not fold ``scaling · B A`` into the base weights (peft's ``merge_and_unload``): the
+    adapters stay separate ``nnx.LoRAParam`` variables.
+
+    Args:
+      graphdef: the ``nnx.GraphDef`` of the split.
+      adapters: the adapter ``nnx.State`` (e.g. trained values of the same structure).
+      base: the ``nnx.State`` of everything else.
+
+    Returns:
+      A new ``nnx.Module`` holding those states.
+    """
     return nnx.merge(graphdef, adapters, base)
 
 
 def lora_state(model: nnx.Module) -> nnx.State:
-    """The adapters' state (empty when the model has none)."""
+    """The adapters' state (empty when the model has none).
+
+    Args:
+      model: an NNX model.
+
+    Returns:
+      The ``nnx.State`` of its ``nnx.LoRAParam`` variables (``lora_A [r, in]``, ``lora_B [out,
+      r]``, float32).
+    """
     return nnx.state(model, nnx.LoRAParam)
 
 
 def num_params(state_or_model: Any) -> int:
-    """Number of scalars in a model or state (e.g. ``num_params(lora_state(model))``)."""
+    """Number of scalars in a model or state (e.g. ``num_params(lora_state(model))``).
+
+    Args:
+      state_or_model: an ``nnx.Module`` (all its state, parameters and others) or any pytree of
+        arrays (an ``nnx.State``).
+
+    Returns:
+      The total element count, an int (elements, not bytes).
+    """
     state = nnx.state(state_or_model) if isinstance(state_or_model, nnx.Module) else state_or_model
     return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(state)))
 
 
 def trainable_summary(model: nnx.Module) -> dict[str, int | float]:
+    """How much of ``model`` the adapters are.
+
+    Args:
+      model: an NNX model, with or without adapters.
+
+    Returns:
+      ``{"lora_params": int, "total_params": int (all state, adapters included),
+      "lora_fraction": float in [0, 1]}`` (:func:`num_params` counts).
+    """
     lora = num_params(lora_state(model))
     total = num_params(model)
     return {"lora_params": lora, "total_params": total, "lora_fraction": lora / max(total, 1)}

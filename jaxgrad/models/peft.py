@@ -178,9 +178,16 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
     Per-module ranks / alphas are written as ``rank_pattern`` / ``alpha_pattern``, base tensors
     loaded from a peft file (``modules_to_save``, ``bias``) are written back under their keys.
+    Tensors are float32; the files load with peft's ``PeftModel.from_pretrained``.
+
+    Args:
+      model: an NNX model with LoRA adapters.
+      directory: the output directory (created if needed; the two files are overwritten).
+      base_model_name_or_path: recorded as peft's ``base_model_name_or_path``.
 
     Raises:
-      ValueError: as :func:`lora_config_of`.
+      ValueError: as :func:`lora_config_of`; an adapter on the output head whose name differs
+        in peft's model (``PEFT_OUTPUT_HEAD``).
     """
     from safetensors.numpy import save_file
 
@@ -359,6 +366,10 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
     Selection, per-module rank / alpha, rsLoRA, ``modules_to_save`` and ``bias`` follow the
     module docstring (peft's rules). A model that already has adapters keeps them (and their
     dropout); their alphas are set from the file. Nothing is changed when an error is raised.
+
+    Args:
+      model: the NNX base model (of the family the adapter was trained on), changed in place.
+      directory: a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     Raises:
       FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.

@@ -184,7 +184,17 @@ def relative_position_bucket(rel_pos: jax.Array, bidirectional: bool, num_bucket
 
 
 def shift_right(labels: jax.Array, decoder_start_token_id: int, pad_token_id: int) -> jax.Array:
-    """Decoder inputs from labels: prepend the start token, drop the last, map -100 to pad."""
+    """Decoder inputs from labels: prepend the start token, drop the last, map -100 to pad
+    (``transformers``' ``T5PreTrainedModel._shift_right``).
+
+    Args:
+      labels: [..., L] int token ids, -100 marking ignored positions.
+      decoder_start_token_id: the id put first (T5: the pad id, 0).
+      pad_token_id: the id that replaces -100.
+
+    Returns:
+      [..., L] decoder input ids, ``labels``' dtype.
+    """
     shifted = jnp.concatenate(
         [jnp.full(labels.shape[:-1] + (1,), decoder_start_token_id, labels.dtype), labels[..., :-1]],
         axis=-1)
