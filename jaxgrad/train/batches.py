@@ -30,6 +30,21 @@ def example_batches(examples: Sequence[Mapping[str, Any]], tokenizer: Any, *, ba
     """:class:`Batches` over example dicts via :func:`jaxgrad.data.batching.batch_iterator`.
 
     Examples are tokenized once; every process reads its own rows of each global batch.
+
+    Args:
+      examples: example dicts (:func:`jaxgrad.data.batching.encode_examples` fields).
+      tokenizer: the model's tokenizer.
+      batch_size: global rows per batch; max_length: tokens per sequence (truncated beyond).
+      shuffle, seed: shuffle each epoch with a seed derived from ``(seed, epoch)``.
+      encoder_decoder: build encoder–decoder batches (T5) instead of decoder-only ones.
+      sources: source names fixing source ids; decoder_start_id: the decoder start token.
+      drop_remainder: drop a last partial batch instead of padding it (``valid`` = 0 rows).
+
+    Returns:
+      :class:`Batches` with ``steps_per_epoch`` batches.
+
+    Raises:
+      ValueError: ``drop_remainder`` with fewer examples than ``batch_size``.
     """
     encoded = batching.encode_examples(examples, tokenizer, sources=sources,
                                        decoder_start_id=decoder_start_id)

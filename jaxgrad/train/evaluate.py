@@ -150,7 +150,24 @@ def make_evaluator(model: nnx.Module, tokenizer: Any, examples: Sequence[Mapping
                    cfg: TrainConfig, *, sources: Sequence[str],
                    extract_answer: Callable[[str], str | None] | None = None,
                    prefix: str = "val") -> Evaluator:
-    """An :class:`Evaluator` over example dicts, batched like training but not shuffled."""
+    """An :class:`Evaluator` over example dicts, batched like training but not shuffled.
+
+    Args:
+      model: the NNX model (its layout picks decoder or encoder–decoder batches).
+      tokenizer: the model's tokenizer.
+      examples: the example dicts to evaluate (``answer`` enables exact match).
+      cfg: the ``train`` config (``eval_batch_size`` or ``batch_size``, ``max_length``,
+        ``max_new_tokens``).
+      sources: source names, in the order ``source_index`` refers to (per-source metrics).
+      extract_answer: text -> answer for exact match (default: the Evaluator's).
+      prefix: the metric name prefix (``"val"`` gives ``val_loss``, ...).
+
+    Returns:
+      The :class:`Evaluator`.
+
+    Raises:
+      ValueError: no batch can be made (:func:`example_batches`).
+    """
     arch, start = model_layout(model)
     enc_dec = arch == "encoder_decoder"
     examples = list(examples)
@@ -168,6 +185,13 @@ def answer_choices(examples: Sequence[Mapping[str, Any]], max_choices: int = MAX
 
     None when an example has no answer, or when there are fewer than 2 or more than
     ``max_choices`` distinct answers (an open-ended task: use exact match instead).
+
+    Args:
+      examples: example dicts; their ``answer`` values are compared stripped, as strings.
+      max_choices: the most distinct answers that still count as a closed set.
+
+    Returns:
+      The sorted tuple of distinct answers (str), or None.
     """
     answers = [e.get("answer") for e in examples]
     if not answers or any(a is None or str(a).strip() == "" for a in answers):
@@ -180,7 +204,14 @@ def answer_choices(examples: Sequence[Mapping[str, Any]], max_choices: int = MAX
 
 def target_choices(data) -> tuple[str, ...] | None:
     """:func:`answer_choices` of the target's examples over every split of ``data``
-    (a ``MultiSourceData``), so a split missing one answer still gets the whole set."""
+    (a ``MultiSourceData``), so a split missing one answer still gets the whole set.
+
+    Args:
+      data: a ``MultiSourceData`` (its ``target_examples(split)`` of train, validation, test).
+
+    Returns:
+      The sorted answers (str), or None for an open-ended target.
+    """
     return answer_choices([e for split in ("train", "validation", "test")
                            for e in data.target_examples(split)])
 
@@ -189,6 +220,18 @@ def choice_log_likelihoods(model: Any, tokenizer: Any, examples: Sequence[Mappin
                            choices: Sequence[str], *, sources: Sequence[str], max_length: int,
                            batch_size: int = 16) -> np.ndarray:
     """``log p(choice | prompt)`` of every example and choice: float64 ``[N, C]`` (nats).
+
+    The sum of the choice's token log-probabilities (its EOS excluded), from one forward pass
+    per batch of (example, choice) pairs, the prompt being the example's.
+
+    Args:
+      model: the NNX model (decoder or encoder–decoder).
+      tokenizer: the model's tokenizer.
+      examples: N example dicts (their ``completion`` is replaced by each choice).
+      choices: C candidate answers (str()-converted).
+      sources: source names, in the order ``source_index`` refers to.
+      max_length: truncation length in tokens.
+      batch_size: (example, choice) pairs per forward pass (one compiled shape).
 
     Raises:
       ValueError: ``choices`` is empty.
@@ -227,6 +270,14 @@ def choice_accuracy(model: Any, tokenizer: Any, examples: Sequence[Mapping[str, 
                     choices: Sequence[str], *, sources: Sequence[str], max_length: int,
                     batch_size: int = 16) -> tuple[float, np.ndarray]:
     """``(accuracy, correct [N] bool)``: the most likely choice equals the example's answer.
+
+    Args:
+      model, tokenizer, examples, choices, sources, max_length, batch_size: as
+        :func:`choice_log_likelihoods`; each example's ``answer`` (stripped) must be a choice.
+
+    Returns:
+      ``(accuracy, correct)``: a float in [0, 1] and an [N] bool array (argmax over choices;
+      ties go to the first choice).
 
     Raises:
       ValueError: an example's answer is not one of ``choices``.

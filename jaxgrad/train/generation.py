@@ -140,6 +140,15 @@ def prompt_inputs(batch: Mapping[str, np.ndarray], *,
 
     Decoder batches hold prompt + completion; the prompt ends at the position that predicts the
     first target token. Encoder–decoder batches already hold just the prompt in the encoder.
+
+    Args:
+      batch: a batch of :mod:`jaxgrad.data.batching` (``input_ids``, ``attention_mask`` and,
+        for decoders, ``target_mask``; ``[B, L]`` each).
+      encoder_decoder: whether the batch is an encoder–decoder one.
+
+    Returns:
+      ``(input_ids, attention_mask)``, ``[B, L]`` numpy arrays; the mask is 1 on prompt tokens
+      only (int32 for decoders), ready for :func:`generate`.
     """
     ids = np.asarray(batch["input_ids"])
     mask = np.asarray(batch["attention_mask"])
@@ -152,7 +161,15 @@ def prompt_inputs(batch: Mapping[str, np.ndarray], *,
 
 
 def default_extract_answer(text: str) -> str:
-    """The text after the last ``=`` or ``answer is`` (the whole text if neither), stripped."""
+    """The text after the last ``=`` or ``answer is`` (the whole text if neither), stripped
+    (trailing periods removed too when a marker is found).
+
+    Args:
+      text: a decoded generation.
+
+    Returns:
+      The answer string (possibly empty).
+    """
     cut = max(text.rfind("="), text.rfind("answer is"))
     if cut < 0:
         return text.strip()

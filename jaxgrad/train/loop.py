@@ -483,10 +483,15 @@ def fit(model: nnx.Module, tokenizer: Any, train_examples: Sequence[Mapping[str,
 
 def save_adapter(model: nnx.Module, workdir: str, *,
                  base_model_name_or_path: str | None = None) -> str | None:
-    """Export the LoRA adapters as a PEFT adapter in ``<workdir>/adapter``; its path.
+    """Export the LoRA adapters as a PEFT adapter in ``<workdir>/adapter``, for peft's
+    ``PeftModel.from_pretrained(torch_model, path)``.
 
-    Returns None (and writes nothing) when the model has no adapters or on processes other than 0.
-    ``peft.PeftModel.from_pretrained(torch_model, path)`` loads it.
+    Args:
+      model, workdir: the trained NNX model and the run directory.
+      base_model_name_or_path: recorded in ``adapter_config.json``.
+
+    Returns the adapter directory, or None (writing nothing) when the model has no adapters or on
+    processes other than 0. Raises ValueError as :func:`save_peft_adapter`.
     """
     if jax.process_index() != 0 or not has_adapters(model):
         return None

@@ -32,6 +32,17 @@ def token_cross_entropy(logits_BxLxV: jax.typing.ArrayLike, targets_BxL: jax.typ
                         target_mask_BxL: jax.typing.ArrayLike) -> jax.Array:
     """Mean cross-entropy over each example's target tokens, ``[B]`` (0 where none).
 
+    Args:
+      logits_BxLxV: [B, L, V] logits, any float dtype (computed in float32).
+      targets_BxL: [B, L] int gold token ids.
+      target_mask_BxL: [B, L], 1 on target tokens (float or int).
+
+    Returns:
+      [B] float32 cross-entropy in nats (optax ``softmax_cross_entropy_with_integer_labels``).
+
+    Raises:
+      ValueError: shapes other than [B, L, V], [B, L], [B, L].
+
     Example:
       >>> logits = jnp.zeros((1, 2, 4))  # uniform over 4 tokens
       >>> token_cross_entropy(logits, jnp.array([[1, 2]]), jnp.array([[1.0, 1.0]]))
@@ -43,7 +54,19 @@ def token_cross_entropy(logits_BxLxV: jax.typing.ArrayLike, targets_BxL: jax.typ
 
 def token_ce_sums(logits_BxLxV: jax.typing.ArrayLike, targets_BxL: jax.typing.ArrayLike,
                   target_mask_BxL: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
-    """Per example: the summed cross-entropy over target tokens and their number, both ``[B]``."""
+    """Per example: the summed cross-entropy over target tokens and their number, both ``[B]``.
+
+    Args:
+      logits_BxLxV: [B, L, V] logits, any float dtype (computed in float32).
+      targets_BxL: [B, L] int gold token ids.
+      target_mask_BxL: [B, L] token weights, 1 on target tokens.
+
+    Returns:
+      ``(sums, counts)``: [B] float32 summed cross-entropy (nats) and [B] float32 mask sums.
+
+    Raises:
+      ValueError: shapes other than [B, L, V], [B, L], [B, L].
+    """
     logits = jnp.asarray(logits_BxLxV, jnp.float32)
     targets = jnp.asarray(targets_BxL, jnp.int32)
     mask = jnp.asarray(target_mask_BxL, jnp.float32)
@@ -55,7 +78,14 @@ def token_ce_sums(logits_BxLxV: jax.typing.ArrayLike, targets_BxL: jax.typing.Ar
 
 
 def batch_token_count(batch: Batch) -> jax.Array:
-    """``Σ valid · target_mask``: the loss denominator of a batch (at least 1)."""
+    """``Σ valid · target_mask``: the loss denominator of a batch (at least 1).
+
+    Args:
+      batch: a batch with ``target_mask [B, L]`` and ``valid [B]``.
+
+    Returns:
+      A float32 scalar, the number of target tokens in non-padding rows (>= 1).
+    """
     mask = jnp.asarray(batch["target_mask"], jnp.float32)
     valid = jnp.asarray(batch["valid"], jnp.float32)
     return jnp.maximum(jnp.sum(mask * valid[:, None]), 1.0)

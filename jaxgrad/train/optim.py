@@ -13,7 +13,17 @@ from jaxgrad.config import TrainConfig
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then ``cfg.schedule`` down to ``end_lr_ratio * learning_rate``."""
+    """Linear warmup from 0, then ``cfg.schedule`` down to ``end_lr_ratio * learning_rate``.
+
+    Args:
+      cfg: the ``train`` config (``learning_rate``, ``warmup_steps``, ``schedule`` in
+        ``constant`` / ``linear`` / ``cosine``, ``end_lr_ratio``).
+      total_steps: optimizer steps of the run (warmup included; warmup is capped at it).
+
+    Returns:
+      An ``optax.Schedule``, step -> learning rate (optax's ``linear_schedule``,
+      ``cosine_decay_schedule``, ``join_schedules``).
+    """
     lr = float(cfg.learning_rate)
     warm = min(int(cfg.warmup_steps), int(total_steps))
     decay = max(int(total_steps) - warm, 1)
@@ -37,6 +47,15 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
     ``optimizer="sgd"`` is plain gradient descent (no momentum): the update is ``-lr·g`` (plus
     ``-lr·weight_decay·p`` on matrices when ``weight_decay > 0``, as AdamW's decoupled decay).
+
+    Args:
+      cfg: the ``train`` config (``optimizer``, ``max_grad_norm``, ``weight_decay``,
+        ``adam_b1``/``adam_b2``/``adam_eps`` and the schedule's keys, :func:`make_schedule`).
+      total_steps: optimizer steps of the run.
+
+    Returns:
+      An ``optax.GradientTransformation`` (``optax.chain``); weight decay masked to leaves of
+      ndim >= 2.
     """
     parts = []
     if cfg.max_grad_norm > 0:

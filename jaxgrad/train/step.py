@@ -41,6 +41,20 @@ def loss_and_grads(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.Sta
 
     The result does not depend on ``grad_accum_steps`` (up to float summation order): each
     micro-batch's summed cross-entropy is divided by the whole batch's token count.
+
+    Args:
+      graphdef, trainable, frozen: the model split by ``split_trainable``.
+      batch: arrays with a leading batch axis B (``targets``, ``target_mask``, ``valid`` and the
+        model's inputs).
+      rng: LoRA dropout key (each micro-batch folds in its index), or None for no dropout.
+      grad_accum_steps: k micro-batches; B must be divisible by k.
+
+    Returns:
+      ``(loss, grads)``: the float32 scalar loss (nats per target token) and gradients with
+      ``trainable``'s structure and dtypes.
+
+    Raises:
+      ValueError: B not divisible by ``grad_accum_steps``.
     """
     normalizer = batch_token_count(batch)
 
@@ -78,6 +92,14 @@ def train_step(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State, 
     """One optimizer step; returns ``(trainable, opt_state, metrics)``.
 
     ``metrics`` holds the batch ``loss`` (before the update) and the unclipped ``grad_norm``.
+
+    Args:
+      graphdef, trainable, frozen, batch, rng, grad_accum_steps: as :func:`loss_and_grads`.
+      opt_state: ``tx``'s state for ``trainable``.
+      tx: the optimizer (:func:`jaxgrad.train.optim.make_optimizer`).
+
+    Raises:
+      ValueError: as :func:`loss_and_grads`.
     """
     loss, grads = loss_and_grads(graphdef, trainable, frozen, batch, rng,
                                  grad_accum_steps=grad_accum_steps)
@@ -91,6 +113,13 @@ def eval_step(graphdef: nnx.GraphDef, trainable: nnx.State, frozen: nnx.State,
     """Per-example summed cross-entropy and target-token count, ``[B]`` each (0 on padding rows).
 
     Per-source or per-example means are ratios of sums of these (computed on the host).
+
+    Args:
+      graphdef, trainable, frozen: the model split by ``split_trainable``.
+      batch: a batch with ``targets``, ``target_mask``, ``valid`` and the model's inputs.
+
+    Returns:
+      ``{"ce_sum": [B] float32 (nats), "tokens": [B] float32}``.
     """
     logits = model_logits(nnx.merge(graphdef, trainable, frozen), batch)
     sums, counts = token_ce_sums(logits, batch["targets"], batch["target_mask"])
