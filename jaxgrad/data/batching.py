@@ -84,7 +84,19 @@ class SpecialIds:
 
 
 def special_ids(tokenizer: Any, *, decoder_start_id: int | None = None) -> SpecialIds:
-    """The :class:`SpecialIds` of a Hugging Face tokenizer, with the documented fallbacks."""
+    """The :class:`SpecialIds` of a Hugging Face tokenizer, with the documented fallbacks
+    (bos and pad fall back to eos).
+
+    Args:
+      tokenizer: with ``eos_token_id`` and optionally ``bos_token_id`` / ``pad_token_id``.
+      decoder_start_id: the encoder–decoder start id to record (None for decoders).
+
+    Returns:
+      :class:`SpecialIds` of ints.
+
+    Raises:
+      ValueError: the tokenizer has no eos token.
+    """
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token (eos_token_id is "
@@ -120,7 +132,16 @@ class EncodedExamples:
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[np.ndarray]:
-    """Token ids of each text with any Hugging Face tokenizer, without special tokens."""
+    """Token ids of each text with any Hugging Face tokenizer, without special tokens.
+
+    Args:
+      tokenizer: callable as ``transformers``' tokenizers (``tokenizer(texts,
+        add_special_tokens=False)["input_ids"]``).
+      texts: the strings to encode.
+
+    Returns:
+      One 1-D int32 array of token ids per text.
+    """
     if not texts:
         return []
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -172,7 +193,18 @@ def encode_examples(examples: Sequence[Mapping[str, Any]], tokenizer: Any, *,
 
 
 def length_buckets(max_length: int, min_length: int = 16) -> tuple[int, ...]:
-    """Powers of two from ``min_length`` below ``max_length``, then ``max_length`` itself."""
+    """Powers of two from ``min_length`` below ``max_length``, then ``max_length`` itself.
+
+    Args:
+      max_length: the longest sequence in tokens (an int >= 2).
+      min_length: the first bucket.
+
+    Returns:
+      Ascending bucket lengths (ints), ending with ``max_length``.
+
+    Raises:
+      ValueError: ``max_length`` not an int >= 2.
+    """
     _check_max_length(max_length)
     out, b = [], min_length
     while b < max_length:
@@ -199,7 +231,18 @@ def _check_buckets(buckets: Sequence[int] | None, max_length: int) -> tuple[int,
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= n."""
+    """The smallest bucket >= n.
+
+    Args:
+      n: a sequence length in tokens.
+      buckets: allowed lengths, ascending (:func:`length_buckets`).
+
+    Returns:
+      The bucket length (int).
+
+    Raises:
+      ValueError: ``n`` exceeds the largest bucket.
+    """
     for b in buckets:
         if b >= n:
             return b
@@ -208,7 +251,16 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 def sequence_lengths(encoded: EncodedExamples, *, max_length: int,
                      arch: str = "decoder") -> np.ndarray:
-    """Token lengths after truncation: int [N] (decoder) or int [N, 2] (encoder, decoder)."""
+    """Token lengths after truncation: int [N] (decoder) or int [N, 2] (encoder, decoder).
+
+    Args:
+      encoded: the :class:`EncodedExamples` of N examples.
+      max_length: truncation length in tokens (bos/eos included; per side for encoder–decoder).
+      arch: ``"decoder"`` or ``"encoder_decoder"``.
+
+    Raises:
+      ValueError: an unknown ``arch``.
+    """
     _check_arch(arch)
     p = np.asarray([len(x) for x in encoded.prompts])
     c = np.asarray([len(x) for x in encoded.completions])
@@ -361,7 +413,13 @@ def collate(encoded: EncodedExamples, indices: Sequence[int], *, max_length: int
 
 
 def num_batches(n_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
-    """Global batches per epoch."""
+    """Global batches per epoch, an int: floor (``drop_remainder``) or ceil of ``n_examples /
+    batch_size``.
+
+    Args:
+      n_examples: examples in the epoch; batch_size: the global batch size (> 0).
+      drop_remainder: count only full batches (else the last partial batch counts).
+    """
     return n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
 
 

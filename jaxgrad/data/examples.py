@@ -45,7 +45,14 @@ ANSWER_MARKER = "#"
 
 
 def example_id(source: str, prompt: str, completion: str) -> str:
-    """Stable id of an example: the source and a content hash (no running counter, no salt)."""
+    """Stable id of an example: the source and a content hash (no running counter, no salt).
+
+    Args:
+      source, prompt, completion: the example's fields (str).
+
+    Returns:
+      ``"<source>/<first 12 hex digits of sha1(prompt NUL completion)>"``.
+    """
     digest = hashlib.sha1(f"{prompt}\x00{completion}".encode("utf-8")).hexdigest()[:12]
     return f"{source}/{digest}"
 
@@ -56,6 +63,16 @@ def make_examples(rows: Iterable[tuple[str, str, str, str | None]]) -> list[dict
     Repeated (source, prompt, completion) triples get ``~1``, ``~2``... appended to the id in the
     order given, so ids stay unique. An answer that is not a str is made one with ``str``; an
     empty or whitespace-only answer becomes None (no answer: not scored).
+
+    Args:
+      rows: ``(source, prompt, completion, answer)`` tuples; the first three str, ``answer``
+        anything or None.
+
+    Returns:
+      One dict per row: ``example_id``, ``source``, ``prompt``, ``completion``, ``answer``.
+
+    Raises:
+      TypeError: source, prompt or completion not a str. ValueError: an empty source.
     """
     out, seen = [], {}
     for source, prompt, completion, answer in rows:
@@ -80,7 +97,14 @@ def make_examples(rows: Iterable[tuple[str, str, str, str | None]]) -> list[dict
 
 
 def extract_marker_answer(text: str) -> str:
-    """The text after the last ``#`` (the whole text when there is none), stripped."""
+    """The text after the last ``#`` (the whole text when there is none), stripped.
+
+    Args:
+      text: a completion or generation.
+
+    Returns:
+      The answer string (possibly empty).
+    """
     return text.rsplit(ANSWER_MARKER, 1)[-1].strip()
 
 
@@ -91,6 +115,12 @@ def extract_cot_answer(text: str) -> str | None:
     """The answer of a ``... Therefore, the answer is X.`` completion (None when absent).
 
     Only the first line after the last "answer is" counts, so generations that run on are cut.
+
+    Args:
+      text: a completion or generation.
+
+    Returns:
+      X stripped (a final "." removed), or None without "answer is".
     """
     idx = text.rfind("answer is")
     if idx < 0:
@@ -108,6 +138,12 @@ def extract_leading_answer(text: str) -> str:
 
     For answer-first completions: ``"Yes. Because ..."`` -> ``"Yes"``, ``"109"`` -> ``"109"``,
     ``"3.5 hours."`` -> ``"3.5 hours"``.
+
+    Args:
+      text: a completion or generation.
+
+    Returns:
+      The leading answer string (possibly empty).
     """
     text = text.lstrip()
     match = _SENTENCE_END.search(text)

@@ -129,8 +129,16 @@ def read_examples(spec: Any) -> list[dict]:
     type-inferred rewrite of it (module docstring, **Text as written**): JSON numbers keep their
     literal, CSV / TSV cells are strings, blank values are ``""`` (text) or None (answers).
 
-    Raises ValueError naming the missing column, the file and the columns it has; ValueError
-    listing the supported formats for an unknown format.
+    Args:
+      spec: format, ``path`` (file(s)) or ``hub`` (a dataset name), ``columns``, ``source``.
+
+    Returns:
+      Example dicts (:func:`make_examples`), in file and row order.
+
+    Raises:
+      ValueError: a missing column (naming it, the file and the columns it has); an unknown
+        format or column role; not exactly one of path and hub; a file without rows; a blank
+        source cell. FileNotFoundError: data files that do not exist (all listed).
     """
     spec = _as_spec(spec)
     if spec.format not in FORMATS:
@@ -287,7 +295,17 @@ def load_sources(spec: Any) -> MultiSourceData:
 
 def load_data(section: Any):
     """``MultiSourceData`` from ``config.data``: ``kind`` "synthetic" (SyntheticSpec fields in
-    ``data.synthetic``) or "files" (SourcesSpec fields in ``data.files``)."""
+    ``data.synthetic``) or "files" (SourcesSpec fields in ``data.files``).
+
+    Args:
+      section: the ``data`` config section (a ``ConfigDict`` or a mapping).
+
+    Returns:
+      The ``MultiSourceData`` (:func:`synthetic_sources` or :func:`load_sources`).
+
+    Raises:
+      ValueError: an unknown ``kind``, unknown fields, or as the two builders raise.
+    """
     d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
     kind = d.get("kind")
     if kind == "synthetic":

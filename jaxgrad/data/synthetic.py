@@ -220,7 +220,14 @@ def _noisy(task: str):
 
 
 def source_kinds(spec: SyntheticSpec | None = None) -> dict[str, str]:
-    """Source name -> kind, in source order: tasks, ``noisy_<task>``, ``unrelated_<i>``."""
+    """Source name -> kind, in source order: tasks, ``noisy_<task>``, ``unrelated_<i>``.
+
+    Args:
+      spec: the synthetic data spec (default :class:`SyntheticSpec`).
+
+    Returns:
+      ``{name: kind}``, kind one of ``"target"``, ``"related"``, ``"noisy"``, ``"unrelated"``.
+    """
     spec = spec or SyntheticSpec()
     kinds = {t: ("target" if t == spec.target else "related") for t in spec.tasks}
     kinds.update({f"noisy_{t}": "noisy" for t in spec.noisy})
@@ -255,6 +262,12 @@ def _draw(name: str, n: int, spec: SyntheticSpec, reserved: set[str]) -> list[_P
 
 def synthetic_sources(spec: SyntheticSpec | None = None) -> MultiSourceData:
     """Builds the synthetic sources of ``spec`` (defaults: :class:`SyntheticSpec`).
+
+    Args:
+      spec: tasks, target, noisy and unrelated sources, split sizes, seed, digit/char limits.
+
+    Raises:
+      ValueError: a source cannot draw enough distinct prompts under the spec's limits.
 
     Returns:
       MultiSourceData with ``sources`` in :func:`source_kinds` order, ``target=spec.target``,
@@ -330,6 +343,16 @@ def generic_text(n: int, seed: int = 0, *, max_chars: int = 40) -> list[str]:
     line contains :data:`TASK_SYMBOLS` or starts with a task keyword. For causal-LM pretraining
     use each line as a completion with an empty prompt, e.g.
     ``make_examples(("generic", "", t, None) for t in generic_text(1000))``.
+
+    Args:
+      n: lines wanted (an int >= 0); seed: the seed (``numpy.random.default_rng``).
+      max_chars: the longest line in characters (an int >= 1).
+
+    Returns:
+      ``n`` non-empty strs, reproducible for a given seed.
+
+    Raises:
+      ValueError: ``n`` or ``max_chars`` not an int in range.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")

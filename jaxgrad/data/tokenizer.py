@@ -58,6 +58,12 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET):
 def save_char_tokenizer(directory: str, charset: str = DEFAULT_CHARSET):
     """Builds the character tokenizer and saves it to ``directory`` in Hugging Face format.
 
+    ``tokenizer_config.json`` names ``PreTrainedTokenizerFast``, so transformers 4 and 5 load it.
+
+    Args:
+      directory: the output directory (``save_pretrained``'s).
+      charset: the characters of the vocabulary (:func:`build_char_tokenizer`).
+
     Returns:
       The tokenizer that was saved.
     """
