@@ -18,7 +18,12 @@ def stage_script(stage: str | Sequence[str], overrides: dict[str, Any] | None = 
     """Entry point of the thin per-stage scripts: ``--config`` and ``--workdir`` flags, one stage
     (or a few, in order: the result of the last is printed).
 
-    ``overrides``: dotted config keys set before running (e.g. the switch of an optional stage).
+    Runs ``absl.app.run`` (flags parsed from ``sys.argv``; it exits the process, status 2 on a
+    flag error) and :func:`run_pipeline` with ``--on_config_change``.
+
+    Args:
+      stage: a stage name of :data:`STAGES`, or several, run in order.
+      overrides: dotted config keys set before running (e.g. the switch of an optional stage).
     """
     stages = [stage] if isinstance(stage, str) else list(stage)
     from absl import flags

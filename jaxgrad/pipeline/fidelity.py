@@ -366,13 +366,31 @@ def _errors(directions, scales, theta: ThetaStar, f0: np.ndarray, f_and_dir) -> 
 
 
 def fidelity_enabled(config) -> bool:
-    """Whether the optional fidelity stage runs (``pipeline.fidelity``)."""
+    """Whether the optional fidelity stage runs (``pipeline.fidelity``).
+
+    Args:
+      config: the run config (a missing ``pipeline`` section means off).
+
+    Returns:
+      ``bool(config.pipeline.fidelity)``, False by default.
+    """
     return bool((config.get("pipeline") or {}).get("fidelity", False))
 
 
 def stage_fidelity(config, workdir: str) -> dict | None:
     """Optional (``pipeline.fidelity = True``): fine-tune θ* for real on ``fidelity.num_subsets``
-    subsets of the estimates table and compare with the estimates (:func:`run_fidelity`)."""
+    subsets of the estimates table and compare with the estimates (:func:`run_fidelity`).
+
+    Args:
+      config: the run config; workdir: the run directory (its estimates stage done).
+
+    Returns:
+      None when the stage is off; else the ``fidelity.json`` summary (read back when it exists,
+      so nothing is recomputed), without the per-subset ``rows`` when just computed.
+
+    Raises:
+      ValueError: an empty estimates table, or as :func:`run_fidelity` raises.
+    """
     if not fidelity_enabled(config):
         return None
     out = os.path.join(workdir, rundir.FIDELITY_FILE)

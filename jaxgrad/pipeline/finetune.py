@@ -312,7 +312,22 @@ def check_finetune_run(run_dir: str, values: Mapping[str, Any], mode: str = "err
 
 
 def stage_finetune(config, workdir: str) -> dict:
-    """Final step: fine-tune the base model on the selection and on each baseline; test metrics."""
+    """Final step: fine-tune the base model on the selection and on each baseline; test metrics.
+
+    Each run of ``pipeline.finetune_runs`` is trained once (a run on exactly the units of one
+    already trained is recorded ``same_as`` it) and resumes where an interrupted one stopped.
+
+    Args:
+      config: the run config; workdir: the run directory (``selection/selection.json`` written).
+
+    Returns:
+      ``{run name: its finetune/<name>/sources.json record}``; with ``"stopped_early": True``
+      (and the unfinished run's ``{"step": ...}``) when training stopped before its last step.
+
+    Raises:
+      FileNotFoundError: no selection file. KeyError: a run that is not in the selection's
+        runs (``selected`` and ``baselines``).
+    """
     selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
     runs = {"selection": selection["selected"], **selection["baselines"]}
     units = pipeline_units(config, workdir)

@@ -53,9 +53,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def estimated_quantity(metric: str, output_fn: str, short: bool = False) -> str:
-    """The name of what the surrogate estimates for ``metric`` under ``output_fn``: one name per
-    quantity, so the estimate is never called by the fine-tunes' test cross-entropy's name
-    (``jaxgrad.estimate.lift.estimate_subsets``)."""
+    """What the surrogate estimates for ``metric`` under ``output_fn``, one name per quantity,
+    never the fine-tunes' test cross-entropy's name (``jaxgrad.estimate.lift.estimate_subsets``)."""
     if short:
         return {"loss": "est. logistic loss" if output_fn == "logit_odds" else "est. token CE",
                 "accuracy": "est. accuracy", "mean_output": "est. logit odds"}.get(metric, metric)
@@ -354,7 +353,8 @@ def _fidelity_section(config, workdir: str) -> list[str]:
 
 
 def write_report(config, workdir: str) -> str:
-    """Write ``<workdir>/report.md`` (+ ``scores.png``, ``fidelity.png`` when fidelity ran)."""
+    """Write ``<workdir>/report.md``, ``scores.png``, ``clusters.png`` (units that are clusters)
+    and ``fidelity.png`` (when fidelity ran) from the artefacts only; returns report.md's path."""
     selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
     est_rows = list(csv.DictReader(open(os.path.join(workdir, rundir.ESTIMATES_FILE))))
     runs = _finetune_rows(workdir)
@@ -378,7 +378,8 @@ def write_report(config, workdir: str) -> str:
 
 
 def stage_report(config, workdir: str) -> str:
-    """``report.md`` and plots from the artefacts of the earlier stages (nothing recomputed)."""
+    """:func:`write_report` (``config``: the run config, ``workdir``: the run directory) on
+    process 0, returning its path; other processes write nothing and return the same path."""
     if jax.process_index() != 0:  # one process writes the report
         return os.path.join(workdir, rundir.REPORT_FILE)
     return write_report(config, workdir)
@@ -473,10 +474,9 @@ def _number(cell: str) -> float | None:
 
 
 def compare_tables(excerpt: str, report: str, atol: float = 0.0) -> list[str]:
-    """Differences between the tables of ``excerpt`` (the README's demo section) and the tables
-    of ``report`` with the same header: ``[]`` when every cell of every excerpt table matches
-    (numbers within ``atol``, text exactly). A table of the excerpt missing from the report, or
-    a row missing, is a difference too."""
+    """Differences between the tables of ``excerpt`` (the README's demo section) and ``report``'s
+    tables of the same header (numbers within ``atol``, text exactly; an excerpt table or row
+    missing from the report counts too); ``[]`` when every cell of every excerpt table matches."""
     by_header = {tuple(t[0]): t for t in markdown_tables(report)}
     problems = []
     for table in markdown_tables(excerpt):

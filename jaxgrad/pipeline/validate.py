@@ -48,7 +48,19 @@ FRACTION_OR_COUNT = counts.SETTINGS  # setting -> (what it counts, whether 0 is 
 
 def validate_config(config, stages: Sequence[str] | None = None):
     """:func:`check_config`, its ``ValueError`` raised as :class:`~jaxgrad.config.ConfigError`
-    (a ``ValueError``), which the command-line scripts print as one line with exit status 2."""
+    (a ``ValueError``), which the command-line scripts print as one line with exit status 2.
+
+    Args:
+      config: the run config (``ConfigDict``).
+      stages: the stages about to run (default: all of them); the typed-section and data
+        checks cover what these stages need.
+
+    Returns:
+      As :func:`check_config`: the loaded ``MultiSourceData``, or None when no stage needs data.
+
+    Raises:
+      ConfigError: every ``ValueError`` of :func:`check_config`. TypeError: as it raises.
+    """
     try:
         return check_config(config, stages)
     except ConfigError:
@@ -150,6 +162,9 @@ def check_method_sections(config) -> None:
     key would be ignored and its default used, or found only when its stage starts, hours in),
     and the option keys one of their values (a value outside the set would silently take
     another branch).
+
+    Args:
+      config: the run config (``ConfigDict``); sections missing from it are skipped.
 
     Raises:
       ValueError: naming every unknown key (with the closest known one) or the value and the
@@ -274,7 +289,15 @@ DATA_STAGES = ("meta_train", "gradients", "groups", "estimates", "selection", "f
 def data_splits_record(data) -> dict:
     """What the run's artefacts assume of the data: a sha256 over the example ids of every
     split of every source (ids hash the prompt and completion, so it changes with any text, any
-    split assignment, any source), and the split sizes, to show what changed."""
+    split assignment, any source), and the split sizes, to show what changed.
+
+    Args:
+      data: the ``MultiSourceData`` of the run.
+
+    Returns:
+      ``{"digest": sha256 hex str, "sizes": {split: number of examples}}`` for the train,
+      validation and test splits (``data_splits.json``).
+    """
     splits = {split: {s: [e["example_id"] for e in data.examples(split, [s])] for s in data.sources}
               for split in ("train", "validation", "test")}
     digest = hashlib.sha256(json.dumps(splits, sort_keys=True).encode("utf-8")).hexdigest()
@@ -305,6 +328,11 @@ def check_data_splits(workdir: str, data, mode: str) -> None:
     "rerun" deletes them (meta_train and everything after it) so they are recomputed. A run
     directory without the file (from before it existed) adopts the current data, as it does for
     config records, unless its gradient stores name other examples than the data has.
+
+    Args:
+      workdir: the run directory.
+      data: the ``MultiSourceData`` the run loads now.
+      mode: ``"error"`` or ``"rerun"`` (``--on_config_change``).
 
     Raises:
       ConfigChangedError: the data changed and ``mode`` is "error" (nothing deleted).
