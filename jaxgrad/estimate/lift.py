@@ -80,8 +80,7 @@ def lift_updates(coef_SxK: jax.typing.ArrayLike, c_S: jax.typing.ArrayLike,
       projector: a ``jaxgrad.gradients.projection.Projector`` (``k`` and ``lift(w_SxK)``).
 
     Returns:
-      S×D updates in the projector's float dtype (float32), D = ``projector.dim``, in
-      ``jaxgrad.common.flat`` order.
+      S×D float32 updates, D = ``projector.dim``, in ``jaxgrad.common.flat`` order.
 
     Raises:
       ValueError: ``coef_SxK`` not 2-D, ``c_S`` of the wrong shape or not finite, or k differing

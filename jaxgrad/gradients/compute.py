@@ -68,7 +68,7 @@ def compute_gradient_store(model: nnx.Module, examples: Sequence[dict], tokenize
       projector: the :class:`~jaxgrad.gradients.projection.Projector` P (``dim`` = D, ``k``).
       path: the store directory; an existing store there is resumed if it matches.
       split: the split name recorded in the manifest (``"train"``, ``"target_val"``).
-      sources: source names fixing the order of source ids (default: as they appear).
+      sources: the list ``source_index`` indexes (default: the sorted distinct sources).
       model_id: the model's name or path recorded in the manifest.
       full_finetune: differentiate every parameter instead of the LoRA adapters.
       mesh, process_index, process_count: the devices and this process's share of the shards.

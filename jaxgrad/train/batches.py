@@ -37,7 +37,8 @@ def example_batches(examples: Sequence[Mapping[str, Any]], tokenizer: Any, *, ba
       batch_size: global rows per batch; max_length: tokens per sequence (truncated beyond).
       shuffle, seed: shuffle each epoch with a seed derived from ``(seed, epoch)``.
       encoder_decoder: build encoder–decoder batches (T5) instead of decoder-only ones.
-      sources: source names fixing source ids; decoder_start_id: the decoder start token.
+      sources: the list ``source_index`` indexes (default: the sorted distinct sources);
+        decoder_start_id: the encoder–decoder start token.
       drop_remainder: drop a last partial batch instead of padding it (``valid`` = 0 rows).
 
     Returns:
