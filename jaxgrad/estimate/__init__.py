@@ -79,5 +79,4 @@ _EXPORTS: dict[str, str] = {
     "gradex_labels": "jaxgrad.estimate.surrogate",
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(),
-                                     moved_names(__name__, stacklevel=4))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), moved_names(__name__, 4))

@@ -45,6 +45,8 @@ from jaxgrad.models.hf_config import (GENERIC_EXTRAS, GENERIC_FIELDS, Reader, fi
 from jaxgrad.models.layers import (CausalLM, Embed, LayerNorm, Linear, causal_mask, mask_value,
                                    split_rng)
 
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)
+
 DOC = "docs/models/gpt2.md"  # refusals point to this family's table of config.json keys
 
 MODEL_TYPE = "gpt2"
@@ -321,6 +323,3 @@ class GPT2LMHeadModel(CausalLM, nnx.Module):
           ValueError: ``L`` exceeds ``n_positions``.
         """
         return self.transformer(input_ids, attention_mask, dropout_rng)
-
-
-__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -56,6 +56,8 @@ from jaxgrad.models.hf_config import (ACTIVATIONS, GENERIC_EXTRAS, GENERIC_FIELD
                                       resolve_config_dtypes)
 from jaxgrad.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_frequencies, rope_from_hf
 
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)
+
 DOC = "docs/models/gpt_neox.md"  # refusals point to this family's table of config.json keys
 
 MODEL_TYPE = "gpt_neox"
@@ -397,6 +399,3 @@ class GPTNeoXForCausalLM(CausalLM, nnx.Module):
         self.gpt_neox = GPTNeoXModel(cfg, rngs=rngs)
         self._init_head(cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings,
                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-
-
-__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

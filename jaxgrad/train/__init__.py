@@ -108,5 +108,4 @@ __all__ = [
     "train_step",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(),
-                                     moved_names(__name__, stacklevel=4))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), moved_names(__name__, 4))
