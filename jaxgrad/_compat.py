@@ -249,6 +249,9 @@ MOVED: dict[str, dict[str, str]] = {
         "stage_selection": "jaxgrad.select.stage",
         "subset_sources": "jaxgrad.estimate.stage",
     },
+    "jaxgrad.pipeline.report": {
+        "next_steps_lines": "jaxgrad.pipeline.next_step",
+    },
     "jaxgrad.plots": {
         "KIND_COLORS": "jaxgrad.pipeline.plots",
         "plot_clusters": "jaxgrad.pipeline.plots",
@@ -282,7 +285,7 @@ MOVED: dict[str, dict[str, str]] = {
         "estimated_quantity": "jaxgrad.pipeline.report",
         "fidelity_lines": "jaxgrad.pipeline.report",
         "markdown_tables": "jaxgrad.pipeline.report",
-        "next_steps_lines": "jaxgrad.pipeline.report",
+        "next_steps_lines": "jaxgrad.pipeline.next_step",
         "plot_clusters": "jaxgrad.pipeline.plots",
         "plot_fidelity": "jaxgrad.pipeline.plots",
         "plot_scores": "jaxgrad.pipeline.plots",

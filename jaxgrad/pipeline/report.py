@@ -6,20 +6,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shlex
-import sys
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxgrad import rundir
+from jaxgrad._compat import moved_names
 from jaxgrad.common.jsonio import read_json
 from jaxgrad.config import FINETUNE_RUNS
 from jaxgrad.pipeline.fingerprint import config_changes, model_input_digests, stage_fingerprints
+from jaxgrad.pipeline.next_step import next_steps_lines
 from jaxgrad.pipeline.plots import plot_clusters, plot_fidelity, plot_scores
 from jaxgrad.pipeline.records import read_records
-from jaxgrad.pipeline.runtime import python_command
 from jaxgrad.pipeline.timings import stage_seconds
 
 
@@ -173,53 +172,6 @@ def _pairs_text(separated: list, overlap: int, by_points: int) -> str:
     return f"no two neighbouring ranks (of the {n} neighbouring pairs, {others})"
 
 
-def next_steps_lines(config, workdir: str, selection: dict,
-                     argv: list[str] | None = None) -> list[str]:
-    """The command that fine-tunes the base model on the selection: this run's ``--config`` and
-    every ``--config.*`` override of its command line (``argv``, default ``sys.argv``; the
-    ``finetune`` section is set by the command itself, and ``pipeline.*`` means nothing to it),
-    for the full ``train.num_steps`` as the run ``selection_full``; when the table's
-    ``selection`` run already had that budget (``pipeline.finetune_steps`` 0 or equal), the
-    command names that run (with ``pipeline.finetune_seed`` as the seeds) and returns it as
-    recorded instead of training a duplicate."""
-    argv = sys.argv if argv is None else argv
-    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-                       "<your config>")
-    overrides = [a for a in argv if a.startswith("--config.")  # finetune.py sets finetune.*
-                 and not a.startswith(("--config.finetune.", "--config.pipeline."))]
-    sel = os.path.join(workdir, rundir.SELECTION_FILE)
-    parts = [f"{shlex.quote(python_command())} scripts/finetune.py",
-             f"--config={shlex.quote(config_file)}",
-             f"--workdir={shlex.quote(workdir)}", *map(shlex.quote, overrides),
-             f"--config.finetune.selection_file={shlex.quote(sel)}"]
-    if selection.get("groups"):
-        parts.append("--config.finetune.groups_file="
-                     + shlex.quote(os.path.join(workdir, rundir.GROUPS_FILE)))
-    n = len(selection["selected"])
-    what = ("unit" if selection.get("groups") else "source") + ("" if n == 1 else "s")
-    steps = int((config.get("pipeline") or {}).get("finetune_steps", 0) or 0)
-    total = config.train.get("num_steps", 0)
-    budget = f"{total} steps" if total else f"{config.train.get('epochs', 1)} epoch(s)"
-    if steps > 0 and steps != total:
-        parts.append("--config.finetune.name=selection_full")
-        note = (f"The table's `selection` run trained on them for `pipeline.finetune_steps` = "
-                f"{steps} steps, the budget every compared run got; this trains for "
-                f"`train.num_steps`, {budget}, into `{workdir}/finetune/selection_full/` (with "
-                "other `--config.train.*` settings, such as `--config.train.num_steps=...`, give "
-                "it another `--config.finetune.name`).")
-    else:
-        parts.append("--config.finetune.name=selection")
-        seed = int((config.get("pipeline") or {}).get("finetune_seed", -1))
-        if seed >= 0:  # the table's runs use pipeline.finetune_seed
-            parts += [f"--config.train.seed={seed}", f"--config.lora.seed={seed}"]
-        note = ("The table's `selection` run is this fine-tune (same settings), so the command "
-                f"returns it as recorded (its adapter: `{workdir}/finetune/selection/adapter/`); "
-                "with other `--config.train.*` settings, give it another "
-                "`--config.finetune.name`.")
-    return ["## Next", "", f"Fine-tune the base model on the {n} selected {what}. {note}", "",
-            "    " + " ".join(parts), ""]
-
-
 def target_metrics(run: dict, target: str | None) -> dict[str, float | None]:
     m = run.get("metrics", {})
     loss = m.get(f"test_loss/{target}", m.get("test_loss"))
@@ -353,10 +305,25 @@ def _fidelity_section(config, workdir: str) -> list[str]:
 
 
 def write_report(config, workdir: str) -> str:
-    """Write ``<workdir>/report.md``, ``scores.png``, ``clusters.png`` (units that are clusters)
-    and ``fidelity.png`` (when fidelity ran) from the artefacts only; returns report.md's path."""
+    """Write the run's report from its artefacts only (nothing is recomputed).
+
+    Args:
+      config: the run's ml_collections config (target, output function, selection and fidelity
+        settings, for the text and the "Next" command).
+      workdir: the run directory; needs ``selection/selection.json`` and
+        ``estimates/estimates.csv``, and reads the fine-tunes, θ*'s metrics, groups, fidelity and
+        ``timings.jsonl`` when they exist.
+
+    Returns:
+      The path of ``<workdir>/report.md``. Also written: ``scores.png``, ``clusters.png`` (when
+      the units are clusters of samples) and ``fidelity.png`` (when the fidelity stage ran).
+
+    Raises:
+      FileNotFoundError: the selection or estimates artefact is missing (run those stages first).
+    """
     selection = read_json(os.path.join(workdir, rundir.SELECTION_FILE))
-    est_rows = list(csv.DictReader(open(os.path.join(workdir, rundir.ESTIMATES_FILE))))
+    with open(os.path.join(workdir, rundir.ESTIMATES_FILE), newline="") as f:
+        est_rows = list(csv.DictReader(f))
     runs = _finetune_rows(workdir)
     target = _target(config, selection)
     quantity = estimated_quantity(selection["metric"], str(config.gradients.output_fn))
@@ -378,8 +345,18 @@ def write_report(config, workdir: str) -> str:
 
 
 def stage_report(config, workdir: str) -> str:
-    """:func:`write_report` (``config``: the run config, ``workdir``: the run directory) on
-    process 0, returning its path; other processes write nothing and return the same path."""
+    """The report stage: :func:`write_report` on process 0 only.
+
+    Args:
+      config: the run's ml_collections config.
+      workdir: the run directory.
+
+    Returns:
+      The path of ``<workdir>/report.md`` on every process (the others write nothing).
+
+    Raises:
+      FileNotFoundError: as :func:`write_report`.
+    """
     if jax.process_index() != 0:  # one process writes the report
         return os.path.join(workdir, rundir.REPORT_FILE)
     return write_report(config, workdir)
@@ -498,3 +475,5 @@ def compare_tables(excerpt: str, report: str, atol: float = 0.0) -> list[str]:
                     problems.append(f"{header[0]} {row[0]!r}, {name}: README {a!r}, report {b!r}")
     return problems
 
+
+__getattr__ = moved_names(__name__)  # names that moved out of this module (jaxgrad._compat)

@@ -54,7 +54,7 @@ def test_next_command_keeps_config_overrides_but_not_pipeline_or_finetune_ones()
     """`--config.pipeline.finetune_runs=...` (how the README adds a baseline) means nothing to
     scripts/finetune.py: the printed command leaves it out, as it leaves out finetune.*."""
     from configs import demo
-    from jaxgrad.pipeline.report import next_steps_lines
+    from jaxgrad.pipeline.next_step import next_steps_lines
 
     argv = ["run_pipeline.py", "--config=configs/demo.py", "--config.train.seed=3",
             "--config.pipeline.finetune_runs=selection,random", "--config.finetune.name=x"]
@@ -153,7 +153,7 @@ def test_the_reports_next_command_runs_and_returns_the_tables_selection_run(run_
     import subprocess
     import sys
 
-    from jaxgrad.pipeline.report import next_steps_lines
+    from jaxgrad.pipeline.next_step import next_steps_lines
 
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir, workdir)
@@ -174,7 +174,7 @@ def test_the_reports_next_command_runs_and_returns_the_tables_selection_run(run_
 
 
 def test_the_next_command_for_a_longer_budget_has_a_name_that_does_not_pin_the_steps():
-    from jaxgrad.pipeline.report import next_steps_lines
+    from jaxgrad.pipeline.next_step import next_steps_lines
 
     lines = next_steps_lines(demo.get_config(), "/w", {"selected": ["add"]},
                              argv=["x", "--config=configs/demo.py"])
