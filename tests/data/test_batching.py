@@ -9,18 +9,7 @@ import pytest
 
 from jaxgrad.data import batching as B
 from jaxgrad.data.examples import make_examples
-from jaxgrad.data.synthetic import SyntheticSpec, generic_text, synthetic_sources
-from jaxgrad.data.tokenizer import build_char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_sources(SyntheticSpec(n_train=23, n_validation=2, n_test=2))
+from jaxgrad.data.synthetic import generic_text
 
 
 def _ids(tok, text):

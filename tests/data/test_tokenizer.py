@@ -6,18 +6,8 @@ import json
 
 import pytest
 
-from jaxgrad.data.synthetic import SyntheticSpec, generic_text, synthetic_sources
+from jaxgrad.data.synthetic import generic_text
 from jaxgrad.data.tokenizer import DEFAULT_CHARSET, build_char_tokenizer, save_char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_sources(SyntheticSpec(n_train=23, n_validation=2, n_test=2))
 
 
 def test_char_tokenizer_round_trips_and_loads_with_autotokenizer(tok, data, tmp_path):

@@ -8,22 +8,7 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO
-
-REPORT = """# report
-
-| rank | source | score |
-|---|---|---|
-| 1 | add | -0.2925 |
-| 2 | sub | -0.3214 |
-
-text
-
-| run | test token cross-entropy |
-|---|---|
-| selection | 0.3216 |
-"""
-
+from helpers import REPO, SMALL_REPORT
 
 
 def _check(tmp_path, readme_section: str, report: str):
@@ -39,17 +24,17 @@ def _check(tmp_path, readme_section: str, report: str):
 def test_one_figure_block_per_machine_the_report_must_match_one_entirely(tmp_path):
     """Rounding differs between CPU families, so the README keeps one set of demo tables per
     machine; a report matches when it equals one set (not a mix of cells from both)."""
-    other = REPORT.replace("-0.2925", "-0.2200").replace("0.3216", "0.0876")
-    section = (f"<!-- figures: Intel Xeon -->\n{REPORT}<!-- /figures -->\n\n"
+    other = SMALL_REPORT.replace("-0.2925", "-0.2200").replace("0.3216", "0.0876")
+    section = (f"<!-- figures: Intel Xeon -->\n{SMALL_REPORT}<!-- /figures -->\n\n"
                f"<details>\n\n<!-- figures: AMD EPYC -->\n{other}<!-- /figures -->\n\n</details>\n")
-    for report, machine in ((REPORT, "Intel Xeon"), (other, "AMD EPYC")):
+    for report, machine in ((SMALL_REPORT, "Intel Xeon"), (other, "AMD EPYC")):
         out = _check(tmp_path, section, report)
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"OK: README's demo tables ({machine}) vs" in out.stdout, out.stdout
-    mixed = REPORT.replace("-0.2925", "-0.2200")  # one cell of each: matches neither set
+    mixed = SMALL_REPORT.replace("-0.2925", "-0.2200")  # one cell of each: matches neither set
     out = _check(tmp_path, section, mixed)
     assert out.returncode == 1 and "DIFFERENT" in out.stdout, out.stdout
     assert "(1 differences" in out.stdout, out.stdout  # from the closest set
     # the table after the section is not compared
-    out = _check(tmp_path, REPORT, REPORT)
+    out = _check(tmp_path, SMALL_REPORT, SMALL_REPORT)
     assert out.returncode == 0 and "OK: README's demo tables vs" in out.stdout, out.stdout

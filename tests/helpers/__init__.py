@@ -22,6 +22,22 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
 FIXTURES = os.path.join(TESTS, "fixtures")
 
+# A report excerpt with two markdown tables, for the table parsing and comparison of the README's
+# demo figures (jaxgrad.pipeline.report.compare_tables, scripts/check_readme.py).
+SMALL_REPORT = """# report
+
+| rank | source | score |
+|---|---|---|
+| 1 | add | -0.2925 |
+| 2 | sub | -0.3214 |
+
+text
+
+| run | test token cross-entropy |
+|---|---|
+| selection | 0.3216 |
+"""
+
 
 def fixture(name: str) -> str:
     return os.path.join(FIXTURES, name)

@@ -16,7 +16,7 @@ import pytest
 import torch  # the test extra installs torch (CPU) and transformers: references, never skipped
 import transformers
 
-from helpers import fixture
+from helpers import REPO, fixture
 from jaxgrad.data import build_char_tokenizer
 from jaxgrad.models import load_pretrained
 
@@ -161,3 +161,49 @@ def save_t5_start7(d):
     m = transformers.T5ForConditionalGeneration(cfg).eval()
     m.save_pretrained(d)
     return str(d), m
+
+
+# Short question-answer examples with closed answers (choice accuracy, representations).
+QA_EXAMPLES = [
+    {"source": "qa", "prompt": "Q: Is ice cold?\nA: ", "completion": "Yes. It is frozen.",
+     "answer": "Yes"},
+    {"source": "qa", "prompt": "Q: Do fish fly?\nA: ", "completion": "No. They swim.",
+     "answer": "No"},
+    {"source": "qa", "prompt": "Q: Is the sun hot and bright in summer?\nA: ",
+     "completion": "Yes. Very.", "answer": "Yes"},
+]
+
+
+def llama_and_torch_reference():
+    """``(model, tokenizer, torch model)``: the tiny-llama fixture in jaxgrad and in transformers
+    (float32, eval mode), for parity checks."""
+    model, tok = load_pretrained(fixture("tiny-llama"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(fixture("tiny-llama"),
+                                                            torch_dtype=torch.float32).eval()
+    return model, tok, ref
+
+
+def token_ids(tok, text):
+    """``text``'s token ids without special tokens."""
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def torch_causal_logits(model, ids, mask) -> np.ndarray:
+    """A transformers causal LM's float32 logits ``[B, L, V]`` for ``ids`` and ``mask``."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def doc_key_table(family: str) -> dict[str, str]:
+    """``docs/models/<family>.md``'s table of config.json keys, ``{key: rule}`` (the section
+    "## config.json keys" up to the next section); a key listed twice fails."""
+    with open(os.path.join(REPO, "docs", "models", f"{family}.md")) as f:
+        text = f.read()
+    section = text.split("## config.json keys", 1)[1].split("\n## ", 1)[0]
+    doc = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", line)
+        if m:
+            assert m.group(1) not in doc, f"{m.group(1)} listed twice"
+            doc[m.group(1)] = m.group(2)
+    return doc

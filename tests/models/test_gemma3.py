@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 
 import gguf
 import jax
@@ -25,7 +24,6 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from helpers import REPO
 from helpers import models as mc
 from jaxgrad.common.flat import flatten
 from jaxgrad.models.forward import model_logits
@@ -80,11 +78,6 @@ def _load_torch(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
 def _err(ours, ref, mask):
     return float(np.abs(np.asarray(ours) - ref)[mask > 0].max())
 
@@ -92,7 +85,7 @@ def _err(ours, ref, mask):
 def _compare(path, label, width=12, **load_kw):
     """Load ``path`` with jaxgrad and transformers; assert and record max |Δlogit| < ATOL."""
     ids, mask = mc.batch(width)
-    ref = _torch_logits(_load_torch(path), ids, mask)
+    ref = mc.torch_causal_logits(_load_torch(path), ids, mask)
     model, _ = load_pretrained(path, with_tokenizer=False, **load_kw)
     ours = np.asarray(model(ids, mask))
     err = _err(ours, ref, mask)
@@ -198,8 +191,8 @@ def test_attn_logit_softcapping_is_not_applied_by_transformers():
     """Why jaxgrad refuses the key: transformers 5's Gemma3Attention never applies it."""
     kw = {**TINY, "sliding_window_pattern": 2}
     ids, mask = mc.batch()
-    plain = _torch_logits(_torch_model(transformers.Gemma3TextConfig(**kw)), ids, mask)
-    capped = _torch_logits(_torch_model(transformers.Gemma3TextConfig(
+    plain = mc.torch_causal_logits(_torch_model(transformers.Gemma3TextConfig(**kw)), ids, mask)
+    capped = mc.torch_causal_logits(_torch_model(transformers.Gemma3TextConfig(
         **kw, attn_logit_softcapping=0.01)), ids, mask)
     assert np.array_equal(plain, capped)
 
@@ -243,7 +236,7 @@ def test_null_bidirectional_flag_is_causal():
 
 def test_bfloat16_compute_close_to_float32(base_dir):
     ids, mask = mc.batch()
-    ref = _torch_logits(_load_torch(base_dir), ids, mask)
+    ref = mc.torch_causal_logits(_load_torch(base_dir), ids, mask)
     model, _ = load_pretrained(base_dir, dtype="bfloat16", with_tokenizer=False)
     assert model.model.layers[0].self_attn.q_proj.dtype is jnp.bfloat16
     ours = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask))  # one compile
@@ -311,8 +304,8 @@ def test_gguf_gemma3_matches_transformers_and_the_original(tmp_path):
     path = tmp_path / "tiny-gemma3.gguf"
     _write_gemma3_gguf(path, original)
     ids, mask = mc.batch()
-    ref = _torch_logits(original, ids, mask)
-    theirs = _torch_logits(transformers.AutoModelForCausalLM.from_pretrained(
+    ref = mc.torch_causal_logits(original, ids, mask)
+    theirs = mc.torch_causal_logits(transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval(), ids, mask)
     model, tok = load_pretrained(str(path))
     ours = np.asarray(model(ids, mask))
@@ -344,7 +337,7 @@ def peft_dir(base_dir, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("adapter") / "peft")
     model.save_pretrained(d)
     ids, mask = mc.batch()
-    return d, _torch_logits(model, ids, mask)
+    return d, mc.torch_causal_logits(model, ids, mask)
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +353,7 @@ QKV = {f"model.layers.{i}.self_attn.{n}" for i in range(4) for n in ("q_proj", "
 def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, adapted, tmp_path):
     adapter, ref = peft_dir
     ids, mask = mc.batch()
-    assert _err(ref, _torch_logits(_load_torch(base_dir), ids, mask), mask) > 1e-2, \
+    assert _err(ref, mc.torch_causal_logits(_load_torch(base_dir), ids, mask), mask) > 1e-2, \
         "the adapter should matter"
     assert {p for p, lin in linear_modules(adapted).items() if lin.lora_A is not None} == QKV
     ours = np.asarray(adapted(ids, mask))
@@ -371,7 +364,7 @@ def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, adapted, 
     save_peft_adapter(adapted, out, base_model_name_or_path=base_dir)
     assert set(load_file(out / "adapter_model.safetensors")) == \
         set(load_file(os.path.join(adapter, "adapter_model.safetensors")))
-    back = _torch_logits(peft.PeftModel.from_pretrained(_load_torch(base_dir), str(out)).eval(),
+    back = mc.torch_causal_logits(peft.PeftModel.from_pretrained(_load_torch(base_dir), str(out)).eval(),
                          ids, mask)
     ERRORS["our export: torch+peft vs jaxgrad"] = err = _err(ours, back, mask)
     assert err < mc.tol(back, ATOL), f"max |torch+peft(our export) - jaxgrad| = {err:.2e}"
@@ -451,15 +444,7 @@ def test_every_key_transformers_reads_is_in_the_table():
 
 
 def test_doc_table_equals_code_table():
-    with open(os.path.join(REPO, "docs", "models", "gemma3.md")) as f:
-        text = f.read()
-    section = text.split("## config.json keys", 1)[1].split("\n## ", 1)[0]
-    doc = {}
-    for line in section.splitlines():
-        m = re.match(r"\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", line)
-        if m:
-            assert m.group(1) not in doc, f"{m.group(1)} listed twice"
-            doc[m.group(1)] = m.group(2)
+    doc = mc.doc_key_table("gemma3")
     code = {k: rule for k, (_, rule) in g3.HF_FIELDS["gemma3_text"].items()}
     assert doc == code, (f"doc-only {sorted(set(doc) - set(code))}, code-only "
                          f"{sorted(set(code) - set(doc))}, differing "

@@ -22,7 +22,6 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from helpers import REPO
 from helpers import models as mc
 from jaxgrad.common.flat import flatten
 from jaxgrad.models.forward import model_logits
@@ -81,11 +80,6 @@ def _torch_model(path, **kw):
     return transformers.GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, **kw).eval()
 
 
-def _torch_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
 def _err(ours, ref, mask):
     return float(np.abs(np.asarray(ours) - ref)[mask > 0].max())
 
@@ -93,7 +87,7 @@ def _err(ours, ref, mask):
 def _compare(path, label, *, torch_kw=None, **load_kw):
     """Load ``path`` with jaxgrad and transformers; assert and record max |Δlogit| < ATOL."""
     ids, mask = _inputs()
-    ref = _torch_logits(_torch_model(path, **(torch_kw or {})), ids, mask)
+    ref = mc.torch_causal_logits(_torch_model(path, **(torch_kw or {})), ids, mask)
     model, _ = load_pretrained(path, with_tokenizer=False, **load_kw)
     ours = np.asarray(model(ids, mask))
     err = _err(ours, ref, mask)
@@ -149,7 +143,7 @@ def test_logits_match_torch(tmp_path, name):
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(hf, f)
         ids, mask = _inputs()
-        assert _err(ours, _torch_logits(_torch_model(d), ids, mask), mask) > 1e-3, \
+        assert _err(ours, mc.torch_causal_logits(_torch_model(d), ids, mask), mask) > 1e-3, \
             f"{name}: the setting should change the logits"
     if name == "default":
         assert model.lm_head is None and cfg.inner_dim == 128
@@ -243,7 +237,7 @@ def test_sequence_longer_than_n_positions_refused(base_dir):
 
 def test_bfloat16_compute_close_to_float32(base_dir):
     ids, mask = _inputs()
-    ref = _torch_logits(_torch_model(base_dir), ids, mask)
+    ref = mc.torch_causal_logits(_torch_model(base_dir), ids, mask)
     model, _ = load_pretrained(base_dir, dtype="bfloat16", with_tokenizer=False)
     assert model.transformer.h[0].attn.c_attn.dtype is jnp.bfloat16
     ours = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask))  # one compile
@@ -270,7 +264,7 @@ def peft_dir(base_dir, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("adapter") / "peft")
     model.save_pretrained(d)
     ids, mask = _inputs()
-    return d, _torch_logits(model, ids, mask)
+    return d, mc.torch_causal_logits(model, ids, mask)
 
 
 def _adapted(base_dir, adapter):
@@ -285,7 +279,7 @@ C_ATTN = {f"transformer.h.{i}.attn.c_attn" for i in range(TINY["n_layer"])}
 def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, tmp_path):
     adapter, ref = peft_dir
     ids, mask = _inputs()
-    base_ref = _torch_logits(_torch_model(base_dir), ids, mask)
+    base_ref = mc.torch_causal_logits(_torch_model(base_dir), ids, mask)
     assert _err(ref, base_ref, mask) > 1e-2, "the adapter should matter"
     model = _adapted(base_dir, adapter)
     assert {p for p, l in linear_modules(model).items() if l.lora_A is not None} == C_ATTN
@@ -302,7 +296,7 @@ def test_peft_adapter_matches_torch_peft_both_ways(base_dir, peft_dir, tmp_path)
     assert set(load_file(out / "adapter_model.safetensors")) == \
         set(load_file(os.path.join(adapter, "adapter_model.safetensors")))
     torch_model = peft.PeftModel.from_pretrained(_torch_model(base_dir), str(out)).eval()
-    back = _torch_logits(torch_model, ids, mask)
+    back = mc.torch_causal_logits(torch_model, ids, mask)
     ERRORS["our export: torch+peft vs jaxgrad"] = err = _err(ours, back, mask)
     assert err < mc.tol(back, ATOL), f"max |torch+peft(our export) - jaxgrad| = {err:.2e}"
 
@@ -412,15 +406,7 @@ def test_every_key_transformers_reads_is_in_the_table():
 
 
 def test_doc_table_equals_code_table():
-    with open(os.path.join(REPO, "docs", "models", "gpt2.md")) as f:
-        text = f.read()
-    section = text.split("## config.json keys", 1)[1].split("\n## ", 1)[0]
-    doc = {}
-    for line in section.splitlines():
-        m = re.match(r"\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", line)
-        if m:
-            assert m.group(1) not in doc, f"{m.group(1)} listed twice"
-            doc[m.group(1)] = m.group(2)
+    doc = mc.doc_key_table("gpt2")
     code = {k: rule for k, (_, rule) in gpt2_lib.HF_FIELDS.items()}
     assert doc == code, (f"doc-only {sorted(set(doc) - set(code))}, code-only "
                          f"{sorted(set(code) - set(doc))}, differing "

@@ -24,7 +24,6 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from helpers import REPO
 from helpers import models as mc
 from jaxgrad.models import (
     LoraConfig,
@@ -63,15 +62,10 @@ def _torch(path):
     return transformers.GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _run_torch(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-
-
 def _compare(path, name, **load_kw):
     """max |jaxgrad - torch| over real tokens of a right-padded batch; asserted below ATOL."""
     ids, mask = mc.batch()
-    ref = _run_torch(_torch(path), ids, mask)
+    ref = mc.torch_causal_logits(_torch(path), ids, mask)
     model, _ = load_pretrained(path, with_tokenizer=False, **load_kw)
     ours = np.asarray(model(ids, mask))
     assert ours.dtype == np.float32 and ours.shape == ref.shape
@@ -223,7 +217,7 @@ def test_checkpoint_of_the_bare_base_model(tmp_path):
 
 def test_bfloat16_close_to_float32(base_dir):
     ids, mask = mc.batch()
-    ref = _run_torch(_torch(base_dir), ids, mask)
+    ref = mc.torch_causal_logits(_torch(base_dir), ids, mask)
     model, _ = load_pretrained(base_dir, with_tokenizer=False, dtype="bfloat16")
     assert model.config.dtype is jnp.bfloat16
     ours = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask))  # jit: fewer compiles
@@ -294,14 +288,7 @@ def test_every_key_transformers_reads_is_in_the_table():
 
 
 def test_doc_table_equals_code_table():
-    text = open(os.path.join(REPO, "docs", "models", "gpt_neox.md")).read()
-    section = text.split("## config.json keys", 1)[1]
-    doc = {}
-    for line in section.splitlines():
-        m = re.match(r"\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|", line)
-        if m:
-            assert m.group(1) not in doc, f"{m.group(1)} listed twice"
-            doc[m.group(1)] = m.group(2)
+    doc = mc.doc_key_table("gpt_neox")
     code = {k: rule for k, (_, rule) in TABLE.items()}
     assert doc == code, (f"doc-only {sorted(set(doc) - set(code))}, code-only "
                          f"{sorted(set(code) - set(doc))}, differing "
@@ -330,7 +317,7 @@ def test_save_pretrained_loads_in_transformers(base_dir, tmp_path):
     model, _ = load_pretrained(base_dir, with_tokenizer=False)
     save_pretrained(model, tmp_path / "out", neox.to_hf_config(model.config))
     ids, mask = mc.batch()
-    ref = _run_torch(_torch(tmp_path / "out"), ids, mask)
+    ref = mc.torch_causal_logits(_torch(tmp_path / "out"), ids, mask)
     assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc.tol(ref, ATOL)
 
 
@@ -352,8 +339,8 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     pm.eval().save_pretrained(tmp_path / "theirs")
-    ref = _run_torch(pm, ids, mask)
-    base_ref = _run_torch(_torch(base_dir), ids, mask)
+    ref = mc.torch_causal_logits(pm, ids, mask)
+    base_ref = mc.torch_causal_logits(_torch(base_dir), ids, mask)
     assert np.abs(ref - base_ref)[mask > 0].max() > 1e-2, "the adapter should matter"
 
     model, _ = load_pretrained(base_dir, with_tokenizer=False)
@@ -370,7 +357,7 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
     ours = np.asarray(model(ids, mask))
     save_peft_adapter(model, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(_torch(base_dir), tmp_path / "ours").eval()
-    ref = _run_torch(back, ids, mask)
+    ref = mc.torch_causal_logits(back, ids, mask)
     err = float(np.abs(ours - ref)[mask > 0].max())
     print(f"max |jaxgrad - torch| peft adapter jaxgrad -> torch: {err:.2e}")
     assert err < mc.tol(ref, ATOL), err
@@ -383,7 +370,7 @@ def test_peft_adapter_both_ways(base_dir, tmp_path):
     load_peft_adapter(model, tmp_path / "theirs")
     assert _adapted(model) == QKV
     torch_default = peft.PeftModel.from_pretrained(_torch(base_dir), tmp_path / "theirs").eval()
-    ref = _run_torch(torch_default, ids, mask)
+    ref = mc.torch_causal_logits(torch_default, ids, mask)
     assert np.abs(np.asarray(model(ids, mask)) - ref)[mask > 0].max() < mc.tol(ref, ATOL)
 
 

@@ -14,7 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import REPO, fixture
+from helpers import REPO, SMALL_REPORT, fixture
 from helpers.runs import rerun_selection
 
 from configs import demo
@@ -198,37 +198,22 @@ def test_report_names_the_stepwise_search(run_dir, tmp_path):
 # report, cell by cell
 
 
-REPORT = """# report
-
-| rank | source | score |
-|---|---|---|
-| 1 | add | -0.2925 |
-| 2 | sub | -0.3214 |
-
-text
-
-| run | test token cross-entropy |
-|---|---|
-| selection | 0.3216 |
-"""
-
-
 def test_tables_parsed_without_the_rule_line():
-    assert markdown_tables(REPORT) == [[["rank", "source", "score"], ["1", "add", "-0.2925"],
+    assert markdown_tables(SMALL_REPORT) == [[["rank", "source", "score"], ["1", "add", "-0.2925"],
                                         ["2", "sub", "-0.3214"]],
                                        [["run", "test token cross-entropy"], ["selection", "0.3216"]]]
 
 
 def test_equal_excerpt_passes_and_every_kind_of_difference_is_named():
-    assert compare_tables(REPORT, REPORT) == []
-    excerpt = (REPORT.replace("-0.3214", "-0.3300").replace("| 2 | sub", "| 2 | succ")
+    assert compare_tables(SMALL_REPORT, SMALL_REPORT) == []
+    excerpt = (SMALL_REPORT.replace("-0.3214", "-0.3300").replace("| 2 | sub", "| 2 | succ")
                .replace("test token cross-entropy", "test loss"))
-    problems = compare_tables(excerpt, REPORT)
+    problems = compare_tables(excerpt, SMALL_REPORT)
     assert "rank '2', score: README '-0.3300', report '-0.3214'" in problems
     assert "rank '2', source: README 'succ', report 'sub'" in problems
     assert any("header ['run', 'test loss'] is not in the report" in p for p in problems)
-    assert compare_tables(REPORT.replace("-0.3214", "-0.3300"), REPORT, atol=0.01) == []
-    assert compare_tables(REPORT + "| 3 | x | 0 |\n", REPORT) != []
+    assert compare_tables(SMALL_REPORT.replace("-0.3214", "-0.3300"), SMALL_REPORT, atol=0.01) == []
+    assert compare_tables(SMALL_REPORT + "| 3 | x | 0 |\n", SMALL_REPORT) != []
 
 
 def test_report_cells_keep_names_readable():

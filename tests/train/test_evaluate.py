@@ -10,10 +10,9 @@ import json
 import numpy as np
 import pytest
 import torch  # the test extra installs torch (CPU) and transformers: references, never skipped
-import transformers
 from flax import nnx
 
-from helpers import fixture
+from helpers.models import QA_EXAMPLES, llama_and_torch_reference, token_ids
 from helpers.models import START_EXAMPLES
 from helpers.training import quick_cfg, tiny_data, tiny_model
 from jaxgrad.common import sharding as sharding_lib
@@ -23,26 +22,9 @@ from jaxgrad.train import fit, make_evaluator
 from jaxgrad.train.evaluate import answer_choices, choice_accuracy, choice_log_likelihoods
 
 
-EXAMPLES = [
-    {"source": "qa", "prompt": "Q: Is ice cold?\nA: ", "completion": "Yes. It is frozen.",
-     "answer": "Yes"},
-    {"source": "qa", "prompt": "Q: Do fish fly?\nA: ", "completion": "No. They swim.",
-     "answer": "No"},
-    {"source": "qa", "prompt": "Q: Is the sun hot and bright in summer?\nA: ",
-     "completion": "Yes. Very.", "answer": "Yes"},
-]
-
-
 @pytest.fixture(scope="module")
 def llama():
-    model, tok = load_pretrained(fixture("tiny-llama"))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(fixture("tiny-llama"),
-                                                            torch_dtype=torch.float32).eval()
-    return model, tok, ref
-
-
-def _ids(tok, text):
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return llama_and_torch_reference()
 
 
 def test_choice_log_likelihoods_match_torch(llama):
@@ -50,12 +32,12 @@ def test_choice_log_likelihoods_match_torch(llama):
     on BOS + prompt + choice."""
     model, tok, ref = llama
     choices = ["Yes", "No", "Maybe not"]
-    ll = choice_log_likelihoods(model, tok, EXAMPLES, choices, sources=["qa"], max_length=64,
+    ll = choice_log_likelihoods(model, tok, QA_EXAMPLES, choices, sources=["qa"], max_length=64,
                                 batch_size=4)
     assert ll.shape == (3, 3) and ll.dtype == np.float64
-    for i, e in enumerate(EXAMPLES):
+    for i, e in enumerate(QA_EXAMPLES):
         for j, c in enumerate(choices):
-            p, a = _ids(tok, e["prompt"]), _ids(tok, c)
+            p, a = token_ids(tok, e["prompt"]), token_ids(tok, c)
             seq = torch.tensor([[tok.bos_token_id] + p + a])
             with torch.no_grad():
                 logp = torch.log_softmax(ref(seq).logits[0].double(), -1)
@@ -65,24 +47,23 @@ def test_choice_log_likelihoods_match_torch(llama):
 
 def test_choice_accuracy_and_answer_sets(llama):
     model, tok, _ = llama
-    choices = answer_choices(EXAMPLES)
+    choices = answer_choices(QA_EXAMPLES)
     assert choices == ("No", "Yes")
-    acc, correct = choice_accuracy(model, tok, EXAMPLES, choices, sources=["qa"], max_length=64)
-    ll = choice_log_likelihoods(model, tok, EXAMPLES, choices, sources=["qa"], max_length=64)
-    gold = np.array([choices.index(e["answer"]) for e in EXAMPLES])
+    acc, correct = choice_accuracy(model, tok, QA_EXAMPLES, choices, sources=["qa"], max_length=64)
+    ll = choice_log_likelihoods(model, tok, QA_EXAMPLES, choices, sources=["qa"], max_length=64)
+    gold = np.array([choices.index(e["answer"]) for e in QA_EXAMPLES])
     np.testing.assert_array_equal(correct, ll.argmax(1) == gold)
     assert acc == pytest.approx(correct.mean())
     with pytest.raises(ValueError, match="not among the choices"):
-        choice_accuracy(model, tok, EXAMPLES, ["Yes", "Maybe"], sources=["qa"], max_length=64)
+        choice_accuracy(model, tok, QA_EXAMPLES, ["Yes", "Maybe"], sources=["qa"], max_length=64)
     # open-ended answers, missing answers and single answers have no closed choice set
-    assert answer_choices([{**EXAMPLES[0], "answer": str(i)} for i in range(11)]) is None
-    assert answer_choices([{**EXAMPLES[0], "answer": None}, EXAMPLES[1]]) is None
-    assert answer_choices([EXAMPLES[0], EXAMPLES[2]]) is None
+    assert answer_choices([{**QA_EXAMPLES[0], "answer": str(i)} for i in range(11)]) is None
+    assert answer_choices([{**QA_EXAMPLES[0], "answer": None}, QA_EXAMPLES[1]]) is None
+    assert answer_choices([QA_EXAMPLES[0], QA_EXAMPLES[2]]) is None
 
 
 def test_choice_log_likelihoods_use_the_decoder_start(t5_start7):
     from jaxgrad.train.evaluate import choice_log_likelihoods
-    from jaxgrad.models import load_pretrained
 
     d, m = t5_start7
     model, tokenizer = load_pretrained(d)
